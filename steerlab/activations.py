@@ -1,0 +1,249 @@
+"""Collect activations at sites x layers x named positions over many prompts.
+
+Prompts are sorted by length and batched with left padding (fewer pad tokens); positions are
+resolved per row, so padding never shifts them; the forward pass stops right after the last
+layer it needs (no later layers, no final norm, no unembedding). Results are float32 on CPU,
+returned in the caller's prompt order. With ``out_dir`` each batch is written to disk as it is
+produced, so memory is bounded by one batch.
+
+Layout: for a fixed-width position (``"t_inst"``, ``"last"``, ``"post_inst"``, ``-3``) the
+tensor is ``[n_prompts, n_layers, n_positions, d]`` (``head``: ``[..., H, dh]``); for ``"all"``
+it is ``[n_tokens, n_layers, d]`` with ``offsets[i]:offsets[i+1]`` the tokens of prompt ``i``.
+
+Example:
+    >>> acts = steerlab.collect(model, ["Write a poem.", "Say hi."],          # doctest: +SKIP
+    ...                         sites=["resid_pre"], positions=["t_inst", "post_inst"])
+    >>> acts.get("resid_pre", "post_inst").shape                              # doctest: +SKIP
+    torch.Size([2, 24, 5, 896])
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from steerlab.chat import NAMED_POSITIONS, EncodedBatch, Position
+from steerlab.errors import EmptyInputError, UnknownPositionError, UnknownSiteError
+from steerlab.hooks import MOE_SITES, HookContext, check_site
+from steerlab.model import Model
+
+
+class _StopForward(Exception):
+    """Raised by the last hook a collection needs, to skip the rest of the forward pass."""
+
+
+def _key(site: str, position: Position) -> str:
+    return f"{site}/{position}"
+
+
+@dataclass
+class Activations:
+    """Collected activations, indexed by (site, position). See module docs for the layout."""
+
+    layers: list[int]
+    sites: list[str]
+    positions: list[Position]
+    n_prompts: int
+    _shards: list[dict[str, torch.Tensor]] | None = field(default=None, repr=False)
+    _dir: Path | None = field(default=None, repr=False)
+    _cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def get(self, site: str, position: Position) -> torch.Tensor:
+        """The tensor for one site and position, in prompt order."""
+        key = _key(site, position)
+        if site not in self.sites or position not in self.positions:
+            raise UnknownPositionError(f"{key} was not collected; collected sites {self.sites}, positions {self.positions}")
+        if key not in self._cache:
+            self._cache[key] = self._assemble(key, ragged=position == "all")
+        return self._cache[key]
+
+    __getitem__ = lambda self, key: self.get(*key)  # noqa: E731  acts["resid_pre", "last"]
+
+    def offsets(self) -> torch.Tensor:
+        """Token offsets [n_prompts + 1] into the ``"all"`` tensors."""
+        lengths = self._assemble("__lengths__", ragged=False)
+        return torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+
+    def layer_slice(self, layer: int) -> int:
+        """Index of ``layer`` along the layer axis."""
+        return self.layers.index(layer)
+
+    def _iter_shards(self) -> Iterator[dict[str, torch.Tensor]]:
+        if self._shards is not None:
+            yield from self._shards
+        else:
+            assert self._dir is not None
+            for path in sorted(self._dir.glob("shard_*.safetensors")):
+                yield load_file(path)
+
+    def _assemble(self, key: str, *, ragged: bool) -> torch.Tensor:
+        parts, order, lengths = [], [], []
+        for shard in self._iter_shards():
+            parts.append(shard[key])
+            order.append(shard["__order__"])
+            lengths.append(shard["__lengths__"])
+        order_t = torch.cat(order)
+        inverse = torch.empty_like(order_t)
+        inverse[order_t] = torch.arange(len(order_t))
+        if not ragged:
+            return torch.cat(parts)[inverse]
+        # ragged: reorder whole segments of tokens
+        flat, seg_len = torch.cat(parts), torch.cat(lengths)
+        starts = torch.cat([torch.zeros(1, dtype=torch.long), seg_len.cumsum(0)[:-1]])
+        return torch.cat([flat[starts[j] : starts[j] + seg_len[j]] for j in inverse.tolist()])
+
+    def save(self, path: str | Path) -> Path:
+        """Write to a directory (safetensors shards + ``meta.json``)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        if self._dir is None or self._dir.resolve() != path.resolve():
+            for i, shard in enumerate(self._iter_shards()):
+                save_file(shard, path / f"shard_{i:05d}.safetensors")
+        (path / "meta.json").write_text(
+            json.dumps({"layers": self.layers, "sites": self.sites, "positions": self.positions, "n_prompts": self.n_prompts})
+        )
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Activations:
+        """Open a saved directory; tensors are read when first asked for."""
+        path = Path(path)
+        meta = json.loads((path / "meta.json").read_text())
+        return cls(layers=meta["layers"], sites=meta["sites"], positions=meta["positions"], n_prompts=meta["n_prompts"], _dir=path)
+
+
+def _check_positions(positions: Sequence[Position]) -> list[Position]:
+    out = []
+    for p in positions:
+        if isinstance(p, bool) or not (isinstance(p, int) and p < 0 or p in NAMED_POSITIONS):
+            raise UnknownPositionError(f"unknown position {p!r}; use one of {', '.join(NAMED_POSITIONS)} or a negative int")
+        out.append(p)
+    if not out:
+        raise EmptyInputError("positions is empty; name at least one (e.g. 'last')")
+    return out
+
+
+def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x [b, s, ...] at index [b, k] -> [b, k, ...]."""
+    rows = torch.arange(x.shape[0], device=x.device)[:, None]
+    return x[rows, index.to(x.device)]
+
+
+def collect(
+    model: Model,
+    prompts: Sequence[str],
+    *,
+    sites: Iterable[str] = ("resid_pre",),
+    layers: Sequence[int] | int | None = None,
+    positions: Sequence[Position] = ("last",),
+    responses: Sequence[str] | None = None,
+    batch_size: int = 16,
+    chat: bool = True,
+    system: str | None = None,
+    reasoning_end: str | None = None,
+    out_dir: str | Path | None = None,
+    progress: bool = True,
+) -> Activations:
+    """Run ``prompts`` through ``model`` and keep the chosen activations (see module docs).
+
+    ``responses`` prefills an assistant response after each prompt (for traces over a
+    continuation); ``chat=False`` treats prompts as raw text.
+    """
+    prompts = list(prompts) if not isinstance(prompts, str) else [prompts]
+    if not prompts:
+        raise EmptyInputError("the prompt list is empty; pass at least one prompt")
+    site_list = [check_site(s) for s in dict.fromkeys(sites)]
+    if not site_list:
+        raise EmptyInputError("sites is empty; name at least one (e.g. 'resid_pre')")
+    layer_list = model.layer_indices(layers)
+    pos_list = _check_positions(list(dict.fromkeys(positions)))
+    for s in site_list:
+        dense = [la for la in layer_list if s in MOE_SITES and model.spec.moe_block(model.hf, la) is None]
+        if dense:
+            raise UnknownSiteError(f"site {s!r} does not exist at dense layer(s) {dense}; pass MoE layers only")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+    fmt = model.chat(chat=chat, system=system, reasoning_end=reasoning_end)
+    rows = fmt.tokenize(prompts, responses=responses)
+    order = sorted(range(len(prompts)), key=lambda i: -len(rows[i][0]))
+    out_path = Path(out_dir) if out_dir is not None else None
+    if out_path is not None:
+        out_path.mkdir(parents=True, exist_ok=True)
+        for old in out_path.glob("shard_*.safetensors"):
+            old.unlink()
+
+    buffer: dict[tuple[str, int], dict[Position, torch.Tensor]] = {}
+    state: dict[str, EncodedBatch] = {}
+    stop_after = max(layer_list)
+    only_pre_at_stop = site_list == ["resid_pre"]
+
+    def stop(x: torch.Tensor, ctx: HookContext) -> None:
+        raise _StopForward
+
+    shards: list[dict[str, torch.Tensor]] = []
+    bar = tqdm(total=len(prompts), desc="collecting", unit="prompt", disable=not progress)
+    try:
+        with model.hooks() as hooks:
+            for site in site_list:
+                for layer in layer_list:
+                    hooks.add(site, layer, _selecting(buffer, state, pos_list), name=f"collect.{site}.{layer}")
+            hooks.add("resid_pre" if only_pre_at_stop else "resid_post", stop_after, stop, name="collect.stop")
+            for start in range(0, len(order), batch_size):
+                idx = order[start : start + batch_size]
+                batch = fmt.pad([rows[i] for i in idx]).to(model.device)
+                state["batch"] = batch
+                buffer.clear()
+                with torch.inference_mode():
+                    try:
+                        model.hf(**batch.model_inputs(), use_cache=False)
+                    except _StopForward:
+                        pass
+                shard = _pack(buffer, site_list, layer_list, pos_list, batch)
+                shard["__order__"] = torch.tensor(idx)
+                shard["__lengths__"] = batch.lengths.clone()
+                if out_path is not None:
+                    save_file(shard, out_path / f"shard_{start // batch_size:05d}.safetensors")
+                else:
+                    shards.append(shard)
+                bar.update(len(idx))
+    finally:
+        bar.close()
+    acts = Activations(layers=layer_list, sites=site_list, positions=pos_list, n_prompts=len(prompts), _shards=None if out_path else shards, _dir=out_path)
+    if out_path is not None:
+        acts.save(out_path)
+    return acts
+
+
+def _selecting(buffer, state, pos_list):
+    """A hook that keeps only the requested positions of each row (so memory is per-position, not per-token)."""
+
+    def hook(x: torch.Tensor, ctx: HookContext) -> None:
+        batch: EncodedBatch = state["batch"]
+        kept = {}
+        for p in pos_list:
+            if p == "all":
+                mask = batch.attention_mask.bool().to(x.device)
+                kept[p] = x[mask].float().cpu()  # row-major: prompt by prompt
+            else:
+                kept[p] = _gather(x, batch.index(p)).float().cpu()
+        buffer[(ctx.site, ctx.layer)] = kept
+        return None
+
+    return hook
+
+
+def _pack(buffer, site_list, layer_list, pos_list, batch) -> dict[str, torch.Tensor]:
+    shard = {}
+    for site in site_list:
+        for p in pos_list:
+            per_layer = [buffer[(site, layer)][p] for layer in layer_list]
+            # fixed: [b, k, ...] -> [b, L, k, ...]; ragged: [T, ...] -> [T, L, ...]
+            shard[_key(site, p)] = torch.stack(per_layer, dim=1).contiguous()
+    return shard

@@ -1,0 +1,293 @@
+"""Scoped hook sessions on named sites.
+
+A :class:`HookSession` registers functions on named sites (TransformerLens vocabulary), counts
+how often each one fired, always removes every handle when the ``with`` block ends (also when it
+raises), and raises :class:`~steerlab.errors.InterventionNotFiredError` if a required hook never
+ran: an intervention that did not fire is an error, never a silent no-op.
+
+A hook function receives the site's activation and a :class:`HookContext`, and returns either
+``None`` (read only) or a tensor of the same shape that replaces the activation.
+
+Sites (``layer`` indexes decoder layers from 0; negative counts from the end):
+
+========================  ===========================================================  ==============
+site                      what the function sees                                       shape
+========================  ===========================================================  ==============
+``resid_pre``             residual stream entering the layer                           [b, s, d]
+``resid_post``            residual stream leaving the layer                            [b, s, d]
+``attn_out``              what attention adds to the residual stream                   [b, s, d]
+``mlp_out``               what the MLP / MoE block adds to the residual stream         [b, s, d]
+``head``                  per-head attention output before ``o_proj``                  [b, s, H, dh]
+``router_logits``         MoE router logits (edits re-route top-k)                     [b, s, E]
+``expert_out``            weighted sum of the routed experts (no shared experts)       [b, s, d]
+========================  ===========================================================  ==============
+
+Example:
+    >>> import steerlab, torch
+    >>> model = steerlab.load("smollm2-135m-instruct")          # doctest: +SKIP
+    >>> with model.hooks() as hooks:                             # doctest: +SKIP
+    ...     h = hooks.add("resid_post", 3, lambda x, ctx: x * 0.5)
+    ...     model.hf(**model.encode(["Hi"]).model_inputs())
+    >>> h.count                                                  # doctest: +SKIP
+    1
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from steerlab.arch import normalize_layer, resolve_path, route
+from steerlab.errors import InterventionNotFiredError, UnknownSiteError
+
+if TYPE_CHECKING:
+    from steerlab.model import Model
+
+SITES: tuple[str, ...] = ("resid_pre", "resid_post", "attn_out", "mlp_out", "head", "router_logits", "expert_out")
+MOE_SITES = frozenset({"router_logits", "expert_out"})
+
+
+@dataclass
+class StepInfo:
+    """What the current forward call is: how many tokens the cache held before it, how many it adds."""
+
+    batch_size: int = 0
+    seq_len: int = 0
+    past_length: int = 0
+    attention_mask: torch.Tensor | None = None  # [b, past_length + seq_len] when given
+    calls: int = 0
+
+
+@dataclass
+class HookContext:
+    """Passed to every hook function: where it runs and what the current forward call is."""
+
+    site: str
+    layer: int
+    step: StepInfo
+
+
+HookFn = Callable[[torch.Tensor, HookContext], "torch.Tensor | None"]
+
+
+@dataclass
+class HookHandle:
+    """One registered hook; ``count`` is how many times it fired in this session."""
+
+    site: str
+    layer: int
+    name: str
+    required: bool = True
+    count: int = 0
+    _handles: list[Any] = field(default_factory=list, repr=False)
+
+
+def check_site(site: str) -> str:
+    """Validate a site name, with the list of valid names in the error."""
+    if site not in SITES:
+        raise UnknownSiteError(f"unknown site {site!r}; valid sites: {', '.join(SITES)}")
+    return site
+
+
+def _split_output(output):
+    """(tensor, rebuild) for a module output that is a tensor or a tuple whose first item is one."""
+    if isinstance(output, torch.Tensor):
+        return output, lambda t: t
+    if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+        return output[0], lambda t: (t, *output[1:])
+    raise UnknownSiteError(f"cannot hook a module whose output is {type(output).__name__}")
+
+
+class HookSession:
+    """A scope in which hooks are registered on a :class:`~steerlab.model.Model`; see module docs.
+
+    ``check_fired`` (default ``True``) makes the session raise on exit if a required hook never ran.
+    """
+
+    def __init__(self, model: Model, *, check_fired: bool = True) -> None:
+        self.model = model
+        self.check_fired = check_fired
+        self.step = StepInfo()
+        self.handles: list[HookHandle] = []
+        self._torch_handles: list[Any] = []
+        self._open = False
+
+    # ----- scope -----
+    def __enter__(self) -> HookSession:
+        if self._open:
+            raise RuntimeError("this HookSession is already open")
+        self._open = True
+        base = resolve_path(self.model.hf, self.model.spec.layers.rsplit(".", 1)[0])
+        self._torch_handles.append(base.register_forward_pre_hook(self._record_step, with_kwargs=True))
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close()
+        if exc_type is None and self.check_fired:
+            self.raise_if_not_fired()
+
+    def close(self) -> None:
+        """Remove every handle this session registered (idempotent)."""
+        for handle in self._torch_handles:
+            handle.remove()
+        self._torch_handles.clear()
+        for h in self.handles:
+            h._handles.clear()
+        self._open = False
+
+    def raise_if_not_fired(self) -> None:
+        """Raise if a required hook has a zero count."""
+        silent = [h for h in self.handles if h.required and h.count == 0]
+        if silent:
+            names = ", ".join(f"{h.name} ({h.site} @ layer {h.layer})" for h in silent)
+            raise InterventionNotFiredError(
+                f"hook(s) never fired: {names}. Run the model inside the `with` block, and check that the "
+                "site exists on the path the forward pass takes (e.g. MoE sites on dense layers)."
+            )
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Firing count per hook name."""
+        return {h.name: h.count for h in self.handles}
+
+    def _record_step(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")
+        step = self.step
+        step.calls += 1
+        if ids is not None:
+            step.batch_size, step.seq_len = int(ids.shape[0]), int(ids.shape[1])
+        cache = kwargs.get("past_key_values")
+        step.past_length = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
+        step.attention_mask = kwargs.get("attention_mask")
+        return None
+
+    # ----- registration -----
+    def add(self, site: str, layer: int, fn: HookFn, *, name: str | None = None, required: bool = True) -> HookHandle:
+        """Register ``fn`` on ``site`` at ``layer``; returns a handle whose ``count`` tracks firings."""
+        if not self._open:
+            raise RuntimeError("register hooks inside `with model.hooks() as hooks:`")
+        check_site(site)
+        spec, hf = self.model.spec, self.model.hf
+        idx = normalize_layer(layer, self.model.n_layers)
+        handle = HookHandle(site=site, layer=idx, name=name or f"{site}.{idx}.{len(self.handles)}", required=required)
+        ctx = HookContext(site=site, layer=idx, step=self.step)
+        layer_mod = spec.decoder_layers(hf)[idx]
+
+        def call(x: torch.Tensor) -> torch.Tensor | None:
+            handle.count += 1
+            out = fn(x, ctx)
+            if out is not None and out.shape != x.shape:
+                raise UnknownSiteError(
+                    f"hook {handle.name} returned shape {tuple(out.shape)} for a {site} activation of shape "
+                    f"{tuple(x.shape)}; return a tensor of the same shape, or None to leave it unchanged"
+                )
+            return out
+
+        if site == "resid_pre":
+            torch_handle = layer_mod.register_forward_pre_hook(_pre_hook(call), with_kwargs=True)
+        elif site == "resid_post":
+            torch_handle = layer_mod.register_forward_hook(_post_hook(call))
+        elif site in ("attn_out", "mlp_out"):
+            module = resolve_path(layer_mod, spec.attn_out if site == "attn_out" else spec.mlp_out)
+            torch_handle = module.register_forward_hook(_post_hook(call))
+        elif site == "head":
+            o_proj = resolve_path(layer_mod, spec.o_proj)
+            n_heads = spec.num_heads(hf.config)
+            torch_handle = o_proj.register_forward_pre_hook(_head_hook(call, n_heads), with_kwargs=True)
+        else:
+            block = spec.moe_block(hf, idx)
+            if block is None:
+                moe_layers = [i for i in range(self.model.n_layers) if spec.moe_block(hf, i) is not None]
+                raise UnknownSiteError(
+                    f"site {site!r} needs an MoE block, but layer {idx} of this {spec.model_type} model has none; "
+                    f"MoE layers: {moe_layers or 'none (dense model)'}"
+                )
+            if site == "router_logits":
+                router = resolve_path(block, spec.moe.router)
+                torch_handle = router.register_forward_hook(_router_hook(call, self.step, spec, router, hf.config))
+            else:
+                experts = resolve_path(block, spec.moe.experts)
+                torch_handle = experts.register_forward_hook(_tokens_hook(call, self.step))
+        handle._handles.append(torch_handle)
+        self._torch_handles.append(torch_handle)
+        self.handles.append(handle)
+        return handle
+
+    def add_module_hook(self, module: nn.Module, hook: Callable, *, pre: bool = False, with_kwargs: bool = False) -> None:
+        """Register a raw torch hook that this session removes on exit (for code that needs module access)."""
+        if not self._open:
+            raise RuntimeError("register hooks inside `with model.hooks() as hooks:`")
+        if pre:
+            handle = module.register_forward_pre_hook(hook, with_kwargs=with_kwargs)
+        else:
+            handle = module.register_forward_hook(hook, with_kwargs=with_kwargs)
+        self._torch_handles.append(handle)
+
+
+def _pre_hook(call):
+    def hook(module, args, kwargs):
+        if args:
+            out = call(args[0])
+            return None if out is None else ((out, *args[1:]), kwargs)
+        out = call(kwargs["hidden_states"])
+        return None if out is None else (args, {**kwargs, "hidden_states": out})
+
+    return hook
+
+
+def _post_hook(call):
+    def hook(module, args, output):
+        tensor, rebuild = _split_output(output)
+        out = call(tensor)
+        return None if out is None else rebuild(out)
+
+    return hook
+
+
+def _head_hook(call, n_heads: int):
+    def hook(module, args, kwargs):
+        x = args[0] if args else kwargs["input"]
+        heads = x.view(*x.shape[:-1], n_heads, x.shape[-1] // n_heads)
+        out = call(heads)
+        if out is None:
+            return None
+        flat = out.reshape(x.shape)
+        return ((flat, *args[1:]), kwargs) if args else (args, {**kwargs, "input": flat})
+
+    return hook
+
+
+def _as_tokens(flat: torch.Tensor, step: StepInfo) -> torch.Tensor:
+    """View a flattened [b*s, ...] MoE tensor as [b, s, ...] using the current step's shape."""
+    if flat.dim() == 3:
+        return flat
+    b = step.batch_size or 1
+    return flat.view(b, flat.shape[0] // b, *flat.shape[1:])
+
+
+def _tokens_hook(call, step: StepInfo):
+    def hook(module, args, output):
+        tensor, rebuild = _split_output(output)
+        out = call(_as_tokens(tensor, step))
+        return None if out is None else rebuild(out.reshape(tensor.shape))
+
+    return hook
+
+
+def _router_hook(call, step: StepInfo, spec, router: nn.Module, config):
+    def hook(module, args, output):
+        logits = output[0]
+        out = call(_as_tokens(logits, step))
+        if out is None:
+            return None
+        new_logits = out.reshape(logits.shape)
+        weights, idx = route(spec, router, new_logits, config)
+        return (new_logits, weights.to(output[1].dtype), idx)
+
+    return hook

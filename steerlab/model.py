@@ -1,0 +1,226 @@
+"""Loading models: :func:`load` returns a :class:`Model` (HF model + tokenizer + ArchSpec + chat anatomy).
+
+Example:
+    >>> import steerlab
+    >>> model = steerlab.load("smollm2-135m-instruct")           # doctest: +SKIP
+    >>> model.n_layers, model.d_model                             # doctest: +SKIP
+    (30, 576)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from steerlab.arch import ArchSpec, normalize_layer, spec_for
+from steerlab.chat import ChatFormat, EncodedBatch
+from steerlab.embedded import DEFAULT_MODEL, EMBEDDED, cached_checkpoint
+from steerlab.errors import ModelLoadError
+from steerlab.hooks import HookSession
+
+
+@dataclass
+class Model:
+    """A loaded causal LM with everything steerlab needs to look inside it.
+
+    ``hf`` is the plain transformers model (hooks are only added inside ``model.hooks()``
+    scopes), ``spec`` says where its parts live, ``chat`` analyses its chat template.
+    """
+
+    hf: nn.Module
+    tokenizer: Any
+    spec: ArchSpec
+    name: str
+    system: str | None = None
+    _formats: dict[tuple, ChatFormat] = field(default_factory=dict, repr=False)
+
+    # ----- shape facts -----
+    @property
+    def config(self):
+        """The HF config."""
+        return self.hf.config
+
+    @property
+    def n_layers(self) -> int:
+        """Number of decoder layers."""
+        return self.spec.count(self.hf)
+
+    @property
+    def d_model(self) -> int:
+        """Residual stream width."""
+        return int(self.hf.config.hidden_size)
+
+    @property
+    def n_heads(self) -> int:
+        """Attention (query) heads per layer."""
+        return self.spec.num_heads(self.hf.config)
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one head's output entering ``o_proj``."""
+        return self.spec.head_dim(self.hf)
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the input embeddings."""
+        return self.hf.get_input_embeddings().weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Parameter dtype."""
+        return next(self.hf.parameters()).dtype
+
+    def layer(self, index: int) -> nn.Module:
+        """Decoder layer ``index`` (negative counts from the end)."""
+        return self.spec.decoder_layers(self.hf)[normalize_layer(index, self.n_layers)]
+
+    def layer_indices(self, layers: Sequence[int] | int | None = None) -> list[int]:
+        """Normalise ``None`` (all), one index or a list of indices into sorted unique layer numbers."""
+        if layers is None:
+            return list(range(self.n_layers))
+        items = [layers] if isinstance(layers, int) else list(layers)
+        return sorted({normalize_layer(i, self.n_layers) for i in items})
+
+    # ----- chat and tokens -----
+    def chat(self, *, system: str | None = None, chat: bool = True, reasoning_end: str | None = None) -> ChatFormat:
+        """The :class:`~steerlab.chat.ChatFormat` for these settings (cached)."""
+        key = (system if system is not None else self.system, chat, reasoning_end)
+        if key not in self._formats:
+            self._formats[key] = ChatFormat(self.tokenizer, system=key[0], chat=chat, reasoning_end=reasoning_end)
+        return self._formats[key]
+
+    def encode(
+        self,
+        prompts: Sequence[str],
+        *,
+        responses: Sequence[str] | None = None,
+        chat: bool = True,
+        system: str | None = None,
+        reasoning_end: str | None = None,
+    ) -> EncodedBatch:
+        """Render prompts through the chat template and return a left-padded batch on the model's device."""
+        fmt = self.chat(system=system, chat=chat, reasoning_end=reasoning_end)
+        return fmt.encode(prompts, responses=responses).to(self.device)
+
+    # ----- hooks -----
+    def hooks(self, *, check_fired: bool = True) -> HookSession:
+        """A scoped :class:`~steerlab.hooks.HookSession`: ``with model.hooks() as hooks: ...``."""
+        return HookSession(self, check_fired=check_fired)
+
+    @torch.inference_mode()
+    def generate(self, prompts: Sequence[str], *, max_new_tokens: int = 64, chat: bool = True, system: str | None = None, **kwargs) -> list[str]:
+        """Greedy (unless ``kwargs`` say otherwise) batched generation; returns the decoded continuations."""
+        batch = self.encode(prompts, chat=chat, system=system)
+        kwargs.setdefault("do_sample", False)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        out = self.hf.generate(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=pad,
+            **kwargs,
+        )
+        new = out[:, batch.input_ids.shape[1] :]
+        return self.tokenizer.batch_decode(new, skip_special_tokens=True)
+
+
+def load(
+    source: Any = None,
+    tokenizer: Any = None,
+    *,
+    dtype: torch.dtype | str | None = torch.float32,
+    device_map: Any = None,
+    trust_remote_code: bool = False,
+    chat_template: str | None = None,
+    system: str | None = None,
+) -> Model:
+    """Load a model from any supported source and wrap it.
+
+    ``source`` may be ``None`` (the embedded default, ``qwen2.5-coder-0.5b-instruct``), an embedded
+    name (``"smollm2-135m-instruct"``), a HF model id or local directory, a ``.gguf`` file, an
+    already-loaded ``PreTrainedModel`` (pass its ``tokenizer``), a TransformerLens
+    ``TransformerBridge`` or an nnsight ``LanguageModel`` (both unwrapped to the HF model).
+    ``dtype`` and ``device_map`` pass through to ``from_pretrained``; ``trust_remote_code`` stays
+    off unless you turn it on. ``chat_template`` sets a template on a tokenizer that lacks one.
+
+    Example:
+        >>> model = steerlab.load("smollm2-135m-instruct", dtype=torch.bfloat16)   # doctest: +SKIP
+    """
+    hf, tok, name = _resolve(source, tokenizer, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code)
+    if tok is None:
+        raise ModelLoadError(f"no tokenizer for {name}: pass it as steerlab.load(model, tokenizer)")
+    if chat_template is not None:
+        tok.chat_template = chat_template
+    hf.eval()
+    spec = spec_for(hf)
+    spec.decoder_layers(hf)  # fails early, with the registry's message, if the layout does not match
+    return Model(hf=hf, tokenizer=tok, spec=spec, name=name, system=system)
+
+
+def _from_pretrained(path: str, **kwargs):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_file = kwargs.pop("gguf_file", None)
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=kwargs["trust_remote_code"], **extra)
+        hf = AutoModelForCausalLM.from_pretrained(path, **{k: v for k, v in kwargs.items() if v is not None}, **extra)
+    except OSError as exc:
+        raise ModelLoadError(
+            f"could not load {path!r}: {exc}. Pass an embedded name ({', '.join(sorted(EMBEDDED))}), a local "
+            "directory, a .gguf file, or a HF id that is cached or reachable."
+        ) from exc
+    if gguf_file and hasattr(hf.config, "quantization_config"):
+        del hf.config.quantization_config  # dequantised weights: keep save_pretrained working
+        hf.hf_quantizer = None
+    return hf, tok
+
+
+def _resolve(source, tokenizer, **kwargs):
+    from transformers import PreTrainedModel
+
+    if source is None:
+        source = DEFAULT_MODEL
+    if isinstance(source, PreTrainedModel):
+        return source, tokenizer, getattr(source.config, "_name_or_path", type(source).__name__)
+    wrapped = _unwrap_interop(source)
+    if wrapped is not None:
+        hf, tok = wrapped
+        return hf, tokenizer or tok, getattr(hf.config, "_name_or_path", type(hf).__name__)
+    if not isinstance(source, (str, Path)):
+        raise ModelLoadError(
+            f"cannot load a {type(source).__name__}; pass a name, path, PreTrainedModel, TransformerBridge "
+            "or nnsight LanguageModel"
+        )
+    text = str(source)
+    if text in EMBEDDED:
+        hf, tok = _from_pretrained(str(cached_checkpoint(text)), **kwargs)
+        return hf, tokenizer or tok, text
+    path = Path(text).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file {path} does not exist")
+        hf, tok = _from_pretrained(str(path.parent), gguf_file=path.name, **kwargs)
+        return hf, tokenizer or tok, path.name
+    hf, tok = _from_pretrained(text, **kwargs)
+    return hf, tokenizer or tok, text
+
+
+def _unwrap_interop(obj) -> tuple[nn.Module, Any] | None:
+    """(HF model, tokenizer) inside a TransformerLens TransformerBridge or nnsight LanguageModel, else None."""
+    from transformers import PreTrainedModel
+
+    for attr in ("original_model", "_model", "model"):
+        inner = getattr(obj, attr, None) if not isinstance(obj, (str, Path, nn.Module)) or _is_wrapper(obj) else None
+        if isinstance(inner, PreTrainedModel):
+            return inner, getattr(obj, "tokenizer", None)
+    return None
+
+
+def _is_wrapper(obj) -> bool:
+    return type(obj).__name__ in {"TransformerBridge", "LanguageModel"}

@@ -1,0 +1,104 @@
+"""The architecture registry: every family's spec resolves on a real (tiny) model of that family,
+and the registry's routing functions reproduce each family's own router."""
+
+import pytest
+import torch
+from conftest import FAMILIES, MOE_FAMILIES, tiny_model
+
+from steerlab.arch import ArchSpec, get_spec, known_model_types, normalize_layer, register, resolve_path, route
+from steerlab.errors import LayerIndexError, UnknownArchitectureError
+
+
+def test_registry_covers_every_required_family():
+    assert set(FAMILIES) <= set(known_model_types())
+    assert len(FAMILIES) == 14
+
+
+def test_spec_paths_resolve_on_every_family(family_model):
+    spec, hf = family_model.spec, family_model.hf
+    for top in (spec.embed, spec.final_norm, spec.unembed):
+        assert isinstance(resolve_path(hf, top), torch.nn.Module)
+    for layer in range(family_model.n_layers):
+        for path in (spec.attn, spec.o_proj, spec.attn_out, spec.mlp_out, *spec.norms):
+            assert isinstance(spec.layer_module(hf, layer, path), torch.nn.Module), path
+        block = spec.moe_block(hf, layer)
+        if block is None and spec.down_proj is not None:
+            assert isinstance(spec.layer_module(hf, layer, spec.down_proj), torch.nn.Linear)
+        if block is not None:
+            experts = resolve_path(block, spec.moe.experts)
+            assert experts.down_proj.dim() == 3 and experts.gate_up_proj.dim() == 3
+            if spec.moe.shared_experts:
+                assert isinstance(resolve_path(block, spec.moe.shared_experts), torch.nn.Module)
+    o_proj = spec.layer_module(hf, 0, spec.o_proj)
+    assert family_model.n_heads * family_model.head_dim == o_proj.in_features
+
+
+def test_moe_families_have_moe_layers(moe_model):
+    moe_layers = [i for i in range(moe_model.n_layers) if moe_model.spec.moe_block(moe_model.hf, i) is not None]
+    assert moe_layers, moe_model.spec.model_type
+    dense = [i for i in range(moe_model.n_layers) if i not in moe_layers]
+    if moe_model.spec.model_type == "deepseek_v3":
+        assert dense == [0]  # first_k_dense_replace=1 in the tiny config
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_route_reproduces_the_family_router(family):
+    model = tiny_model(family)
+    spec, hf = model.spec, model.hf
+    layer = next(i for i in range(model.n_layers) if spec.moe_block(hf, i) is not None)
+    router = resolve_path(spec.moe_block(hf, layer), spec.moe.router)
+    x = torch.randn(11, model.d_model)
+    with torch.no_grad():
+        logits, weights, idx = router(x)
+        my_weights, my_idx = route(spec, router, logits, hf.config)
+    # compare as per-token dicts expert -> weight (top-k order may differ when unsorted)
+    ref = torch.zeros(11, logits.shape[-1]).scatter(1, idx, weights.float())
+    mine = torch.zeros(11, logits.shape[-1]).scatter(1, my_idx, my_weights.float())
+    torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_route_switches_an_expert_off():
+    model = tiny_model("mixtral")
+    router = resolve_path(model.spec.moe_block(model.hf, 0), "gate")
+    logits = torch.randn(50, 4)
+    logits[:, 1] = float("-inf")
+    weights, idx = route(model.spec, router, logits, model.hf.config)
+    assert not (idx == 1).any()
+    torch.testing.assert_close(weights.sum(-1), torch.ones(50))
+
+
+def test_unknown_architecture_lists_known_and_how_to_register():
+    with pytest.raises(UnknownArchitectureError) as err:
+        get_spec("falcon_mamba_x")
+    msg = str(err.value)
+    assert "falcon_mamba_x" in msg and "qwen2" in msg and "register(" in msg
+
+
+def test_register_new_family_and_refuse_silent_overwrite():
+    spec = ArchSpec(model_type="steerlab_test_family", o_proj="attn.out")
+    register(spec, overwrite=True)
+    assert get_spec("steerlab_test_family").o_proj == "attn.out"
+    with pytest.raises(UnknownArchitectureError, match="already registered"):
+        register(spec)
+
+
+def test_loading_an_unregistered_model_type_fails_clearly():
+    import steerlab
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from conftest import tiny_tokenizer
+
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=len(tiny_tokenizer())))
+    with pytest.raises(UnknownArchitectureError, match="'gpt2' is not in steerlab's registry"):
+        steerlab.load(hf, tiny_tokenizer())
+
+
+@pytest.mark.parametrize("layer,expected", [(0, 0), (2, 2), (-1, 2), (-3, 0)])
+def test_normalize_layer(layer, expected):
+    assert normalize_layer(layer, 3) == expected
+
+
+@pytest.mark.parametrize("layer", [3, -4, 100])
+def test_layer_out_of_range_names_the_valid_range(layer):
+    with pytest.raises(LayerIndexError, match=r"0\.\.2"):
+        normalize_layer(layer, 3)
