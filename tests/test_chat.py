@@ -1,0 +1,131 @@
+"""Chat anatomy on ChatML, Llama-3, Gemma and Mistral-style templates, under left and right padding."""
+
+import pytest
+import torch
+from conftest import TEMPLATES, tiny_tokenizer
+
+from steerlab.chat import ChatFormat
+from steerlab.errors import ChatTemplateError, EmptyInputError, UnknownPositionError
+
+PROMPTS = ["Write a short poem about the sea.", "Hi there", "Tell me a joke about cats, please!"]
+SUFFIX = {
+    "chatml": "<|im_end|>\n<|im_start|>assistant\n",
+    "llama3": "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
+    "gemma": "<end_of_turn>\n<start_of_turn>model\n",
+    "mistral": " [/INST]",
+}
+
+
+def _decode(tok, ids) -> str:
+    return tok.decode([int(i) for i in ids])
+
+
+@pytest.mark.parametrize("template", list(TEMPLATES))
+def test_suffix_and_header_ids(template):
+    tok = tiny_tokenizer(template)
+    fmt = ChatFormat(tok)
+    assert fmt.suffix == SUFFIX[template]
+    assert _decode(tok, fmt.header_ids) == SUFFIX[template]
+
+
+@pytest.mark.parametrize("template", list(TEMPLATES))
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_anatomy_per_row_under_padding(template, padding_side):
+    tok = tiny_tokenizer(template)
+    fmt = ChatFormat(tok)
+    batch = fmt.encode(PROMPTS, padding_side=padding_side)
+    assert batch.input_ids.shape[0] == 3
+    for row, prompt in enumerate(PROMPTS):
+        ids = batch.input_ids[row]
+        t_inst, post, end = int(batch.t_inst[row]), int(batch.post_inst_start[row]), int(batch.prompt_end[row])
+        assert post == t_inst + 1 and end == int(batch.last[row]) + 1
+        # the instruction ends at t_inst; the template resumes right after it
+        real = ids[batch.attention_mask[row].bool()]
+        start = int(torch.nonzero(batch.attention_mask[row])[0])
+        assert _decode(tok, ids[start : t_inst + 1]).endswith(prompt[-3:])
+        assert _decode(tok, ids[post:end]) == SUFFIX[template]
+        # alone (no padding) the row has the same tokens and the same anatomy, shifted
+        alone = fmt.encode([prompt])
+        assert torch.equal(alone.input_ids[0], real)
+        assert int(alone.t_inst[0]) == t_inst - start
+        # every position index points inside the real tokens
+        for name in ("t_inst", "last", "post_inst", -1, -2):
+            idx = batch.index(name)[row]
+            assert bool(batch.attention_mask[row, idx].all())
+
+
+def test_post_inst_is_the_span_before_the_response():
+    fmt = ChatFormat(tiny_tokenizer("chatml"))
+    batch = fmt.encode(PROMPTS)
+    span = batch.index("post_inst")
+    assert span.shape == (3, len(fmt.header_ids))
+    assert torch.equal(span[:, -1], batch.last)
+    assert torch.equal(batch.index(-1)[:, 0], batch.last)
+    assert torch.equal(batch.index(-len(fmt.header_ids) - 1)[:, 0], batch.t_inst)
+
+
+def test_prefilled_response_moves_last_but_not_the_template_positions():
+    tok = tiny_tokenizer("llama3")
+    fmt = ChatFormat(tok)
+    plain = fmt.encode(PROMPTS[:2])
+    pre = fmt.encode(PROMPTS[:2], responses=["Sure, here is", "Hello! How"])
+    for row in range(2):
+        n_resp = int(pre.last[row] - pre.prompt_end[row]) + 1
+        assert n_resp >= 2
+        assert _decode(tok, pre.input_ids[row, int(pre.prompt_end[row]) : int(pre.last[row]) + 1]).startswith(["Sure", "Hello"][row])
+        # distance t_inst -> prompt_end is the template suffix either way
+        assert int(pre.prompt_end[row] - pre.t_inst[row]) == int(plain.prompt_end[row] - plain.t_inst[row])
+
+
+def test_reasoning_end_marker():
+    tok = tiny_tokenizer("chatml")
+    fmt = ChatFormat(tok, reasoning_end="</think>")
+    batch = fmt.encode(PROMPTS[:2], responses=["Let me think. </think> Sure", "Hmm </think>"])
+    for row in range(2):
+        assert _decode(tok, [batch.input_ids[row, int(batch.reasoning_end[row])]]) == "</think>"
+    with pytest.raises(UnknownPositionError, match="reasoning_end"):
+        fmt.encode(PROMPTS[:1]).index("reasoning_end")
+
+
+def test_system_prompt_override():
+    tok = tiny_tokenizer("chatml")
+    text = ChatFormat(tok, system="Be brief.").render("Hi").text
+    assert "Be brief." in text and "test assistant" not in text
+
+
+def test_raw_prompts_without_chat():
+    tok = tiny_tokenizer("chatml")
+    fmt = ChatFormat(tok, chat=False)
+    batch = fmt.encode(["Hi there", "Write a poem"])
+    assert torch.equal(batch.t_inst, batch.last)
+    with pytest.raises(UnknownPositionError, match="post-instruction"):
+        batch.index("post_inst")
+
+
+def test_missing_chat_template_is_a_clear_error():
+    tok = tiny_tokenizer("chatml")
+    bare = tok.__class__(tokenizer_object=tok.backend_tokenizer, eos_token="<|im_end|>")
+    bare.chat_template = None
+    with pytest.raises(ChatTemplateError, match="no chat template.*chat=False"):
+        ChatFormat(bare)
+
+
+def test_content_dependent_suffix_is_rejected():
+    tok = tiny_tokenizer("chatml")
+    weird = tok.__class__(tokenizer_object=tok.backend_tokenizer, eos_token="<|im_end|>")
+    weird.chat_template = "{{ messages[0]['content'] }}<|im_end|>{{ messages[0]['content'] | length }}"
+    with pytest.raises(ChatTemplateError, match="depends on the instruction"):
+        ChatFormat(weird).suffix
+
+
+@pytest.mark.parametrize("bad", [[], "a single string"])
+def test_empty_or_unwrapped_prompts(bad):
+    with pytest.raises(EmptyInputError):
+        ChatFormat(tiny_tokenizer("chatml")).encode(bad)
+
+
+@pytest.mark.parametrize("position", [0, 3, "middle", 1.5])
+def test_bad_positions(position):
+    batch = ChatFormat(tiny_tokenizer("chatml")).encode(PROMPTS)
+    with pytest.raises(UnknownPositionError):
+        batch.index(position)
