@@ -63,7 +63,9 @@ class Activations:
             self._cache[key] = self._assemble(key, ragged=position == "all")
         return self._cache[key]
 
-    __getitem__ = lambda self, key: self.get(*key)  # noqa: E731  acts["resid_pre", "last"]
+    def __getitem__(self, key: tuple[str, Position]) -> torch.Tensor:
+        """``acts["resid_pre", "last"]`` is ``acts.get("resid_pre", "last")``."""
+        return self.get(*key)
 
     def offsets(self) -> torch.Tensor:
         """Token offsets [n_prompts + 1] into the ``"all"`` tensors."""

@@ -212,15 +212,14 @@ def _resolve(source, tokenizer, **kwargs):
 
 
 def _unwrap_interop(obj) -> tuple[nn.Module, Any] | None:
-    """(HF model, tokenizer) inside a TransformerLens TransformerBridge or nnsight LanguageModel, else None."""
+    """(HF model, tokenizer) inside a TransformerLens ``TransformerBridge`` (``.original_model``) or an
+    nnsight ``LanguageModel`` (``._model``); ``None`` for anything else."""
     from transformers import PreTrainedModel
 
+    if isinstance(obj, (str, Path)):
+        return None
     for attr in ("original_model", "_model", "model"):
-        inner = getattr(obj, attr, None) if not isinstance(obj, (str, Path, nn.Module)) or _is_wrapper(obj) else None
+        inner = getattr(obj, attr, None)
         if isinstance(inner, PreTrainedModel):
             return inner, getattr(obj, "tokenizer", None)
     return None
-
-
-def _is_wrapper(obj) -> bool:
-    return type(obj).__name__ in {"TransformerBridge", "LanguageModel"}

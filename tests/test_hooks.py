@@ -197,3 +197,22 @@ def test_bad_registrations_fail_clearly():
             _run(model, model.encode(PROMPTS))
     assert _all_hooks_removed(model)
     assert set(SITES) == {"resid_pre", "resid_post", "attn_out", "mlp_out", "head", "router_logits", "expert_out"}
+
+
+def test_edits_apply_to_prompt_and_generated_tokens_alike_with_or_without_cache():
+    model = tiny_model("qwen2")
+    batch = model.encode(PROMPTS)
+    push = torch.randn(model.d_model) * 3
+    inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+    outs, fired = [], []
+    for use_cache in (True, False):
+        with model.hooks() as hooks:
+            h = hooks.add("resid_post", 0, lambda x, ctx: x + push)
+            with torch.inference_mode():
+                outs.append(model.hf.generate(**inputs, max_new_tokens=6, do_sample=False, use_cache=use_cache, pad_token_id=0))
+        fired.append(h.count)
+    with torch.inference_mode():
+        plain = model.hf.generate(**inputs, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(outs[0], outs[1])
+    assert not torch.equal(outs[0], plain)
+    assert fired == [6, 6]
