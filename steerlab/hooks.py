@@ -60,6 +60,7 @@ class StepInfo:
     past_length: int = 0
     attention_mask: torch.Tensor | None = None  # [b, past_length + seq_len] when given
     calls: int = 0
+    prompt_length: int | None = None  # padded prompt width, set by Model.generate for position-aware ops
 
 
 @dataclass
@@ -121,6 +122,7 @@ class HookSession:
         if self._open:
             raise RuntimeError("this HookSession is already open")
         self._open = True
+        self.model._sessions.append(self)
         base = resolve_path(self.model.hf, self.model.spec.layers.rsplit(".", 1)[0])
         self._torch_handles.append(base.register_forward_pre_hook(self._record_step, with_kwargs=True))
         return self
@@ -137,6 +139,8 @@ class HookSession:
         self._torch_handles.clear()
         for h in self.handles:
             h._handles.clear()
+        if self in self.model._sessions:
+            self.model._sessions.remove(self)
         self._open = False
 
     def raise_if_not_fired(self) -> None:

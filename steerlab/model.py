@@ -9,7 +9,8 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from torch import nn
 from steerlab.arch import ArchSpec, normalize_layer, spec_for
 from steerlab.chat import ChatFormat, EncodedBatch
 from steerlab.embedded import DEFAULT_MODEL, EMBEDDED, cached_checkpoint
-from steerlab.errors import ModelLoadError
+from steerlab.errors import EmptyInputError, ModelLoadError
 from steerlab.hooks import HookSession
 
 
@@ -38,6 +39,7 @@ class Model:
     name: str
     system: str | None = None
     _formats: dict[tuple, ChatFormat] = field(default_factory=dict, repr=False)
+    _sessions: list[HookSession] = field(default_factory=list, repr=False)
 
     # ----- shape facts -----
     @property
@@ -112,19 +114,41 @@ class Model:
         """A scoped :class:`~steerlab.hooks.HookSession`: ``with model.hooks() as hooks: ...``."""
         return HookSession(self, check_fired=check_fired)
 
+    @contextmanager
+    def apply(self, *interventions, check_fired: bool = True) -> Iterator[HookSession]:
+        """Apply interventions (anything with ``.hooks(model)``) for the duration of a ``with`` block.
+
+        Example:
+            >>> with model.apply(Ablate(direction)):                  # doctest: +SKIP
+            ...     model.generate(["How do I pick a lock?"])
+        """
+        if not interventions:
+            raise EmptyInputError("model.apply() needs at least one intervention")
+        with self.hooks(check_fired=check_fired) as session:
+            for iv in interventions:
+                for site, layer, fn in iv.hooks(self):
+                    session.add(site, layer, fn, name=f"{type(iv).__name__}.{site}.{layer}")
+            yield session
+
     @torch.inference_mode()
     def generate(self, prompts: Sequence[str], *, max_new_tokens: int = 64, chat: bool = True, system: str | None = None, **kwargs) -> list[str]:
         """Greedy (unless ``kwargs`` say otherwise) batched generation; returns the decoded continuations."""
         batch = self.encode(prompts, chat=chat, system=system)
         kwargs.setdefault("do_sample", False)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        out = self.hf.generate(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            max_new_tokens=max_new_tokens,
-            pad_token_id=pad,
-            **kwargs,
-        )
+        for session in self._sessions:  # lets position-aware ops tell prompt from generated tokens
+            session.step.prompt_length = int(batch.input_ids.shape[1])
+        try:
+            out = self.hf.generate(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=pad,
+                **kwargs,
+            )
+        finally:
+            for session in self._sessions:
+                session.step.prompt_length = None
         new = out[:, batch.input_ids.shape[1] :]
         return self.tokenizer.batch_decode(new, skip_special_tokens=True)
 

@@ -1,0 +1,143 @@
+"""Directions, fitters and steer ops: closed-form checks on synthetic data and tiny models."""
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from steerlab.errors import EmptyInputError, InterventionNotFiredError, LayerIndexError, ShapeError, UnknownPositionError
+from steerlab.steering import Ablate, AddVector, Clamp, Direction, MeanDifference, mean_difference, pca_direction
+
+PROMPTS = ["Write a short poem about the sea.", "Hi there", "Tell me a joke about cats."]
+
+
+def _direction(model, layers=(1,), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return Direction(vectors=torch.randn(len(layers), model.d_model, generator=g), layers=tuple(layers))
+
+
+def test_direction_roundtrip_and_algebra(tmp_path):
+    d = Direction(vectors=torch.randn(3, 8), layers=(0, 2, 5), site="resid_pre", position="post_inst", model="m", data_hash="abc", info={"n": 3})
+    back = Direction.load(d.save(tmp_path / "d.safetensors"))
+    assert back.layers == d.layers and back.position == "post_inst" and back.info == {"n": 3}
+    torch.testing.assert_close(back.vectors, d.vectors)
+    torch.testing.assert_close(d.unit().vectors.norm(dim=-1), torch.ones(3))
+    assert d.select([5]).layers == (5,)
+    cos = d.cosine(Direction(vectors=-2 * d.vectors[:2], layers=(0, 2)))
+    assert cos == pytest.approx({0: -1.0, 2: -1.0}, abs=1e-6)
+    assert torch.allclose(torch.diag(d.cosine_across_layers()), torch.ones(3))
+    with pytest.raises(LayerIndexError, match="covers layers"):
+        d.at(1)
+    with pytest.raises(ShapeError, match="one row per layer"):
+        Direction(vectors=torch.randn(2, 8), layers=(0,))
+
+
+def test_mean_difference_streaming_equals_closed_form_in_float64():
+    g = torch.Generator().manual_seed(1)
+    pos = torch.randn(40, 2, 16, generator=g) + 1e4  # big offsets: float32 sums would lose digits
+    neg = torch.randn(30, 2, 16, generator=g) + 1e4
+    fit = MeanDifference(layers=(3, 4))
+    for chunk in pos.split(7):
+        fit.update(chunk, positive=True)
+    for chunk in neg.split(11):
+        fit.update(chunk, positive=False)
+    expected = (pos.double().mean(0) - neg.double().mean(0)).float()
+    torch.testing.assert_close(fit.result().vectors, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(mean_difference(pos, neg, layers=(3, 4)).vectors, expected, atol=1e-5, rtol=0)
+    with pytest.raises(EmptyInputError):
+        MeanDifference(layers=(0,)).result()
+
+
+def test_pca_recovers_the_shared_axis():
+    g = torch.Generator().manual_seed(2)
+    axis = torch.nn.functional.normalize(torch.randn(32, generator=g), dim=0)
+    neg = torch.randn(50, 1, 32, generator=g)
+    pos = neg + (3 + torch.rand(50, 1, 1, generator=g)) * axis + 0.1 * torch.randn(50, 1, 32, generator=g)
+    d = pca_direction(pos, neg, layers=(0,))
+    assert float(d.at(0) @ axis) > 0.99  # right axis, right sign
+
+
+def _projections(model, ops, sites, r_hat):
+    seen = {}
+    batch = model.encode(PROMPTS)
+    with model.apply(*ops) as session:
+        for site in sites:
+            for layer in range(model.n_layers):
+                session.add(site, layer, lambda x, ctx: seen.__setitem__((ctx.site, ctx.layer), x.clone()))
+        with torch.inference_mode():
+            model.hf(**batch.model_inputs())
+    mask = batch.attention_mask.bool()
+    return {k: (v[mask] @ r_hat) for k, v in seen.items()}
+
+
+def test_ablation_zeroes_the_projection_everywhere(family_model):
+    model = family_model
+    d = _direction(model)
+    r_hat = d.unit().at(1)
+    proj = _projections(model, [Ablate(d)], ["resid_pre", "resid_post", "attn_out", "mlp_out"], r_hat)
+    plain = _projections(model, [AddVector(d, coeff=0.0, layers=[0])], ["resid_post"], r_hat)
+    for (site, layer), p in proj.items():
+        scale = plain["resid_post", layer].abs().max()
+        assert p.abs().max() <= 1e-4 * max(1.0, float(scale)), (site, layer)
+    assert max(float(plain["resid_post", la].abs().max()) for la in range(model.n_layers)) > 1e-2
+
+
+def test_addition_shifts_the_projection_by_the_coefficient():
+    model = tiny_model("qwen2")
+    d = _direction(model, layers=(1,))
+    r_hat = d.unit().at(1)
+    before = _projections(model, [AddVector(d, coeff=0.0)], ["resid_pre"], r_hat)
+    after = _projections(model, [AddVector(d, coeff=2.5, unit=True)], ["resid_pre"], r_hat)
+    torch.testing.assert_close(after["resid_pre", 1] - before["resid_pre", 1], torch.full_like(before["resid_pre", 1], 2.5), atol=1e-4, rtol=0)
+    torch.testing.assert_close(after["resid_pre", 0], before["resid_pre", 0])  # layers before are untouched
+
+
+def test_clamp_sets_the_projection():
+    model = tiny_model("gemma2")
+    d = _direction(model, layers=(2,))
+    proj = _projections(model, [Clamp(d, value=-3.0, layers=[2])], ["resid_pre"], d.unit().at(2))
+    torch.testing.assert_close(proj["resid_pre", 2], torch.full_like(proj["resid_pre", 2], -3.0), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("op_kind", ["add", "ablate"])
+def test_ops_in_generate_same_tokens_with_and_without_cache(op_kind):
+    model = tiny_model("llama")
+    d = _direction(model, layers=(1,), seed=3)
+    op = AddVector(d, coeff=2.0) if op_kind == "add" else Ablate(d)
+    outs = []
+    for use_cache in (True, False):
+        with model.apply(op):
+            outs.append(model.generate(PROMPTS, max_new_tokens=6, use_cache=use_cache))
+    assert outs[0] == outs[1]
+    if op_kind == "add":
+        assert outs[0] != model.generate(PROMPTS, max_new_tokens=6)
+
+
+def test_generated_only_addition_leaves_the_prompt_alone():
+    model = tiny_model("llama")
+    d = _direction(model, layers=(1,), seed=4)
+    plain = model.generate(PROMPTS, max_new_tokens=1)
+    with model.apply(AddVector(d, coeff=50.0, positions="generated")):
+        first = model.generate(PROMPTS, max_new_tokens=1)
+    with model.apply(AddVector(d, coeff=50.0, positions="prompt")):
+        prompt_only = model.generate(PROMPTS, max_new_tokens=1)
+    assert first == plain  # the first new token is predicted from prompt positions only
+    assert prompt_only != plain
+    with pytest.raises(UnknownPositionError, match="model.generate"):
+        with model.apply(AddVector(d, coeff=1.0, positions="prompt")):
+            model.hf(**model.encode(PROMPTS).model_inputs())
+
+
+def test_bad_steering_inputs():
+    model = tiny_model("llama")
+    with pytest.raises(ShapeError, match="d_model=64"):
+        with model.apply(AddVector(Direction(vectors=torch.randn(1, 10), layers=(0,)))):
+            pass
+    with pytest.raises(ShapeError, match="source_layer"):
+        with model.apply(Ablate(_direction(model, layers=(0, 1)))):
+            pass
+    with pytest.raises(EmptyInputError):
+        with model.apply():
+            pass
+    with pytest.raises(InterventionNotFiredError):
+        with model.apply(AddVector(_direction(model), coeff=1.0)):
+            pass  # never ran the model
