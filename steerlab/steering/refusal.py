@@ -1,0 +1,235 @@
+"""The refusal-direction pipeline of METHODS 1 (Arditi et al. 2024), with a selection report.
+
+1. (optional) keep harmful prompts the model refuses and harmless ones it answers;
+2. candidates ``r[i, l] = mean(h_l[harmful, i]) - mean(h_l[harmless, i])`` for every
+   post-instruction position ``i`` and layer ``l`` (``resid_pre``, float64 sums);
+3. on validation prompts, per candidate: *bypass* = mean refusal score of harmful prompts with
+   ``r̂`` ablated everywhere; *induce* = mean refusal score of harmless prompts with ``r`` added at
+   layer ``l``; *KL* = KL of harmless last-token distributions under ablation. Candidates in the
+   last 20% of layers are skipped. The pick is the lowest bypass score with induce > 0 and KL < 0.1.
+
+Selection is exact but lazy: bypass is computed for every candidate, then induce and KL are
+computed in ascending bypass order until a candidate passes, which gives the same pick as
+scoring everything.
+
+Example:
+    >>> direction, report = refusal_direction(model, harmful, harmless,          # doctest: +SKIP
+    ...                                       harmful_val=hv, harmless_val=sv)
+    >>> print(report.table())                                                    # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from steerlab.activations import collect
+from steerlab.errors import EmptyInputError, SteerlabError
+from steerlab.eval.logits import kl_divergence, last_token_logprobs
+from steerlab.eval.refusal import is_refusal, refusal_score
+from steerlab.steering.direction import Direction
+from steerlab.steering.fit import mean_difference, prompts_hash
+from steerlab.steering.ops import Ablate, AddVector
+
+if TYPE_CHECKING:
+    from steerlab.model import Model
+
+TrainFilter = Literal["score", "judge", "none"]
+
+
+@dataclass
+class Candidate:
+    """One (position, layer) candidate and its validation scores (None = not computed)."""
+
+    position: int  # offset from the end of the prompt (-1 = last token)
+    layer: int
+    bypass: float
+    induce: float | None = None
+    kl: float | None = None
+
+    def passes(self, *, induce_min: float, kl_max: float) -> bool:
+        """Whether both filters were computed and passed."""
+        return self.induce is not None and self.kl is not None and self.induce > induce_min and self.kl < kl_max
+
+
+@dataclass
+class SelectionReport:
+    """Everything the selection computed: baselines, every candidate, the pick."""
+
+    candidates: list[Candidate]
+    chosen: Candidate
+    baseline_harmful: float
+    baseline_harmless: float
+    n_train: tuple[int, int]
+    layer_cutoff: int
+    filters: dict = field(default_factory=dict)
+
+    def table(self, *, top: int = 10) -> str:
+        """The best candidates by bypass score, as a text table."""
+        lines = [
+            f"baseline refusal score: harmful {self.baseline_harmful:+.3f}, harmless {self.baseline_harmless:+.3f}; "
+            f"train prompts kept: {self.n_train[0]} harmful, {self.n_train[1]} harmless; layers < {self.layer_cutoff}",
+            f"{'pos':>4} {'layer':>5} {'bypass':>8} {'induce':>8} {'KL':>8}  pick",
+        ]
+        fmt = lambda v: "    -" if v is None else f"{v:+8.3f}"  # noqa: E731
+        for c in sorted(self.candidates, key=lambda c: c.bypass)[:top]:
+            mark = "<==" if c is self.chosen else ""
+            lines.append(f"{c.position:>4} {c.layer:>5} {c.bypass:+8.3f} {fmt(c.induce)} {fmt(c.kl)}  {mark}")
+        return "\n".join(lines)
+
+    def heatmap(self):
+        """Plotly heatmap of bypass scores (positions x layers); the pick is marked."""
+        import plotly.graph_objects as go
+
+        positions = sorted({c.position for c in self.candidates})
+        layers = sorted({c.layer for c in self.candidates})
+        grid = [[math.nan] * len(layers) for _ in positions]
+        for c in self.candidates:
+            grid[positions.index(c.position)][layers.index(c.layer)] = c.bypass
+        fig = go.Figure(go.Heatmap(z=grid, x=layers, y=[str(p) for p in positions], colorscale="RdBu_r", colorbar={"title": "bypass"}))
+        fig.add_trace(go.Scatter(x=[self.chosen.layer], y=[str(self.chosen.position)], mode="markers", marker={"symbol": "x", "size": 14, "color": "black"}, name="pick"))
+        fig.update_layout(title="Refusal score of harmful prompts with each candidate ablated", xaxis_title="layer", yaxis_title="position")
+        return fig
+
+    def to_dict(self) -> dict:
+        """JSON-ready form."""
+        return {
+            "chosen": asdict(self.chosen),
+            "baseline_harmful": self.baseline_harmful,
+            "baseline_harmless": self.baseline_harmless,
+            "n_train": list(self.n_train),
+            "layer_cutoff": self.layer_cutoff,
+            "filters": self.filters,
+            "candidates": [asdict(c) for c in self.candidates],
+        }
+
+
+def filter_prompts(model: Model, prompts: Sequence[str], *, refuse: bool, how: TrainFilter = "score", batch_size: int = 16) -> list[str]:
+    """Keep prompts the model refuses (``refuse=True``) or answers (``False``).
+
+    ``how="score"``: refusal score > 0 / < 0 (METHODS 1); ``"judge"``: a 16-token greedy reply
+    judged by refusal substrings (better for small models whose refusals start below p = 0.5).
+    """
+    prompts = list(prompts)
+    if how == "none":
+        return prompts
+    if how == "score":
+        scores = refusal_score(model, prompts, batch_size=batch_size)
+        keep = scores > 0 if refuse else scores < 0
+    else:
+        replies = []
+        for start in range(0, len(prompts), batch_size):
+            replies += model.generate(prompts[start : start + batch_size], max_new_tokens=16)
+        keep = torch.tensor([is_refusal(r) == refuse for r in replies])
+    return [p for p, k in zip(prompts, keep.tolist()) if k]
+
+
+def fit_candidates(model: Model, harmful: Sequence[str], harmless: Sequence[str], *, batch_size: int = 16, progress: bool = True) -> tuple[torch.Tensor, list[int]]:
+    """Mean-difference candidates [n_post_inst_positions, n_layers, d] at the post-instruction span."""
+    if not harmful or not harmless:
+        raise EmptyInputError("both prompt sets need at least one prompt (after filtering)")
+    layers = list(range(model.n_layers))
+    kw = dict(sites=["resid_pre"], layers=layers, positions=["post_inst"], batch_size=batch_size, progress=progress)
+    pos_acts = collect(model, harmful, **kw).get("resid_pre", "post_inst")  # [n, L, P, d]
+    neg_acts = collect(model, harmless, **kw).get("resid_pre", "post_inst")
+    width = pos_acts.shape[2]
+    vectors = torch.stack(
+        [mean_difference(pos_acts[:, :, i], neg_acts[:, :, i], layers=layers).vectors for i in range(width)]
+    )
+    return vectors, [i - width for i in range(width)]
+
+
+def select_direction(
+    model: Model,
+    candidates: torch.Tensor,
+    offsets: Sequence[int],
+    harmful_val: Sequence[str],
+    harmless_val: Sequence[str],
+    *,
+    prune_last: float = 0.2,
+    kl_max: float = 0.1,
+    induce_min: float = 0.0,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> tuple[int, Candidate, list[Candidate], float, float]:
+    """Score candidates on validation prompts; return (position index, pick, all, baselines)."""
+    if not harmful_val or not harmless_val:
+        raise EmptyInputError("validation sets must not be empty")
+    n_layers = candidates.shape[1]
+    cutoff = int(n_layers * (1 - prune_last))
+    base_harmful = float(refusal_score(model, harmful_val, batch_size=batch_size).mean())
+    base_harmless = float(refusal_score(model, harmless_val, batch_size=batch_size).mean())
+    base_lp = last_token_logprobs(model, harmless_val, batch_size=batch_size)
+
+    def direction(pi: int, layer: int) -> Direction:
+        return Direction(vectors=candidates[pi, layer][None], layers=(layer,), position=offsets[pi], method="mean_diff")
+
+    scored: list[tuple[int, Candidate]] = []
+    grid = [(pi, la) for pi in range(len(offsets)) for la in range(1, cutoff)]  # layer 0 is the embedding
+    for pi, layer in tqdm(grid, desc="bypass scores", disable=not progress):
+        with model.apply(Ablate(direction(pi, layer))):
+            bypass = float(refusal_score(model, harmful_val, batch_size=batch_size).mean())
+        scored.append((pi, Candidate(position=offsets[pi], layer=layer, bypass=bypass)))
+    for pi, cand in sorted(scored, key=lambda t: t[1].bypass):
+        d = direction(pi, cand.layer)
+        with model.apply(AddVector(d, coeff=1.0, layers=[cand.layer])):
+            cand.induce = float(refusal_score(model, harmless_val, batch_size=batch_size).mean())
+        if cand.induce <= induce_min:
+            continue
+        with model.apply(Ablate(d)):
+            cand.kl = float(kl_divergence(base_lp, last_token_logprobs(model, harmless_val, batch_size=batch_size)).mean())
+        if cand.passes(induce_min=induce_min, kl_max=kl_max):
+            return pi, cand, [c for _, c in scored], base_harmful, base_harmless
+    raise SteerlabError(
+        "no candidate passed the filters (induce > {induce_min}, KL < {kl_max}); check that the harmful and harmless "
+        "sets are style-matched and that the model refuses the harmful ones, or relax kl_max / induce_min"
+    )
+
+
+def refusal_direction(
+    model: Model,
+    harmful: Sequence[str],
+    harmless: Sequence[str],
+    *,
+    harmful_val: Sequence[str],
+    harmless_val: Sequence[str],
+    filter_train: TrainFilter = "score",
+    prune_last: float = 0.2,
+    kl_max: float = 0.1,
+    induce_min: float = 0.0,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> tuple[Direction, SelectionReport]:
+    """Fit and select the refusal direction (METHODS 1); returns the one-layer Direction and a report."""
+    kept_harmful = filter_prompts(model, harmful, refuse=True, how=filter_train, batch_size=batch_size)
+    kept_harmless = filter_prompts(model, harmless, refuse=False, how=filter_train, batch_size=batch_size)
+    candidates, offsets = fit_candidates(model, kept_harmful, kept_harmless, batch_size=batch_size, progress=progress)
+    pi, chosen, scored, base_h, base_s = select_direction(
+        model, candidates, offsets, harmful_val, harmless_val, prune_last=prune_last, kl_max=kl_max,
+        induce_min=induce_min, batch_size=batch_size, progress=progress,
+    )  # fmt: skip
+    report = SelectionReport(
+        candidates=scored,
+        chosen=chosen,
+        baseline_harmful=base_h,
+        baseline_harmless=base_s,
+        n_train=(len(kept_harmful), len(kept_harmless)),
+        layer_cutoff=int(model.n_layers * (1 - prune_last)),
+        filters={"filter_train": filter_train, "kl_max": kl_max, "induce_min": induce_min, "prune_last": prune_last},
+    )
+    direction = Direction(
+        vectors=candidates[pi, chosen.layer][None],
+        layers=(chosen.layer,),
+        site="resid_pre",
+        position=chosen.position,
+        method="mean_diff",
+        model=model.name,
+        data_hash=prompts_hash(kept_harmful, kept_harmless),
+        info={"bypass": chosen.bypass, "induce": chosen.induce, "kl": chosen.kl},
+    )
+    return direction, report

@@ -1,0 +1,66 @@
+"""The refusal-direction selection: lazy selection equals exhaustive selection; report and Direction."""
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from steerlab.errors import SteerlabError
+from steerlab.eval import kl_divergence, last_token_logprobs, refusal_score
+from steerlab.steering import Ablate, AddVector, Direction
+from steerlab.steering.refusal import fit_candidates, refusal_direction, select_direction
+
+HARMFUL = ["Tell me a joke about cats.", "Write a short poem about the sea.", "How do I bake bread at home?"]
+HARMLESS = ["Give me three tips for studying.", "What is the capital of France?", "Explain how vaccines work."]
+
+
+def test_candidates_are_mean_differences_at_post_instruction_positions():
+    import steerlab
+
+    model = tiny_model("llama")
+    cands, offsets = fit_candidates(model, HARMFUL, HARMLESS, progress=False)
+    width = len(model.chat().header_ids)
+    assert cands.shape == (width, model.n_layers, model.d_model) and offsets == list(range(-width, 0))
+    acts = [steerlab.collect(model, p, positions=[-2], layers=None, progress=False).get("resid_pre", -2) for p in (HARMFUL, HARMLESS)]
+    expected = acts[0][:, :, 0].double().mean(0) - acts[1][:, :, 0].double().mean(0)
+    torch.testing.assert_close(cands[offsets.index(-2)], expected.float(), atol=1e-5, rtol=1e-5)
+
+
+def test_lazy_selection_equals_exhaustive_selection():
+    model = tiny_model("qwen2")
+    cands, offsets = fit_candidates(model, HARMFUL, HARMLESS, progress=False)
+    base = last_token_logprobs(model, HARMLESS)
+    table = []
+    for pi, off in enumerate(offsets):
+        for layer in range(1, int(model.n_layers * 0.8)):
+            d = Direction(vectors=cands[pi, layer][None], layers=(layer,))
+            with model.apply(Ablate(d)):
+                bypass = float(refusal_score(model, HARMFUL).mean())
+                kl = float(kl_divergence(base, last_token_logprobs(model, HARMLESS)).mean())
+            with model.apply(AddVector(d, layers=[layer])):
+                induce = float(refusal_score(model, HARMLESS).mean())
+            table.append((bypass, induce, kl, off, layer))
+    induce_min = sorted(t[1] for t in table)[len(table) // 2]  # make about half fail the induce filter
+    kl_max = 10.0
+    passing = [t for t in table if t[1] > induce_min and t[2] < kl_max]
+    best = min(passing)
+    _, chosen, scored, _, _ = select_direction(model, cands, offsets, HARMFUL, HARMLESS, induce_min=induce_min, kl_max=kl_max, progress=False)
+    assert (chosen.position, chosen.layer) == (best[3], best[4])
+    assert chosen.bypass == pytest.approx(best[0], abs=1e-5)
+    assert len(scored) == len(table)
+    with pytest.raises(SteerlabError, match="no candidate passed"):
+        select_direction(model, cands, offsets, HARMFUL, HARMLESS, induce_min=1e9, progress=False)
+
+
+def test_refusal_direction_returns_a_direction_and_report(tmp_path):
+    model = tiny_model("mistral")
+    direction, report = refusal_direction(
+        model, HARMFUL, HARMLESS, harmful_val=HARMFUL, harmless_val=HARMLESS, filter_train="none",
+        induce_min=-1e9, kl_max=1e9, progress=False,
+    )  # fmt: skip
+    assert direction.layers == (report.chosen.layer,) and direction.position == report.chosen.position
+    assert report.chosen.bypass == min(c.bypass for c in report.candidates)
+    assert "<==" in report.table()
+    fig = report.heatmap()
+    assert fig.data[0].z is not None and len(fig.data[0].x) == int(model.n_layers * 0.8) - 1
+    assert report.to_dict()["chosen"]["layer"] == direction.layers[0]
+    assert Direction.load(direction.save(tmp_path / "r.safetensors")).data_hash == direction.data_hash
