@@ -51,6 +51,60 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refusal(args: argparse.Namespace) -> int:
+    import json
+    import random
+    from pathlib import Path
+
+    import torch
+
+    import steerlab
+    from steerlab.data import advbench, load_split
+    from steerlab.steering.evaluate import evaluate_refusal_direction
+    from steerlab.steering.refusal import filter_prompts, fit_candidates, select_direction, SelectionReport
+
+    t0 = time.perf_counter()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    split = load_split(seed=args.seed)
+    fit_model = steerlab.load(args.model, dtype=torch.float32)
+    run_model = steerlab.load(args.model, dtype=getattr(torch, args.eval_dtype))
+    print(f"[{time.perf_counter() - t0:6.0f}s] loaded {run_model.name}: fit in float32, select and generate in {args.eval_dtype}")
+    kept_h = filter_prompts(run_model, split.harmful_train, refuse=True, how=args.filter)
+    kept_s = filter_prompts(run_model, split.harmless_train, refuse=False, how=args.filter)
+    val_h = filter_prompts(run_model, split.harmful_val, refuse=True, how=args.filter)
+    print(f"[{time.perf_counter() - t0:6.0f}s] kept {len(kept_h)}/{len(split.harmful_train)} harmful (refused) and "
+          f"{len(kept_s)}/{len(split.harmless_train)} harmless (answered) training prompts; {len(val_h)} refused validation prompts")
+    candidates, offsets = fit_candidates(fit_model, kept_h, kept_s, batch_size=args.batch_size)
+    del fit_model
+    pi, chosen, scored, base_h, base_s = select_direction(
+        run_model, candidates, offsets, val_h, split.harmless_val, kl_max=args.kl_max, induce_min=args.induce_min,
+        induce_coeff=args.coeff, batch_size=args.batch_size,
+    )
+    report = SelectionReport(scored, chosen, base_h, base_s, (len(kept_h), len(kept_s)), int(run_model.n_layers * 0.8),
+                             {"filter_train": args.filter, "kl_max": args.kl_max, "induce_min": args.induce_min,
+                              "induce_coeff": args.coeff})
+    direction = steerlab.steering.Direction(
+        vectors=candidates[pi, chosen.layer][None], layers=(chosen.layer,), position=chosen.position,
+        model=run_model.name, data_hash=steerlab.steering.prompts_hash(kept_h, kept_s),
+        info={"bypass": chosen.bypass, "induce": chosen.induce, "kl": chosen.kl},
+    )
+    direction.save(out / "refusal_direction.safetensors")
+    print(f"[{time.perf_counter() - t0:6.0f}s] selected position {chosen.position}, layer {chosen.layer}\n{report.table()}")
+
+    held_out = advbench()
+    random.Random(args.seed).shuffle(held_out)
+    result = evaluate_refusal_direction(
+        run_model, direction, harmful=held_out[: args.n_eval], harmless=split.harmless_test,
+        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, coeff=args.coeff,
+    )
+    print(f"[{time.perf_counter() - t0:6.0f}s] held-out evaluation (greedy, {args.max_new_tokens} new tokens):\n{result.as_table()}")
+    (out / "report.json").write_text(json.dumps({"selection": report.to_dict(), "evaluation": result.to_dict()}, indent=1))
+    report.heatmap().write_html(out / "selection.html", include_plotlyjs="cdn")
+    print(f"wrote {out}/refusal_direction.safetensors, report.json, selection.html")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``steerlab`` command."""
     parser = argparse.ArgumentParser(prog="steerlab", description=__doc__.splitlines()[0])
@@ -59,6 +113,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", default=None, help="embedded name, HF id/path or .gguf (default: the embedded Qwen)")
     demo.add_argument("--batch-size", type=int, default=8)
     demo.set_defaults(func=_demo)
+    ref = sub.add_parser("refusal", help="fit and select the refusal direction, evaluate ablation and addition")
+    ref.add_argument("--model", default=None, help="embedded name, HF id/path or .gguf (default: the embedded Qwen)")
+    ref.add_argument("--out", default="runs/refusal", help="output directory")
+    ref.add_argument("--n-eval", type=int, default=100, help="held-out AdvBench prompts to generate on")
+    ref.add_argument("--max-new-tokens", type=int, default=64)
+    ref.add_argument("--filter", choices=["score", "judge", "none"], default="judge", help="training-prompt filter")
+    ref.add_argument("--kl-max", type=float, default=0.1)
+    ref.add_argument("--induce-min", type=float, default=0.0)
+    # METHODS 1 adds the raw difference of means (coefficient 1). On the 0.5B Qwen no candidate lifts the mean
+    # harmless refusal score above 0 at coefficient 1 (best -0.55: position -1, layer 18), while 2 does (+1.05).
+    ref.add_argument("--coeff", type=float, default=2.0, help="addition coefficient (induce filter and evaluation)")
+    ref.add_argument("--eval-dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    ref.add_argument("--batch-size", type=int, default=16)
+    ref.add_argument("--seed", type=int, default=0)
+    ref.set_defaults(func=_refusal)
     return parser
 
 

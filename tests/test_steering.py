@@ -141,3 +141,36 @@ def test_bad_steering_inputs():
     with pytest.raises(InterventionNotFiredError):
         with model.apply(AddVector(_direction(model), coeff=1.0)):
             pass  # never ran the model
+
+
+def test_probe_direction_matches_sklearn_and_separates():
+    from sklearn.linear_model import LogisticRegression
+
+    from steerlab.steering import probe_direction
+
+    g = torch.Generator().manual_seed(5)
+    axis = torch.nn.functional.normalize(torch.randn(16, generator=g), dim=0)
+    neg = torch.randn(400, 1, 16, generator=g)
+    pos = torch.randn(400, 1, 16, generator=g) + 2 * axis
+    d = probe_direction(pos, neg, layers=(0,))
+    assert float(d.at(0) @ axis) > 0.9
+    x = torch.cat([pos, neg])[:, 0].double()
+    mean, std = x.mean(0), x.std(0)
+    ref = torch.from_numpy(LogisticRegression(max_iter=2000).fit(((x - mean) / std).numpy(), [1] * 400 + [0] * 400).coef_[0]) / std
+    torch.testing.assert_close(d.at(0).double(), ref / ref.norm(), atol=1e-5, rtol=1e-5)
+
+
+def test_class_directions_at_t_inst_and_last_and_prompt_only_steering():
+    from steerlab.steering import class_directions, harmfulness_direction, steer_prompt
+
+    model = tiny_model("qwen3")
+    harmful, harmless = PROMPTS, ["Give me three tips for studying.", "What is the capital of France?", "Explain tides."]
+    dirs = class_directions(model, harmful, harmless, progress=False)
+    assert set(dirs) == {"t_inst", "last"} and dirs["t_inst"].layers == tuple(range(model.n_layers))
+    cos = dirs["t_inst"].cosine(dirs["last"])
+    assert set(cos) == set(range(model.n_layers)) and all(-1 <= c <= 1 for c in cos.values())
+    torch.testing.assert_close(harmfulness_direction(model, harmful, harmless, progress=False).vectors, dirs["t_inst"].vectors)
+    op = steer_prompt(dirs["t_inst"], 1)
+    assert op.positions == "prompt" and op.coeff == 2.0
+    with model.apply(op):
+        model.generate(harmless, max_new_tokens=2)

@@ -96,3 +96,22 @@ def pca_direction(positive: torch.Tensor, negative: torch.Tensor, *, layers: Seq
         pc = vh[0]
         vectors.append(pc if float(pc @ diffs[:, j].mean(0)) >= 0 else -pc)
     return Direction(vectors=torch.stack(vectors).float(), layers=tuple(layers), method="pca", info={"n_pairs": int(diffs.shape[0])}, **meta)
+
+
+def probe_direction(positive: torch.Tensor, negative: torch.Tensor, *, layers: Sequence[int], C: float = 1.0, **meta) -> Direction:
+    """Unit weight vector of an L2-regularised logistic regression per layer (positive = class 1).
+
+    Features are standardised for the fit and the weights mapped back to residual coordinates.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    x = torch.cat([positive, negative]).double()  # [n, L, d]
+    y = [1] * len(positive) + [0] * len(negative)
+    vectors = []
+    for j in range(x.shape[1]):
+        feats = x[:, j]
+        mean, std = feats.mean(0), feats.std(0).clamp(min=1e-8)
+        clf = LogisticRegression(C=C, max_iter=2000).fit(((feats - mean) / std).numpy(), y)
+        w = torch.from_numpy(clf.coef_[0]) / std
+        vectors.append(w / w.norm())
+    return Direction(vectors=torch.stack(vectors).float(), layers=tuple(layers), method="probe", **meta)

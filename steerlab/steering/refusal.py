@@ -42,6 +42,14 @@ if TYPE_CHECKING:
 TrainFilter = Literal["score", "judge", "none"]
 
 
+class NoCandidatePassedError(SteerlabError):
+    """No candidate passed the induce and KL filters; ``candidates`` holds every score computed."""
+
+    def __init__(self, message: str, *, candidates: list) -> None:
+        super().__init__(message)
+        self.candidates = candidates
+
+
 @dataclass
 class Candidate:
     """One (position, layer) candidate and its validation scores (None = not computed)."""
@@ -154,10 +162,15 @@ def select_direction(
     prune_last: float = 0.2,
     kl_max: float = 0.1,
     induce_min: float = 0.0,
+    induce_coeff: float = 1.0,
     batch_size: int = 16,
     progress: bool = True,
 ) -> tuple[int, Candidate, list[Candidate], float, float]:
-    """Score candidates on validation prompts; return (position index, pick, all, baselines)."""
+    """Score candidates on validation prompts; return (position index, pick, all, baselines).
+
+    ``induce_coeff`` scales the added candidate in the induce filter (METHODS 1 uses 1.0; small
+    models may need more for their mean refusal score to cross 0).
+    """
     if not harmful_val or not harmless_val:
         raise EmptyInputError("validation sets must not be empty")
     n_layers = candidates.shape[1]
@@ -175,9 +188,10 @@ def select_direction(
         with model.apply(Ablate(direction(pi, layer))):
             bypass = float(refusal_score(model, harmful_val, batch_size=batch_size).mean())
         scored.append((pi, Candidate(position=offsets[pi], layer=layer, bypass=bypass)))
-    for pi, cand in sorted(scored, key=lambda t: t[1].bypass):
+    ranked = sorted(scored, key=lambda t: t[1].bypass)
+    for pi, cand in tqdm(ranked, desc="induce/KL filters (best bypass first)", disable=not progress):
         d = direction(pi, cand.layer)
-        with model.apply(AddVector(d, coeff=1.0, layers=[cand.layer])):
+        with model.apply(AddVector(d, coeff=induce_coeff, layers=[cand.layer])):
             cand.induce = float(refusal_score(model, harmless_val, batch_size=batch_size).mean())
         if cand.induce <= induce_min:
             continue
@@ -185,9 +199,16 @@ def select_direction(
             cand.kl = float(kl_divergence(base_lp, last_token_logprobs(model, harmless_val, batch_size=batch_size)).mean())
         if cand.passes(induce_min=induce_min, kl_max=kl_max):
             return pi, cand, [c for _, c in scored], base_harmful, base_harmless
-    raise SteerlabError(
-        "no candidate passed the filters (induce > {induce_min}, KL < {kl_max}); check that the harmful and harmless "
-        "sets are style-matched and that the model refuses the harmful ones, or relax kl_max / induce_min"
+    tried = "; ".join(
+        f"pos {c.position} layer {c.layer}: bypass {c.bypass:+.2f}, induce {c.induce:+.2f}"
+        + ("" if c.kl is None else f", KL {c.kl:.3f}")
+        for _, c in ranked[:5]
+    )
+    raise NoCandidatePassedError(
+        f"no candidate passed the filters (induce > {induce_min}, KL < {kl_max}). Best by bypass: {tried}. Check "
+        "that the harmful and harmless sets are style-matched and that the model refuses the harmful ones, or "
+        "relax kl_max / induce_min",
+        candidates=[c for _, c in scored],
     )
 
 
@@ -202,6 +223,7 @@ def refusal_direction(
     prune_last: float = 0.2,
     kl_max: float = 0.1,
     induce_min: float = 0.0,
+    induce_coeff: float = 1.0,
     batch_size: int = 16,
     progress: bool = True,
 ) -> tuple[Direction, SelectionReport]:
@@ -211,7 +233,7 @@ def refusal_direction(
     candidates, offsets = fit_candidates(model, kept_harmful, kept_harmless, batch_size=batch_size, progress=progress)
     pi, chosen, scored, base_h, base_s = select_direction(
         model, candidates, offsets, harmful_val, harmless_val, prune_last=prune_last, kl_max=kl_max,
-        induce_min=induce_min, batch_size=batch_size, progress=progress,
+        induce_min=induce_min, induce_coeff=induce_coeff, batch_size=batch_size, progress=progress,
     )  # fmt: skip
     report = SelectionReport(
         candidates=scored,
@@ -220,7 +242,7 @@ def refusal_direction(
         baseline_harmless=base_s,
         n_train=(len(kept_harmful), len(kept_harmless)),
         layer_cutoff=int(model.n_layers * (1 - prune_last)),
-        filters={"filter_train": filter_train, "kl_max": kl_max, "induce_min": induce_min, "prune_last": prune_last},
+        filters={"filter_train": filter_train, "kl_max": kl_max, "induce_min": induce_min, "induce_coeff": induce_coeff, "prune_last": prune_last},
     )
     direction = Direction(
         vectors=candidates[pi, chosen.layer][None],
