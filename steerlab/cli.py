@@ -119,7 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     ref.add_argument("--n-eval", type=int, default=100, help="held-out AdvBench prompts to generate on")
     ref.add_argument("--max-new-tokens", type=int, default=64)
     ref.add_argument("--filter", choices=["score", "judge", "none"], default="judge", help="training-prompt filter")
-    ref.add_argument("--kl-max", type=float, default=0.1)
+    # METHODS 1 filters at KL < 0.1 on validation; with 32 validation prompts a pick at 0.098 measured 0.140 on
+    # held-out harmless prompts, so the main job keeps a margin (pick at 0.046 -> 0.066 held out).
+    ref.add_argument("--kl-max", type=float, default=0.05, help="KL filter on validation (METHODS 1: 0.1)")
     ref.add_argument("--induce-min", type=float, default=0.0)
     # METHODS 1 adds the raw difference of means (coefficient 1). On the 0.5B Qwen no candidate lifts the mean
     # harmless refusal score above 0 at coefficient 1 (best -0.55: position -1, layer 18), while 2 does (+1.05).
