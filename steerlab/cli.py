@@ -61,7 +61,7 @@ def _refusal(args: argparse.Namespace) -> int:
     import steerlab
     from steerlab.data import advbench, load_split
     from steerlab.steering.evaluate import evaluate_refusal_direction
-    from steerlab.steering.refusal import filter_prompts, fit_candidates, select_direction, SelectionReport
+    from steerlab.steering.refusal import refusal_direction
 
     t0 = time.perf_counter()
     out = Path(args.out)
@@ -70,26 +70,14 @@ def _refusal(args: argparse.Namespace) -> int:
     fit_model = steerlab.load(args.model, dtype=torch.float32)
     run_model = steerlab.load(args.model, dtype=getattr(torch, args.eval_dtype))
     print(f"[{time.perf_counter() - t0:6.0f}s] loaded {run_model.name}: fit in float32, select and generate in {args.eval_dtype}")
-    kept_h = filter_prompts(run_model, split.harmful_train, refuse=True, how=args.filter)
-    kept_s = filter_prompts(run_model, split.harmless_train, refuse=False, how=args.filter)
-    val_h = filter_prompts(run_model, split.harmful_val, refuse=True, how=args.filter)
-    print(f"[{time.perf_counter() - t0:6.0f}s] kept {len(kept_h)}/{len(split.harmful_train)} harmful (refused) and "
-          f"{len(kept_s)}/{len(split.harmless_train)} harmless (answered) training prompts; {len(val_h)} refused validation prompts")
-    candidates, offsets = fit_candidates(fit_model, kept_h, kept_s, batch_size=args.batch_size)
+    direction, report = refusal_direction(
+        run_model, split.harmful_train, split.harmless_train, harmful_val=split.harmful_val,
+        harmless_val=split.harmless_val, filter_train=args.filter, fit_model=fit_model, kl_max=args.kl_max,
+        induce_min=args.induce_min, induce_coeff=args.coeff, batch_size=args.batch_size,
+    )
     del fit_model
-    pi, chosen, scored, base_h, base_s = select_direction(
-        run_model, candidates, offsets, val_h, split.harmless_val, kl_max=args.kl_max, induce_min=args.induce_min,
-        induce_coeff=args.coeff, batch_size=args.batch_size,
-    )
-    report = SelectionReport(scored, chosen, base_h, base_s, (len(kept_h), len(kept_s)), int(run_model.n_layers * 0.8),
-                             {"filter_train": args.filter, "kl_max": args.kl_max, "induce_min": args.induce_min,
-                              "induce_coeff": args.coeff})
-    direction = steerlab.steering.Direction(
-        vectors=candidates[pi, chosen.layer][None], layers=(chosen.layer,), position=chosen.position,
-        model=run_model.name, data_hash=steerlab.steering.prompts_hash(kept_h, kept_s),
-        info={"bypass": chosen.bypass, "induce": chosen.induce, "kl": chosen.kl},
-    )
     direction.save(out / "refusal_direction.safetensors")
+    chosen = report.chosen
     print(f"[{time.perf_counter() - t0:6.0f}s] selected position {chosen.position}, layer {chosen.layer}\n{report.table()}")
 
     held_out = advbench()

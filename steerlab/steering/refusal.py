@@ -220,6 +220,7 @@ def refusal_direction(
     harmful_val: Sequence[str],
     harmless_val: Sequence[str],
     filter_train: TrainFilter = "score",
+    fit_model: Model | None = None,
     prune_last: float = 0.2,
     kl_max: float = 0.1,
     induce_min: float = 0.0,
@@ -227,12 +228,18 @@ def refusal_direction(
     batch_size: int = 16,
     progress: bool = True,
 ) -> tuple[Direction, SelectionReport]:
-    """Fit and select the refusal direction (METHODS 1); returns the one-layer Direction and a report."""
+    """Fit and select the refusal direction (METHODS 1); returns the one-layer Direction and a report.
+
+    Training prompts and harmful validation prompts are filtered with ``filter_train`` (harmless
+    validation prompts are kept as given). ``fit_model`` (e.g. a float32 copy of a bfloat16
+    ``model``) computes the candidates; filtering and selection run on ``model``.
+    """
     kept_harmful = filter_prompts(model, harmful, refuse=True, how=filter_train, batch_size=batch_size)
     kept_harmless = filter_prompts(model, harmless, refuse=False, how=filter_train, batch_size=batch_size)
-    candidates, offsets = fit_candidates(model, kept_harmful, kept_harmless, batch_size=batch_size, progress=progress)
+    kept_val = filter_prompts(model, harmful_val, refuse=True, how=filter_train, batch_size=batch_size)
+    candidates, offsets = fit_candidates(fit_model or model, kept_harmful, kept_harmless, batch_size=batch_size, progress=progress)
     pi, chosen, scored, base_h, base_s = select_direction(
-        model, candidates, offsets, harmful_val, harmless_val, prune_last=prune_last, kl_max=kl_max,
+        model, candidates, offsets, kept_val, harmless_val, prune_last=prune_last, kl_max=kl_max,
         induce_min=induce_min, induce_coeff=induce_coeff, batch_size=batch_size, progress=progress,
     )  # fmt: skip
     report = SelectionReport(
@@ -242,8 +249,11 @@ def refusal_direction(
         baseline_harmless=base_s,
         n_train=(len(kept_harmful), len(kept_harmless)),
         layer_cutoff=int(model.n_layers * (1 - prune_last)),
-        filters={"filter_train": filter_train, "kl_max": kl_max, "induce_min": induce_min, "induce_coeff": induce_coeff, "prune_last": prune_last},
-    )
+        filters={
+            "filter_train": filter_train, "kl_max": kl_max, "induce_min": induce_min, "induce_coeff": induce_coeff,
+            "prune_last": prune_last, "n_harmful_val": len(kept_val),
+        },
+    )  # fmt: skip
     direction = Direction(
         vectors=candidates[pi, chosen.layer][None],
         layers=(chosen.layer,),
