@@ -31,6 +31,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/collect.py
+	$(BIN)/python benchmarks/steering.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

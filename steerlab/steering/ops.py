@@ -68,6 +68,20 @@ def _masked(x: torch.Tensor, new: torch.Tensor, mask: torch.Tensor | None) -> to
     return new if mask is None else torch.where(mask, new, x)
 
 
+class _Cast:
+    """A vector converted once per (dtype, device) instead of on every hook call."""
+
+    def __init__(self, vector: torch.Tensor) -> None:
+        self.vector = vector
+        self._cache: dict[tuple, torch.Tensor] = {}
+
+    def like(self, x: torch.Tensor) -> torch.Tensor:
+        key = (x.dtype, x.device)
+        if key not in self._cache:
+            self._cache[key] = self.vector.to(dtype=x.dtype, device=x.device)
+        return self._cache[key]
+
+
 @dataclass(frozen=True)
 class AddVector:
     """Add ``coeff`` times a direction vector at ``layers`` (default: the direction's own layers).
@@ -89,18 +103,20 @@ class AddVector:
         layers = model.layer_indices(self.layers if self.layers is not None else list(direction.layers))
         specs = []
         for layer in layers:
-            vec = _vector_for(direction, layer, self.source_layer) * self.coeff
+            vec = _Cast(_vector_for(direction, layer, self.source_layer) * self.coeff)
 
             def fn(x, ctx, vec=vec):
-                return _masked(x, x + vec.to(x.dtype), _position_mask(x, ctx, self.positions))
+                return _masked(x, x + vec.like(x), _position_mask(x, ctx, self.positions))
 
             specs.append(("resid_pre", layer, fn))
         return specs
 
 
 def _projector_fns(r_hat: torch.Tensor, positions: StepPositions, value: float | None):
+    cast = _Cast(r_hat)
+
     def fn(x, ctx):
-        r = r_hat.to(x.dtype)
+        r = cast.like(x)
         proj = x @ r
         target = 0.0 if value is None else value
         return _masked(x, x + (target - proj)[..., None] * r, _position_mask(x, ctx, positions))
