@@ -63,10 +63,10 @@ def main() -> None:
     rows = []
     for label, layers in (("all layers", list(range(n))), ("first half", list(range(n // 2)))):
         ours, base = [], []
-        run_ours = lambda: steerlab.collect(  # noqa: E731
+        run_ours = lambda layers=layers: steerlab.collect(  # noqa: E731
             model, prompts, layers=layers, positions=["t_inst", "post_inst"], batch_size=args.batch_size, progress=False
         )
-        run_base = lambda: _baseline_collect(model, prompts, layers, args.batch_size)  # noqa: E731
+        run_base = lambda layers=layers: _baseline_collect(model, prompts, layers, args.batch_size)  # noqa: E731
         run_ours(), run_base()  # warm-up
         for _ in range(args.reps):
             ours.append(_timed(run_ours))
