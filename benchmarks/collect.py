@@ -27,11 +27,8 @@ from steerlab.data import DEMO_HARMFUL, DEMO_HARMLESS
 def _baseline_collect(model, prompts, layers, batch_size):
     """What a user writes with plain transformers: hidden states of every layer, then gather."""
     fmt = model.chat()
-    rows = fmt.tokenize(prompts)
-    order = sorted(range(len(prompts)), key=lambda i: -len(rows[i][0]))
     kept = []
-    for start in range(0, len(order), batch_size):
-        batch = fmt.pad([rows[i] for i in order[start : start + batch_size]])
+    for _, batch in fmt.batches(fmt.tokenize(prompts), batch_size):
         with torch.inference_mode():
             out = model.hf(**batch.model_inputs(), output_hidden_states=True, use_cache=False)
         idx = torch.cat([batch.index("t_inst"), batch.index("post_inst")], dim=1)

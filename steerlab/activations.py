@@ -169,12 +169,9 @@ def collect(
         dense = [la for la in layer_list if s in MOE_SITES and model.spec.moe_block(model.hf, la) is None]
         if dense:
             raise UnknownSiteError(f"site {s!r} does not exist at dense layer(s) {dense}; pass MoE layers only")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
 
     fmt = model.chat(chat=chat, system=system, reasoning_end=reasoning_end)
     rows = fmt.tokenize(prompts, responses=responses)
-    order = sorted(range(len(prompts)), key=lambda i: -len(rows[i][0]))
     out_path = Path(out_dir) if out_dir is not None else None
     if out_path is not None:
         out_path.mkdir(parents=True, exist_ok=True)
@@ -197,9 +194,8 @@ def collect(
                 for layer in layer_list:
                     hooks.add(site, layer, _selecting(buffer, state, pos_list), name=f"collect.{site}.{layer}")
             hooks.add("resid_pre" if only_pre_at_stop else "resid_post", stop_after, stop, name="collect.stop")
-            for start in range(0, len(order), batch_size):
-                idx = order[start : start + batch_size]
-                batch = fmt.pad([rows[i] for i in idx]).to(model.device)
+            for n_batch, (idx, batch) in enumerate(fmt.batches(rows, batch_size)):
+                batch = batch.to(model.device)
                 state["batch"] = batch
                 buffer.clear()
                 with torch.inference_mode():
@@ -211,7 +207,7 @@ def collect(
                 shard["__order__"] = torch.tensor(idx)
                 shard["__lengths__"] = batch.lengths.clone()
                 if out_path is not None:
-                    save_file(shard, out_path / f"shard_{start // batch_size:05d}.safetensors")
+                    save_file(shard, out_path / f"shard_{n_batch:05d}.safetensors")
                 else:
                     shards.append(shard)
                 bar.update(len(idx))

@@ -22,7 +22,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -213,6 +213,15 @@ class ChatFormat:
         if responses is not None and len(responses) != len(instructions):
             raise EmptyInputError(f"got {len(responses)} responses for {len(instructions)} prompts; pass one per prompt")
         return [self._locate(self.render(p, response=responses[i] if responses is not None else "")) for i, p in enumerate(instructions)]
+
+    def batches(self, rows: Sequence[TokenizedRow], batch_size: int) -> Iterator[tuple[list[int], EncodedBatch]]:
+        """Left-padded batches of ``rows``, longest first (less padding); yields (row indices, batch)."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            yield idx, self.pad([rows[i] for i in idx])
 
     def pad(self, rows: Sequence[TokenizedRow], *, padding_side: str = "left") -> EncodedBatch:
         """Pad tokenized rows into one batch (anatomy indices shift with the padding)."""

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from steerlab.arch import ArchSpec, normalize_layer, spec_for
 from steerlab.chat import ChatFormat, EncodedBatch
@@ -131,26 +132,45 @@ class Model:
             yield session
 
     @torch.inference_mode()
-    def generate(self, prompts: Sequence[str], *, max_new_tokens: int = 64, chat: bool = True, system: str | None = None, **kwargs) -> list[str]:
-        """Greedy (unless ``kwargs`` say otherwise) batched generation; returns the decoded continuations."""
-        batch = self.encode(prompts, chat=chat, system=system)
+    def generate(
+        self,
+        prompts: Sequence[str],
+        *,
+        max_new_tokens: int = 64,
+        batch_size: int = 16,
+        chat: bool = True,
+        system: str | None = None,
+        progress: bool = False,
+        **kwargs,
+    ) -> list[str]:
+        """Greedy (unless ``kwargs`` say otherwise) generation in length-sorted batches; decoded continuations
+        in prompt order. Active ``model.apply`` scopes apply, and see which tokens are the prompt's.
+
+        Example:
+            >>> model.generate(["Write a haiku."], max_new_tokens=24)        # doctest: +SKIP
+        """
+        fmt = self.chat(system=system, chat=chat)
         kwargs.setdefault("do_sample", False)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        for session in self._sessions:  # lets position-aware ops tell prompt from generated tokens
-            session.step.prompt_length = int(batch.input_ids.shape[1])
+        kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id)
+        texts: list[str] = [""] * len(prompts)
+        bar = tqdm(total=len(prompts), desc="generating", unit="prompt", disable=not progress)
         try:
-            out = self.hf.generate(
-                input_ids=batch.input_ids,
-                attention_mask=batch.attention_mask,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=pad,
-                **kwargs,
-            )
+            for idx, batch in fmt.batches(fmt.tokenize(prompts), batch_size):
+                batch = batch.to(self.device)
+                width = int(batch.input_ids.shape[1])
+                for session in self._sessions:  # lets position-aware ops tell prompt from generated tokens
+                    session.step.prompt_length = width
+                out = self.hf.generate(
+                    input_ids=batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=max_new_tokens, **kwargs
+                )
+                for i, text in zip(idx, self.tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)):
+                    texts[i] = text
+                bar.update(len(idx))
         finally:
+            bar.close()
             for session in self._sessions:
                 session.step.prompt_length = None
-        new = out[:, batch.input_ids.shape[1] :]
-        return self.tokenizer.batch_decode(new, skip_special_tokens=True)
+        return texts
 
 
 def load(

@@ -64,3 +64,36 @@ def test_refusal_direction_returns_a_direction_and_report(tmp_path):
     assert fig.data[0].z is not None and len(fig.data[0].x) == int(model.n_layers * 0.8) - 1
     assert report.to_dict()["chosen"]["layer"] == direction.layers[0]
     assert Direction.load(direction.save(tmp_path / "r.safetensors")).data_hash == direction.data_hash
+
+
+def test_filter_prompts_agrees_with_the_score_and_the_judge():
+    from steerlab.eval import is_refusal
+    from steerlab.steering.refusal import filter_prompts
+
+    model = tiny_model("llama")
+    prompts = HARMFUL + HARMLESS
+    scores = refusal_score(model, prompts)
+    assert filter_prompts(model, prompts, refuse=True, how="score") == [p for p, s in zip(prompts, scores) if s > 0]
+    assert filter_prompts(model, prompts, refuse=False, how="score") == [p for p, s in zip(prompts, scores) if s < 0]
+    replies = model.generate(prompts, max_new_tokens=16)
+    assert filter_prompts(model, prompts, refuse=False, how="judge") == [p for p, r in zip(prompts, replies) if not is_refusal(r)]
+    assert filter_prompts(model, prompts, refuse=True, how="none") == prompts
+
+
+def test_evaluation_matches_generations_and_kl_computed_by_hand():
+    from steerlab.eval import refusal_rate
+    from steerlab.steering.evaluate import evaluate_refusal_direction
+
+    model = tiny_model("qwen2")
+    d = Direction(vectors=torch.randn(1, model.d_model, generator=torch.Generator().manual_seed(0)), layers=(1,))
+    result = evaluate_refusal_direction(model, d, harmful=HARMFUL, harmless=HARMLESS, max_new_tokens=6, progress=False)
+    with model.apply(Ablate(d)):
+        ablated = model.generate(HARMFUL, max_new_tokens=6)
+        ablated_lp = last_token_logprobs(model, HARMLESS)
+    with model.apply(AddVector(d, layers=[1])):
+        added = model.generate(HARMLESS, max_new_tokens=6)
+    assert result.samples["harmful_ablated"] == ablated and result.samples["harmless_added"] == added
+    assert result.harmful_ablated == refusal_rate(ablated) and result.harmless_added == refusal_rate(added)
+    kl = float(kl_divergence(last_token_logprobs(model, HARMLESS), ablated_lp).mean())
+    assert result.kl_harmless_ablated == pytest.approx(kl, abs=1e-6) and kl > 0
+    assert "harmful, direction ablated" in result.as_table()

@@ -174,3 +174,11 @@ def test_class_directions_at_t_inst_and_last_and_prompt_only_steering():
     assert op.positions == "prompt" and op.coeff == 2.0
     with model.apply(op):
         model.generate(harmless, max_new_tokens=2)
+
+
+def test_generate_batches_by_length_and_keeps_prompt_order():
+    model = tiny_model("mistral")
+    prompts = ["Hi", "Write a short poem about the sea, please, with rhymes.", "Tell me a joke.", "Explain tides."]
+    one_by_one = [model.generate([p], max_new_tokens=5)[0] for p in prompts]
+    assert model.generate(prompts, max_new_tokens=5, batch_size=3) == one_by_one
+    assert len(set(one_by_one)) > 1

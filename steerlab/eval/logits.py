@@ -30,12 +30,9 @@ def last_token_logprobs(model: Model, prompts: Sequence[str], *, batch_size: int
     if not prompts:
         raise EmptyInputError("the prompt list is empty; pass at least one prompt")
     fmt = model.chat(chat=chat)
-    rows = fmt.tokenize(prompts)
-    order = sorted(range(len(prompts)), key=lambda i: -len(rows[i][0]))
     out = [None] * len(prompts)
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        batch = fmt.pad([rows[i] for i in idx]).to(model.device)
+    for idx, batch in fmt.batches(fmt.tokenize(prompts), batch_size):
+        batch = batch.to(model.device)
         logits = model.hf(**batch.model_inputs(), use_cache=False, logits_to_keep=1).logits[:, -1]
         for row, i in enumerate(idx):
             out[i] = torch.log_softmax(logits[row].float(), dim=-1).cpu()

@@ -11,10 +11,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
-from tqdm.auto import tqdm
-
 from steerlab.eval.logits import kl_divergence, last_token_logprobs
-from steerlab.eval.refusal import is_refusal
+from steerlab.eval.refusal import refusal_rate
 from steerlab.steering.direction import Direction
 from steerlab.steering.ops import Ablate, AddVector
 
@@ -52,13 +50,6 @@ class RefusalEvaluation:
         return asdict(self)
 
 
-def _generate_all(model: Model, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int, desc: str, progress: bool) -> list[str]:
-    out: list[str] = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress):
-        out += model.generate(list(prompts[start : start + batch_size]), max_new_tokens=max_new_tokens)
-    return out
-
-
 def evaluate_refusal_direction(
     model: Model,
     direction: Direction,
@@ -72,21 +63,22 @@ def evaluate_refusal_direction(
 ) -> RefusalEvaluation:
     """Greedy generations with and without the direction ablated (harmful) or added (harmless)."""
     layer = direction.layers[0]
-    gen = lambda prompts, desc: _generate_all(model, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, desc=desc, progress=progress)  # noqa: E731
-    harmful_base = gen(harmful, "harmful, baseline")
+    def gen(prompts: Sequence[str]) -> list[str]:
+        return model.generate(prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
+
+    harmful_base = gen(harmful)
     with model.apply(Ablate(direction)):
-        harmful_abl = gen(harmful, "harmful, ablated")
+        harmful_abl = gen(harmful)
         ablated_lp = last_token_logprobs(model, harmless, batch_size=batch_size)
-    harmless_base = gen(harmless, "harmless, baseline")
+    harmless_base = gen(harmless)
     base_lp = last_token_logprobs(model, harmless, batch_size=batch_size)
     with model.apply(AddVector(direction, coeff=coeff, layers=[layer])):
-        harmless_add = gen(harmless, "harmless, added")
-    rate = lambda texts: sum(map(is_refusal, texts)) / len(texts)  # noqa: E731
+        harmless_add = gen(harmless)
     return RefusalEvaluation(
-        harmful_base=rate(harmful_base),
-        harmful_ablated=rate(harmful_abl),
-        harmless_base=rate(harmless_base),
-        harmless_added=rate(harmless_add),
+        harmful_base=refusal_rate(harmful_base),
+        harmful_ablated=refusal_rate(harmful_abl),
+        harmless_base=refusal_rate(harmless_base),
+        harmless_added=refusal_rate(harmless_add),
         kl_harmless_ablated=float(kl_divergence(base_lp, ablated_lp).mean()),
         n_harmful=len(harmful),
         n_harmless=len(harmless),

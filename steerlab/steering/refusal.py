@@ -130,9 +130,7 @@ def filter_prompts(model: Model, prompts: Sequence[str], *, refuse: bool, how: T
         scores = refusal_score(model, prompts, batch_size=batch_size)
         keep = scores > 0 if refuse else scores < 0
     else:
-        replies = []
-        for start in range(0, len(prompts), batch_size):
-            replies += model.generate(prompts[start : start + batch_size], max_new_tokens=16)
+        replies = model.generate(prompts, max_new_tokens=16, batch_size=batch_size)
         keep = torch.tensor([is_refusal(r) == refuse for r in replies])
     return [p for p, k in zip(prompts, keep.tolist()) if k]
 
