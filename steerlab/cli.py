@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     ref.add_argument("--kl-max", type=float, default=0.05, help="KL filter on validation (METHODS 1: 0.1)")
     ref.add_argument("--induce-min", type=float, default=0.0)
     # METHODS 1 adds the raw difference of means (coefficient 1). On the 0.5B Qwen no candidate lifts the mean
-    # harmless refusal score above 0 at coefficient 1 (best -0.55: position -1, layer 18), while 2 does (+1.05).
+    # harmless refusal score above 0 at coefficient 1 (best -0.54: position -1, layer 18), while 2 does (+1.11);
+    # experiments/refusal_candidate_grid.py prints the grid.
     ref.add_argument("--coeff", type=float, default=2.0, help="addition coefficient (induce filter and evaluation)")
     ref.add_argument("--eval-dtype", choices=["bfloat16", "float32"], default="bfloat16")
     ref.add_argument("--batch-size", type=int, default=16)
