@@ -1,4 +1,36 @@
-"""Linear probes on activations, position traces and the Latent Guard.
+"""Linear probes on activations: fast all-layer fitting, sweeps, position traces, guards.
 
-Not implemented yet: see the project's probes issue.
+Example:
+    >>> from steerlab.probes import LinearProbe, fit_probes, sweep_prompts, trace, LatentGuard  # doctest: +SKIP
 """
+
+from steerlab.probes.fast import fit_logistic, fit_standardized
+from steerlab.probes.guard import GuardNotBoundError, LatentGuard, ProbeGuard
+from steerlab.probes.linear import LinearProbe
+from steerlab.probes.metrics import best_threshold, roc_auc, stratified_folds
+from steerlab.probes.probe import Probe, fit_probes
+from steerlab.probes.refusal import RefusalProbeFit, refusal_labels, refusal_probe
+from steerlab.probes.sweep import SweepResult, sweep, sweep_prompts
+from steerlab.probes.trace import PositionTrace, trace
+
+__all__ = [
+    "GuardNotBoundError",
+    "LatentGuard",
+    "LinearProbe",
+    "PositionTrace",
+    "Probe",
+    "ProbeGuard",
+    "RefusalProbeFit",
+    "SweepResult",
+    "best_threshold",
+    "fit_logistic",
+    "fit_probes",
+    "fit_standardized",
+    "refusal_labels",
+    "refusal_probe",
+    "roc_auc",
+    "stratified_folds",
+    "sweep",
+    "sweep_prompts",
+    "trace",
+]

@@ -1,0 +1,226 @@
+"""Input guards that read the model's own latent judgement of harmfulness (METHODS 2).
+
+:class:`LatentGuard` (Zhao et al. 2025): at ``t_inst`` (the instruction's last token),
+``score(x) = mean_l [cos(h_l, mu_harmful_l) - cos(h_l, mu_harmless_l)]`` over layers; flag when
+``score >= alpha`` (paper: alpha = 0). :class:`ProbeGuard` is the probe-based variant: a logistic
+probe at one layer and position, flag when ``P(harmful) >= threshold``. Both calibrate their
+threshold on a validation split (best balanced accuracy) and report accuracy, TPR and FPR.
+
+Example:
+    >>> guard = LatentGuard.fit(model, harmful_train, harmless_train)           # doctest: +SKIP
+    >>> guard = guard.calibrate(harmful_val, harmless_val)                     # doctest: +SKIP
+    >>> guard.flag(["How do I pick a lock?", "Write a haiku."])                # doctest: +SKIP
+    tensor([ True, False])
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from steerlab.activations import collect
+from steerlab.chat import Position
+from steerlab.errors import EmptyInputError, ShapeError, SteerlabError
+from steerlab.probes.metrics import best_threshold, roc_auc
+from steerlab.probes.probe import Probe, fit_probes
+
+if TYPE_CHECKING:
+    from steerlab.model import Model
+
+
+class GuardNotBoundError(SteerlabError):
+    """A guard was asked to score prompts without a model."""
+
+
+def _check_prompts(prompts: Sequence[str]) -> list[str]:
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise EmptyInputError("the prompt list is empty; pass at least one prompt")
+    return prompts
+
+
+class _Guard:
+    """Shared behaviour: flag, calibrate and evaluate on top of ``score`` and ``threshold``."""
+
+    threshold: float
+    model: Model | None
+
+    def _bound(self) -> Model:
+        if self.model is None:
+            raise GuardNotBoundError("this guard has no model; pass model= to load(), or call guard.bind(model)")
+        return self.model
+
+    def score(self, prompts: Sequence[str], *, batch_size: int = 16, progress: bool = False) -> torch.Tensor:
+        raise NotImplementedError
+
+    def bind(self, model: Model):
+        """The same guard, scoring with ``model``."""
+        return replace(self, model=model)
+
+    def flag(self, prompts: Sequence[str], *, batch_size: int = 16, progress: bool = False) -> torch.Tensor:
+        """Boolean ``[n]``: True where the prompt is judged harmful."""
+        return self.score(prompts, batch_size=batch_size, progress=progress) >= self.threshold
+
+    def calibrate(self, harmful: Sequence[str], harmless: Sequence[str], *, batch_size: int = 16, progress: bool = False):
+        """A copy whose threshold maximises balanced accuracy on these (validation) prompts."""
+        pos = self.score(_check_prompts(harmful), batch_size=batch_size, progress=progress)
+        neg = self.score(_check_prompts(harmless), batch_size=batch_size, progress=progress)
+        return replace(self, threshold=best_threshold(pos, neg))
+
+    def evaluate(self, harmful: Sequence[str], harmless: Sequence[str], *, batch_size: int = 16, progress: bool = False) -> dict[str, float]:
+        """Accuracy, balanced accuracy, TPR (harmful flagged), FPR (harmless flagged) and AUC."""
+        pos = self.score(_check_prompts(harmful), batch_size=batch_size, progress=progress)
+        neg = self.score(_check_prompts(harmless), batch_size=batch_size, progress=progress)
+        tpr = float((pos >= self.threshold).float().mean())
+        fpr = float((neg >= self.threshold).float().mean())
+        n_pos, n_neg = len(pos), len(neg)
+        return {
+            "accuracy": (tpr * n_pos + (1 - fpr) * n_neg) / (n_pos + n_neg),
+            "balanced_accuracy": (tpr + 1 - fpr) / 2,
+            "tpr": tpr,
+            "fpr": fpr,
+            "auc": roc_auc(torch.cat([pos, neg]), [1] * n_pos + [0] * n_neg),
+            "threshold": float(self.threshold),
+            "n_harmful": n_pos,
+            "n_harmless": n_neg,
+        }
+
+
+@dataclass(frozen=True)
+class LatentGuard(_Guard):
+    """Cosine to the harmful and harmless class means at ``t_inst``, averaged over ``layers``."""
+
+    mean_harmful: torch.Tensor  # [n_layers, d]
+    mean_harmless: torch.Tensor  # [n_layers, d]
+    layers: tuple[int, ...]
+    threshold: float = 0.0  # alpha
+    position: Position = "t_inst"
+    site: str = "resid_pre"
+    model_name: str = ""
+    model: Model | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.mean_harmful.shape != self.mean_harmless.shape or self.mean_harmful.shape[0] != len(self.layers):
+            raise ShapeError(f"class means must both be [{len(self.layers)} layers, d]; got {tuple(self.mean_harmful.shape)} and {tuple(self.mean_harmless.shape)}")
+        if self.position == "all":
+            raise ShapeError("a guard reads one position per prompt; 'all' is not one (use 't_inst' or 'last')")
+
+    @classmethod
+    def fit(
+        cls,
+        model: Model,
+        harmful: Sequence[str],
+        harmless: Sequence[str],
+        *,
+        layers: Sequence[int] | None = None,
+        position: Position = "t_inst",
+        batch_size: int = 16,
+        progress: bool = False,
+    ) -> LatentGuard:
+        """Class means of ``resid_pre`` at ``position`` over every layer (or ``layers``)."""
+        kw = dict(sites=["resid_pre"], layers=layers, positions=[position], batch_size=batch_size, progress=progress)
+        pos = collect(model, _check_prompts(harmful), **kw)
+        neg = collect(model, _check_prompts(harmless), **kw)
+        return cls(
+            mean_harmful=pos.get("resid_pre", position)[:, :, -1].double().mean(0).float(),
+            mean_harmless=neg.get("resid_pre", position)[:, :, -1].double().mean(0).float(),
+            layers=tuple(pos.layers),
+            position=position,
+            model_name=model.name,
+            model=model,
+        )
+
+    def score_activations(self, acts: torch.Tensor) -> torch.Tensor:
+        """Scores ``[n]`` for activations ``[n, n_layers, d]`` at this guard's layers."""
+        if acts.dim() != 3 or acts.shape[1:] != self.mean_harmful.shape:
+            raise ShapeError(f"activations must be [n, {len(self.layers)} layers, {self.mean_harmful.shape[1]}]; got {tuple(acts.shape)}")
+        cos = torch.nn.functional.cosine_similarity
+        h = acts.double()
+        diff = cos(h, self.mean_harmful.double()[None], dim=-1) - cos(h, self.mean_harmless.double()[None], dim=-1)
+        return diff.mean(1).float()
+
+    def score(self, prompts: Sequence[str], *, batch_size: int = 16, progress: bool = False) -> torch.Tensor:
+        """Harmfulness score ``[n]`` of each prompt (higher = more harmful)."""
+        acts = collect(self._bound(), _check_prompts(prompts), sites=["resid_pre"], layers=list(self.layers), positions=[self.position], batch_size=batch_size, progress=progress)
+        return self.score_activations(acts.get("resid_pre", self.position)[:, :, -1])
+
+    def save(self, path: str | Path) -> Path:
+        """Write a ``.safetensors`` file (class means + threshold and metadata)."""
+        meta = {"format": "steerlab.LatentGuard/1", "layers": json.dumps(list(self.layers)), "threshold": repr(float(self.threshold)), "position": json.dumps(self.position), "model": self.model_name}
+        save_file({"mean_harmful": self.mean_harmful.contiguous(), "mean_harmless": self.mean_harmless.contiguous()}, str(path), metadata=meta)
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path, *, model: Model | None = None) -> LatentGuard:
+        """Read a file written by :meth:`save`; ``model`` binds it for scoring."""
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            if meta.get("format") != "steerlab.LatentGuard/1":
+                raise ShapeError(f"{path} is not a steerlab LatentGuard file")
+            pos, neg = fh.get_tensor("mean_harmful"), fh.get_tensor("mean_harmless")
+        return cls(mean_harmful=pos, mean_harmless=neg, layers=tuple(json.loads(meta["layers"])), threshold=float(meta["threshold"]), position=json.loads(meta["position"]), model_name=meta["model"], model=model)
+
+
+@dataclass(frozen=True)
+class ProbeGuard(_Guard):
+    """A one-layer logistic probe as a guard: flag when ``P(harmful) >= threshold``."""
+
+    probe: Probe
+    threshold: float = 0.5
+    model: Model | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if len(self.probe.layers) != 1:
+            raise ShapeError(f"a ProbeGuard reads one layer; this probe covers {list(self.probe.layers)} (use probe.select(layer))")
+
+    @classmethod
+    def fit(
+        cls,
+        model: Model,
+        harmful: Sequence[str],
+        harmless: Sequence[str],
+        *,
+        layer: int | None = None,
+        position: Position = "t_inst",
+        C: float = 1.0,
+        batch_size: int = 16,
+        progress: bool = False,
+    ) -> ProbeGuard:
+        """Fit probes at every layer and keep ``layer`` (default: the best one by 5-fold CV accuracy)."""
+        from steerlab.probes.sweep import sweep
+
+        harmful, harmless = _check_prompts(harmful), _check_prompts(harmless)
+        acts = collect(model, harmful + harmless, sites=["resid_pre"], positions=[position], batch_size=batch_size, progress=progress)
+        x = acts.get("resid_pre", position)[:, :, -1]
+        y = torch.tensor([1] * len(harmful) + [0] * len(harmless))
+        if layer is None:
+            result = sweep(x[:, :, None], y, layers=acts.layers, n_folds=min(5, len(harmful), len(harmless)), C=C)
+            layer = result.best("accuracy")[0]
+        layer = model.layer_indices([layer])[0]
+        i = acts.layers.index(layer)
+        probe = fit_probes(x[:, i : i + 1], y, layers=[layer], C=C, position=position, labels=("harmless", "harmful"), model=model.name)
+        return cls(probe=probe, model=model)
+
+    def score(self, prompts: Sequence[str], *, batch_size: int = 16, progress: bool = False) -> torch.Tensor:
+        """``P(harmful)`` ``[n]`` of each prompt."""
+        p = self.probe
+        acts = collect(self._bound(), _check_prompts(prompts), sites=[p.site], layers=list(p.layers), positions=[p.position], batch_size=batch_size, progress=progress)
+        return p.predict_proba(acts.get(p.site, p.position)[:, :, -1])[:, 0]
+
+    def save(self, path: str | Path) -> Path:
+        """Write the probe with the threshold in its metadata."""
+        info = {**self.probe.info, "guard_threshold": float(self.threshold)}
+        return replace(self.probe, info=info).save(path)
+
+    @classmethod
+    def load(cls, path: str | Path, *, model: Model | None = None) -> ProbeGuard:
+        """Read a file written by :meth:`save`; ``model`` binds it for scoring."""
+        probe = Probe.load(path)
+        return cls(probe=probe, threshold=float(probe.info.get("guard_threshold", 0.5)), model=model)

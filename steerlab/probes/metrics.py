@@ -1,0 +1,69 @@
+"""Small, dependency-free metrics for probes: ROC AUC (ties counted half) and stratified folds.
+
+Example:
+    >>> roc_auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1])
+    0.75
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from steerlab.errors import EmptyInputError
+
+
+def roc_auc(scores: Sequence[float] | torch.Tensor, labels: Sequence[int] | torch.Tensor) -> float:
+    """Probability that a random positive scores above a random negative (Mann-Whitney U / n+ n-)."""
+    s = torch.as_tensor(scores, dtype=torch.float64).flatten()
+    y = torch.as_tensor(labels).flatten().bool()
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise EmptyInputError(f"AUC needs both classes; got {n_pos} positive and {n_neg} negative")
+    # average ranks handle ties
+    _, inverse, counts = torch.unique(s, return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).to(torch.float64)
+    ranks = ((ends - counts + 1 + ends) / 2)[inverse]
+    u = float(ranks[y].sum()) - n_pos * (n_pos + 1) / 2
+    return u / (n_pos * n_neg)
+
+
+def stratified_folds(labels: Sequence[int] | torch.Tensor, *, n_folds: int = 5, seed: int = 0) -> torch.Tensor:
+    """Fold index ``[n]`` per sample; each class is spread evenly over the folds (shuffled, seeded)."""
+    y = torch.as_tensor(labels).long()
+    counts = torch.bincount(y)
+    if n_folds < 2:
+        raise ValueError(f"n_folds must be at least 2; got {n_folds}")
+    if int(counts[counts > 0].min()) < n_folds:
+        raise EmptyInputError(f"every class needs at least {n_folds} samples for {n_folds}-fold CV; class counts {counts.tolist()}")
+    gen = torch.Generator().manual_seed(seed)
+    folds = torch.empty_like(y)
+    for c in torch.unique(y).tolist():
+        idx = torch.nonzero(y == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=gen)]
+        folds[idx] = torch.arange(len(idx)) % n_folds
+    return folds
+
+
+def best_threshold(positive: torch.Tensor, negative: torch.Tensor) -> float:
+    """The threshold ``t`` (flag when ``score >= t``) with the highest balanced accuracy.
+
+    Candidates are midpoints between consecutive distinct scores; ties go to the middle of the
+    best run, so the threshold sits in the widest safe gap.
+
+    Example:
+        >>> round(best_threshold(torch.tensor([0.8, 0.9]), torch.tensor([0.1, 0.3])), 4)
+        0.55
+    """
+    pos = torch.as_tensor(positive, dtype=torch.float64).flatten()
+    neg = torch.as_tensor(negative, dtype=torch.float64).flatten()
+    if not len(pos) or not len(neg):
+        raise EmptyInputError(f"calibration needs both classes; got {len(pos)} positive and {len(neg)} negative scores")
+    values = torch.unique(torch.cat([pos, neg]))  # sorted
+    cuts = torch.cat([values[:1] - 1, (values[1:] + values[:-1]) / 2, values[-1:] + 1])
+    tpr = (pos[None] >= cuts[:, None]).double().mean(1)
+    tnr = (neg[None] < cuts[:, None]).double().mean(1)
+    balanced = (tpr + tnr) / 2
+    best = torch.nonzero(balanced == balanced.max()).flatten()
+    return float(cuts[best[len(best) // 2]])

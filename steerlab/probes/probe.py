@@ -1,0 +1,198 @@
+"""``Probe``: fitted per-layer logistic probes (a value), and ``fit_probes`` that fits all layers at once.
+
+A probe maps an activation ``h`` at one layer to ``P(positive) = sigmoid(h . w + b)``. Weights
+live in raw residual coordinates (any standardisation used in fitting is folded in), so a probe
+can be applied to activations straight from :func:`steerlab.collect` or inside a hook, and its
+weight vector exported as a steering :class:`~steerlab.steering.Direction`.
+
+Example:
+    >>> acts = steerlab.collect(model, harmful + harmless, positions=["last"])   # doctest: +SKIP
+    >>> probe = fit_probes(acts.get("resid_pre", "last")[:, :, -1], labels,     # doctest: +SKIP
+    ...                    layers=acts.layers, position="last")
+    >>> probe.score(test_x, test_y)        # accuracy per layer                   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from steerlab.chat import Position
+from steerlab.errors import EmptyInputError, LayerIndexError, ShapeError
+from steerlab.probes.fast import fit_standardized
+from steerlab.probes.metrics import roc_auc
+from steerlab.steering.direction import Direction
+
+FORMAT = "steerlab.Probe/1"
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One logistic probe per layer: ``weights[i]``/``bias[i]`` belong to ``layers[i]``."""
+
+    weights: torch.Tensor  # [n_layers, d] float32, raw residual coordinates
+    bias: torch.Tensor  # [n_layers]
+    layers: tuple[int, ...]
+    site: str = "resid_pre"
+    position: Position = "last"
+    labels: tuple[str, str] = ("negative", "positive")
+    model: str = ""
+    info: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.weights.dim() != 2 or self.weights.shape[0] != len(self.layers) or self.bias.shape != (len(self.layers),):
+            raise ShapeError(
+                f"weights must be [n_layers, d] and bias [n_layers] for layers {list(self.layers)}; "
+                f"got {tuple(self.weights.shape)} and {tuple(self.bias.shape)}"
+            )
+        object.__setattr__(self, "weights", self.weights.detach().to(torch.float32).cpu())
+        object.__setattr__(self, "bias", self.bias.detach().to(torch.float32).cpu())
+        object.__setattr__(self, "layers", tuple(int(la) for la in self.layers))
+        object.__setattr__(self, "labels", tuple(self.labels))
+
+    @property
+    def width(self) -> int:
+        """Residual width ``d``."""
+        return int(self.weights.shape[1])
+
+    def _check(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and len(self.layers) == 1:
+            x = x[:, None]
+        if x.dim() != 3 or x.shape[1:] != (len(self.layers), self.width):
+            raise ShapeError(
+                f"activations must be [n, {len(self.layers)} layers, {self.width}] for this probe "
+                f"(layers {list(self.layers)}); got {tuple(x.shape)}. Use probe.select(layer) for one layer."
+            )
+        return x
+
+    def decision_function(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``[n, n_layers]`` for activations ``[n, n_layers, d]``."""
+        x = self._check(x)
+        return torch.einsum("nld,ld->nl", x.to(torch.float64), self.weights.double()).float() + self.bias
+
+    def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
+        """``P(positive)`` per sample and layer, ``[n, n_layers]``."""
+        return torch.sigmoid(self.decision_function(x))
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """0/1 predictions per sample and layer."""
+        return (self.decision_function(x) > 0).long()
+
+    def score(self, x: torch.Tensor, y: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """Accuracy per layer, ``[n_layers]``."""
+        y = torch.as_tensor(y).long()
+        return (self.predict(x) == y[:, None]).float().mean(0)
+
+    def auc(self, x: torch.Tensor, y: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """ROC AUC per layer, ``[n_layers]``."""
+        logits = self.decision_function(x)
+        return torch.tensor([roc_auc(logits[:, j], y) for j in range(logits.shape[1])])
+
+    def best_layer(self, x: torch.Tensor, y: Sequence[int] | torch.Tensor, *, metric: str = "accuracy") -> int:
+        """The layer with the highest held-out ``metric`` ("accuracy" or "auc"); ties go to the earlier layer."""
+        values = self.score(x, y) if metric == "accuracy" else self.auc(x, y)
+        return self.layers[int(torch.argmax(values))]
+
+    def select(self, layers: int | Sequence[int]) -> Probe:
+        """The probe restricted to some of its layers."""
+        items = [layers] if isinstance(layers, int) else list(layers)
+        missing = [la for la in items if la not in self.layers]
+        if missing:
+            raise LayerIndexError(f"this probe has no layer(s) {missing}; it covers layers {list(self.layers)}")
+        idx = [self.layers.index(la) for la in items]
+        return replace(self, weights=self.weights[idx], bias=self.bias[idx], layers=tuple(items))
+
+    def to_direction(self) -> Direction:
+        """The weight vectors as a steering Direction (unit norm per layer, pointing to ``positive``)."""
+        unit = self.weights / self.weights.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+        return Direction(vectors=unit, layers=self.layers, site=self.site, position=self.position, method="probe", model=self.model, info=dict(self.info))
+
+    def save(self, path: str | Path) -> Path:
+        """Write a ``.safetensors`` file (weights, bias, metadata)."""
+        path = Path(path)
+        meta = {
+            "format": FORMAT,
+            "layers": json.dumps(list(self.layers)),
+            "site": self.site,
+            "position": json.dumps(self.position),
+            "labels": json.dumps(list(self.labels)),
+            "model": self.model,
+            "info": json.dumps(self.info),
+        }
+        save_file({"weights": self.weights.contiguous(), "bias": self.bias.contiguous()}, str(path), metadata=meta)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Probe:
+        """Read a file written by :meth:`save`."""
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise ShapeError(f"{path} is not a steerlab Probe file (format {meta.get('format')!r})")
+            weights, bias = fh.get_tensor("weights"), fh.get_tensor("bias")
+        return cls(
+            weights=weights,
+            bias=bias,
+            layers=tuple(json.loads(meta["layers"])),
+            site=meta["site"],
+            position=json.loads(meta["position"]),
+            labels=tuple(json.loads(meta["labels"])),
+            model=meta["model"],
+            info=json.loads(meta["info"]),
+        )
+
+
+def fit_probes(
+    x: torch.Tensor,
+    y: Sequence[int] | torch.Tensor,
+    *,
+    layers: Sequence[int],
+    C: float = 1.0,
+    standardize: bool = True,
+    balanced: bool = False,
+    site: str = "resid_pre",
+    position: Position = "last",
+    labels: tuple[str, str] = ("negative", "positive"),
+    model: str = "",
+) -> Probe:
+    """Fit one L2 logistic probe per layer in one batched Newton solve.
+
+    ``x`` is ``[n, n_layers, d]`` (e.g. ``acts.get("resid_pre", "last")[:, :, -1]``), ``y`` 0/1.
+    ``balanced=True`` weights classes inversely to their frequency (as scikit-learn's
+    ``class_weight="balanced"``).
+
+    Example:
+        >>> import torch
+        >>> x = torch.randn(64, 2, 8); y = (x[:, 1, 0] > 0).long()
+        >>> probe = fit_probes(x, y, layers=[3, 7])
+        >>> float(probe.score(x, y)[1]) > 0.9
+        True
+    """
+    y = torch.as_tensor(y).long()
+    if x.dim() != 3 or x.shape[1] != len(layers):
+        raise ShapeError(f"x must be [n, {len(layers)} layers, d]; got {tuple(x.shape)}")
+    if len(y) != x.shape[0]:
+        raise ShapeError(f"{x.shape[0]} activations but {len(y)} labels")
+    counts = torch.bincount(y, minlength=2)
+    if len(counts) > 2 or int(counts.min()) == 0:
+        raise EmptyInputError(f"need examples of both classes 0 and 1; got counts {counts.tolist()}")
+    weight = None
+    if balanced:
+        weight = (len(y) / (2.0 * counts.double()))[y]
+    w, b = fit_standardized(x.transpose(0, 1), y, C=C, sample_weight=weight, standardize=standardize)
+    return Probe(
+        weights=w,
+        bias=b,
+        layers=tuple(layers),
+        site=site,
+        position=position,
+        labels=labels,
+        model=model,
+        info={"C": C, "standardize": standardize, "balanced": balanced, "n_train": int(len(y)), "n_positive": int(counts[1])},
+    )
