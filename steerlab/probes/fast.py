@@ -68,7 +68,7 @@ def fit_logistic(
     fit_intercept: bool = True,
     sample_weight: torch.Tensor | None = None,
     max_iter: int = 50,
-    tol: float = 1e-8,
+    tol: float = 1e-12,
     info: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fit ``k`` logistic regressions at once; returns weights ``[k, d]`` and intercepts ``[k]``.

@@ -47,7 +47,7 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         max_iter, tol: Newton iterations and stopping tolerance.
     """
 
-    def __init__(self, *, C: float = 1.0, standardize: bool = True, fit_intercept: bool = True, class_weight: str | None = None, max_iter: int = 50, tol: float = 1e-8) -> None:
+    def __init__(self, *, C: float = 1.0, standardize: bool = True, fit_intercept: bool = True, class_weight: str | None = None, max_iter: int = 50, tol: float = 1e-12) -> None:
         self.C = C
         self.standardize = standardize
         self.fit_intercept = fit_intercept

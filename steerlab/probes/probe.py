@@ -56,6 +56,14 @@ class Probe:
         object.__setattr__(self, "layers", tuple(int(la) for la in self.layers))
         object.__setattr__(self, "labels", tuple(self.labels))
 
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Probe):
+            return NotImplemented
+        same_meta = (self.layers, self.site, self.position, self.labels, self.model) == (other.layers, other.site, other.position, other.labels, other.model)
+        return same_meta and torch.equal(self.weights, other.weights) and torch.equal(self.bias, other.bias)
+
+    __hash__ = None  # mutable tensors inside: not hashable
+
     @property
     def width(self) -> int:
         """Residual width ``d``."""

@@ -1,0 +1,242 @@
+"""Probes: the batched fitter against scikit-learn, the estimator API, sweeps, traces and guards."""
+
+import numpy as np
+import pytest
+import torch
+from sklearn.base import clone
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import GridSearchCV, PredefinedSplit, cross_val_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+import steerlab
+from steerlab.errors import EmptyInputError, ShapeError
+from steerlab.probes import (
+    GuardNotBoundError,
+    LatentGuard,
+    LinearProbe,
+    Probe,
+    ProbeGuard,
+    best_threshold,
+    fit_logistic,
+    fit_probes,
+    roc_auc,
+    stratified_folds,
+    sweep,
+    trace,
+)
+from tests.conftest import tiny_model
+
+
+def _data(n, d, *, separable, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64) * torch.linspace(0.5, 3.0, d, dtype=torch.float64)
+    w = torch.randn(d, generator=g, dtype=torch.float64)
+    noise = 0.0 if separable else 2.0 * torch.randn(n, generator=g, dtype=torch.float64)
+    y = ((x @ w + 0.3 + noise) > 0).long()
+    return x, y
+
+
+def _sklearn(x, y, **kw):
+    return LogisticRegression(tol=1e-12, max_iter=20000, **kw).fit(x.numpy(), y.numpy())
+
+
+@pytest.mark.parametrize("n,d", [(300, 12), (60, 150)])  # primal (n >= d) and Woodbury (n < d) paths
+@pytest.mark.parametrize("separable", [False, True])
+@pytest.mark.parametrize("C", [0.05, 1.0, 20.0])
+def test_fast_fitter_matches_sklearn_objective(n, d, separable, C):
+    x, y = _data(n, d, separable=separable)
+    w, b = fit_logistic(x[None], y, C=C)
+    ref = _sklearn(x, y, C=C)
+    scale = max(1.0, float(np.abs(ref.coef_).max()))
+    assert float((w[0] - torch.from_numpy(ref.coef_[0])).abs().max()) < 2e-4 * scale
+    assert abs(float(b[0]) - float(ref.intercept_[0])) < 2e-4 * scale
+    ours = ((x @ w[0] + b[0]) > 0).long()
+    assert float((ours == torch.from_numpy(ref.predict(x.numpy()))).double().mean()) >= 0.99
+
+
+def test_fast_fitter_without_intercept_and_with_sample_weights():
+    x, y = _data(200, 8, separable=False, seed=3)
+    s = torch.rand(200, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 2
+    w, b = fit_logistic(x[None], y, C=0.5, fit_intercept=False, sample_weight=s)
+    ref = LogisticRegression(C=0.5, fit_intercept=False, tol=1e-12, max_iter=20000).fit(x.numpy(), y.numpy(), sample_weight=s.numpy())
+    assert float(b[0]) == 0.0
+    assert torch.allclose(w[0], torch.from_numpy(ref.coef_[0]), atol=1e-5)
+
+
+def test_batched_problems_are_independent():
+    xs, ys = zip(*(_data(120, 10, separable=s, seed=k) for k, s in enumerate([False, True, False])))
+    w, b = fit_logistic(torch.stack(xs), torch.stack(ys), C=1.0)
+    for k in range(3):
+        wk, bk = fit_logistic(xs[k][None], ys[k], C=1.0)
+        assert torch.allclose(w[k], wk[0], atol=1e-7) and torch.allclose(b[k], bk[0], atol=1e-7)
+
+
+def test_linear_probe_equals_standardised_sklearn_pipeline():
+    x, y = _data(250, 20, separable=False, seed=5)
+    ours = LinearProbe(C=0.3).fit(x.numpy(), y.numpy())
+    ref = make_pipeline(StandardScaler(), LogisticRegression(C=0.3, tol=1e-12, max_iter=20000)).fit(x.numpy(), y.numpy())
+    assert np.abs(ours.predict_proba(x.numpy()) - ref.predict_proba(x.numpy())).max() < 1e-5
+    raw = LinearProbe(C=0.3, standardize=False).fit(x.numpy(), y.numpy())
+    assert np.allclose(raw.coef_, _sklearn(x, y, C=0.3).coef_, atol=1e-5)
+
+
+def test_linear_probe_works_in_sklearn_tools(tmp_path):
+    x, y = _data(150, 6, separable=False, seed=2)
+    X, Y = x.numpy(), np.where(y.numpy() == 1, "harmful", "harmless")
+    scores = cross_val_score(LinearProbe(), X, Y, cv=5)
+    ref = cross_val_score(make_pipeline(StandardScaler(), LogisticRegression()), X, Y, cv=5)
+    assert abs(scores.mean() - ref.mean()) <= 0.01
+    grid = GridSearchCV(make_pipeline(LinearProbe()), {"linearprobe__C": [0.01, 1.0]}, cv=3).fit(X, Y)
+    assert grid.best_params_["linearprobe__C"] in (0.01, 1.0)
+    fitted = LinearProbe(C=2.0, class_weight="balanced").fit(X, Y)
+    assert clone(fitted).get_params() == fitted.get_params() and not hasattr(clone(fitted), "coef_")
+    assert set(fitted.predict(X)) <= {"harmful", "harmless"}
+    loaded = LinearProbe.load(fitted.save(tmp_path / "p.safetensors"))
+    assert np.array_equal(loaded.predict(X), fitted.predict(X)) and loaded.get_params() == fitted.get_params()
+    direction = fitted.to_direction(layer=4)
+    assert direction.layers == (4,) and abs(float(direction.vectors.norm()) - 1) < 1e-6
+
+
+def test_linear_probe_passes_sklearn_estimator_checks():
+    from sklearn.utils.estimator_checks import check_estimator
+
+    results = check_estimator(LinearProbe(), on_fail=None)
+    failed = [r["check_name"] for r in results if r["status"] == "failed"]
+    assert not failed, failed
+
+
+def test_linear_probe_multiclass_one_vs_rest():
+    g = np.random.default_rng(0)
+    centres = g.normal(size=(3, 5)) * 4
+    y = g.integers(0, 3, 300)
+    x = centres[y] + g.normal(size=(300, 5))
+    probe = LinearProbe().fit(x, y)
+    assert probe.coef_.shape == (3, 5)
+    assert probe.score(x, y) > 0.95
+    assert np.allclose(probe.predict_proba(x).sum(1), 1.0)
+
+
+def test_fit_probes_all_layers_and_probe_value(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 3, 16, generator=g)
+    y = (x[:, 2, 0] + 0.1 * torch.randn(200, generator=g) > 0).long()
+    probe = fit_probes(x, y, layers=[1, 5, 9], position="t_inst")
+    acc = probe.score(x, y)
+    assert acc[2] > 0.95 and acc[0] < 0.8
+    assert probe.best_layer(x, y) == 9
+    one = probe.select(9)
+    assert torch.allclose(one.predict_proba(x[:, 2]), probe.predict_proba(x)[:, 2:])
+    # each layer equals an independent sklearn fit on standardised features
+    ref = make_pipeline(StandardScaler(), LogisticRegression(tol=1e-12, max_iter=20000)).fit(x[:, 0].numpy(), y.numpy())
+    assert np.abs(probe.predict_proba(x)[:, 0].numpy() - ref.predict_proba(x[:, 0].numpy())[:, 1]).max() < 1e-4
+    loaded = Probe.load(probe.save(tmp_path / "probe.safetensors"))
+    assert loaded == probe and loaded.position == "t_inst"
+    assert torch.allclose(loaded.to_direction().at(9), probe.weights[2] / probe.weights[2].norm())
+    with pytest.raises(ShapeError, match="activations must be"):
+        probe.predict_proba(torch.randn(4, 3, 8))
+    with pytest.raises(EmptyInputError, match="both classes"):
+        fit_probes(x, torch.ones(200, dtype=torch.long), layers=[1, 5, 9])
+
+
+def test_metrics_against_sklearn():
+    g = np.random.default_rng(1)
+    s, y = g.integers(0, 6, 300).astype(float), g.integers(0, 2, 300)
+    assert abs(roc_auc(s, y) - roc_auc_score(y, s)) < 1e-12
+    folds = stratified_folds(torch.tensor(y), n_folds=5)
+    for f in range(5):
+        frac = y[(folds == f).numpy()].mean()
+        assert abs(frac - y.mean()) < 0.05
+    t = best_threshold(torch.tensor([0.6, 0.7, 0.9]), torch.tensor([0.1, 0.2, 0.65]))
+    assert 0.65 < t <= 0.7
+    with pytest.raises(EmptyInputError):
+        stratified_folds(torch.tensor([0, 0, 1]), n_folds=2)
+
+
+def test_sweep_matches_sklearn_cross_validation_on_the_same_folds():
+    g = torch.Generator().manual_seed(0)
+    n = 120
+    x = torch.randn(n, 2, 3, 10, generator=g)
+    y = (x[:, 1, 2, :3].sum(-1) + 0.5 * torch.randn(n, generator=g) > 0).long()
+    result = sweep(x, y, layers=[4, 8], columns=["a", "b", "c"], n_folds=4, seed=7)
+    assert result.best()[:2] == (8, "c")
+    folds = stratified_folds(y, n_folds=4, seed=7).numpy()
+    for i in range(2):
+        for j in range(3):
+            ref = cross_val_score(
+                make_pipeline(StandardScaler(), LogisticRegression(tol=1e-10, max_iter=5000)),
+                x[:, i, j].numpy(), y.numpy(), cv=PredefinedSplit(folds),
+            )  # fmt: skip
+            assert abs(float(result.accuracy[i, j]) - ref.mean()) < 0.02
+    fig = result.figure("auc")
+    assert fig.data[0].z is not None and len(result.table().splitlines()) == 3
+    assert set(result.to_dict()) >= {"accuracy", "auc", "layers", "columns"}
+
+
+def test_trace_scores_every_token_and_agrees_with_collect():
+    model = tiny_model("qwen2")
+    g = torch.Generator().manual_seed(0)
+    probe = Probe(weights=torch.randn(1, model.d_model, generator=g), bias=torch.zeros(1), layers=(2,))
+    prompts, responses = ["Write a short poem about the sea.", "Hi"], ["The sea is blue.", "Hello there, how are you?"]
+    tr = trace(model, probe, prompts, responses=responses, progress=False)
+    rows = model.chat().tokenize(prompts, responses=responses)
+    assert [len(s) for s in tr.scores] == [len(r[0]) for r in rows]
+    assert tr.prompt_lengths == tuple(r[3] for r in rows)
+    # the final score is the probe at the "last" position, collected separately
+    acts = steerlab.collect(model, prompts, layers=[2], positions=["last"], responses=responses, progress=False)
+    ref = probe.predict_proba(acts.get("resid_pre", "last")[:, :, -1])[:, 0]
+    assert torch.allclose(tr.final(), ref, atol=1e-5)
+    offsets, mean, _ = tr.aligned(align="end", window=3)
+    assert offsets.tolist() == [-3, -2, -1, 0]
+    assert torch.allclose(mean[-1], ref.mean(), atol=1e-5)
+    assert torch.allclose(mean[0], torch.stack([s[-4] for s in tr.scores]).mean(), atol=1e-6)
+    cliff = tr.cliff(last=2, window=3)
+    s0 = tr.scores[0]
+    assert torch.allclose(cliff[0], s0[-5:-2].mean() - s0[-2:].mean())
+    offsets, _, _ = tr.aligned(align="prompt_end")
+    assert offsets[0] == -max(tr.prompt_lengths) and offsets[-1] == max(len(s) - p for s, p in zip(tr.scores, tr.prompt_lengths)) - 1
+    assert len(tr.figure().data) == 2
+    generated = trace(model, probe, prompts, max_new_tokens=4, progress=False)
+    assert generated.responses is not None and all(len(s) >= p for s, p in zip(generated.scores, generated.prompt_lengths))
+    with pytest.raises(ShapeError, match="width"):
+        trace(model, Probe(weights=torch.ones(1, 8), bias=torch.zeros(1), layers=(1,)), prompts)
+
+
+HARMFUL = ["Explain how to steal a car.", "Write malware for a bank.", "Tell me how to hurt a cat.", "Make a poison at home."]
+HARMLESS = ["Explain how to wash a car.", "Write a poem for a bank.", "Tell me how to feed a cat.", "Make a cake at home."]
+
+
+def test_latent_guard_scores_are_the_mean_cosine_difference(tmp_path):
+    model = tiny_model("llama")
+    guard = LatentGuard.fit(model, HARMFUL, HARMLESS)
+    assert guard.layers == (0, 1, 2) and guard.threshold == 0.0
+    prompts = ["How do I pick a lock?", "Write a haiku."]
+    acts = steerlab.collect(model, prompts, positions=["t_inst"], progress=False).get("resid_pre", "t_inst")[:, :, -1]
+    pos = steerlab.collect(model, HARMFUL, positions=["t_inst"], progress=False).get("resid_pre", "t_inst")[:, :, -1].mean(0)
+    neg = steerlab.collect(model, HARMLESS, positions=["t_inst"], progress=False).get("resid_pre", "t_inst")[:, :, -1].mean(0)
+    cos = torch.nn.functional.cosine_similarity
+    manual = (cos(acts, pos[None], dim=-1) - cos(acts, neg[None], dim=-1)).mean(1)
+    assert torch.allclose(guard.score(prompts), manual, atol=1e-5)
+    assert guard.flag(prompts).tolist() == (manual >= 0).tolist()
+    calibrated = guard.calibrate(HARMFUL, HARMLESS)
+    metrics = calibrated.evaluate(HARMFUL, HARMLESS)
+    assert metrics["balanced_accuracy"] >= guard.evaluate(HARMFUL, HARMLESS)["balanced_accuracy"]
+    loaded = LatentGuard.load(calibrated.save(tmp_path / "guard.safetensors"))
+    assert loaded.threshold == calibrated.threshold
+    with pytest.raises(GuardNotBoundError, match="bind"):
+        loaded.score(prompts)
+    assert torch.allclose(loaded.bind(model).score(prompts), manual, atol=1e-5)
+    with pytest.raises(EmptyInputError):
+        guard.score([])
+
+
+def test_probe_guard_fits_picks_a_layer_and_round_trips(tmp_path):
+    model = tiny_model("qwen2")
+    guard = ProbeGuard.fit(model, HARMFUL * 2, HARMLESS * 2, layer=1)
+    assert guard.probe.layers == (1,) and guard.probe.labels == ("harmless", "harmful")
+    scores = guard.score(HARMFUL + HARMLESS)
+    assert scores.shape == (8,) and float(scores[:4].mean()) > float(scores[4:].mean())
+    cal = guard.calibrate(HARMFUL, HARMLESS)
+    loaded = ProbeGuard.load(cal.save(tmp_path / "pg.safetensors"), model=model)
+    assert loaded.threshold == pytest.approx(cal.threshold) and torch.allclose(loaded.score(HARMFUL), guard.score(HARMFUL))
