@@ -223,6 +223,24 @@ class HookSession:
         self.handles.append(handle)
         return handle
 
+    def add_module(
+        self, module: nn.Module, hook: Callable, *, name: str, layer: int = -1, pre: bool = False, with_kwargs: bool = False, required: bool = True
+    ) -> HookHandle:
+        """Register a raw torch hook on ``module`` with a counted handle (for edits with no named site).
+
+        The handle counts firings and is checked on exit like :meth:`add`; the hook is removed on exit.
+        """
+        handle = HookHandle(site=f"module {name}", layer=layer, name=name, required=required)
+
+        def counted(*args, **kwargs):
+            handle.count += 1
+            return hook(*args, **kwargs)
+
+        self.add_module_hook(module, counted, pre=pre, with_kwargs=with_kwargs)
+        handle._handles.append(self._torch_handles[-1])
+        self.handles.append(handle)
+        return handle
+
     def add_module_hook(self, module: nn.Module, hook: Callable, *, pre: bool = False, with_kwargs: bool = False) -> None:
         """Register a raw torch hook that this session removes on exit (for code that needs module access)."""
         if not self._open:

@@ -117,7 +117,10 @@ class Model:
 
     @contextmanager
     def apply(self, *interventions, check_fired: bool = True) -> Iterator[HookSession]:
-        """Apply interventions (anything with ``.hooks(model)``) for the duration of a ``with`` block.
+        """Apply interventions for the duration of a ``with`` block.
+
+        An intervention either has ``.install(session)`` (it registers its own counted hooks, e.g. on
+        a module with no named site) or ``.hooks(model)`` returning ``(site, layer, fn)`` triples.
 
         Example:
             >>> with model.apply(Ablate(direction)):                  # doctest: +SKIP
@@ -127,6 +130,9 @@ class Model:
             raise EmptyInputError("model.apply() needs at least one intervention")
         with self.hooks(check_fired=check_fired) as session:
             for iv in interventions:
+                if hasattr(iv, "install"):
+                    iv.install(session)
+                    continue
                 for site, layer, fn in iv.hooks(self):
                     session.add(site, layer, fn, name=f"{type(iv).__name__}.{site}.{layer}")
             yield session

@@ -166,7 +166,9 @@ class ExpertMask:
     def hooks(self, model: Model) -> list[HookSpec]:
         """Router-logit hooks per layer, plus shared-expert hooks when asked."""
         if model.spec.moe is None:
-            raise UnknownSiteError(f"{model.name} ({model.spec.model_type}) is a dense model: it has no experts to mask")
+            raise UnknownSiteError(
+                f"{model.name} ({model.spec.model_type}) is a dense model: it has no experts to mask"
+            )
         specs: list[HookSpec] = []
         for layer, experts in _by_layer(model, self.experts).items():
             router = _router(model, layer)
@@ -197,9 +199,7 @@ class ExpertMask:
             layers = [normalize_layer(la, model.n_layers) for la in self.shared_off]
         spec = model.spec
         if spec.moe.shared_experts is None:
-            raise UnknownSiteError(
-                f"{spec.model_type} has no shared experts to switch off; use shared_off=False"
-            )
+            raise UnknownSiteError(f"{spec.model_type} has no shared experts to switch off; use shared_off=False")
         if spec.mlp_out != spec.moe.block:
             raise UnknownSiteError(
                 f"shared_off needs the mlp_out site on the MoE block ({spec.moe.block!r}); "
@@ -259,7 +259,7 @@ def _force_fn(model: Model, router: nn.Module, experts: list[int], k: int):
 
 
 # ----- results -----
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # tensor fields: compared by identity
 class ExpertScores:
     """A score per (layer, expert): ``scores[i, e]`` belongs to ``layers[i]``, expert ``e``.
 
@@ -273,7 +273,9 @@ class ExpertScores:
 
     def __post_init__(self) -> None:
         if self.scores.dim() != 2 or self.scores.shape[0] != len(self.layers):
-            raise ShapeError(f"scores must be [n_layers, n_experts] for layers {list(self.layers)}, got {tuple(self.scores.shape)}")
+            raise ShapeError(
+                f"scores must be [n_layers, n_experts] for layers {list(self.layers)}, got {tuple(self.scores.shape)}"
+            )
 
     @property
     def n_experts(self) -> int:
@@ -286,7 +288,7 @@ class ExpertScores:
             raise LayerIndexError(f"no scores for layer {layer}; these cover layers {list(self.layers)}")
         return self.scores[self.layers.index(layer)]
 
-    def top(self, k: int | float = 10, *, order: Order = "desc") -> list[Expert]:
+    def top(self, k: float = 10, *, order: Order = "desc") -> list[Expert]:
         """The ``k`` highest-scoring (layer, expert) pairs (an int count or a float fraction of all).
 
         Example:
@@ -296,15 +298,19 @@ class ExpertScores:
         n = _how_many(k, self.scores.numel())
         return [(self.layers[int(i) // self.n_experts], int(i) % self.n_experts) for i in _rank(self.scores, order)[:n]]
 
-    def rows(self, k: int | float | None = None, *, order: Order = "desc") -> list[dict[str, Any]]:
+    def rows(self, k: float | None = None, *, order: Order = "desc") -> list[dict[str, Any]]:
         """Ranked rows ``{"rank", "layer", "expert", "score"}`` (all when ``k`` is None)."""
         pairs = self.top(self.scores.numel() if k is None else k, order=order)
-        return [{"rank": i + 1, "layer": la, "expert": e, "score": float(self.at(la)[e])} for i, (la, e) in enumerate(pairs)]
+        return [
+            {"rank": i + 1, "layer": la, "expert": e, "score": float(self.at(la)[e])} for i, (la, e) in enumerate(pairs)
+        ]
 
-    def table(self, k: int | float | None = 20, *, order: Order = "desc") -> str:
+    def table(self, k: float | None = 20, *, order: Order = "desc") -> str:
         """A plain-text ranked table."""
         lines = [f"{'rank':>4} {'layer':>5} {'expert':>6} {self.kind:>12}"]
-        lines += [f"{r['rank']:>4} {r['layer']:>5} {r['expert']:>6} {r['score']:>12.5g}" for r in self.rows(k, order=order)]
+        lines += [
+            f"{r['rank']:>4} {r['layer']:>5} {r['expert']:>6} {r['score']:>12.5g}" for r in self.rows(k, order=order)
+        ]
         return "\n".join(lines)
 
     def figure(self, *, title: str | None = None):
@@ -324,7 +330,7 @@ class ExpertScores:
         return fig
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # tensor fields: compared by identity
 class ExpertUsage:
     """Router statistics over a prompt set, per MoE layer in ``layers``.
 
@@ -386,7 +392,11 @@ def expert_usage(
             logits, top_w, top_i = output[0], output[1], output[2]
             batch: EncodedBatch = state["batch"]
             keep = batch.attention_mask.bool().reshape(-1).to(logits.device)
-            logits, top_w, top_i = logits.reshape(-1, n)[keep], top_w.reshape(keep.shape[0], -1)[keep], top_i.reshape(keep.shape[0], -1)[keep]
+            logits, top_w, top_i = (
+                logits.reshape(-1, n)[keep],
+                top_w.reshape(keep.shape[0], -1)[keep],
+                top_i.reshape(keep.shape[0], -1)[keep],
+            )
             counts[row] += torch.bincount(top_i.reshape(-1).cpu(), minlength=n)
             probs[row] += torch.softmax(logits.float(), dim=-1).double().sum(0).cpu()
             dense = torch.zeros(top_i.shape[0], n, dtype=torch.float32, device=top_i.device)
@@ -444,7 +454,7 @@ def expert_contrast(
     Example:
         >>> expert_contrast(model, harmful, harmless).top(10)                  # doctest: +SKIP
     """
-    kw = dict(layers=layers, batch_size=batch_size, chat=chat, system=system)
+    kw = {"layers": layers, "batch_size": batch_size, "chat": chat, "system": system}
     return contrast(expert_usage(model, target, **kw), expert_usage(model, other, **kw))
 
 

@@ -29,7 +29,7 @@ from torch import nn
 
 from steerlab.arch import normalize_layer
 from steerlab.chat import EncodedBatch, Position
-from steerlab.errors import EmptyInputError, LayerIndexError, ShapeError, SteerlabError, UnknownPositionError
+from steerlab.errors import EmptyInputError, ShapeError, SteerlabError, UnknownPositionError
 from steerlab.hooks import HookContext
 from steerlab.steering.direction import Direction
 
@@ -162,6 +162,8 @@ class HeadAblation:
     without the ablation (METHODS 3: "zero the chosen heads, rescale the attention output back to
     its original norm"); without an ``o_proj`` bias this is done exactly on the ``head`` site,
     with one it is done on ``attn_out`` (which must then be the attention module's own output).
+    Where a post-attention norm follows ``o_proj`` (Gemma), that norm already undoes most of any
+    rescaling; the option still rescales the ``o_proj`` output, as the paper does.
 
     Example:
         >>> iv = HeadAblation([(3, 0), (5, 2)], rescale_norm=True)             # doctest: +SKIP
@@ -348,7 +350,7 @@ def _rank(scores: torch.Tensor, order: Order) -> torch.Tensor:
     return torch.argsort(key, descending=True, stable=True)
 
 
-def _how_many(k: int | float, total: int) -> int:
+def _how_many(k: float, total: int) -> int:
     """``k`` as a count: an int is a count, a float in (0, 1] a fraction of ``total`` (at least 1)."""
     if isinstance(k, bool) or not isinstance(k, (int, float)):
         raise ShapeError(f"k must be a count (int) or a fraction (float in (0, 1]), got {k!r}")
@@ -361,7 +363,7 @@ def _how_many(k: int | float, total: int) -> int:
     return min(k, total)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # tensor fields: compared by identity
 class HeadAttribution:
     """Per-head contribution to a direction, ``scores[layer, head]`` (mean over prompts).
 
@@ -386,7 +388,7 @@ class HeadAttribution:
         """Heads per layer (columns)."""
         return int(self.scores.shape[1])
 
-    def top(self, k: int | float = 0.03, *, order: Order = "abs") -> list[Head]:
+    def top(self, k: float = 0.03, *, order: Order = "abs") -> list[Head]:
         """The ``k`` most important heads (an int count, or a float fraction of all heads).
 
         ``order``: ``"abs"`` largest magnitude, ``"desc"`` most positive, ``"asc"`` most negative (the
@@ -399,17 +401,20 @@ class HeadAttribution:
         n = _how_many(k, self.scores.numel())
         return [divmod(int(i), self.n_heads) for i in _rank(self.scores, order)[:n]]
 
-    def rows(self, k: int | float | None = None, *, order: Order = "abs") -> list[dict[str, Any]]:
+    def rows(self, k: float | None = None, *, order: Order = "abs") -> list[dict[str, Any]]:
         """Ranked rows ``{"rank", "layer", "head", "score"}`` (all heads when ``k`` is None)."""
         heads = self.top(self.scores.numel() if k is None else k, order=order)
         return [
-            {"rank": i + 1, "layer": la, "head": h, "score": float(self.scores[la, h])} for i, (la, h) in enumerate(heads)
+            {"rank": i + 1, "layer": la, "head": h, "score": float(self.scores[la, h])}
+            for i, (la, h) in enumerate(heads)
         ]
 
-    def table(self, k: int | float | None = 20, *, order: Order = "abs") -> str:
+    def table(self, k: float | None = 20, *, order: Order = "abs") -> str:
         """A plain-text ranked table of the top heads."""
         lines = [f"{'rank':>4} {'layer':>5} {'head':>4} {'score':>12}"]
-        lines += [f"{r['rank']:>4} {r['layer']:>5} {r['head']:>4} {r['score']:>12.5g}" for r in self.rows(k, order=order)]
+        lines += [
+            f"{r['rank']:>4} {r['layer']:>5} {r['head']:>4} {r['score']:>12.5g}" for r in self.rows(k, order=order)
+        ]
         return "\n".join(lines)
 
     def figure(self, *, title: str | None = None):
@@ -419,7 +424,8 @@ class HeadAttribution:
         z = self.scores.tolist()
         fig = go.Figure(go.Heatmap(z=z, colorscale="RdBu", zmid=0.0, colorbar={"title": "projection"}))
         fig.update_layout(
-            title=title or f"Head contributions to the direction at position {self.position!r} ({self.n_prompts} prompts)",
+            title=title
+            or f"Head contributions to the direction at position {self.position!r} ({self.n_prompts} prompts)",
             xaxis_title="head",
             yaxis_title="layer",
         )
@@ -552,8 +558,10 @@ class HeadAblationEffect:
                 f"{'ablated':<22} {'metric':>10} {'change':>10}",
                 f"{'none':<22} {self.baseline:>10.4g} {0.0:>10.4g}",
                 f"{f'top {n} heads':<22} {self.top:>10.4g} {self.delta_top:>10.4g}",
-                f"{f'random {n} heads (x{len(self.random)})':<22} {sum(self.random) / len(self.random):>10.4g} "
-                f"{self.delta_random:>10.4g}",
+                (
+                    f"{f'random {n} heads (x{len(self.random)})':<22} {sum(self.random) / len(self.random):>10.4g} "
+                    f"{self.delta_random:>10.4g}"
+                ),
             ]
         )
 
@@ -563,7 +571,7 @@ def head_ablation_effect(
     attribution: HeadAttribution,
     prompts: Sequence[str],
     *,
-    k: int | float = 0.03,
+    k: float = 0.03,
     order: Order = "abs",
     metric: Metric | None = None,
     mode: HeadMode = "zero",

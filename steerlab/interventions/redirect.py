@@ -80,7 +80,9 @@ class NotALinearModuleError(SteerlabError, TypeError):
 def _vector64(v: torch.Tensor, what: str) -> torch.Tensor:
     t = torch.as_tensor(v).detach().to("cpu", torch.float64)
     if t.dim() != 1:
-        raise ShapeError(f"{what} must be one vector [d]; got shape {tuple(t.shape)} (pick one row, or pass a Direction)")
+        raise ShapeError(
+            f"{what} must be one vector [d]; got shape {tuple(t.shape)} (pick one row, or pass a Direction)"
+        )
     if not bool(torch.isfinite(t).all()):
         raise DegenerateEditError(f"{what} has non-finite entries; fit it again on finite activations")
     return t
@@ -222,7 +224,8 @@ class RankOneRedirect:
         else:
             raise ShapeError("raw vectors carry no layers: pass layers=[...] or everywhere=True")
         return [
-            ("resid_pre", la, _redirect_fn(*self._checked(model, la), self.positions)) for la in model.layer_indices(chosen)
+            ("resid_pre", la, _redirect_fn(*self._checked(model, la), self.positions))
+            for la in model.layer_indices(chosen)
         ]
 
     def _checked(self, model: Model, layer: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -246,7 +249,7 @@ def resolve_linear(model: Model, layer: int, module: str = "down_proj") -> tuple
 
     Example:
         >>> path, linear = resolve_linear(model, 2, "o_proj")                  # doctest: +SKIP
-        >>> path
+        >>> path                                                               # doctest: +SKIP
         'model.layers.2.self_attn.o_proj'
     """
     spec = model.spec
@@ -421,9 +424,12 @@ def _rank_one_factors(weight, key, value, covariance) -> tuple[torch.Tensor, tor
         raise ShapeError(f"weight must be a 2D matrix [out, in]; got shape {tuple(w.shape)}")
     k, v = _vector64(key, "key k_A"), _vector64(value, "value v_B")
     if k.shape[0] != w.shape[1]:
-        raise ShapeError(f"key has width {k.shape[0]} but the module takes inputs of width {w.shape[1]}")
+        raise ShapeError(
+            f"key has width {k.shape[0]} but the module takes inputs of width {w.shape[1]}; collect keys with "
+            "module_keys(model, prompts, layer=..., module=...) at the module you edit"
+        )
     if v.shape[0] != w.shape[0]:
-        raise ShapeError(f"value has width {v.shape[0]} but the module outputs width {w.shape[0]}")
+        raise ShapeError(f"value has width {v.shape[0]} but the module outputs width {w.shape[0]}; pass v_B = W k_B")
     u = k if covariance is None else _solve_spd(covariance, k)
     denom = float(u @ k)
     if not denom > 1e-12 * float(u.norm() * k.norm()) or float(k.norm()) == 0.0:
@@ -447,8 +453,9 @@ def rank_one_update(
     Example:
         >>> import torch
         >>> W = torch.eye(2, dtype=torch.float64)
-        >>> rank_one_update(W, torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])).tolist()
-        [[-1.0, 0.0], [1.0, 0.0]]
+        >>> delta = rank_one_update(W, torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]))
+        >>> ((W + delta) @ torch.tensor([1.0, 0.0], dtype=torch.float64)).tolist()
+        [0.0, 1.0]
     """
     residual, u_hat = _rank_one_factors(weight, key, value, covariance)
     return torch.outer(residual, u_hat).to(torch.as_tensor(weight).dtype)
@@ -538,7 +545,9 @@ def _install_linear(session: HookSession, name: str, layer: int, module: str, po
         if positions == "all":
             return new
         if output.dim() != 3:
-            raise ShapeError(f"positions={positions!r} needs [batch, seq, width] outputs at {path}; use positions='all'")
+            raise ShapeError(
+                f"positions={positions!r} needs [batch, seq, width] outputs at {path}; use positions='all'"
+            )
         return _masked(output, new, _position_mask(output, ctx, positions))
 
     session.add_module_hook(linear, hook, with_kwargs=True)
@@ -579,17 +588,17 @@ class LinearRedirect:
     def __post_init__(self) -> None:
         if (self.target_key is None) == (self.value is None):
             raise ShapeError("pass exactly one of target_key (k_B; v_B = W k_B) or value (v_B)")
-        key = _vector64(self.key, "key k_A").float()
+        key = _vector64(self.key, "key k_A")
         object.__setattr__(self, "key", key)
         if self.target_key is not None:
-            target = _vector64(self.target_key, "target_key k_B").float()
+            target = _vector64(self.target_key, "target_key k_B")
             if target.shape != key.shape:
                 raise ShapeError(f"target_key has width {target.shape[0]} but key has width {key.shape[0]}")
             if torch.equal(target, key):
                 raise DegenerateEditError("key and target_key are the same vector, so the edit does nothing")
             object.__setattr__(self, "target_key", target)
         if self.value is not None:
-            object.__setattr__(self, "value", _vector64(self.value, "value v_B").float())
+            object.__setattr__(self, "value", _vector64(self.value, "value v_B"))
         if self.covariance is not None:
             object.__setattr__(self, "covariance", torch.as_tensor(self.covariance).detach().to("cpu", torch.float64))
 
@@ -613,7 +622,7 @@ class LinearRedirect:
         Example:
             >>> LinearRedirect.from_prompts(model, ["About cats:"], ["About dogs:"], layer=6)   # doctest: +SKIP
         """
-        kw = dict(layer=layer, module=module, position=position, chat=chat, batch_size=batch_size)
+        kw = {"layer": layer, "module": module, "position": position, "chat": chat, "batch_size": batch_size}
         k_a, k_b = module_keys(model, concept_prompts, **kw), module_keys(model, target_prompts, **kw)
         return cls(layer, k_a, k_b, module=module, covariance=covariance, positions=positions)
 
@@ -623,7 +632,10 @@ class LinearRedirect:
             return self.value.double()
         _, weight = _module_weight(model, self.layer, self.module)
         if weight.shape[1] != self.target_key.shape[0]:
-            raise ShapeError(f"target_key has width {self.target_key.shape[0]}; the module takes width {weight.shape[1]}")
+            raise ShapeError(
+                f"target_key has width {self.target_key.shape[0]} but the module takes inputs of width "
+                f"{weight.shape[1]}; collect keys with module_keys(model, prompts, layer=..., module=...) at this module"
+            )
         return weight.double().cpu() @ self.target_key.double()
 
     def factors(self, model: Model) -> tuple[torch.Tensor, torch.Tensor]:
@@ -701,7 +713,10 @@ class MultiKeyRedirect:
         values = self.values
         if values is None:
             if self.target_keys.shape[1] != w.shape[1]:
-                raise ShapeError(f"target_keys have width {self.target_keys.shape[1]}; the module takes {w.shape[1]}")
+                raise ShapeError(
+                    f"target_keys have width {self.target_keys.shape[1]} but the module takes inputs of width "
+                    f"{w.shape[1]}; collect them with module_keys(..., average=False) at this module"
+                )
             values = self.target_keys @ w.T
         return closed_form_edit(w, self.keys, values, preserve=self.preserve, lam=self.lam, ridge=self.ridge)
 
