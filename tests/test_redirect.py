@@ -456,8 +456,8 @@ def test_linear_redirect_bad_inputs_and_unfired_hooks():
     with pytest.raises(DegenerateEditError, match="ridge"):
         LinearRedirect(0, k, 2 * k + 1, covariance=torch.zeros(96, 96)).delta(model)
     edit = LinearRedirect(0, k, torch.randn(96, generator=_gen(15)))
-    with pytest.raises(InterventionNotFiredError, match="model.apply"):
-        edit.hooks(model)  # outside any session
+    with pytest.raises(RuntimeError, match="inside"):
+        model.hooks().add_module(model.hf.model.layers[0].mlp.down_proj, lambda *a: None, name="x")  # no open session
     linear = model.hf.model.layers[0].mlp.down_proj
     with pytest.raises(InterventionNotFiredError, match="never fired"), model.apply(edit):
         pass

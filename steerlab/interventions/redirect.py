@@ -43,7 +43,7 @@ from steerlab.chat import Position
 from steerlab.errors import EmptyInputError, InterventionNotFiredError, ShapeError, SteerlabError
 from steerlab.hooks import HookContext, HookHandle, HookSession
 from steerlab.steering.direction import Direction
-from steerlab.steering.ops import HookSpec, StepPositions, _masked, _position_mask
+from steerlab.steering.ops import HookSpec, StepPositions, masked, position_mask
 
 if TYPE_CHECKING:
     from steerlab.model import Model
@@ -164,7 +164,7 @@ def _redirect_fn(left: torch.Tensor, right: torch.Tensor, positions: StepPositio
 
     def fn(x: torch.Tensor, ctx: HookContext) -> torch.Tensor:
         new = x + (x @ rc.like(x))[..., None] * lc.like(x)
-        return _masked(x, new, _position_mask(x, ctx, positions))
+        return masked(x, new, position_mask(x, ctx, positions))
 
     return fn
 
@@ -520,26 +520,14 @@ def closed_form_edit(
 # ----------------------------------------------------------------------------------------------
 # linear-layer forms: the values
 # ----------------------------------------------------------------------------------------------
-def _open_session(model: Model, name: str) -> HookSession:
-    sessions = model._sessions
-    if not sessions:
-        raise InterventionNotFiredError(
-            f"{name} hooks a module directly: use it inside `with model.apply(edit):`, or call "
-            "edit.install(session) inside `with model.hooks() as session:`"
-        )
-    return sessions[-1]
-
-
 def _install_linear(session: HookSession, name: str, layer: int, module: str, positions: StepPositions,
                     update: Callable[[torch.Tensor], torch.Tensor]) -> HookHandle:  # fmt: skip
     """Register ``y <- y + update(x)`` on the linear module, with a counted, required handle."""
     path, linear = resolve_linear(session.model, layer, module)
     idx = normalize_layer(layer, session.model.n_layers)
-    handle = HookHandle(site=f"module {path}", layer=idx, name=f"{name}.{path}")
     ctx = HookContext(site=f"module {path}", layer=idx, step=session.step)
 
     def hook(mod, args, kwargs, output):
-        handle.count += 1
         x = args[0] if args else kwargs["input"]
         new = output + update(x)
         if positions == "all":
@@ -548,11 +536,9 @@ def _install_linear(session: HookSession, name: str, layer: int, module: str, po
             raise ShapeError(
                 f"positions={positions!r} needs [batch, seq, width] outputs at {path}; use positions='all'"
             )
-        return _masked(output, new, _position_mask(output, ctx, positions))
+        return masked(output, new, position_mask(output, ctx, positions))
 
-    session.add_module_hook(linear, hook, with_kwargs=True)
-    session.handles.append(handle)
-    return handle
+    return session.add_module(linear, hook, name=f"{name}.{path}", layer=idx, with_kwargs=True)
 
 
 def _module_weight(model: Model, layer: int, module: str) -> tuple[str, torch.Tensor]:
@@ -665,10 +651,6 @@ class LinearRedirect:
         return _install_linear(session, type(self).__name__, self.layer, self.module, self.positions,
                                lambda x: (x @ uc.like(x))[..., None] * rc.like(x))  # fmt: skip
 
-    def hooks(self, model: Model) -> list[HookSpec]:
-        """Install on the innermost open session of ``model`` (what ``model.apply`` opens); no site hooks."""
-        self.install(_open_session(model, type(self).__name__))
-        return []
 
 
 @dataclass(frozen=True, eq=False)
@@ -739,7 +721,3 @@ class MultiKeyRedirect:
         return _install_linear(session, type(self).__name__, self.layer, self.module, self.positions,
                                lambda x: x @ dc.like(x))  # fmt: skip
 
-    def hooks(self, model: Model) -> list[HookSpec]:
-        """Install on the innermost open session of ``model`` (what ``model.apply`` opens); no site hooks."""
-        self.install(_open_session(model, type(self).__name__))
-        return []

@@ -49,7 +49,7 @@ def _vector_for(direction: Direction, layer: int, source_layer: int | None) -> t
     return direction.vectors[0]
 
 
-def _position_mask(x: torch.Tensor, ctx: HookContext, positions: StepPositions) -> torch.Tensor | None:
+def position_mask(x: torch.Tensor, ctx: HookContext, positions: StepPositions) -> torch.Tensor | None:
     """[1, s, 1] mask of the tokens in this call that the op applies to (None = all)."""
     if positions == "all":
         return None
@@ -64,7 +64,7 @@ def _position_mask(x: torch.Tensor, ctx: HookContext, positions: StepPositions) 
     return keep[None, :, None]
 
 
-def _masked(x: torch.Tensor, new: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def masked(x: torch.Tensor, new: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return new if mask is None else torch.where(mask, new, x)
 
 
@@ -106,7 +106,7 @@ class AddVector:
             vec = _Cast(_vector_for(direction, layer, self.source_layer) * self.coeff)
 
             def fn(x, ctx, vec=vec):
-                return _masked(x, x + vec.like(x), _position_mask(x, ctx, self.positions))
+                return masked(x, x + vec.like(x), position_mask(x, ctx, self.positions))
 
             specs.append(("resid_pre", layer, fn))
         return specs
@@ -119,7 +119,7 @@ def _projector_fns(r_hat: torch.Tensor, positions: StepPositions, value: float |
         r = cast.like(x)
         proj = x @ r
         target = 0.0 if value is None else value
-        return _masked(x, x + (target - proj)[..., None] * r, _position_mask(x, ctx, positions))
+        return masked(x, x + (target - proj)[..., None] * r, position_mask(x, ctx, positions))
 
     return fn
 
