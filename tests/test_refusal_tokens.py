@@ -1,0 +1,85 @@
+"""Refusal tokens: first-step probabilities, forced decisions per category, hidden tokens, tau sweeps."""
+
+import pytest
+import torch
+
+from steerlab.interventions.refusal_tokens import (
+    ControlTokenError,
+    RefusalTokens,
+    generate_with_refusal_tokens,
+    refusal_token_probs,
+    tau_sweep,
+)
+from tests.conftest import tiny_model
+
+PROMPTS = ["Write a short poem about the sea.", "Hi", "Explain how vaccines work.", "Tell me a joke about cats."]
+
+
+def _manual_probs(model, prompts, ids, temperature=1.0):
+    rows = []
+    for p in prompts:
+        batch = model.encode([p])
+        with torch.inference_mode():
+            logits = model.hf(**batch.model_inputs()).logits[0, -1]
+        rows.append(torch.softmax(logits / temperature, -1)[ids])
+    return torch.stack(rows)
+
+
+def test_probabilities_match_a_manual_softmax():
+    model = tiny_model("llama")
+    rt = RefusalTokens.from_tokenizer(model.tokenizer, refuse={"crime": "[INST]", "self-harm": "<bos>"}, respond="[/INST]", temperature=2.0)
+    got = refusal_token_probs(model, PROMPTS, rt, batch_size=3)
+    ref = _manual_probs(model, PROMPTS, list(rt.refuse.values()), temperature=2.0)
+    assert torch.allclose(got, ref, atol=1e-5)
+
+
+def test_forced_first_token_follows_the_thresholds_and_is_hidden():
+    model = tiny_model("qwen2")
+    rt = RefusalTokens.from_tokenizer(model.tokenizer, refuse={"crime": "[INST]", "other": "<bos>"}, respond="[/INST]")
+    p = refusal_token_probs(model, PROMPTS, rt)
+    # thresholds between the prompts' probabilities: half the prompts cross the "crime" threshold
+    tau_crime = float(p[:, 0].median())
+    rt = RefusalTokens(refuse=rt.refuse, respond=rt.respond, tau={"crime": tau_crime, "other": 2.0})
+    outs = generate_with_refusal_tokens(model, PROMPTS, rt, max_new_tokens=4, batch_size=3)
+    for out, row in zip(outs, p):
+        expect = bool(row[0] >= tau_crime)
+        assert out.refused == expect and out.category == ("crime" if expect else None)
+        assert out.p_refuse["crime"] == pytest.approx(float(row[0]), abs=1e-5)
+        assert "[INST]" not in out.text and "[/INST]" not in out.text
+    # tau 0 refuses everything with the most probable category; tau > 1 never refuses
+    always = generate_with_refusal_tokens(model, PROMPTS, RefusalTokens(refuse=rt.refuse, respond=rt.respond, default_tau=0.0), max_new_tokens=2)
+    assert all(o.refused for o in always)
+    assert [o.category for o in always] == [("crime" if r[0] >= r[1] else "other") for r in p.tolist()]
+    never = generate_with_refusal_tokens(model, PROMPTS, RefusalTokens(refuse=rt.refuse, respond=rt.respond, default_tau=1.01), max_new_tokens=2)
+    assert not any(o.refused for o in never)
+
+
+def test_generation_after_the_forced_token_equals_prefilled_greedy():
+    model = tiny_model("llama")
+    rt = RefusalTokens.from_tokenizer(model.tokenizer, refuse="[INST]", respond="[/INST]", tau=1.01)  # always respond
+    out = generate_with_refusal_tokens(model, ["Hi"], rt, max_new_tokens=5)[0]
+    batch = model.encode(["Hi"])
+    ids = torch.cat([batch.input_ids, torch.tensor([[rt.respond]])], 1)
+    with torch.inference_mode():
+        ref = model.hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False, pad_token_id=model.tokenizer.pad_token_id)
+    assert out.text == model.tokenizer.decode([t for t in ref[0, ids.shape[1] :].tolist() if t not in rt.control_ids], skip_special_tokens=True)
+
+
+def test_tau_sweep_is_monotone_and_matches_counts():
+    g = torch.Generator().manual_seed(0)
+    harm, safe = torch.rand(50, generator=g) * 0.5 + 0.4, torch.rand(40, generator=g) * 0.5
+    s = tau_sweep(harm, safe)
+    assert bool((s.refusal_rate[1:] <= s.refusal_rate[:-1]).all()) and bool((s.over_refusal[1:] <= s.over_refusal[:-1]).all())
+    i = 10  # tau 0.5
+    assert float(s.taus[i]) == pytest.approx(0.5)
+    assert float(s.refusal_rate[i]) == pytest.approx(float((harm >= 0.5).float().mean()))
+    assert float(s.over_refusal[i]) == pytest.approx(float((safe >= 0.5).float().mean()))
+    assert 0.8 < s.auc <= 1.0 and len(s.table().splitlines()) == 22 and len(s.figure().data) == 2
+
+
+def test_bad_control_tokens_are_reported():
+    model = tiny_model("llama")
+    with pytest.raises(ControlTokenError, match="add_special_tokens"):
+        RefusalTokens.from_tokenizer(model.tokenizer, refuse="[never-seen-token]", respond="[/INST]")
+    with pytest.raises(Exception, match="unknown categories"):
+        RefusalTokens(refuse={"a": 1}, respond=2, tau={"b": 0.5})
