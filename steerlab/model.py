@@ -146,11 +146,14 @@ class Model:
         batch_size: int = 16,
         chat: bool = True,
         system: str | None = None,
+        responses: Sequence[str] | None = None,
         progress: bool = False,
         **kwargs,
     ) -> list[str]:
         """Greedy (unless ``kwargs`` say otherwise) generation in length-sorted batches; decoded continuations
         in prompt order. Active ``model.apply`` scopes apply, and see which tokens are the prompt's.
+        ``responses`` prefills the start of each assistant turn (a prefill attack); the returned text
+        is the continuation after it.
 
         Example:
             >>> model.generate(["Write a haiku."], max_new_tokens=24)        # doctest: +SKIP
@@ -161,7 +164,7 @@ class Model:
         texts: list[str] = [""] * len(prompts)
         bar = tqdm(total=len(prompts), desc="generating", unit="prompt", disable=not progress)
         try:
-            for idx, batch in fmt.batches(fmt.tokenize(prompts), batch_size):
+            for idx, batch in fmt.batches(fmt.tokenize(prompts, responses=responses), batch_size):
                 batch = batch.to(self.device)
                 width = int(batch.input_ids.shape[1])
                 for session in self._sessions:  # lets position-aware ops tell prompt from generated tokens

