@@ -5,7 +5,7 @@ Example:
 """
 
 from steerlab.probes.fast import fit_logistic, fit_standardized
-from steerlab.probes.guard import GuardNotBoundError, LatentGuard, ProbeGuard
+from steerlab.probes.guard import GuardNotBoundError, LatentGuard, ProbeGuard, guard_metrics
 from steerlab.probes.linear import LinearProbe
 from steerlab.probes.metrics import best_threshold, roc_auc, stratified_folds
 from steerlab.probes.probe import Probe, fit_probes
@@ -24,6 +24,7 @@ __all__ = [
     "SweepResult",
     "best_threshold",
     "fit_logistic",
+    "guard_metrics",
     "fit_probes",
     "fit_standardized",
     "refusal_labels",

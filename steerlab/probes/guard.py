@@ -78,19 +78,32 @@ class _Guard:
         """Accuracy, balanced accuracy, TPR (harmful flagged), FPR (harmless flagged) and AUC."""
         pos = self.score(_check_prompts(harmful), batch_size=batch_size, progress=progress)
         neg = self.score(_check_prompts(harmless), batch_size=batch_size, progress=progress)
-        tpr = float((pos >= self.threshold).float().mean())
-        fpr = float((neg >= self.threshold).float().mean())
-        n_pos, n_neg = len(pos), len(neg)
-        return {
-            "accuracy": (tpr * n_pos + (1 - fpr) * n_neg) / (n_pos + n_neg),
-            "balanced_accuracy": (tpr + 1 - fpr) / 2,
-            "tpr": tpr,
-            "fpr": fpr,
-            "auc": roc_auc(torch.cat([pos, neg]), [1] * n_pos + [0] * n_neg),
-            "threshold": float(self.threshold),
-            "n_harmful": n_pos,
-            "n_harmless": n_neg,
-        }
+        return guard_metrics(pos, neg, threshold=self.threshold)
+
+
+def guard_metrics(harmful_scores: torch.Tensor, harmless_scores: torch.Tensor, *, threshold: float) -> dict[str, float]:
+    """Accuracy, balanced accuracy, TPR, FPR and AUC of flagging ``score >= threshold``.
+
+    Example:
+        >>> guard_metrics(torch.tensor([0.9, 0.2]), torch.tensor([0.1]), threshold=0.5)["accuracy"]
+        0.6666666666666666
+    """
+    pos, neg = torch.as_tensor(harmful_scores).flatten(), torch.as_tensor(harmless_scores).flatten()
+    if not len(pos) or not len(neg):
+        raise EmptyInputError(f"metrics need both classes; got {len(pos)} harmful and {len(neg)} harmless scores")
+    tpr = float((pos >= threshold).float().mean())
+    fpr = float((neg >= threshold).float().mean())
+    n_pos, n_neg = len(pos), len(neg)
+    return {
+        "accuracy": (tpr * n_pos + (1 - fpr) * n_neg) / (n_pos + n_neg),
+        "balanced_accuracy": (tpr + 1 - fpr) / 2,
+        "tpr": tpr,
+        "fpr": fpr,
+        "auc": roc_auc(torch.cat([pos, neg]), [1] * n_pos + [0] * n_neg),
+        "threshold": float(threshold),
+        "n_harmful": n_pos,
+        "n_harmless": n_neg,
+    }
 
 
 @dataclass(frozen=True)
@@ -128,14 +141,15 @@ class LatentGuard(_Guard):
         kw = dict(sites=["resid_pre"], layers=layers, positions=[position], batch_size=batch_size, progress=progress)
         pos = collect(model, _check_prompts(harmful), **kw)
         neg = collect(model, _check_prompts(harmless), **kw)
-        return cls(
-            mean_harmful=pos.get("resid_pre", position)[:, :, -1].double().mean(0).float(),
-            mean_harmless=neg.get("resid_pre", position)[:, :, -1].double().mean(0).float(),
-            layers=tuple(pos.layers),
-            position=position,
-            model_name=model.name,
-            model=model,
-        )
+        guard = cls.from_activations(pos.get("resid_pre", position)[:, :, -1], neg.get("resid_pre", position)[:, :, -1], layers=pos.layers, position=position)
+        return replace(guard, model_name=model.name, model=model)
+
+    @classmethod
+    def from_activations(cls, harmful: torch.Tensor, harmless: torch.Tensor, *, layers: Sequence[int], position: Position = "t_inst") -> LatentGuard:
+        """Class means from collected activations ``[n, n_layers, d]`` of each class."""
+        if harmful.dim() != 3 or harmless.dim() != 3 or not len(harmful) or not len(harmless):
+            raise ShapeError(f"need non-empty [n, n_layers, d] activations for both classes; got {tuple(harmful.shape)} and {tuple(harmless.shape)}")
+        return cls(mean_harmful=harmful.double().mean(0).float(), mean_harmless=harmless.double().mean(0).float(), layers=tuple(layers), position=position)
 
     def score_activations(self, acts: torch.Tensor) -> torch.Tensor:
         """Scores ``[n]`` for activations ``[n, n_layers, d]`` at this guard's layers."""
@@ -207,6 +221,10 @@ class ProbeGuard(_Guard):
         i = acts.layers.index(layer)
         probe = fit_probes(x[:, i : i + 1], y, layers=[layer], C=C, position=position, labels=("harmless", "harmful"), model=model.name)
         return cls(probe=probe, model=model)
+
+    def score_activations(self, acts: torch.Tensor) -> torch.Tensor:
+        """``P(harmful)`` ``[n]`` from activations ``[n, d]`` (or ``[n, 1, d]``) at the probe's layer and position."""
+        return self.probe.predict_proba(acts)[:, 0]
 
     def score(self, prompts: Sequence[str], *, batch_size: int = 16, progress: bool = False) -> torch.Tensor:
         """``P(harmful)`` ``[n]`` of each prompt."""
