@@ -102,7 +102,6 @@ else:
     cache.write_text(json.dumps({"prompts": prompts, "labels": labels.tolist(), "responses": responses}))
     del gen
 print(f"refusal labels: {int(labels.sum())} of {len(labels)} refused; harmful refused {labels[:n_harm].float().mean():.3f}, harmless refused {labels[n_harm:].float().mean():.3f}")
-split_pos = {p: i for i, p in enumerate(split.harmful_train + split.harmful_val + split.harmful_test)}
 by_prompt = {}
 for n in ("harmful_train", "harmful_val", "harmful_test", "harmless_train", "harmless_val", "harmless_test", "advbench"):
     for p, v in zip(sets[n], acts[n]["last"]):
@@ -115,9 +114,9 @@ for C in (0.01, 1.0):
     cv_r = sweep(x[tr][:, :, None], labels[tr], layers=layers, columns=["last"], C=C)
     pick = cv_r.best("auc")[0]
     probe_r = fit_probes(x[tr][:, pick : pick + 1], labels[tr], layers=[pick], C=C, labels=("complies", "refuses"))
-    auc_all = roc_auc(probe_r.decision_function(x[te])[:, 0], labels[te])
+    auc_all = roc_auc(probe_r.decision_function(x[te][:, pick : pick + 1])[:, 0], labels[te])
     harm_te = te[te < n_harm]
-    auc_harm = roc_auc(probe_r.decision_function(x[harm_te])[:, 0], labels[harm_te])
+    auc_harm = roc_auc(probe_r.decision_function(x[harm_te][:, pick : pick + 1])[:, 0], labels[harm_te])
     print(f"refusal prediction C={C}: layer {pick} (CV AUC {cv_r.auc[pick, 0]:.3f}); held-out AUC {auc_all:.3f} (n={n_test}); harmful-only AUC {auc_harm:.3f} (n={len(harm_te)})")
     report[f"refusal_prediction_C{C}"] = {"layer": pick, "auc": auc_all, "auc_harmful_only": auc_harm, "n_test": n_test, "cv_auc": cv_r.auc[:, 0].tolist()}
 (out / "report.json").write_text(json.dumps(report, indent=1))
