@@ -44,3 +44,11 @@ class InterventionNotFiredError(SteerlabError, RuntimeError):
 
 class ModelLoadError(SteerlabError, OSError):
     """A model could not be found, assembled or verified."""
+
+
+class NotBakeableError(SteerlabError, ValueError):
+    """An intervention has no exact weight-edit form on this model (apply it as a runtime hook instead)."""
+
+
+class NotExportableError(SteerlabError, ValueError):
+    """A model cannot be written in the requested export format (pick another format or architecture)."""

@@ -1,0 +1,115 @@
+"""Parity check: the hooked original and the baked model, on the same prompts, give the same logits.
+
+Example:
+    >>> report = parity(model, bake(model, iv), iv, ["Write a poem.", "Hi"])    # doctest: +SKIP
+    >>> report.max_abs_logit_diff <= 1e-4, report.generation_match              # doctest: +SKIP
+    (True, 1.0)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from steerlab.errors import EmptyInputError, ShapeError
+from steerlab.model import Model
+from steerlab.training.manifest import attach_parity
+
+
+@dataclass(frozen=True)
+class ParityReport:
+    """How closely a baked model matches the hooked original.
+
+    ``max_abs_logit_diff`` / ``mean_abs_logit_diff``: over every non-pad prompt token and vocabulary entry;
+    ``logit_scale``: the largest |logit| of the hooked model (to read the difference against);
+    ``generation_match``: fraction of prompts whose greedy continuations of ``max_new_tokens`` tokens are
+    identical (``None`` when not generated).
+    """
+
+    max_abs_logit_diff: float
+    mean_abs_logit_diff: float
+    logit_scale: float
+    n_prompts: int
+    n_tokens: int
+    dtype: str
+    generation_match: float | None = None
+    max_new_tokens: int = 0
+
+    def ok(self, tol: float = 1e-4) -> bool:
+        """Whether the largest logit difference is at most ``tol`` (and every greedy continuation agrees)."""
+        return self.max_abs_logit_diff <= tol and self.generation_match in (None, 1.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (for the manifest)."""
+        return asdict(self)
+
+
+def _logits(model: Model, prompts: Sequence[str], *, chat: bool, system: str | None, batch_size: int):
+    fmt = model.chat(chat=chat, system=system)
+    out = []
+    for _, batch in fmt.batches(fmt.tokenize(list(prompts)), batch_size):
+        batch = batch.to(model.device)
+        with torch.inference_mode():
+            logits = model.hf(**batch.model_inputs(), use_cache=False).logits
+        out.append(
+            (batch.input_ids[batch.attention_mask.bool()].cpu(), logits[batch.attention_mask.bool()].float().cpu())
+        )
+    return torch.cat([i for i, _ in out]), torch.cat([x for _, x in out])
+
+
+def parity(
+    model: Model,
+    baked: Model,
+    intervention: Any,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 8,
+    chat: bool = True,
+    system: str | None = None,
+    batch_size: int = 16,
+    record: bool = True,
+) -> ParityReport:
+    """Run ``model`` under ``model.apply(intervention)`` and ``baked`` plainly on ``prompts`` (steerlab's chat
+    encoding); report the logit difference and, with ``max_new_tokens > 0``, greedy-generation agreement.
+    ``record=True`` adds the figures to ``baked``'s edit history (and so to an export's manifest).
+
+    Example:
+        >>> rep = parity(model, baked, iv, ["How do I pick a lock?"], max_new_tokens=0)   # doctest: +SKIP
+        >>> rep.ok(1e-4)                                                                   # doctest: +SKIP
+        True
+    """
+    if isinstance(prompts, str) or len(prompts) == 0:
+        raise EmptyInputError("parity() needs a non-empty list of prompts")
+    kw = {"chat": chat, "system": system, "batch_size": batch_size}
+    with model.apply(intervention):
+        ids, hooked = _logits(model, prompts, **kw)
+    baked_ids, plain = _logits(baked, prompts, **kw)
+    if not torch.equal(ids, baked_ids) or hooked.shape != plain.shape:
+        raise ShapeError(
+            "the two models tokenised the prompts differently (or have different vocabularies); compare a model with "
+            "its own bake, which shares the tokenizer"
+        )
+    diff = (hooked - plain).abs()
+    match = None
+    if max_new_tokens > 0:
+        gen = {"max_new_tokens": max_new_tokens, "chat": chat, "system": system, "batch_size": batch_size}
+        with model.apply(intervention):
+            expected = model.generate(list(prompts), **gen)
+        got = baked.generate(list(prompts), **gen)
+        match = sum(a == b for a, b in zip(expected, got)) / len(expected)
+    report = ParityReport(
+        max_abs_logit_diff=float(diff.max()),
+        mean_abs_logit_diff=float(diff.mean()),
+        logit_scale=float(hooked.abs().max()),
+        n_prompts=len(prompts),
+        n_tokens=int(hooked.shape[0]),
+        dtype=str(baked.dtype).removeprefix("torch."),
+        generation_match=match,
+        max_new_tokens=max(0, max_new_tokens),
+    )
+    if record:
+        attach_parity(baked.hf, intervention, report.to_dict())
+    return report

@@ -1,0 +1,170 @@
+"""Giving a model the parameters an exact edit needs, in a form transformers loads on its own.
+
+Some edits need a bias the family does not have (a constant on ``o_proj`` or on the MLP's
+``down_proj``), or need the embedding untied from the unembedding. A bias added by hand would be
+dropped when the export is loaded, so the model is rebuilt from a config that creates it:
+either a flag of the family's own config (``attention_bias``, ``mlp_bias``) or, where the family has
+none, a compatible architecture that has it (Qwen2 is Llama with q/k/v biases, so it loads as
+``LlamaForCausalLM`` with ``attention_bias=True``). Every parameter the flag creates starts at zero,
+so the rebuilt model computes exactly what the old one did. :data:`BIAS_ROUTES` is the table.
+
+Example:
+    >>> route = bias_route(model, "o_proj", what="HeadAblation(mode='mean')")  # doctest: +SKIP
+    >>> hf = rebuild(model.hf, flags=dict(route.flags), model_type=route.model_type)   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from steerlab.errors import NotBakeableError
+
+if TYPE_CHECKING:
+    from steerlab.model import Model
+
+BiasRole = str  # "o_proj" or "down_proj"
+
+
+def sliding_window_reason(config) -> str | None:
+    """Why a config cannot be carried by one without sliding-window layers (Llama, a default Qwen2), or None."""
+    types = getattr(config, "layer_types", None)
+    if types is not None and any(t != "full_attention" for t in types):
+        return f"its layers use sliding-window attention ({sorted(set(types))})"
+    if types is None and getattr(config, "use_sliding_window", False):
+        return "it uses sliding-window attention"
+    return None
+
+
+def _window_covers_context(config) -> str | None:
+    """Mistral attends within ``sliding_window``; Llama matches it only when the window covers the context."""
+    window = getattr(config, "sliding_window", None)
+    if window is not None and window < getattr(config, "max_position_embeddings", 0):
+        return (
+            f"it attends within a sliding window of {window} tokens, shorter than its context "
+            f"({config.max_position_embeddings}), which Llama cannot express"
+        )
+    return None
+
+
+@dataclass(frozen=True)
+class BiasRoute:
+    """How a family gets a loadable bias on one role: config ``flags`` (each created parameter starts at zero),
+    optionally under another ``model_type`` whose modules have the same names, if ``check`` finds no difference."""
+
+    flags: Mapping[str, Any]
+    model_type: str | None = None
+    check: Callable[[Any], str | None] | None = field(default=None, compare=False)
+
+
+_ATTN = BiasRoute({"attention_bias": True})
+_AS_LLAMA_QWEN2 = {"attention_bias": True}  # keeps Qwen2's q/k/v biases; o_proj's starts at zero
+
+# (model_type, role) -> route. Families and roles not listed have no loadable bias there.
+BIAS_ROUTES: dict[tuple[str, BiasRole], BiasRoute] = {
+    ("llama", "o_proj"): _ATTN,
+    ("llama", "down_proj"): BiasRoute({"mlp_bias": True}),
+    ("qwen2", "o_proj"): BiasRoute(_AS_LLAMA_QWEN2, "llama", sliding_window_reason),
+    ("qwen2", "down_proj"): BiasRoute({**_AS_LLAMA_QWEN2, "mlp_bias": True}, "llama", sliding_window_reason),
+    ("mistral", "o_proj"): BiasRoute({"attention_bias": True}, "llama", _window_covers_context),
+    ("mistral", "down_proj"): BiasRoute({"mlp_bias": True}, "llama", _window_covers_context),
+    ("qwen3", "o_proj"): _ATTN,
+    ("gemma2", "o_proj"): _ATTN,
+    ("gemma3_text", "o_proj"): _ATTN,
+    ("qwen3_moe", "o_proj"): _ATTN,
+    ("olmoe", "o_proj"): _ATTN,
+    ("deepseek_v3", "o_proj"): _ATTN,
+    ("granitemoe", "o_proj"): _ATTN,
+}
+
+
+def bias_route(model: Model, role: BiasRole, *, what: str) -> BiasRoute:
+    """The route that gives ``model`` a loadable ``role`` bias, or :class:`NotBakeableError` naming why not."""
+    family = model.spec.model_type
+    route = BIAS_ROUTES.get((family, role))
+    if route is None:
+        having = sorted(f for f, r in BIAS_ROUTES if r == role)
+        raise NotBakeableError(
+            f"{what} needs a bias on {role} to be baked, and transformers has no {family} model with one (no config "
+            f"flag creates it, and no compatible architecture is registered in steerlab.training.restructure."
+            f"BIAS_ROUTES). Families that can carry it: {', '.join(having)}. Apply it at runtime instead: "
+            "`with model.apply(iv): ...`"
+        )
+    reason = route.check(model.config) if route.check is not None else None
+    if reason is not None:
+        raise NotBakeableError(
+            f"{what} needs a bias on {role}; {family} has none, and it cannot be exported as {route.model_type} "
+            f"because {reason}. Apply it at runtime instead: `with model.apply(iv): ...`"
+        )
+    return route
+
+
+def merge_routes(routes: Iterable[BiasRoute]) -> tuple[dict[str, Any], str | None]:
+    """(flags, model_type) that satisfy every route; routes asking for different architectures conflict."""
+    flags: dict[str, Any] = {}
+    types = set()
+    for r in routes:
+        flags.update(r.flags)
+        types.add(r.model_type)
+    if len(types) > 1:
+        raise NotBakeableError(f"the needed biases ask for different architectures ({sorted(map(str, types))})")
+    return flags, next(iter(types), None)
+
+
+def is_tied(hf: nn.Module) -> bool:
+    """Whether the output embedding is the input embedding (one tensor)."""
+    out = hf.get_output_embeddings()
+    return out is not None and out.weight.data_ptr() == hf.get_input_embeddings().weight.data_ptr()
+
+
+def _config_for(config, model_type: str | None, flags: Mapping[str, Any]):
+    """A config of ``model_type`` (default: the same) carrying everything the source config sets that it knows."""
+    from transformers import AutoConfig
+
+    if model_type is None or model_type == config.model_type:
+        new = copy.deepcopy(config)
+        for key, value in flags.items():
+            setattr(new, key, value)
+        if hasattr(new, "quantization_config"):
+            del new.quantization_config
+        return new
+    cls = type(AutoConfig.for_model(model_type))
+    known = cls().to_dict()
+    skip = {"model_type", "architectures", "transformers_version", "quantization_config"}
+    kwargs = {k: v for k, v in config.to_dict().items() if k in known and k not in skip}
+    return cls(**{**kwargs, **flags})
+
+
+def rebuild(hf: nn.Module, *, flags: Mapping[str, Any], model_type: str | None = None) -> nn.Module:
+    """A new HF model built from ``hf``'s config with ``flags`` set (optionally as ``model_type``), holding ``hf``'s
+    weights; every parameter the new config adds is zero, and a parameter it would lose is an error.
+
+    Example:
+        >>> new = rebuild(model.hf, flags={"attention_bias": True})            # doctest: +SKIP
+    """
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    config = _config_for(hf.config, model_type, flags)
+    param = next(hf.parameters())
+    with no_init_weights():
+        new = AutoModelForCausalLM.from_config(
+            config, dtype=param.dtype, attn_implementation=getattr(hf.config, "_attn_implementation", None)
+        )
+    old_state, new_state = hf.state_dict(), new.state_dict()
+    lost = [k for k in old_state if k not in new_state]
+    if lost:
+        raise NotBakeableError(
+            f"rebuilding this {hf.config.model_type} model as {config.model_type} would drop {lost[:4]}"
+            f"{' ...' if len(lost) > 4 else ''}; the architectures are not compatible"
+        )
+    full = {k: old_state[k] if k in old_state else torch.zeros_like(v) for k, v in new_state.items()}
+    new.load_state_dict(full, strict=True)
+    if getattr(hf, "generation_config", None) is not None:
+        new.generation_config = copy.deepcopy(hf.generation_config)
+    return new.to(param.device).eval()
