@@ -4,11 +4,13 @@ Training data (256 examples): the 128 harmful training prompts of ``load_split()
 ``[refuse]`` + one of the refusal sentences below; the 128 harmless training prompts get
 ``[respond]`` + SmolLM2's own greedy answer (self-distillation, generated once and cached in
 ``runs/refusal_tokens/answers.json``; answers cut off by the token limit do not train the
-end-of-turn). Evaluation on the 80 + 80 held-out test prompts: the AUC of p([refuse]) at the
+end-of-turn). LoRA r=16 on every attention and MLP projection plus the two new token rows, 2 epochs,
+sequences cut at 80 tokens, the loss of the control token weighted x5 against the other target
+tokens. Evaluation on the 80 + 80 held-out test prompts: the AUC of p([refuse]) at the
 first step (harmful vs harmless, target >= 0.9), a tau sweep whose refusal rate must move
 monotonically, and a few forced-token generations. Writes ``runs/refusal_tokens/report.json``.
 
-Run: ``python experiments/refusal_tokens_smollm.py --threads 1`` (about 10 minutes on one core).
+Run: ``python experiments/refusal_tokens_smollm.py --threads 1 --save`` (10-15 minutes on one shared core).
 """
 
 from __future__ import annotations
@@ -24,9 +26,14 @@ import torch
 import steerlab
 from steerlab.data import load_split
 from steerlab.eval import is_refusal
-from steerlab.interventions.refusal_tokens import RefusalTokens, generate_with_refusal_tokens, refusal_token_probs, tau_sweep
+from steerlab.interventions.refusal_tokens import (
+    RefusalTokens,
+    generate_with_refusal_tokens,
+    refusal_token_probs,
+    tau_sweep,
+)
 from steerlab.probes import roc_auc
-from steerlab.training.data import control_tokens, encode_examples, refusal_token_examples
+from steerlab.training.data import control_tokens, refusal_token_examples
 from steerlab.training.sft import SFTConfig, finetune
 
 # Written for this experiment: short, varied refusals (no single stock phrase to latch onto).
@@ -67,7 +74,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--token-lr", type=float, default=2e-3)
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--max-length", type=int, default=96)
+    ap.add_argument("--max-length", type=int, default=80)
+    ap.add_argument("--first-token-weight", type=float, default=5.0, help="loss weight of the [refuse]/[respond] token")
     ap.add_argument("--answer-tokens", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--save", action="store_true", help="save_pretrained the merged model into OUT/model")
@@ -81,16 +89,18 @@ def main(argv: list[str] | None = None) -> dict:
     split = load_split()
     answers, complete = self_distilled(base, split.harmless_train, out / "answers.json", max_new_tokens=args.answer_tokens)
     examples = refusal_token_examples(split.harmful_train, split.harmless_train, answers=answers, refusals=REFUSALS, answers_complete=complete, seed=args.seed)
-    lengths = [len(e) for e in encode_examples(base.chat(), examples)]
-    print(f"{len(examples)} examples, {sum(complete)}/{len(complete)} complete answers, tokens per example: "
-          f"min {min(lengths)} mean {sum(lengths) / len(lengths):.0f} max {max(lengths)} (cut at {args.max_length})")
+    print(f"{len(examples)} examples; {sum(complete)}/{len(complete)} self-distilled answers ended before the token limit")
 
     config = SFTConfig(
         r=args.r, alpha=2.0 * args.r, lr=args.lr, token_lr=args.token_lr, epochs=args.epochs, max_steps=args.max_steps,
         batch_size=args.batch_size, max_length=args.max_length, warmup_steps=4, seed=args.seed, num_threads=args.threads,
+        first_token_weight=args.first_token_weight,
     )  # fmt: skip
     result = finetune(base, examples, new_tokens=control_tokens(), config=config)
     model = result.model
+    lengths = result.info["tokens_per_example"]
+    print(f"tokens per example: min {lengths['min']} mean {lengths['mean']:.0f} max {lengths['max']}; "
+          f"{result.info['cut_at_max_length']} cut at {args.max_length}")
     print(f"trained {result.steps} steps in {result.seconds:.0f}s; loss {result.losses[0]:.3f} -> "
           f"{sum(result.losses[-5:]) / min(5, len(result.losses)):.3f} (mean of the last 5)")
 
@@ -125,6 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
         "n_train": len(examples),
         "n_test": {"harmful": len(p_harm), "harmless": len(p_safe)},
         "config": result.info["config"],
+        "tokens_per_example": result.info["tokens_per_example"],
         "train_seconds": result.seconds,
         "total_seconds": time.perf_counter() - t0,
         "loss_first": result.losses[0],

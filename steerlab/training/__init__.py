@@ -7,7 +7,9 @@
 * :func:`export` — a directory that ``transformers`` loads with no steerlab installed (safetensors, or a
   GGUF for llama/qwen2-style models), with ``steerlab_manifest.json``.
 
-Data selection and fine-tuning live in their own submodules (``steerlab.training.data``, ``.select``, ``.sft``).
+* :mod:`~steerlab.training.selection` — rank training candidates by probe (Cliff-as-a-Judge), guard or direction.
+* :mod:`~steerlab.training.data` / :mod:`~steerlab.training.sft` — SFT data with refusal tokens, DeRTa data,
+  LoRA fine-tuning (peft) merged back into a steerlab Model.
 
 Example:
     >>> from steerlab.training import bake, parity, export                      # doctest: +SKIP
@@ -18,20 +20,35 @@ Example:
 
 from steerlab.errors import NotBakeableError, NotExportableError
 from steerlab.training.bake import bake, embedding_scale, plan
+from steerlab.training.data import SFTExample, derta_examples, read_jsonl, refusal_token_examples, write_jsonl
 from steerlab.training.export import export, read_manifest
 from steerlab.training.manifest import describe, history
 from steerlab.training.parity import ParityReport, parity
+from steerlab.training.selection import Ranking, rank_by_direction, rank_by_guard, rank_by_probe
+from steerlab.training.sft import SFTConfig, SFTResult, finetune
 
 __all__ = [
     "NotBakeableError",
     "NotExportableError",
     "ParityReport",
+    "Ranking",
+    "SFTConfig",
+    "SFTExample",
+    "SFTResult",
     "bake",
+    "derta_examples",
     "describe",
     "embedding_scale",
     "export",
+    "finetune",
     "history",
     "parity",
     "plan",
+    "rank_by_direction",
+    "rank_by_guard",
+    "rank_by_probe",
+    "read_jsonl",
     "read_manifest",
+    "refusal_token_examples",
+    "write_jsonl",
 ]
