@@ -106,3 +106,21 @@ def test_bad_guards_are_reported():
         ada_generate(model, ["Hi"], ADAGuard(probe=Probe(weights=torch.ones(1, 8), bias=torch.zeros(1), layers=(0,))))
     with pytest.raises(ValueError, match="every"):
         ADAGuard(probe=_probe(model, 0), every=0)
+
+
+def test_checkpoint_states_are_the_header_states_a_check_reads():
+    from steerlab.interventions.ada import checkpoint_states
+
+    model = tiny_model("qwen2")
+    probe = _probe(model, 2)
+    prompts, responses = PROMPTS[:2], ["The sea is wide and blue.", "Hello there"]
+    states, depths = checkpoint_states(model, prompts, responses, layer=2, depths=[0, 3, 100], batch_size=4)
+    assert states.shape == (6, model.d_model)
+    header = list(model.chat().header_ids)
+    for i, (prompt, response) in enumerate(zip(prompts, responses)):
+        base = model.chat().tokenize([prompt])[0][0]
+        ids = model.tokenizer(response, add_special_tokens=False).input_ids
+        assert depths[3 * i + 2] == len(ids)
+        for j, d in enumerate([0, 3, len(ids)]):
+            got = float(probe.predict_proba(states[3 * i + j][None, None])[0, 0])
+            assert got == pytest.approx(_manual_score(model, probe, base + ids[:d] + header), abs=1e-4)

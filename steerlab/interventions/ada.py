@@ -198,6 +198,58 @@ def _rethink_check(run: _Run, guard: ADAGuard, header: torch.Tensor, eos: set[in
     return torch.tensor([float(is_refusal(t)) for t in texts])
 
 
+def checkpoint_states(
+    model: Model,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    *,
+    layer: int,
+    depths: Sequence[int],
+    header_ids: Sequence[int] | None = None,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What an ADA-LP check reads, for training its probe: ``resid_pre`` at ``layer`` at the last token of
+    ``prompt + response[:depth tokens] + header``, for every prompt and depth.
+
+    Returns (states ``[n_prompts * n_depths, d]``, depth of each row); depths longer than a response
+    are clipped to its length. Rows are prompt-major (all depths of prompt 0 first).
+    """
+    prompts, responses = list(prompts), list(responses)
+    if not prompts or len(prompts) != len(responses):
+        raise EmptyInputError(f"need one response per prompt; got {len(prompts)} prompts and {len(responses)} responses")
+    fmt = model.chat()
+    header = list(header_ids) if header_ids is not None else list(fmt.header_ids)
+    rows, used = [], []
+    for prompt, response in zip(prompts, responses):
+        base = fmt.tokenize([prompt])[0][0]
+        ids = model.tokenizer(response, add_special_tokens=False).input_ids
+        for depth in depths:
+            d = min(int(depth), len(ids))
+            rows.append(base + ids[:d] + header)
+            used.append(d)
+    states = torch.empty(len(rows), model.d_model)
+    tap = _ProbeTap()
+    with model.hooks() as hooks, torch.inference_mode():
+        hooks.add("resid_pre", layer, tap, name="ada.states")
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+        pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else model.tokenizer.eos_token_id
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            width = max(len(rows[i]) for i in idx)
+            ids = torch.tensor([[pad] * (width - len(rows[i])) + rows[i] for i in idx], device=model.device)
+            mask = torch.tensor([[0] * (width - len(rows[i])) + [1] * len(rows[i]) for i in idx], device=model.device)
+            tap.active = True
+            try:
+                model.hf(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0), use_cache=False)
+            except _StopAtProbe:
+                pass
+            finally:
+                tap.active = False
+            states[torch.tensor(idx)] = tap.grabbed.pop("h")
+    return states, torch.tensor(used)
+
+
 def ada_generate(
     model: Model,
     prompts: Sequence[str],
