@@ -22,8 +22,24 @@ from pathlib import Path
 import torch
 
 import steerlab
-from steerlab.data import advbench, load_split, paired_instructions, past_tense_harmful, past_tense_harmful_own, past_tense_harmless
-from steerlab.probes import LatentGuard, ProbeGuard, best_threshold, fit_probes, guard_metrics, refusal_labels, roc_auc, sweep
+from steerlab.data import (
+    advbench,
+    load_split,
+    paired_instructions,
+    past_tense_harmful,
+    past_tense_harmful_own,
+    past_tense_harmless,
+)
+from steerlab.probes import (
+    LatentGuard,
+    ProbeGuard,
+    best_threshold,
+    fit_probes,
+    guard_metrics,
+    refusal_labels,
+    roc_auc,
+    sweep,
+)
 
 out = Path("runs/probes")
 out.mkdir(parents=True, exist_ok=True)

@@ -89,7 +89,8 @@ def _part_path(part: GGUFPart, model: EmbeddedModel) -> Path:
     return path
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 4 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 22), b""):
@@ -115,7 +116,7 @@ def gguf_path(name: str) -> Path:
             tmp.replace(target)
     marker = target.parent / (target.name + ".sha256")
     if not (marker.is_file() and marker.read_text().strip() == f"{model.sha256} {target.stat().st_mtime_ns}"):
-        actual = _sha256(target)
+        actual = sha256_file(target)
         if actual != model.sha256:
             raise ModelLoadError(
                 f"sha256 of {target} is {actual}, expected {model.sha256}: the packages are corrupt or of the "

@@ -83,10 +83,10 @@ def test_register_new_family_and_refuse_silent_overwrite():
 
 
 def test_loading_an_unregistered_model_type_fails_clearly():
-    import steerlab
+    from conftest import tiny_tokenizer
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from conftest import tiny_tokenizer
+    import steerlab
 
     hf = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=len(tiny_tokenizer())))
     with pytest.raises(UnknownArchitectureError, match="'gpt2' is not in steerlab's registry"):

@@ -4,7 +4,13 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from steerlab.errors import EmptyInputError, InterventionNotFiredError, LayerIndexError, ShapeError, UnknownPositionError
+from steerlab.errors import (
+    EmptyInputError,
+    InterventionNotFiredError,
+    LayerIndexError,
+    ShapeError,
+    UnknownPositionError,
+)
 from steerlab.steering import Ablate, AddVector, Clamp, Direction, MeanDifference, mean_difference, pca_direction
 
 PROMPTS = ["Write a short poem about the sea.", "Hi there", "Tell me a joke about cats."]

@@ -32,6 +32,7 @@ from steerlab.chat import EncodedBatch, Position
 from steerlab.errors import EmptyInputError, ShapeError, SteerlabError, UnknownPositionError
 from steerlab.hooks import HookContext
 from steerlab.steering.direction import Direction
+from steerlab.steering.ops import Cast
 
 if TYPE_CHECKING:
     from steerlab.model import Model
@@ -129,20 +130,6 @@ def _as_head_tuple(heads: Collection[Head]) -> tuple[Head, ...]:
     return tuple(sorted(set(items)))
 
 
-class _Cast:
-    """A tensor converted once per (dtype, device)."""
-
-    def __init__(self, tensor: torch.Tensor) -> None:
-        self.tensor = tensor
-        self._cache: dict[tuple, torch.Tensor] = {}
-
-    def like(self, x: torch.Tensor) -> torch.Tensor:
-        key = (x.dtype, x.device)
-        if key not in self._cache:
-            self._cache[key] = self.tensor.to(dtype=x.dtype, device=x.device)
-        return self._cache[key]
-
-
 def _linear_parts(o_proj: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     weight = getattr(o_proj, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
@@ -213,7 +200,7 @@ class HeadAblation:
                 raise ShapeError(
                     f"the stored means have no values for layer {layer}: compute head_means(...) with this layer included"
                 )
-            fill = _Cast(values)
+            fill = Cast(values)
 
         def ablate(x: torch.Tensor) -> torch.Tensor:
             out = x.clone()
@@ -464,7 +451,7 @@ def head_attribution(
         readers.append((w.T @ r_hat).view(n_heads, head_dim))  # head h's reading vector: W_O[:, h].T r̂
         if bias is not None:
             bias_proj[layer] = bias.detach().float().cpu() @ r_hat
-    casts = [_Cast(u) for u in readers]
+    casts = [Cast(u) for u in readers]
     sums = torch.zeros(n_layers, n_heads, dtype=torch.float64)
     state: dict[str, EncodedBatch] = {}
 

@@ -43,7 +43,7 @@ from steerlab.chat import Position
 from steerlab.errors import EmptyInputError, InterventionNotFiredError, ShapeError, SteerlabError
 from steerlab.hooks import HookContext, HookHandle, HookSession
 from steerlab.steering.direction import Direction
-from steerlab.steering.ops import HookSpec, StepPositions, masked, position_mask
+from steerlab.steering.ops import Cast, HookSpec, StepPositions, masked, position_mask
 
 if TYPE_CHECKING:
     from steerlab.model import Model
@@ -145,22 +145,8 @@ def _pick(vec: Direction | torch.Tensor, layer: int | None, source_layer: int | 
     )
 
 
-class _Cast:
-    """A float64 vector converted once per (dtype, device)."""
-
-    def __init__(self, vector: torch.Tensor) -> None:
-        self.vector = vector
-        self._cache: dict[tuple, torch.Tensor] = {}
-
-    def like(self, x: torch.Tensor) -> torch.Tensor:
-        key = (x.dtype, x.device)
-        if key not in self._cache:
-            self._cache[key] = self.vector.to(dtype=x.dtype, device=x.device)
-        return self._cache[key]
-
-
 def _redirect_fn(left: torch.Tensor, right: torch.Tensor, positions: StepPositions):
-    lc, rc = _Cast(left), _Cast(right)
+    lc, rc = Cast(left), Cast(right)
 
     def fn(x: torch.Tensor, ctx: HookContext) -> torch.Tensor:
         new = x + (x @ rc.like(x))[..., None] * lc.like(x)
@@ -647,7 +633,7 @@ class LinearRedirect:
     def install(self, session: HookSession) -> HookHandle:
         """Hook the module on an open session (removed with it; raises on exit if it never fired)."""
         residual, u_hat = self.factors(session.model)
-        rc, uc = _Cast(residual), _Cast(u_hat)
+        rc, uc = Cast(residual), Cast(u_hat)
         return _install_linear(session, type(self).__name__, self.layer, self.module, self.positions,
                                lambda x: (x @ uc.like(x))[..., None] * rc.like(x))  # fmt: skip
 
@@ -717,7 +703,7 @@ class MultiKeyRedirect:
 
     def install(self, session: HookSession) -> HookHandle:
         """Hook the module on an open session (removed with it; raises on exit if it never fired)."""
-        dc = _Cast(self.solve(session.model)[1].T.contiguous())  # [in, out]
+        dc = Cast(self.solve(session.model)[1].T.contiguous())  # [in, out]
         return _install_linear(session, type(self).__name__, self.layer, self.module, self.positions,
                                lambda x: x @ dc.like(x))  # fmt: skip
 

@@ -116,6 +116,17 @@ class Probe:
         idx = [self.layers.index(la) for la in items]
         return replace(self, weights=self.weights[idx], bias=self.bias[idx], layers=tuple(items))
 
+    def one_layer(self, layer: int | None, *, width: int) -> Probe:
+        """This probe at ``layer`` (default: its only layer), checked against a model's residual ``width``."""
+        if layer is None:
+            if len(self.layers) != 1:
+                raise ShapeError(f"the probe covers layers {list(self.layers)}: pick one with layer=...")
+            layer = self.layers[0]
+        one = self.select(layer)
+        if one.width != width:
+            raise ShapeError(f"the probe has width {one.width} but the model's residual stream is {width} wide")
+        return one
+
     def to_direction(self) -> Direction:
         """The weight vectors as a steering Direction (unit norm per layer, pointing to ``positive``)."""
         unit = self.weights / self.weights.norm(dim=-1, keepdim=True).clamp(min=1e-12)

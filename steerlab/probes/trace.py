@@ -114,13 +114,8 @@ def trace(
     prompts = list(prompts)
     if not prompts:
         raise EmptyInputError("the prompt list is empty; pass at least one prompt")
-    if layer is None:
-        if len(probe.layers) != 1:
-            raise ShapeError(f"the probe covers layers {list(probe.layers)}: pick one with layer=...")
-        layer = probe.layers[0]
-    one = probe.select(layer)
-    if one.width != model.d_model:
-        raise ShapeError(f"the probe has width {one.width} but the model's residual stream is {model.d_model} wide")
+    one = probe.one_layer(layer, width=model.d_model)
+    layer = one.layers[0]
     if responses is None and max_new_tokens is not None:
         responses = model.generate(prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
     if responses is not None and len(responses) != len(prompts):

@@ -68,7 +68,7 @@ def masked(x: torch.Tensor, new: torch.Tensor, mask: torch.Tensor | None) -> tor
     return new if mask is None else torch.where(mask, new, x)
 
 
-class _Cast:
+class Cast:
     """A vector converted once per (dtype, device) instead of on every hook call."""
 
     def __init__(self, vector: torch.Tensor) -> None:
@@ -103,7 +103,7 @@ class AddVector:
         layers = model.layer_indices(self.layers if self.layers is not None else list(direction.layers))
         specs = []
         for layer in layers:
-            vec = _Cast(_vector_for(direction, layer, self.source_layer) * self.coeff)
+            vec = Cast(_vector_for(direction, layer, self.source_layer) * self.coeff)
 
             def fn(x, ctx, vec=vec):
                 return masked(x, x + vec.like(x), position_mask(x, ctx, self.positions))
@@ -113,7 +113,7 @@ class AddVector:
 
 
 def _projector_fns(r_hat: torch.Tensor, positions: StepPositions, value: float | None):
-    cast = _Cast(r_hat)
+    cast = Cast(r_hat)
 
     def fn(x, ctx):
         r = cast.like(x)

@@ -16,27 +16,19 @@ Example:
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import steerlab
+from steerlab.embedded import sha256_file
 from steerlab.errors import NotExportableError
 from steerlab.model import Model
 from steerlab.training.manifest import MANIFEST_FORMAT, MANIFEST_NAME, describe, history, public
 
 ExportFormat = Literal["safetensors", "gguf"]
 GGUFPrecision = Literal["f32", "f16"]
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _versions() -> dict[str, str]:
@@ -116,7 +108,7 @@ def export(
         "architectures": list(getattr(model.config, "architectures", None) or [type(model.hf).__name__]),
         "weights_format": format,
         "precision": precision if format == "gguf" else str(model.dtype).removeprefix("torch."),
-        "files": {f.name: {"sha256": _sha256(f), "bytes": f.stat().st_size} for f in files},
+        "files": {f.name: {"sha256": sha256_file(f), "bytes": f.stat().st_size} for f in files},
         "load_with": (
             f"AutoModelForCausalLM.from_pretrained(path, gguf_file={files[0].name!r})"
             if format == "gguf"

@@ -218,13 +218,8 @@ def rank_by_probe(
         >>> r.top(fraction=0.05)                                                   # doctest: +SKIP
     """
     prompts = _check(prompts, responses)
-    if layer is None:
-        if len(probe.layers) != 1:
-            raise ShapeError(f"the probe covers layers {list(probe.layers)}: pick one with layer=...")
-        layer = probe.layers[0]
-    one = probe.select(layer)
-    if one.width != model.d_model:
-        raise ShapeError(f"the probe has width {one.width} but the model's residual stream is {model.d_model} wide")
+    one = probe.one_layer(layer, width=model.d_model)
+    layer = one.layers[0]
     if responses is None and max_new_tokens is not None:
         responses = model.generate(prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
     x = _read(model, prompts, site=one.site, layer=layer, position="last", responses=responses, batch_size=batch_size, progress=progress)
