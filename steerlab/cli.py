@@ -1,4 +1,4 @@
-"""The ``steerlab`` command: demo, refusal direction, probe sweeps, guards, steering and weight export.
+"""The steerlab command: demo, refusal direction, probe sweeps, guards, steering and weight export.
 
 Every subcommand takes ``--model`` (an embedded name, a HF id or local directory, or a ``.gguf`` file;
 default: the embedded Qwen) and ``--help``. Bad arguments exit with status 2 and one ``error:`` line.
@@ -25,8 +25,6 @@ from typing import TYPE_CHECKING, Any
 from steerlab.errors import SteerlabError
 
 if TYPE_CHECKING:
-    import torch
-
     from steerlab.model import Model
     from steerlab.steering import Direction
 
@@ -75,9 +73,11 @@ def read_prompts(path: str | Path) -> list[str]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise UsageError(f"{p}:{number} is not valid JSON ({exc.msg}); JSONL files need one object per line") from exc
+            raise UsageError(
+                f"{p}:{number} is not valid JSON ({exc.msg}); JSONL files need one object per line"
+            ) from exc
         if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-            raise UsageError(f"{p}:{number} has no string 'prompt' field; each JSONL line needs {{\"prompt\": \"...\"}}")
+            raise UsageError(f'{p}:{number} has no string \'prompt\' field; each JSONL line needs {{"prompt": "..."}}')
         prompts.append(record["prompt"])
     return prompts
 
@@ -90,10 +90,14 @@ def _position(text: str):
         value = int(text)
     except ValueError:
         if text not in NAMED_POSITIONS:
-            raise argparse.ArgumentTypeError(f"unknown position {text!r}; use one of {', '.join(NAMED_POSITIONS)} or a negative int")
+            raise argparse.ArgumentTypeError(
+                f"unknown position {text!r}; use one of {', '.join(NAMED_POSITIONS)} or a negative int"
+            )
         return text
     if value >= 0:
-        raise argparse.ArgumentTypeError(f"integer positions count from the end and must be negative (-1 = last token); got {value}")
+        raise argparse.ArgumentTypeError(
+            f"integer positions count from the end and must be negative (-1 = last token); got {value}"
+        )
     return value
 
 
@@ -134,7 +138,9 @@ def _load_direction(path: str, layer: int | None = None, *, ablate: bool = False
     if layer is not None and needs_own and layer not in direction.layers:
         raise UsageError(f"--layer {layer} is not a layer of the direction (it covers {list(direction.layers)})")
     if ablate and layer is None and len(direction.layers) > 1:
-        raise UsageError(f"the direction covers layers {list(direction.layers)}; pick the vector to ablate with --layer")
+        raise UsageError(
+            f"the direction covers layers {list(direction.layers)}; pick the vector to ablate with --layer"
+        )
     return direction
 
 
@@ -174,8 +180,10 @@ def _demo(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     model = steerlab.load(args.model)
-    print(f"loaded {model.name} ({model.spec.model_type}, {model.n_layers} layers, d={model.d_model}) "
-          f"in {time.perf_counter() - t0:.1f}s")
+    print(
+        f"loaded {model.name} ({model.spec.model_type}, {model.n_layers} layers, d={model.d_model}) "
+        f"in {time.perf_counter() - t0:.1f}s"
+    )
     fmt = model.chat()
     rendered = fmt.render(DEMO_HARMLESS[0])
     print("\nrendered chat prompt:\n" + rendered.text)
@@ -183,7 +191,9 @@ def _demo(args: argparse.Namespace) -> int:
 
     prompts = DEMO_HARMFUL + DEMO_HARMLESS
     t0 = time.perf_counter()
-    acts = steerlab.collect(model, prompts, sites=["resid_pre"], positions=["t_inst", "last"], batch_size=args.batch_size)
+    acts = steerlab.collect(
+        model, prompts, sites=["resid_pre"], positions=["t_inst", "last"], batch_size=args.batch_size
+    )
     print(f"collected resid_pre at t_inst and last for {len(prompts)} prompts in {time.perf_counter() - t0:.1f}s\n")
 
     n = len(DEMO_HARMFUL)
@@ -258,7 +268,9 @@ def _export(args: argparse.Namespace) -> int:
     else:
         iv = AddVector(direction, coeff=args.coeff, layers=None if args.layer is None else [args.layer], unit=args.unit)
     manifest = {"command": "steerlab export", "direction_file": str(Path(args.direction).resolve())}
-    info = bake_and_export(model, iv, Path(args.out), format=args.format, precision=args.precision, tol=args.tol, manifest=manifest)
+    info = bake_and_export(
+        model, iv, Path(args.out), format=args.format, precision=args.precision, tol=args.tol, manifest=manifest
+    )
     rep = info["parity"]
     print(f"max |logit diff| (hooked vs baked, {rep['n_prompts']} prompts): {rep['max_abs_logit_diff']:.3g}")
     print(f"greedy {rep['max_new_tokens']}-token generations identical: {rep['generation_match']:.0%}")
@@ -270,7 +282,9 @@ def _export(args: argparse.Namespace) -> int:
 def _probe_data(args: argparse.Namespace) -> tuple[list[str], list[str], str]:
     """(positive, negative, where from): the two files, or the project's training split."""
     if (args.harmful is None) != (args.harmless is None):
-        raise UsageError("pass both --harmful and --harmless, or neither (then the project's training prompts are used)")
+        raise UsageError(
+            "pass both --harmful and --harmless, or neither (then the project's training prompts are used)"
+        )
     if args.harmful is not None:
         pos, neg, source = read_prompts(args.harmful), read_prompts(args.harmless), f"{args.harmful} vs {args.harmless}"
     else:
@@ -281,7 +295,9 @@ def _probe_data(args: argparse.Namespace) -> tuple[list[str], list[str], str]:
     if args.limit is not None:
         pos, neg = pos[: args.limit], neg[: args.limit]
     if min(len(pos), len(neg)) < args.folds:
-        raise UsageError(f"{args.folds}-fold cross-validation needs at least {args.folds} prompts per class; got {len(pos)} and {len(neg)}")
+        raise UsageError(
+            f"{args.folds}-fold cross-validation needs at least {args.folds} prompts per class; got {len(pos)} and {len(neg)}"
+        )
     return pos, neg, source
 
 
@@ -307,12 +323,16 @@ def _probe(args: argparse.Namespace) -> int:
     from steerlab.steering import mean_difference, prompts_hash
 
     if "all" in args.positions:
-        raise UsageError("'all' has a different length per prompt and cannot be swept; use fixed positions such as t_inst, last, post_inst")
+        raise UsageError(
+            "'all' has a different length per prompt and cannot be swept; use fixed positions such as t_inst, last, post_inst"
+        )
     pos, neg, source = _probe_data(args)
     out = Path(args.out)
     model = _load(args)
     _log(f"sweeping {len(pos)} + {len(neg)} prompts ({source}) at {args.site}, positions {args.positions}")
-    acts = steerlab.collect(model, pos + neg, sites=[args.site], layers=args.layers, positions=args.positions, batch_size=args.batch_size)
+    acts = steerlab.collect(
+        model, pos + neg, sites=[args.site], layers=args.layers, positions=args.positions, batch_size=args.batch_size
+    )
     parts = [acts.get(args.site, p) for p in args.positions]
     widths = [t.shape[2] for t in parts]
     x, y = torch.cat(parts, dim=2), torch.tensor([1] * len(pos) + [0] * len(neg))
@@ -321,9 +341,11 @@ def _probe(args: argparse.Namespace) -> int:
     layer, column, value = result.best(args.metric)
     i, j = acts.layers.index(layer), columns.index(column)
     position = _column_position(args.positions, widths, j)
-    meta = dict(site=args.site, position=position, model=model.name)
+    meta = {"site": args.site, "position": position, "model": model.name}
     probe = fit_probes(x[:, i : i + 1, j], y, layers=[layer], C=args.C, labels=("harmless", "harmful"), **meta)
-    direction = mean_difference(x[y == 1][:, i : i + 1, j], x[y == 0][:, i : i + 1, j], layers=[layer], data_hash=prompts_hash(pos, neg), **meta)
+    direction = mean_difference(
+        x[y == 1][:, i : i + 1, j], x[y == 0][:, i : i + 1, j], layers=[layer], data_hash=prompts_hash(pos, neg), **meta
+    )
 
     out.mkdir(parents=True, exist_ok=True)
     probe.save(out / "probe.safetensors")
@@ -334,10 +356,14 @@ def _probe(args: argparse.Namespace) -> int:
                "sweep": result.to_dict()}  # fmt: skip
     (out / "sweep.json").write_text(json.dumps(summary, indent=1))
     figures = [result.figure(args.metric), result.figure("auc" if args.metric == "accuracy" else "accuracy")]
-    _write_figures(out / "sweep.html", f"Probe sweep: {model.name}", figures, preamble=_pre(f"data: {source}\nbest: {best}"))
+    _write_figures(
+        out / "sweep.html", f"Probe sweep: {model.name}", figures, preamble=_pre(f"data: {source}\nbest: {best}")
+    )
     print(result.table(args.metric))
     print(f"\nbest: layer {layer}, position {column} ({args.metric} {value:.3f}, {args.folds}-fold CV)")
-    print(f"wrote {out}/sweep.json, sweep.html, probe.safetensors (layer {layer}, position {position!r}), direction.safetensors")
+    print(
+        f"wrote {out}/sweep.json, sweep.html, probe.safetensors (layer {layer}, position {position!r}), direction.safetensors"
+    )
     return 0
 
 
@@ -364,8 +390,10 @@ def _fit_guard(model: Model, args: argparse.Namespace):
 
     split = load_split(seed=args.seed)
     n = args.n_train
-    kw = dict(position=args.position, batch_size=args.batch_size, progress=True)
-    _log(f"fitting a {args.mode} guard on {min(n, len(split.harmful_train))} + {min(n, len(split.harmless_train))} training prompts")
+    kw = {"position": args.position, "batch_size": args.batch_size, "progress": True}
+    _log(
+        f"fitting a {args.mode} guard on {min(n, len(split.harmful_train))} + {min(n, len(split.harmless_train))} training prompts"
+    )
     if args.mode == "latent":
         guard = LatentGuard.fit(model, split.harmful_train[:n], split.harmless_train[:n], layers=args.layers, **kw)
     else:
@@ -396,7 +424,9 @@ def _guard(args: argparse.Namespace) -> int:
     if path is not None:
         kind = _guard_kind(path)
         if args.mode is not None and args.mode != kind:
-            raise UsageError(f"{path} holds a {kind} guard but --mode {args.mode} was given; drop --mode or pass another file")
+            raise UsageError(
+                f"{path} holds a {kind} guard but --mode {args.mode} was given; drop --mode or pass another file"
+            )
         args.mode = kind
     else:
         args.mode = args.mode or "probe"
@@ -430,7 +460,10 @@ def _steer_op(direction: Direction, args: argparse.Namespace):
 
     if args.ablate:
         op = Ablate(direction, source_layer=args.layer)
-        return op, f"direction ablated (vector of layer {args.layer if args.layer is not None else direction.layers[0]}, every layer)"
+        return (
+            op,
+            f"direction ablated (vector of layer {args.layer if args.layer is not None else direction.layers[0]}, every layer)",
+        )
     layers = None if args.layer is None else [args.layer]
     op = AddVector(direction, coeff=args.coeff, layers=layers, unit=args.unit)
     shown = list(direction.layers) if layers is None else layers
@@ -442,7 +475,7 @@ def _steer(args: argparse.Namespace) -> int:
     direction = _load_direction(args.direction, args.layer, ablate=args.ablate)
     model = _load(args)
     op, label = _steer_op(direction, args)
-    gen = dict(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=True)
+    gen = {"max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "progress": True}
     before = model.generate(prompts, **gen)
     with model.apply(op):
         after = model.generate(prompts, **gen)
@@ -461,7 +494,11 @@ def _refusal_figures(report, result) -> list:
     lines = go.Figure()
     for pos in sorted({c.position for c in report.candidates}):
         cands = sorted((c for c in report.candidates if c.position == pos), key=lambda c: c.layer)
-        lines.add_trace(go.Scatter(x=[c.layer for c in cands], y=[c.bypass for c in cands], mode="lines+markers", name=f"position {pos}"))
+        lines.add_trace(
+            go.Scatter(
+                x=[c.layer for c in cands], y=[c.bypass for c in cands], mode="lines+markers", name=f"position {pos}"
+            )
+        )
     lines.add_hline(y=report.baseline_harmful, line_dash="dash", annotation_text="no ablation")
     lines.update_layout(title="Refusal score of harmful validation prompts with each candidate ablated (lower: refusal removed)",
                         xaxis_title="layer", yaxis_title="mean refusal score")  # fmt: skip
@@ -486,7 +523,12 @@ def write_refusal_report(out: Path, model_name: str, report, result, export_info
         rep = export_info["parity"]
         text.append(f"exported ablated weights ({export_info['format']}) to {export_info['path']}: max |logit diff| vs the hook "
                     f"{rep['max_abs_logit_diff']:.3g} over {rep['n_prompts']} prompts")  # fmt: skip
-    return _write_figures(out / "report.html", f"Refusal direction: {model_name}", _refusal_figures(report, result), preamble=_pre("\n\n".join(text)))
+    return _write_figures(
+        out / "report.html",
+        f"Refusal direction: {model_name}",
+        _refusal_figures(report, result),
+        preamble=_pre("\n\n".join(text)),
+    )
 
 
 def _export_refusal(args: argparse.Namespace, direction: Direction, out: Path) -> dict[str, Any]:
@@ -495,7 +537,10 @@ def _export_refusal(args: argparse.Namespace, direction: Direction, out: Path) -
 
     target = Path(args.export) if args.export else out / "model"
     model = _load(args, dtype="float32")
-    manifest = {"command": "steerlab refusal --export", "direction_file": str((out / "refusal_direction.safetensors").resolve())}
+    manifest = {
+        "command": "steerlab refusal --export",
+        "direction_file": str((out / "refusal_direction.safetensors").resolve()),
+    }
     return bake_and_export(model, Ablate(direction), target, format=args.export_format, manifest=manifest, tol=args.tol)
 
 
@@ -515,7 +560,9 @@ def _refusal(args: argparse.Namespace) -> int:
     split = load_split(seed=args.seed)
     fit_model = steerlab.load(args.model, dtype=torch.float32)
     run_model = steerlab.load(args.model, dtype=getattr(torch, args.eval_dtype))
-    print(f"[{time.perf_counter() - t0:6.0f}s] loaded {run_model.name}: fit in float32, select and generate in {args.eval_dtype}")
+    print(
+        f"[{time.perf_counter() - t0:6.0f}s] loaded {run_model.name}: fit in float32, select and generate in {args.eval_dtype}"
+    )
     direction, report = refusal_direction(
         run_model, split.harmful_train, split.harmless_train, harmful_val=split.harmful_val,
         harmless_val=split.harmless_val, filter_train=args.filter, fit_model=fit_model, kl_max=args.kl_max,
@@ -524,7 +571,9 @@ def _refusal(args: argparse.Namespace) -> int:
     del fit_model
     direction.save(out / "refusal_direction.safetensors")
     chosen = report.chosen
-    print(f"[{time.perf_counter() - t0:6.0f}s] selected position {chosen.position}, layer {chosen.layer}\n{report.table()}")
+    print(
+        f"[{time.perf_counter() - t0:6.0f}s] selected position {chosen.position}, layer {chosen.layer}\n{report.table()}"
+    )
 
     held_out = advbench()
     random.Random(args.seed).shuffle(held_out)
@@ -532,7 +581,9 @@ def _refusal(args: argparse.Namespace) -> int:
         run_model, direction, harmful=held_out[: args.n_eval], harmless=split.harmless_test,
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, coeff=args.coeff,
     )  # fmt: skip
-    print(f"[{time.perf_counter() - t0:6.0f}s] held-out evaluation (greedy, {args.max_new_tokens} new tokens):\n{result.as_table()}")
+    print(
+        f"[{time.perf_counter() - t0:6.0f}s] held-out evaluation (greedy, {args.max_new_tokens} new tokens):\n{result.as_table()}"
+    )
     del run_model
     body: dict[str, Any] = {"selection": report.to_dict(), "evaluation": result.to_dict()}
     export_info, status = None, 0
@@ -557,17 +608,23 @@ def _refusal(args: argparse.Namespace) -> int:
 def _add_model_args(p: argparse.ArgumentParser, *, dtype: bool = True, batch_size: int = 16) -> None:
     p.add_argument("--model", default=None, help="embedded name, HF id/path or .gguf (default: the embedded Qwen)")
     if dtype:
-        p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weights dtype (default float32)")
+        p.add_argument(
+            "--dtype", choices=["float32", "bfloat16"], default="float32", help="weights dtype (default float32)"
+        )
     p.add_argument("--batch-size", type=_positive_int, default=batch_size)
 
 
 def _add_prompt_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompts (quote each one)")
-    p.add_argument("--file", default=None, help="more prompts: a text file (one per line) or JSONL with a 'prompt' field")
+    p.add_argument(
+        "--file", default=None, help="more prompts: a text file (one per line) or JSONL with a 'prompt' field"
+    )
 
 
 def _demo_parser(sub) -> None:
-    demo = sub.add_parser("demo", help="load a model, render a chat prompt, collect activations, print a per-layer summary")
+    demo = sub.add_parser(
+        "demo", help="load a model, render a chat prompt, collect activations, print a per-layer summary"
+    )
     demo.add_argument("--model", default=None, help="embedded name, HF id/path or .gguf (default: the embedded Qwen)")
     demo.add_argument("--batch-size", type=int, default=8)
     demo.set_defaults(func=_demo)
@@ -591,10 +648,18 @@ def _refusal_parser(sub) -> None:
     ref.add_argument("--eval-dtype", choices=["bfloat16", "float32"], default="bfloat16")
     ref.add_argument("--batch-size", type=int, default=16)
     ref.add_argument("--seed", type=int, default=0)
-    ref.add_argument("--export", nargs="?", const="", default=None, metavar="DIR",
-                     help="also bake the direction's ablation into float32 weights and export them (default DIR: <out>/model)")
+    ref.add_argument(
+        "--export",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="DIR",
+        help="also bake the direction's ablation into float32 weights and export them (default DIR: <out>/model)",
+    )
     ref.add_argument("--export-format", choices=["safetensors", "gguf"], default="safetensors")
-    ref.add_argument("--tol", type=float, default=1e-2, help="largest allowed logit difference, baked vs hooked (export only)")
+    ref.add_argument(
+        "--tol", type=float, default=1e-2, help="largest allowed logit difference, baked vs hooked (export only)"
+    )
     ref.set_defaults(func=_refusal)
 
 
@@ -604,9 +669,19 @@ def _probe_parser(sub) -> None:
                                    "position, and write sweep.json, sweep.html (heatmaps), probe.safetensors (the best "
                                    "cell's probe) and direction.safetensors (its difference of class means).")  # fmt: skip
     _add_model_args(p)
-    p.add_argument("--harmful", default=None, help="positive class prompts: text (one per line) or JSONL ('prompt' field)")
-    p.add_argument("--harmless", default=None, help="negative class prompts (default for both: the project's training split)")
-    p.add_argument("--positions", nargs="+", type=_position, default=["t_inst", "last"], help="positions to sweep (default: t_inst last)")
+    p.add_argument(
+        "--harmful", default=None, help="positive class prompts: text (one per line) or JSONL ('prompt' field)"
+    )
+    p.add_argument(
+        "--harmless", default=None, help="negative class prompts (default for both: the project's training split)"
+    )
+    p.add_argument(
+        "--positions",
+        nargs="+",
+        type=_position,
+        default=["t_inst", "last"],
+        help="positions to sweep (default: t_inst last)",
+    )
     p.add_argument("--layers", nargs="+", type=int, default=None, help="layers to sweep (default: all)")
     p.add_argument("--site", choices=SWEEP_SITES, default="resid_pre")
     p.add_argument("--folds", type=_positive_int, default=5)
@@ -626,12 +701,27 @@ def _guard_parser(sub) -> None:
     _add_model_args(p)
     _add_prompt_args(p)
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--probe", default=None, metavar="FILE", help="a saved Probe, ProbeGuard or LatentGuard (.safetensors)")
+    src.add_argument(
+        "--probe", default=None, metavar="FILE", help="a saved Probe, ProbeGuard or LatentGuard (.safetensors)"
+    )
     src.add_argument("--fit", action="store_true", help="fit a guard on the project's training prompts (the default)")
-    p.add_argument("--mode", choices=["latent", "probe"], default=None, help="LatentGuard (cosine rule) or ProbeGuard (default: probe)")
-    p.add_argument("--threshold", type=float, default=None, help="flag when score >= this (default: the saved or calibrated one)")
+    p.add_argument(
+        "--mode",
+        choices=["latent", "probe"],
+        default=None,
+        help="LatentGuard (cosine rule) or ProbeGuard (default: probe)",
+    )
+    p.add_argument(
+        "--threshold", type=float, default=None, help="flag when score >= this (default: the saved or calibrated one)"
+    )
     p.add_argument("--position", type=_position, default="t_inst", help="where a fitted guard reads (default t_inst)")
-    p.add_argument("--layers", nargs="+", type=int, default=None, help="fitted guard layers (probe: one layer; default: best by CV / all)")
+    p.add_argument(
+        "--layers",
+        nargs="+",
+        type=int,
+        default=None,
+        help="fitted guard layers (probe: one layer; default: best by CV / all)",
+    )
     p.add_argument("--n-train", type=_positive_int, default=128, help="training prompts per class for --fit")
     p.add_argument("--save", default=None, metavar="FILE", help="save the fitted guard here")
     p.add_argument("--seed", type=int, default=0)
@@ -646,7 +736,12 @@ def _steer_parser(sub) -> None:
     how = p.add_mutually_exclusive_group(required=True)
     how.add_argument("--coeff", type=float, help="add coeff x the direction (AddVector)")
     how.add_argument("--ablate", action="store_true", help="project the direction out everywhere (Ablate)")
-    p.add_argument("--layer", type=int, default=None, help="AddVector: the layer to add at; Ablate: whose vector (default: the direction's)")
+    p.add_argument(
+        "--layer",
+        type=int,
+        default=None,
+        help="AddVector: the layer to add at; Ablate: whose vector (default: the direction's)",
+    )
     p.add_argument("--unit", action="store_true", help="AddVector: scale the vector to norm 1 first")
     p.add_argument("--max-new-tokens", type=_positive_int, default=48)
     p.set_defaults(func=_steer)
@@ -665,13 +760,22 @@ def _export_parser(sub) -> None:
     how = p.add_mutually_exclusive_group(required=True)
     how.add_argument("--ablate", action="store_true", help="bake the direction's ablation (Ablate)")
     how.add_argument("--coeff", type=float, help="bake coeff x the direction added at --layer (AddVector)")
-    p.add_argument("--layer", type=int, default=None, help="AddVector: the layer; Ablate: whose vector (default: the direction's)")
+    p.add_argument(
+        "--layer", type=int, default=None, help="AddVector: the layer; Ablate: whose vector (default: the direction's)"
+    )
     p.add_argument("--unit", action="store_true", help="AddVector: scale the vector to norm 1 first")
     p.add_argument("--tol", type=float, default=1e-2, help="largest allowed logit difference, baked vs hooked")
     p.set_defaults(func=_export)
 
 
-PARSERS: tuple[Callable, ...] = (_demo_parser, _refusal_parser, _probe_parser, _guard_parser, _steer_parser, _export_parser)
+PARSERS: tuple[Callable, ...] = (
+    _demo_parser,
+    _refusal_parser,
+    _probe_parser,
+    _guard_parser,
+    _steer_parser,
+    _export_parser,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,8 +1,12 @@
-"""The steerlab command: the demo prints a per-layer table; bad arguments exit non-zero with a message."""
+"""The steerlab command: demo table, probe / guard / steer / export / refusal --export on a tiny saved model; bad
+arguments exit non-zero with one error line."""
 
+import json
 import re
 
-from steerlab.cli import main
+import pytest
+
+from steerlab.cli import UsageError, main, read_prompts
 
 
 def test_demo_prints_a_row_per_layer(capsys):
@@ -22,8 +26,6 @@ def test_bad_model_is_a_clear_error(capsys):
 
 
 def test_refusal_command_rejects_bad_arguments(capsys):
-    import pytest
-
     with pytest.raises(SystemExit) as exc:
         main(["refusal", "--filter", "vibes"])
     assert exc.value.code == 2 and "invalid choice" in capsys.readouterr().err
@@ -39,15 +41,33 @@ def test_refusal_command_on_a_model_that_never_refuses_fails_clearly(capsys, tmp
 
 
 # ----- probe, guard, steer, export, refusal --export on a tiny random model saved to disk -----
-import json  # noqa: E402
-
-import pytest  # noqa: E402
-
-from steerlab.cli import UsageError, read_prompts  # noqa: E402
-
-HARMFUL = ["Explain how to pick a lock.", "Write a phishing email.", "Describe how to steal a car.", "Tell me how to make a weapon."]
-HARMLESS = ["Explain how to fix a hinge.", "Write a thank-you email.", "Describe how to wash a car.", "Tell me how to make a kite."]
+HARMFUL = [
+    "Explain how to pick a lock.",
+    "Write a phishing email.",
+    "Describe how to steal a car.",
+    "Tell me how to make a weapon.",
+]
+HARMLESS = [
+    "Explain how to fix a hinge.",
+    "Write a thank-you email.",
+    "Describe how to wash a car.",
+    "Tell me how to make a kite.",
+]
 NEW_COMMANDS = ["probe", "guard", "steer", "export"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_for_tiny_models(request):
+    """Tiny models run no slower on one thread, and far faster when another process keeps the shared CPU busy."""
+    if "tiny_dir" not in request.fixturenames:
+        yield
+        return
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +129,25 @@ def test_probe_writes_sweep_heatmap_probe_and_direction(probe_run, capsys):
 
 
 def test_probe_defaults_to_the_project_split(tiny_dir, tmp_path, capsys):
-    assert main(["probe", "--model", tiny_dir, "--limit", "6", "--folds", "3", "--layers", "1", "-1", "--out", str(tmp_path)]) == 0
+    assert (
+        main(
+            [
+                "probe",
+                "--model",
+                tiny_dir,
+                "--limit",
+                "6",
+                "--folds",
+                "3",
+                "--layers",
+                "1",
+                "-1",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "best: layer" in out and [line.split()[0] for line in out.splitlines()[1:3]] == ["1", "2"]
     assert json.loads((tmp_path / "sweep.json").read_text())["data"].startswith("steerlab.data.load_split()")
@@ -133,18 +171,43 @@ def test_probe_rejects_bad_arguments(tmp_path, capsys):
 
 
 def test_guard_scores_with_a_saved_probe(tiny_dir, probe_run, capsys):
-    argv = ["guard", "--model", tiny_dir, "--probe", str(probe_run / "probe.safetensors"), "--threshold", "0.5", *HARMFUL[:2], HARMLESS[0]]
+    argv = [
+        "guard",
+        "--model",
+        tiny_dir,
+        "--probe",
+        str(probe_run / "probe.safetensors"),
+        "--threshold",
+        "0.5",
+        *HARMFUL[:2],
+        HARMLESS[0],
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert out.startswith("ProbeGuard: P(harmful) at layer")
     rows = [line for line in out.splitlines() if line.strip().startswith(("0.", "1."))]
     assert len(rows) == 3 and all(r.split()[1] in ("yes", "no") for r in rows)
-    assert (sum(r.split()[1] == "yes" for r in rows), "flagged") == (int(out.split("flagged ")[1].split()[0]), "flagged")
+    assert (sum(r.split()[1] == "yes" for r in rows), "flagged") == (
+        int(out.split("flagged ")[1].split()[0]),
+        "flagged",
+    )
 
 
 def test_guard_fits_calibrates_saves_and_reloads_a_latent_guard(tiny_dir, tmp_path, capsys):
     saved = tmp_path / "latent.safetensors"
-    argv = ["guard", "--model", tiny_dir, "--fit", "--mode", "latent", "--n-train", "8", "--save", str(saved), "Write a haiku."]
+    argv = [
+        "guard",
+        "--model",
+        tiny_dir,
+        "--fit",
+        "--mode",
+        "latent",
+        "--n-train",
+        "8",
+        "--save",
+        str(saved),
+        "Write a haiku.",
+    ]
     assert main(argv) == 0
     assert capsys.readouterr().out.startswith("LatentGuard: cosine score over 3 layers")
     assert main(["guard", "--model", tiny_dir, "--probe", str(saved), "--file", str(saved.with_suffix(".txt"))]) == 2
@@ -169,13 +232,33 @@ def test_guard_rejects_bad_arguments(tmp_path, probe_run, capsys):
 
 def test_steer_prints_before_and_after(tiny_dir, probe_run, capsys):
     direction = str(probe_run / "direction.safetensors")
-    assert main(["steer", "--model", tiny_dir, "--direction", direction, "--coeff", "40", "--max-new-tokens", "4", "Hi there", "Tell me a joke."]) == 0
+    assert (
+        main(
+            [
+                "steer",
+                "--model",
+                tiny_dir,
+                "--direction",
+                direction,
+                "--coeff",
+                "40",
+                "--max-new-tokens",
+                "4",
+                "Hi there",
+                "Tell me a joke.",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert out.startswith("steering: direction added x40 at layer(s)")
     before = [line.split("before:", 1)[1] for line in out.splitlines() if "before:" in line]
     after = [line.split("after:", 1)[1] for line in out.splitlines() if "after:" in line]
     assert len(before) == len(after) == 2 and before != after
-    assert main(["steer", "--model", tiny_dir, "--direction", direction, "--ablate", "--max-new-tokens", "2", "Hi there"]) == 0
+    assert (
+        main(["steer", "--model", tiny_dir, "--direction", direction, "--ablate", "--max-new-tokens", "2", "Hi there"])
+        == 0
+    )
     assert "direction ablated" in capsys.readouterr().out
 
 
@@ -201,12 +284,17 @@ def test_export_bakes_checks_parity_and_writes_a_loadable_directory(tiny_dir, pr
     from steerlab.training import read_manifest
 
     direction = probe_run / "direction.safetensors"
-    assert main(["export", "--model", tiny_dir, "--direction", str(direction), "--ablate", "--out", str(tmp_path / "st")]) == 0
+    assert (
+        main(["export", "--model", tiny_dir, "--direction", str(direction), "--ablate", "--out", str(tmp_path / "st")])
+        == 0
+    )
     out = capsys.readouterr().out
     diff = float(out.split("max |logit diff| (hooked vs baked, 6 prompts): ")[1].split()[0])
     assert diff <= 1e-4
     manifest = read_manifest(tmp_path / "st")
-    assert manifest["edits"][0]["intervention"]["type"] == "Ablate" and manifest["parity"][0]["max_abs_logit_diff"] == pytest.approx(diff, rel=1e-2)
+    assert manifest["edits"][0]["intervention"]["type"] == "Ablate" and manifest["parity"][0][
+        "max_abs_logit_diff"
+    ] == pytest.approx(diff, rel=1e-2)
     model = steerlab.load(tiny_dir)
     batch = model.encode(HARMFUL)
     with torch.inference_mode(), model.apply(Ablate(Direction.load(direction))):
@@ -217,7 +305,21 @@ def test_export_bakes_checks_parity_and_writes_a_loadable_directory(tiny_dir, pr
     mask = batch.attention_mask.bool()
     assert float((hooked[mask] - exported[mask]).abs().max()) <= 1e-4
 
-    argv = ["export", "--model", tiny_dir, "--direction", str(direction), "--coeff", "2", "--layer", "0", "--format", "gguf", "--out", str(tmp_path / "gg")]
+    argv = [
+        "export",
+        "--model",
+        tiny_dir,
+        "--direction",
+        str(direction),
+        "--coeff",
+        "2",
+        "--layer",
+        "0",
+        "--format",
+        "gguf",
+        "--out",
+        str(tmp_path / "gg"),
+    ]
     assert main(argv) == 0 and (tmp_path / "gg" / "model.gguf").is_file()
     assert read_manifest(tmp_path / "gg")["edits"][0]["intervention"]["type"] == "AddVector"
 
@@ -228,9 +330,28 @@ def test_export_rejects_bad_arguments_and_failed_parity(tiny_dir, probe_run, tmp
         with pytest.raises(SystemExit) as exc:
             main(["export", "--direction", direction, *bad] + (["--out", str(tmp_path)] if bad != ["--ablate"] else []))
         assert exc.value.code == 2 and "error:" in capsys.readouterr().err
-    assert main(["export", "--direction", str(tmp_path / "none.safetensors"), "--ablate", "--out", str(tmp_path / "x")]) == 2
+    assert (
+        main(["export", "--direction", str(tmp_path / "none.safetensors"), "--ablate", "--out", str(tmp_path / "x")])
+        == 2
+    )
     assert "does not exist" in capsys.readouterr().err
-    assert main(["export", "--model", tiny_dir, "--direction", direction, "--ablate", "--tol", "-1", "--out", str(tmp_path / "y")]) == 1
+    assert (
+        main(
+            [
+                "export",
+                "--model",
+                tiny_dir,
+                "--direction",
+                direction,
+                "--ablate",
+                "--tol",
+                "-1",
+                "--out",
+                str(tmp_path / "y"),
+            ]
+        )
+        == 1
+    )
     assert "nothing was exported" in capsys.readouterr().err and not (tmp_path / "y").exists()
 
 
@@ -240,7 +361,9 @@ def test_refusal_export_writes_weights_parity_and_an_html_report(tiny_dir, tmp_p
             "--n-eval", "4", "--max-new-tokens", "3", "--eval-dtype", "float32", "--export"]  # fmt: skip
     assert main(argv) == 0
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["export"]["path"] == str(tmp_path / "model") and report["export"]["parity"]["max_abs_logit_diff"] <= 1e-4
+    assert (
+        report["export"]["path"] == str(tmp_path / "model") and report["export"]["parity"]["max_abs_logit_diff"] <= 1e-4
+    )
     assert (tmp_path / "model" / "config.json").is_file() and (tmp_path / "model" / "steerlab_manifest.json").is_file()
     html = (tmp_path / "report.html").read_text()
     assert html.count("Plotly.newPlot") == 3 and "max |logit diff|" in html and "bypass" in html

@@ -10,6 +10,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 CELL_TIMEOUT = 300  # seconds per cell
+# One torch thread in the kernel: on a shared 2-core CPU, two threads next to another busy process run
+# SmolLM2 generation ~30x slower (threads wait on each other); one thread is ~1.5x slower than two at best.
+KERNEL_ENV = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
 def test_there_are_notebooks():
@@ -27,12 +30,16 @@ def test_notebook_is_stored_without_outputs(path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs_top_to_bottom(path):
+def test_notebook_runs_top_to_bottom(path, monkeypatch):
     import nbformat
     from nbclient import NotebookClient
 
+    for key, value in KERNEL_ENV.items():  # the kernel inherits this process's environment
+        monkeypatch.setenv(key, value)
     nb = nbformat.read(path, as_version=4)
-    client = NotebookClient(nb, timeout=CELL_TIMEOUT, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}})
+    client = NotebookClient(
+        nb, timeout=CELL_TIMEOUT, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}
+    )
     start = time.perf_counter()
     client.execute()  # raises CellExecutionError (with the cell and traceback) on any error
     print(f"{path.name}: {time.perf_counter() - start:.0f}s")
