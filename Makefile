@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/steerlab demo
+	$(BIN)/steerlab refusal --out runs/refusal --export
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
