@@ -79,6 +79,23 @@ def _newton(
     return params, n_iter, not bool(active.any())
 
 
+def _solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Batched ``a x = b`` by LU; problems LU cannot take (MKL pivoting failures, singular systems)
+    fall back to least squares one by one."""
+    if not bool(torch.isfinite(a).all()) or not bool(torch.isfinite(b).all()):
+        raise ShapeError("non-finite values in the probe's Newton system: check the activations for inf/nan")
+    try:
+        x, info = torch.linalg.solve_ex(a, b)
+        bad = torch.nonzero(info != 0).flatten().tolist()
+    except RuntimeError:  # seen once on CI: MKL rejected the batched pivoting; solve one by one instead
+        x, bad = torch.empty_like(b), list(range(a.shape[0]))
+    if not bool(torch.isfinite(x).all()):
+        bad = sorted(set(bad) | set(torch.nonzero(~torch.isfinite(x).flatten(1).all(1)).flatten().tolist()))
+    for i in bad:
+        x[i] = torch.linalg.lstsq(a[i], b[i], driver="gelsd").solution
+    return x
+
+
 def _bcast(step: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return step.reshape(-1, *([1] * (like.dim() - 1)))
 
@@ -102,7 +119,7 @@ def _primal(x, y, s, C, fit_intercept, b0, **kw):
             rhs = grad_w - x_omega * (grad_b / total)[:, None]
         m = z_feat.transpose(1, 2) @ z_feat
         m.diagonal(dim1=1, dim2=2).add_(1.0)
-        dw = torch.linalg.solve(m, rhs[..., None])[..., 0]
+        dw = _solve(m, rhs[..., None])[..., 0]
         x_dw = torch.einsum("knd,kd->kn", x, dw)
         db = (grad_b - (omega * x_dw).sum(-1)) / total if fit_intercept else torch.zeros_like(grad_b)
         return (grad_w * dw).sum(-1) + grad_b * db, x_dw + db[:, None], dw, db
@@ -131,10 +148,10 @@ def _dual(x, y, s, C, fit_intercept, b0, **kw):
         if fit_intercept:  # [[Ω K + I, ω], [ω^T K, Σω]] [dα; db] = [r; g_b]
             top = torch.cat([a, omega[:, :, None]], 2)
             bottom = torch.cat([torch.einsum("kn,knm->km", omega, gram), omega.sum(-1, keepdim=True)], 1)[:, None, :]
-            sol = torch.linalg.solve(torch.cat([top, bottom], 1), torch.cat([r, grad_b[:, None]], 1)[..., None])[..., 0]
+            sol = _solve(torch.cat([top, bottom], 1), torch.cat([r, grad_b[:, None]], 1)[..., None])[..., 0]
             d_alpha, db = sol[:, :n], sol[:, n]
         else:
-            d_alpha, db = torch.linalg.solve(a, r[..., None])[..., 0], torch.zeros_like(grad_b)
+            d_alpha, db = _solve(a, r[..., None])[..., 0], torch.zeros_like(grad_b)
         k_da = torch.einsum("knm,km->kn", gram, d_alpha)
         state["k_da"] = k_da
         return (r * k_da).sum(-1) + grad_b * db, k_da + db[:, None], d_alpha, db
