@@ -276,6 +276,7 @@ def ada_generate(
     fmt = model.chat()
     tok = model.tokenizer
     eos = _eos_ids(model)
+    eos_ids = torch.tensor(sorted(eos), device=model.device)  # built once, not per generated token
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     results: list[ADAOutput | None] = [None] * len(prompts)
     tap = _ProbeTap()
@@ -307,7 +308,7 @@ def ada_generate(
                 nxt = logits.argmax(-1)
                 nxt = torch.where(run.done | run.stopped, torch.full_like(nxt, pad), nxt)
                 generated.append(nxt)
-                run.done |= torch.isin(nxt, torch.tensor(sorted(eos), device=nxt.device))
+                run.done |= torch.isin(nxt, eos_ids)
                 if depth + 1 < max_new_tokens and not bool((run.done | run.stopped).all()):
                     logits = run.advance(nxt[:, None])
             rows = torch.stack(generated, 1).tolist() if generated else [[] for _ in idx]
