@@ -3,13 +3,16 @@
 Activations of the embedded default are collected once (``resid_pre``, every layer) for the
 128+128 training pairs and the 80+80 held-out test pairs. Each row fits one probe per problem:
 
-* baseline: ``Pipeline(StandardScaler(), LogisticRegression(C=1, max_iter=1000))`` per layer (and
-  per position), the way a user writes it with scikit-learn;
-* steerlab: :func:`steerlab.probes.fit_standardized`, all problems in one batched Newton solve.
+* raw features: scikit-learn ``LogisticRegression(C=1, max_iter=1000)`` per problem on the raw
+  activations (the default lbfgs solver; ``max_iter`` raised from 100 so that it converges) vs
+  :func:`steerlab.probes.fit_logistic`, all problems in one batched Newton solve;
+* standardised: ``Pipeline(StandardScaler(), LogisticRegression(C=1, max_iter=1000))`` per problem
+  (the well-conditioned way to use lbfgs) vs :func:`steerlab.probes.fit_standardized`.
 
-Same objective (L2 logistic, C=1, standardised features). Timing: interleaved repetitions,
-medians; ratio = scikit-learn time / steerlab time. Accuracy columns: best held-out accuracy over
-layers for each, and the largest per-problem accuracy gap between the two.
+steerlab runs in float64 (the default, solved to 1e-12) and in float32 (``dtype=torch.float32``).
+Same objective within each pair (L2 logistic, C=1). Timing: interleaved repetitions, medians;
+ratio = scikit-learn time / steerlab time. Accuracy: best held-out accuracy over problems for
+scikit-learn / float64 / float32, and the largest per-problem accuracy gap to scikit-learn.
 
 Run: ``python benchmarks/probes.py [--model NAME] [--reps R]``
 """
@@ -28,14 +31,19 @@ from sklearn.preprocessing import StandardScaler
 
 import steerlab
 from steerlab.data import load_split
-from steerlab.probes import fit_standardized
+from steerlab.probes import fit_logistic, fit_standardized
 
 
-def _sklearn_fit(x: torch.Tensor, y: torch.Tensor) -> list:
-    """One pipeline per problem; x [k, n, d]."""
+def _sklearn_fit(x: torch.Tensor, y: torch.Tensor, *, standardize: bool) -> list:
+    """One estimator per problem; x [k, n, d]."""
+
+    def make():
+        lr = LogisticRegression(C=1.0, max_iter=1000)
+        return make_pipeline(StandardScaler(), lr) if standardize else lr
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return [make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=1000)).fit(xk.numpy(), y.numpy()) for xk in x]
+        return [make().fit(xk.numpy(), y.numpy()) for xk in x]
 
 
 def _accuracies_sklearn(models, x_te, y_te) -> torch.Tensor:
@@ -43,17 +51,14 @@ def _accuracies_sklearn(models, x_te, y_te) -> torch.Tensor:
 
 
 def _accuracies_ours(w, b, x_te, y_te) -> torch.Tensor:
-    logits = torch.einsum("knd,kd->kn", x_te.double(), w) + b[:, None]
+    logits = torch.einsum("knd,kd->kn", x_te.double(), w.double()) + b.double()[:, None]
     return ((logits > 0).long() == y_te).double().mean(-1).float()
 
 
-def _median_time(fn, reps: int) -> tuple[float, object]:
-    times, out = [], None
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
+def _timed(fn, *args, **kwargs) -> tuple[float, object]:
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return time.perf_counter() - t0, out
 
 
 def main() -> None:
@@ -75,7 +80,12 @@ def main() -> None:
     n_layers, n_pos = train.shape[1], train.shape[2]
 
     setups = {
-        f"{n_layers} layers, last token (n={len(y_tr)}, d={model.d_model})": (train[:, :, -1].transpose(0, 1), test[:, :, -1].transpose(0, 1), y_tr, y_te),
+        f"{n_layers} layers, last token (n={len(y_tr)}, d={model.d_model})": (
+            train[:, :, -1].transpose(0, 1),
+            test[:, :, -1].transpose(0, 1),
+            y_tr,
+            y_te,
+        ),
         f"{n_layers} layers x {n_pos} positions (t_inst + post_inst)": (
             train.flatten(1, 2).transpose(0, 1),
             test.flatten(1, 2).transpose(0, 1),
@@ -90,23 +100,33 @@ def main() -> None:
         ),
     }
     print(f"model: {model.name}; torch threads {torch.get_num_threads()}; {args.reps} reps, medians")
-    header = f"| {'problems':<52} | {'sklearn s':>9} | {'steerlab s':>10} | {'ratio':>6} | {'best acc sk':>11} | {'best acc ours':>13} | {'max gap':>7} |"
+    header = (
+        f"| {'problems':<50} | {'features':<8} | {'sklearn s':>9} | {'ours f64 s':>10} | {'ratio':>5} | {'ours f32 s':>10} | {'ratio':>5} "
+        f"| {'best acc sk / f64 / f32':>23} | {'max gap':>7} |"
+    )
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
     for name, (x_tr, x_te, ytr, yte) in setups.items():
-        t_sk, t_ours = [], []
-        for _ in range(args.reps):  # interleaved
-            t, models = _median_time(lambda x_tr=x_tr, ytr=ytr: _sklearn_fit(x_tr, ytr), 1)
-            t_sk.append(t)
-            t, (w, b) = _median_time(lambda x_tr=x_tr, ytr=ytr: fit_standardized(x_tr, ytr, C=1.0), 1)
-            t_ours.append(t)
-        acc_sk = _accuracies_sklearn(models, x_te, yte)
-        acc_ours = _accuracies_ours(w, b, x_te, yte)
-        sk, ours = statistics.median(t_sk), statistics.median(t_ours)
-        print(
-            f"| {name:<52} | {sk:>9.2f} | {ours:>10.2f} | {sk / ours:>6.1f} | {float(acc_sk.max()):>11.3f} | "
-            f"{float(acc_ours.max()):>13.3f} | {float((acc_sk - acc_ours).abs().max()):>7.3f} |"
-        )
+        for standardize in (False, True):
+            fit = fit_standardized if standardize else fit_logistic
+            t_sk, t64, t32 = [], [], []
+            for _ in range(args.reps):  # interleaved
+                t, models = _timed(_sklearn_fit, x_tr, ytr, standardize=standardize)
+                t_sk.append(t)
+                t, (w64, b64) = _timed(fit, x_tr, ytr, C=1.0)
+                t64.append(t)
+                t, (w32, b32) = _timed(fit, x_tr, ytr, C=1.0, dtype=torch.float32)
+                t32.append(t)
+            acc_sk = _accuracies_sklearn(models, x_te, yte)
+            acc64, acc32 = _accuracies_ours(w64, b64, x_te, yte), _accuracies_ours(w32, b32, x_te, yte)
+            sk, o64, o32 = (statistics.median(t) for t in (t_sk, t64, t32))
+            gap = max(float((acc_sk - acc64).abs().max()), float((acc_sk - acc32).abs().max()))
+            accs = f"{float(acc_sk.max()):.3f} / {float(acc64.max()):.3f} / {float(acc32.max()):.3f}"
+            print(
+                f"| {name:<50} | {'std' if standardize else 'raw':<8} | {sk:>9.2f} | {o64:>10.2f} | {sk / o64:>5.1f} | {o32:>10.2f} | {sk / o32:>5.1f} "
+                f"| {accs:>23} | {gap:>7.3f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":
