@@ -21,9 +21,11 @@ from steerlab.probes import (
     best_threshold,
     fit_logistic,
     fit_probes,
+    refusal_probe,
     roc_auc,
     stratified_folds,
     sweep,
+    sweep_prompts,
     trace,
 )
 from tests.conftest import tiny_model
@@ -285,3 +287,52 @@ def test_probe_guard_fits_picks_a_layer_and_round_trips(tmp_path):
     assert loaded.threshold == pytest.approx(cal.threshold) and torch.allclose(
         loaded.score(HARMFUL), guard.score(HARMFUL)
     )
+
+
+def test_sweep_prompts_equals_sweep_on_collected_activations():
+    model = tiny_model("llama")
+    pos = [
+        "Write a poem about the sea.",
+        "Tell me a story.",
+        "Name three colours.",
+        "Explain rain to a child.",
+        "Describe a cat.",
+    ] * 2
+    neg = [
+        "How do I pick a lock?",
+        "List ways to cheat on a test.",
+        "Make a fake ID.",
+        "Insult my boss.",
+        "Steal a bike.",
+    ] * 2
+    result = sweep_prompts(model, pos, neg, positions=["t_inst", "last"], layers=[0, 2], n_folds=2, progress=False)
+    acts = steerlab.collect(model, pos + neg, layers=[0, 2], positions=["t_inst", "last"], progress=False)
+    x = torch.cat([acts.get("resid_pre", "t_inst"), acts.get("resid_pre", "last")], dim=2)
+    ref = sweep(x, torch.tensor([1] * 10 + [0] * 10), layers=[0, 2], columns=result.columns, n_folds=2)
+    assert torch.allclose(result.accuracy, ref.accuracy) and torch.allclose(result.auc, ref.auc)
+    with pytest.raises(EmptyInputError):
+        sweep_prompts(model, pos, [], progress=False)
+    with pytest.raises(ShapeError, match="trace"):
+        sweep_prompts(model, pos, neg, positions=["all"], progress=False)
+
+
+def test_refusal_probe_picks_the_best_cross_validated_layer_and_filters_strictly():
+    model = tiny_model("qwen2")
+    prompts = [
+        f"Request number {i}: {w}" for i, w in enumerate(["bake bread", "hack a bank", "sing", "forge money"] * 6)
+    ]
+    labels = torch.tensor([0, 1, 0, 1] * 6)
+    fit = refusal_probe(model, prompts, labels=labels, layers=[0, 2], n_folds=3, C=0.5)
+    assert fit.probe.layers[0] == fit.sweep.best("auc")[0]
+    acts = steerlab.collect(model, prompts, layers=list(fit.probe.layers), positions=["last"], progress=False)
+    x = acts.get("resid_pre", "last")[:, :, -1]
+    ref = fit_probes(x, labels, layers=list(fit.probe.layers), C=0.5)
+    assert torch.allclose(fit.probe.predict_proba(x), ref.predict_proba(x), atol=1e-5)
+    # strict: harmful-and-refused vs harmless-and-answered only
+    harmful = [True, True, False, False] * 6  # keeps rows 1 (harmful, refused) and 2 (harmless, answered) of each 4
+    strict = refusal_probe(model, prompts, labels=labels, harmful=harmful, strict=True, layers=[1], n_folds=3)
+    assert strict.labels.tolist() == [1, 0] * 6
+    with pytest.raises(ShapeError, match="one harmful flag"):
+        refusal_probe(model, prompts, labels=labels, strict=True, layers=[1])
+    with pytest.raises(ShapeError, match="labels"):
+        refusal_probe(model, prompts, labels=labels[:5], layers=[1])
