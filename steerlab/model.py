@@ -266,12 +266,13 @@ def _resolve(source, tokenizer, **kwargs):
 
 def _unwrap_interop(obj) -> tuple[nn.Module, Any] | None:
     """(HF model, tokenizer) inside a TransformerLens ``TransformerBridge`` (``.original_model``) or an
-    nnsight ``LanguageModel`` (``._model``); ``None`` for anything else."""
+    nnsight ``LanguageModel`` / ``TransformersModel`` (``._module``; ``._model`` before nnsight 0.5);
+    ``None`` for anything else."""
     from transformers import PreTrainedModel
 
     if isinstance(obj, (str, Path)):
         return None
-    for attr in ("original_model", "_model", "model"):
+    for attr in ("original_model", "_module", "_model", "model"):
         inner = getattr(obj, attr, None)
         if isinstance(inner, PreTrainedModel):
             return inner, getattr(obj, "tokenizer", None)

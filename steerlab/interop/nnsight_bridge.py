@@ -1,0 +1,159 @@
+"""nnsight interop: steerlab interventions written through nnsight's own intervention API.
+
+* :func:`to_language_model` — wrap a steerlab Model (or HF model) for nnsight, offline.
+* :func:`nnsight_intervene` — call inside a ``with lm.trace(...)`` body (or a generation step loop):
+  applies AddVector, Ablate, Clamp, HeadAblation, ... by reading and replacing module
+  inputs/outputs through the envoys, in the order the forward pass reaches them.
+* :func:`nnsight_generate` — generate under interventions at every step, returning token ids.
+
+The other way round also works: ``steerlab.load(lm)`` unwraps the HF model, and steerlab's own hooks
+(``model.apply``) fire inside nnsight traces.
+
+Example:
+    >>> lm = to_language_model(model)                                      # doctest: +SKIP
+    >>> with lm.trace(inputs):                                             # doctest: +SKIP
+    ...     nnsight_intervene(lm, AddVector(direction, coeff=4.0))
+    ...     logits = lm.output.logits.save()
+"""
+
+from __future__ import annotations
+
+import copy as copy_module
+import warnings
+from itertools import groupby
+from typing import Any
+
+import torch
+from torch import nn
+
+from steerlab.errors import EmptyInputError
+from steerlab.hooks import HookContext, StepInfo
+from steerlab.interop._common import Firing, Spec, as_model, require, specs_for
+from steerlab.model import Model
+
+
+def to_language_model(model: Model | nn.Module, tokenizer: Any = None, *, copy: bool = False) -> Any:
+    """An nnsight model (``TransformersModel``, the class ``LanguageModel`` now extends) around an
+    already-loaded model, without downloading anything.
+
+    nnsight instruments every module in place (inert outside a trace); ``copy=True`` wraps a deep
+    copy instead. The tokenizer is copied because nnsight sets its padding side.
+
+    Example:
+        >>> lm = to_language_model(steerlab.load("smollm2-135m-instruct"))        # doctest: +SKIP
+    """
+    nnsight = require("nnsight", "to_language_model")
+    if isinstance(model, Model):
+        hf, tok = model.hf, tokenizer or model.tokenizer
+    else:
+        hf, tok = model, tokenizer
+    if tok is None:
+        raise EmptyInputError("to_language_model needs a tokenizer: pass to_language_model(hf_model, tokenizer)")
+    if copy:
+        hf = copy_module.deepcopy(hf)
+    try:
+        from nnsight.modeling.transformers import TransformersModel as wrapper
+    except ImportError:  # nnsight < 0.8: LanguageModel is the class
+        wrapper = nnsight.LanguageModel
+    return wrapper(hf, task="text-generation", tokenizer=copy_module.deepcopy(tok))
+
+
+def _envoy(root: Any, path: str) -> Any:
+    obj = root
+    for part in path.split("."):
+        obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
+    return obj
+
+
+def _split(value: Any) -> tuple[torch.Tensor, Any]:
+    if isinstance(value, torch.Tensor):
+        return value, lambda t: t
+    return value[0], lambda t: (t, *value[1:])
+
+
+def _run(group: list[tuple[Spec, Firing]], x: torch.Tensor) -> torch.Tensor | None:
+    """Apply a site's functions in turn; ``None`` if none of them changed anything."""
+    spec0 = group[0][0]
+    ctx = HookContext(
+        site=spec0.site, layer=spec0.layer, step=StepInfo(batch_size=int(x.shape[0]), seq_len=int(x.shape[1]), calls=1)
+    )
+    changed = False
+    for spec, firing in group:
+        firing.count += 1
+        out = spec.fn(x, ctx)
+        if out is not None:
+            x, changed = out, True
+    return x if changed else None
+
+
+def nnsight_intervene(lm: Any, *interventions: Any, model: Model | None = None) -> list[Firing]:
+    """Apply steerlab interventions inside an nnsight trace; call it from the ``with`` body.
+
+    Each site is read and, where an intervention changes it, replaced through its envoy
+    (``.input`` for ``resid_pre`` and ``head``, ``.output`` otherwise), layer by layer in run order,
+    so other nnsight code may read and edit the same model around it. In a generation, call it once
+    per step (``for _ in tracer.iter[:]:``) or use :func:`nnsight_generate`. Returns one
+    :class:`~steerlab.interop._common.Firing` per hook (saved, so it outlives the ``with`` block),
+    counted as the run goes.
+
+    Example:
+        >>> with lm.trace(inputs):                                            # doctest: +SKIP
+        ...     nnsight_intervene(lm, Ablate(direction))
+        ...     logits = lm.output.logits.save()
+    """
+    model = model or as_model(lm)
+    spec = model.spec
+    specs = specs_for(model, interventions)
+    firings = [Firing(name=s.name, site=s.site, layer=s.layer) for s in specs]
+    layers = _envoy(lm, spec.layers)
+    for (layer, site), items in groupby(zip(specs, firings), key=lambda pair: (pair[0].layer, pair[0].site)):
+        group = list(items)
+        layer_env = layers[layer]
+        if site == "resid_pre":
+            new = _run(group, layer_env.input)
+            if new is not None:
+                layer_env.input = new
+        elif site == "head":
+            o_proj = _envoy(layer_env, spec.o_proj)
+            flat = o_proj.input
+            new = _run(group, flat.view(*flat.shape[:-1], model.n_heads, -1))
+            if new is not None:
+                o_proj.input = new.reshape(flat.shape)
+        else:
+            env = (
+                layer_env
+                if site == "resid_post"
+                else _envoy(layer_env, spec.attn_out if site == "attn_out" else spec.mlp_out)
+            )
+            tensor, rebuild = _split(env.output)
+            new = _run(group, tensor)
+            if new is not None:
+                env.output = rebuild(new)
+    from nnsight import save  # keep the list (and its counts) bound after the `with` block
+
+    return save(firings)
+
+
+def nnsight_generate(
+    lm: Any, inputs: Any, *interventions: Any, max_new_tokens: int = 32, **kwargs: Any
+) -> torch.Tensor:
+    """``lm.generate`` with ``interventions`` applied at every step (prompt and generated tokens);
+    returns the token ids (prompt + continuation), like ``hf.generate``.
+
+    ``inputs`` is anything nnsight accepts (text, or ``{"input_ids", "attention_mask"}``); ``kwargs``
+    go to ``generate`` (``do_sample=False`` by default).
+
+    Example:
+        >>> ids = nnsight_generate(lm, batch, AddVector(d, coeff=4.0), max_new_tokens=32)   # doctest: +SKIP
+    """
+    model = as_model(lm)
+    kwargs.setdefault("do_sample", False)
+    with warnings.catch_warnings():  # an open step loop ends with a "never reached" warning by design
+        warnings.filterwarnings("ignore", message=".*was never reached")
+        with lm.generate(max_new_tokens=max_new_tokens, **kwargs) as tracer:
+            with tracer.invoke(inputs):
+                for _ in tracer.iter[:]:
+                    nnsight_intervene(lm, *interventions, model=model)
+            with tracer.invoke():
+                ids = tracer.result.save()
+    return ids

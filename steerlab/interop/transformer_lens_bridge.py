@@ -1,0 +1,397 @@
+"""TransformerLens interop: steerlab interventions and directions on a ``TransformerBridge``'s hook points.
+
+* :func:`to_bridge` — wrap a steerlab Model (or HF model) in a ``TransformerBridge``, offline.
+* :func:`tl_hook_name` / :func:`tl_site` — steerlab site names <-> TL hook names
+  (``resid_pre`` <-> ``blocks.{l}.hook_resid_pre``, ``head`` <-> ``blocks.{l}.attn.hook_z``, ...).
+* :func:`tl_hooks` / :func:`apply_tl` — any ``.hooks(model)`` intervention (AddVector, Ablate, Clamp,
+  HeadAblation) as ``fwd_hooks`` for ``bridge.hooks(...)`` / ``run_with_hooks``, or applied in a scope.
+* :func:`direction_to_tl_hooks` / :func:`direction_from_tl` — a Direction to TL hook functions and
+  back from per-layer vectors, a TL activation cache (or two: mean difference), or those hooks.
+
+A bridge runs the HF model's own modules (it swaps wrappers into the HF module tree), so the same
+intervention gives the same logits through TL hook points as through steerlab's hooks.
+
+Example:
+    >>> from steerlab.interop import to_bridge, apply_tl                     # doctest: +SKIP
+    >>> bridge = to_bridge(model)                                             # doctest: +SKIP
+    >>> with apply_tl(bridge, AddVector(direction, coeff=4.0)):               # doctest: +SKIP
+    ...     logits = bridge(tokens)
+"""
+
+from __future__ import annotations
+
+import copy as copy_module
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from steerlab.arch import resolve_path
+from steerlab.errors import EmptyInputError, InterventionNotFiredError, LayerIndexError, ShapeError
+from steerlab.hooks import HookContext, StepInfo, check_site
+from steerlab.interop._common import Firing, InteropError, Spec, as_model, require, specs_for
+from steerlab.model import Model
+from steerlab.steering.direction import Direction
+from steerlab.steering.ops import Ablate, AddVector, Clamp
+
+TL_NAMES: dict[str, str] = {
+    "resid_pre": "blocks.{layer}.hook_resid_pre",
+    "resid_post": "blocks.{layer}.hook_resid_post",
+    "attn_out": "blocks.{layer}.hook_attn_out",
+    "mlp_out": "blocks.{layer}.hook_mlp_out",
+    "head": "blocks.{layer}.attn.hook_z",
+}
+# Bridge-native names of the same points (a TL alias and the component hook it resolves to).
+_NATIVE = {"hook_in": "resid_pre", "hook_out": "resid_post", "attn.hook_out": "attn_out", "mlp.hook_out": "mlp_out"}
+_NAME_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
+TLHookList = list[tuple[str, "TLHook"]]
+
+
+# ----- names -----
+def tl_hook_name(site: str, layer: int, *, bridge: Any = None) -> str:
+    """The TL hook name of a steerlab site at a (non-negative) layer.
+
+    Without ``bridge`` this is TransformerLens's canonical name. With one, it is the hook point on the
+    exact module steerlab hooks (they differ only where a family's residual add is not the plain
+    module output, e.g. Granite's scaled attention).
+
+    Example:
+        >>> tl_hook_name("resid_pre", 3)
+        'blocks.3.hook_resid_pre'
+    """
+    check_site(site)
+    if site not in TL_NAMES:
+        raise InteropError(f"site {site!r} has no TransformerLens hook point; TL sites: {', '.join(TL_NAMES)}")
+    if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+        raise LayerIndexError(f"layer must be a non-negative int for a TL hook name, got {layer!r}")
+    canonical = TL_NAMES[site].format(layer=layer)
+    if bridge is None:
+        return canonical
+    point = _hook_point(bridge, as_model(bridge), site, layer)
+    return canonical if bridge.hook_dict.get(canonical) is point else point.name
+
+
+def tl_site(name: str) -> tuple[str, int]:
+    """``(site, layer)`` of a TL hook name (canonical or bridge-native).
+
+    Example:
+        >>> tl_site("blocks.7.hook_resid_post")
+        ('resid_post', 7)
+    """
+    match = _NAME_RE.match(name)
+    rest = match.group(2) if match else ""
+    site = next((s for s, pat in TL_NAMES.items() if pat.split("}.", 1)[1] == rest), _NATIVE.get(rest))
+    if match is None or site is None:
+        raise InteropError(
+            f"{name!r} is not a residual-stream or head hook name; expected blocks.<layer>.<hook> with hook one of "
+            f"{', '.join(p.split('}.', 1)[1] for p in TL_NAMES.values())}"
+        )
+    return site, int(match.group(1))
+
+
+def _hook_point(bridge: Any, model: Model, site: str, layer: int) -> Any:
+    """The bridge HookPoint on the module steerlab hooks for ``site`` at ``layer``."""
+    spec = model.spec
+    layer_mod = spec.decoder_layers(bridge.original_model)[layer]
+    paths = {"attn_out": spec.attn_out, "mlp_out": spec.mlp_out, "head": spec.o_proj}
+    component = layer_mod if site in ("resid_pre", "resid_post") else resolve_path(layer_mod, paths[site])
+    attr = "hook_in" if site in ("resid_pre", "head") else "hook_out"
+    point = getattr(component, attr, None)
+    if point is None or not getattr(point, "name", None):
+        raise InteropError(
+            f"the bridge has no hook point on {type(component).__name__} for site {site!r} at layer {layer}; "
+            "apply the intervention through steerlab instead: `with steerlab.load(bridge).apply(iv): ...`"
+        )
+    return point
+
+
+# ----- building a bridge -----
+def to_bridge(model: Model | nn.Module, tokenizer: Any = None, *, copy: bool = False, device: str | None = None) -> Any:
+    """A TransformerLens ``TransformerBridge`` around an already-loaded model (no download).
+
+    The bridge swaps its wrappers into the HF module tree and switches attention to eager (so
+    attention patterns can be hooked); ``copy=True`` bridges a deep copy and leaves ``model`` as it
+    was. steerlab hooks keep working on a bridged model: ``steerlab.load(bridge)``.
+
+    Example:
+        >>> bridge = to_bridge(steerlab.load("smollm2-135m-instruct"))          # doctest: +SKIP
+        >>> bridge.run_with_cache(tokens)                                         # doctest: +SKIP
+    """
+    tl = require("transformer_lens.model_bridge", "to_bridge")
+    if isinstance(model, Model):
+        hf, tok = model.hf, tokenizer or model.tokenizer
+    else:
+        hf, tok = model, tokenizer
+    if tok is None:
+        raise EmptyInputError("to_bridge needs a tokenizer: pass to_bridge(hf_model, tokenizer)")
+    if copy:
+        hf = copy_module.deepcopy(hf)
+    if not getattr(hf.config, "architectures", None):  # configs built in code lack it; TL keys adapters on it
+        hf.config.architectures = [type(hf).__name__]
+    name = getattr(hf.config, "_name_or_path", "") or type(hf).__name__
+    dev = device or str(next(hf.parameters()).device)
+    # TL normalises the tokenizer in place (BOS, padding side): give it a copy
+    return tl.TransformerBridge.boot_transformers(name, hf_model=hf, tokenizer=copy_module.deepcopy(tok), device=dev)
+
+
+# ----- interventions as TL hooks -----
+class TLHook:
+    """A steerlab hook function in TransformerLens form, ``fn(activation, hook) -> activation | None``.
+
+    ``count`` is how often it fired; ``direction`` is set when it was made from a Direction.
+    """
+
+    def __init__(self, spec: Spec, *, n_heads: int | None = None, direction: Direction | None = None) -> None:
+        self.spec = spec
+        self.n_heads = n_heads
+        self.direction = direction
+        self.firing = Firing(name=spec.name, site=spec.site, layer=spec.layer)
+        self.ctx = HookContext(site=spec.site, layer=spec.layer, step=StepInfo())
+
+    @property
+    def count(self) -> int:
+        """How many times this hook fired."""
+        return self.firing.count
+
+    def __call__(self, x: torch.Tensor, hook: Any = None) -> torch.Tensor | None:
+        self.firing.count += 1
+        step = self.ctx.step
+        step.calls += 1
+        step.batch_size, step.seq_len = int(x.shape[0]), int(x.shape[1])
+        flat = self.spec.site == "head" and x.dim() == 3  # a TL without the [.., H, dh] view of hook_z
+        view = x.view(*x.shape[:-1], self.n_heads, -1) if flat else x
+        out = self.spec.fn(view, self.ctx)
+        if out is None:
+            return None
+        if out.shape != view.shape:
+            raise ShapeError(
+                f"{self.spec.name} returned shape {tuple(out.shape)} for an activation of shape {tuple(view.shape)}"
+            )
+        return out.reshape(x.shape) if flat else out
+
+    def __repr__(self) -> str:
+        return f"TLHook({self.spec.name}, count={self.count})"
+
+
+def tl_hooks(target: Any, *interventions: Any) -> TLHookList:
+    """``[(hook_name, fn), ...]`` that apply steerlab interventions through TransformerLens hook points.
+
+    ``target`` is a ``TransformerBridge`` (names resolve to the exact modules steerlab hooks) or a
+    steerlab Model (canonical TL names). Use with ``bridge.hooks(fwd_hooks=...)`` or
+    ``bridge.run_with_hooks(tokens, fwd_hooks=...)``; each fn has a ``count`` of firings.
+
+    Example:
+        >>> hooks = tl_hooks(bridge, Ablate(direction))                         # doctest: +SKIP
+        >>> logits = bridge.run_with_hooks(tokens, fwd_hooks=hooks)              # doctest: +SKIP
+    """
+    model = as_model(target)
+    bridge = None if isinstance(target, Model) else target
+    out: TLHookList = []
+    for spec in specs_for(model, interventions):
+        name = TL_NAMES[spec.site].format(layer=spec.layer)
+        if bridge is not None:
+            point = _hook_point(bridge, model, spec.site, spec.layer)
+            name = name if bridge.hook_dict.get(name) is point else point.name
+        out.append((name, TLHook(spec, n_heads=model.n_heads)))
+    return out
+
+
+@contextmanager
+def apply_tl(bridge: Any, *interventions: Any, check_fired: bool = True) -> Iterator[TLHookList]:
+    """Apply steerlab interventions to a ``TransformerBridge`` for a ``with`` block (via ``bridge.hooks``).
+
+    The hooks are removed when the block ends, also on an exception; with ``check_fired`` a hook
+    that never ran raises :class:`~steerlab.errors.InterventionNotFiredError`.
+
+    Example:
+        >>> with apply_tl(bridge, AddVector(direction, coeff=4.0)):              # doctest: +SKIP
+        ...     bridge.generate(tokens, max_new_tokens=32, do_sample=False)
+    """
+    hooks = tl_hooks(bridge, *interventions)
+    with bridge.hooks(fwd_hooks=hooks):
+        yield hooks
+    if check_fired:
+        silent = [fn.spec.name for _, fn in hooks if fn.count == 0]
+        if silent:
+            raise InterventionNotFiredError(
+                f"TL hook(s) never fired: {', '.join(silent)}. Run the bridge inside the `with apply_tl(...)` block."
+            )
+
+
+# ----- directions -----
+class _Shape:
+    """What the steer ops read from a model, for a TL model steerlab has not loaded."""
+
+    def __init__(self, d_model: int, n_layers: int) -> None:
+        self.d_model, self.n_layers, self.name, self.n_heads = d_model, n_layers, "the TransformerLens model", None
+
+    def layer_indices(self, layers: Sequence[int] | int | None = None) -> list[int]:
+        from steerlab.arch import normalize_layer
+
+        items = list(range(self.n_layers)) if layers is None else [layers] if isinstance(layers, int) else list(layers)
+        return sorted({normalize_layer(i, self.n_layers) for i in items})
+
+
+def direction_to_tl_hooks(
+    direction: Direction,
+    *,
+    op: Literal["add", "ablate", "clamp"] = "add",
+    coeff: float = 1.0,
+    layers: Sequence[int] | None = None,
+    source_layer: int | None = None,
+    value: float = 0.0,
+    per_layer: bool = False,
+    n_layers: int | None = None,
+    model: Any = None,
+) -> TLHookList:
+    """A Direction as TransformerLens ``fwd_hooks``: ``op="add"`` (AddVector), ``"ablate"`` (Ablate on
+    every layer's resid_pre, attn_out and mlp_out) or ``"clamp"`` (Clamp to ``value``).
+
+    The hook names are TL's canonical ones (they work on a ``TransformerBridge`` and on a
+    ``HookedTransformer``). ``"ablate"`` needs the depth: ``n_layers=`` or ``model=`` (a bridge or
+    steerlab Model). Each fn carries ``.direction``, so :func:`direction_from_tl` reads it back.
+
+    Example:
+        >>> hooks = direction_to_tl_hooks(direction, op="add", coeff=4.0, layers=[10])    # doctest: +SKIP
+        >>> with bridge.hooks(fwd_hooks=hooks):                                          # doctest: +SKIP
+        ...     bridge.generate(tokens, max_new_tokens=32)
+    """
+    if model is not None:
+        target = as_model(model)
+    else:
+        depth = n_layers
+        named = [*direction.layers, *(layers or []), *([source_layer] if source_layer is not None else [])]
+        if depth is None and (op == "ablate" or any(la < 0 for la in named)):
+            raise EmptyInputError(
+                "the model's depth is needed (op='ablate' edits every layer; negative layers count from the end): "
+                "pass n_layers=... or model=bridge"
+            )
+        depth = depth if depth is not None else max(named) + 1
+        target = _Shape(direction.width, depth)
+    if op == "add":
+        iv: Any = AddVector(direction, coeff=coeff, layers=layers, source_layer=source_layer)
+    elif op == "ablate":
+        if layers is not None:
+            raise InteropError("op='ablate' edits every layer; pick the vector with source_layer=... (not layers=)")
+        iv = Ablate(direction, source_layer=source_layer, per_layer=per_layer)
+    elif op == "clamp":
+        iv = Clamp(direction, value=value, layers=list(layers) if layers is not None else list(direction.layers),
+                   source_layer=source_layer)  # fmt: skip
+    else:
+        raise InteropError(f"op must be 'add', 'ablate' or 'clamp', got {op!r}")
+    specs = specs_for(target, [iv])  # type: ignore[arg-type]
+    return [
+        (
+            TL_NAMES[s.site].format(layer=s.layer),
+            TLHook(s, n_heads=getattr(target, "n_heads", None), direction=direction),
+        )
+        for s in specs
+    ]
+
+
+def direction_from_tl(
+    source: Any,
+    negative: Any = None,
+    *,
+    site: str = "resid_pre",
+    layers: Sequence[int] | None = None,
+    position: int = -1,
+    method: str | None = None,
+    model_name: str = "",
+) -> Direction:
+    """A Direction from TransformerLens-side data.
+
+    ``source`` is one of: per-layer vectors (``{layer: [d]}`` or a ``[n_layers, d]`` tensor with
+    ``layers=``); a TL activation cache or ``{hook_name: tensor}`` dict (the ``site`` hooks are
+    read; ``[b, s, d]`` at ``position`` then averaged over the batch, ``[b, d]`` averaged, ``[d]`` as
+    is); or hooks from :func:`direction_to_tl_hooks` (their direction comes back). With
+    ``negative`` (same kind) the result is the mean difference ``source - negative``.
+
+    Example:
+        >>> _, pos = bridge.run_with_cache(harmful_tokens)                        # doctest: +SKIP
+        >>> _, neg = bridge.run_with_cache(harmless_tokens)                       # doctest: +SKIP
+        >>> direction = direction_from_tl(pos, neg, site="resid_pre")             # doctest: +SKIP
+    """
+    check_site(site)
+    if _is_hook_list(source):
+        if negative is not None:
+            raise InteropError("hooks carry one direction; pass negative= only with vectors or caches")
+        return _from_hooks(source)
+    pos = _per_layer(source, site=site, layers=layers, position=position)
+    if negative is not None:
+        neg = _per_layer(negative, site=site, layers=layers, position=position)
+        if sorted(neg) != sorted(pos):
+            raise ShapeError(
+                f"source covers layers {sorted(pos)} but negative covers {sorted(neg)}; pass matching data"
+            )
+        pos = {la: pos[la] - neg[la] for la in pos}
+    order = sorted(pos)
+    vectors = torch.stack([pos[la] for la in order])
+    kind = method or ("mean_diff" if negative is not None else "transformer_lens")
+    return Direction(vectors=vectors, layers=tuple(order), site=site, position=position, method=kind, model=model_name)
+
+
+def _is_hook_list(source: Any) -> bool:
+    return (
+        isinstance(source, (list, tuple))
+        and bool(source)
+        and all(isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], TLHook) for item in source)
+    )
+
+
+def _from_hooks(hooks: Sequence[tuple[str, TLHook]]) -> Direction:
+    found = {id(fn.direction): fn.direction for _, fn in hooks if fn.direction is not None}
+    if len(found) != 1:
+        raise InteropError(
+            f"these hooks carry {len(found)} directions; pass the hooks made by one direction_to_tl_hooks(...) call"
+        )
+    return next(iter(found.values()))
+
+
+def _per_layer(source: Any, *, site: str, layers: Sequence[int] | None, position: int) -> dict[int, torch.Tensor]:
+    """{layer: [d] float32 vector} from vectors, a tensor, a cache or a {hook_name: tensor} dict."""
+    if isinstance(source, torch.Tensor):
+        if source.dim() != 2:
+            raise ShapeError(f"a tensor of per-layer vectors must be [n_layers, d], got {tuple(source.shape)}")
+        if layers is None or len(layers) != source.shape[0]:
+            raise ShapeError(f"pass layers=[...] with one layer per row of the [{source.shape[0]}, d] tensor")
+        return {int(la): source[i].detach().float().cpu() for i, la in enumerate(layers)}
+    if not hasattr(source, "keys"):
+        raise InteropError(
+            f"cannot read a direction from a {type(source).__name__}; pass {{layer: vector}}, a [n_layers, d] "
+            "tensor, a TL ActivationCache / {hook_name: tensor} dict, or hooks from direction_to_tl_hooks"
+        )
+    wanted = set(layers) if layers is not None else None
+    out: dict[int, torch.Tensor] = {}
+    for key in list(source.keys()):
+        if isinstance(key, int):
+            la = key
+        else:
+            try:
+                key_site, la = tl_site(str(key))
+            except InteropError:
+                continue
+            if key_site != site:
+                continue
+        if wanted is None or la in wanted:
+            out[la] = _reduce(source[key], position)
+    if not out:
+        raise EmptyInputError(
+            f"no {site} activations found (looked for {TL_NAMES[site].format(layer='<l>')}); cache that hook, "
+            "or pass site= to match what was cached"
+        )
+    return out
+
+
+def _reduce(value: torch.Tensor, position: int) -> torch.Tensor:
+    x = torch.as_tensor(value).detach().float().cpu()
+    if x.dim() == 3:  # [b, s, d]
+        x = x[:, position]
+    if x.dim() == 2:  # [b, d]
+        x = x.mean(0)
+    if x.dim() != 1:
+        raise ShapeError(f"expected [b, s, d], [b, d] or [d] activations, got {tuple(value.shape)}")
+    return x
