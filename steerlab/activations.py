@@ -32,6 +32,7 @@ from steerlab.chat import NAMED_POSITIONS, EncodedBatch, Position
 from steerlab.errors import EmptyInputError, UnknownPositionError, UnknownSiteError
 from steerlab.hooks import MOE_SITES, HookContext, check_site
 from steerlab.model import Model
+from steerlab.prefix_cache import new_cache, shared_prefix_length, suffix_inputs, take_prefix
 
 
 class _StopForward(Exception):
@@ -151,11 +152,15 @@ def collect(
     reasoning_end: str | None = None,
     out_dir: str | Path | None = None,
     progress: bool = True,
+    share_prefix: bool = True,
 ) -> Activations:
     """Run ``prompts`` through ``model`` and keep the chosen activations (see module docs).
 
     ``responses`` prefills an assistant response after each prompt (for traces over a
-    continuation); ``chat=False`` treats prompts as raw text.
+    continuation); ``chat=False`` treats prompts as raw text. ``share_prefix`` computes the tokens
+    every prompt starts with (the chat template's system turn) in the first batch only and reuses
+    their keys and values in later batches, when no position reads them and no other hooks are
+    active (see :mod:`steerlab.prefix_cache`).
     """
     prompts = list(prompts) if not isinstance(prompts, str) else [prompts]
     if not prompts:
@@ -186,6 +191,16 @@ def collect(
     def stop(x: torch.Tensor, ctx: HookContext) -> None:
         raise _StopForward
 
+    def run(inputs: dict) -> None:
+        with torch.inference_mode():
+            try:
+                model.hf(**inputs)
+            except _StopForward:
+                pass
+
+    batches = [(idx, batch.to(model.device)) for idx, batch in fmt.batches(rows, batch_size)]
+    reuse = share_prefix and not model._sessions  # other hooks may read the prefix: run it every time
+    shared = shared_prefix_length(rows, [b for _, b in batches], pos_list) if reuse else 0
     shards: list[dict[str, torch.Tensor]] = []
     bar = tqdm(total=len(prompts), desc="collecting", unit="prompt", disable=not progress)
     try:
@@ -194,15 +209,17 @@ def collect(
                 for layer in layer_list:
                     hooks.add(site, layer, _selecting(buffer, state, pos_list), name=f"collect.{site}.{layer}")
             hooks.add("resid_pre" if only_pre_at_stop else "resid_post", stop_after, stop, name="collect.stop")
-            for n_batch, (idx, batch) in enumerate(fmt.batches(rows, batch_size)):
-                batch = batch.to(model.device)
-                state["batch"] = batch
+            prefix = None
+            for n_batch, (idx, batch) in enumerate(batches):
+                state["batch"], state["shift"] = batch, shared if prefix is not None else 0
                 buffer.clear()
-                with torch.inference_mode():
-                    try:
-                        model.hf(**batch.model_inputs(), use_cache=False)
-                    except _StopForward:
-                        pass
+                if prefix is not None:  # later batches: only what follows the shared prefix
+                    run(suffix_inputs(batch, prefix, model))
+                elif shared and n_batch == 0 and (cache := new_cache(model)) is not None:
+                    run({**batch.model_inputs(), "past_key_values": cache, "use_cache": True})
+                    prefix = take_prefix(cache, batch, shared)
+                else:
+                    run({**batch.model_inputs(), "use_cache": False})
                 shard = _pack(buffer, site_list, layer_list, pos_list, batch)
                 shard["__order__"] = torch.tensor(idx)
                 shard["__lengths__"] = batch.lengths.clone()
@@ -230,7 +247,7 @@ def _selecting(buffer, state, pos_list):
                 mask = batch.attention_mask.bool().to(x.device)
                 kept[p] = x[mask].float().cpu()  # row-major: prompt by prompt
             else:
-                kept[p] = _gather(x, batch.index(p)).float().cpu()
+                kept[p] = _gather(x, batch.index(p) - state.get("shift", 0)).float().cpu()
         buffer[(ctx.site, ctx.layer)] = kept
         return None
 

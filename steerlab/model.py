@@ -231,7 +231,21 @@ def _from_pretrained(path: str, **kwargs):
     if gguf_file and hasattr(hf.config, "quantization_config"):
         del hf.config.quantization_config  # dequantised weights: keep save_pretrained working
         hf.hf_quantizer = None
+    _own_memory(hf)
     return hf, tok
+
+
+@torch.no_grad()
+def _own_memory(hf: nn.Module) -> None:
+    """Move CPU weights out of the checkpoint's memory map into fresh, aligned memory.
+
+    ``from_pretrained`` leaves safetensors weights memory-mapped from the file at whatever alignment
+    the file gives them; on CPU the matmuls then run ~10% slower than on a fresh copy. Tied
+    weights are one Parameter, so they stay tied.
+    """
+    for tensor in [*hf.parameters(), *hf.buffers()]:
+        if tensor.device.type == "cpu" and type(tensor.data) is torch.Tensor:
+            tensor.data = tensor.data.clone()
 
 
 def _resolve(source, tokenizer, **kwargs):
