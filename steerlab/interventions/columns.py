@@ -1,0 +1,498 @@
+"""MLP down-projection columns: address them, read them, and scale or shift them (``ColumnEdit``).
+
+A column is one intermediate neuron's write vector: ``v = down_proj.weight[:, j]`` of a dense MLP
+(METHODS 8, a "concept vector"), the same column of one routed expert inside the fused 3D expert
+parameter, or of a shared expert. Addresses:
+
+* ``(layer, column)`` — the dense MLP of ``layer``;
+* ``(layer, expert, column)`` — routed expert ``expert`` of ``layer``'s MoE block;
+* ``(layer, "shared", column)`` — the shared expert of ``layer``'s MoE block (Qwen2-MoE, DeepSeek).
+
+:class:`ColumnEdit` replaces each chosen column by ``scale * v + add[i]`` (``scale=0``: ablate the
+neuron; ``add``: e.g. the noise of :func:`noise_edit`, METHODS 8's validation). At runtime it hooks the
+down projection's *output* and adds ``a_j · ((scale - 1) v + add_j)``, where ``a_j`` is neuron
+``j``'s activation (the down projection's input for a dense MLP; for a routed expert it is recomputed
+from the fused ``gate_up`` parameter with the experts module's own gate, only for the tokens routed to
+it, times their routing weight). The weight form (``training.bake``) writes the new columns.
+
+Example:
+    >>> edit = ColumnEdit([(17, 1234), (2, 5, 40)], scale=0.0)          # doctest: +SKIP
+    >>> with model.apply(edit):                                         # doctest: +SKIP
+    ...     model.generate(["Which language did Guido van Rossum create?"])
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from steerlab.arch import normalize_layer, resolve_path
+from steerlab.errors import EmptyInputError, ShapeError, SteerlabError, UnknownArchitectureError
+
+if TYPE_CHECKING:
+    from steerlab.hooks import HookHandle, HookSession
+    from steerlab.model import Model
+
+SHARED = "shared"
+Expert = int | str | None  # None: dense MLP; int: routed expert; "shared": shared expert
+Column = tuple[int, int] | tuple[int, int | str, int]
+
+
+class ColumnIndexError(SteerlabError, IndexError):
+    """A column address names a layer, expert or neuron the model does not have."""
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where one fused-expert layout keeps a neuron: the down weight's neuron axis (after picking the expert),
+    and how its gate and up pre-activations are laid out in ``gate_up``."""
+
+    down: str
+    down_neuron_axis: int
+    gate_up: str
+    gate_up_bias: str | None
+    interleaved: bool  # False: gate_up [2I, d], gate rows then up rows; True: [d, 2I], (gate, up) pairs in columns
+
+
+# Per MoESpec.expert_layout (see steerlab.arch): gate_up_rows = gate_up_proj [E, 2I, d], down_proj [E, d, I];
+# gate_up_interleaved_cols (gpt-oss) = gate_up_proj [E, d, 2I] + bias [E, 2I], down_proj [E, I, d].
+LAYOUTS: dict[str, _Layout] = {
+    "gate_up_rows": _Layout("down_proj", 1, "gate_up_proj", None, False),
+    "gate_up_interleaved_cols": _Layout("down_proj", 0, "gate_up_proj", "gate_up_proj_bias", True),
+}
+
+
+@dataclass(frozen=True)
+class ColumnGroup:
+    """The columns of one down projection: a dense MLP's, one routed expert's or a shared expert's.
+
+    ``path`` is the weight's parameter path from the model root; for a routed expert it is the fused
+    ``[E, ...]`` parameter and ``expert`` picks the slice. ``neuron_axis`` indexes neurons in that slice;
+    ``module`` is the module whose output the runtime edit hooks (the Linear, or the experts module).
+    """
+
+    layer: int
+    expert: Expert
+    path: str
+    neuron_axis: int
+    n_columns: int
+    module: str
+
+    def address(self, column: int) -> Column:
+        """The column address of neuron ``column`` in this group."""
+        return (self.layer, column) if self.expert is None else (self.layer, self.expert, column)
+
+    def weight(self, model: Model) -> torch.Tensor:
+        """The weight slice ``[..]`` that holds these columns (a view of the live parameter)."""
+        owner, _, name = self.path.rpartition(".")
+        t = getattr(resolve_path(model.hf, owner), name)
+        return t[self.expert] if isinstance(self.expert, int) else t
+
+    def vectors(self, model: Model, columns: Sequence[int] | None = None) -> torch.Tensor:
+        """The columns as rows ``[n, d]`` (float32, CPU), all of them or the ``columns`` given."""
+        w = torch.movedim(self.weight(model).detach(), self.neuron_axis, 0)
+        if columns is not None:
+            w = w[torch.as_tensor(list(columns), dtype=torch.long, device=w.device)]
+        return w.float().cpu()
+
+
+def _dense_down_name(model: Model) -> str:
+    spec = model.spec
+    if spec.down_proj and spec.down_proj.startswith(spec.mlp + "."):
+        return spec.down_proj[len(spec.mlp) + 1 :]
+    return "down_proj"
+
+
+def _size(weight: torch.Tensor, axis: int) -> int:
+    return int(weight.shape[axis])
+
+
+def layer_groups(model: Model, layer: int) -> list[ColumnGroup]:
+    """The column groups of one layer: its dense MLP, or every routed expert plus any shared expert.
+
+    Example:
+        >>> [g.expert for g in layer_groups(model, 1)]                 # doctest: +SKIP
+        [0, 1, 2, 3, 'shared']
+    """
+    spec, hf = model.spec, model.hf
+    idx = normalize_layer(layer, model.n_layers)
+    prefix = f"{spec.layers}.{idx}"
+    block = spec.moe_block(hf, idx)
+    if block is None:
+        if spec.down_proj is None:
+            raise UnknownArchitectureError(
+                f"layer {idx} of this {spec.model_type} model has no MoE block and the registry names no dense "
+                "down_proj; fix the spec with steerlab.arch.register(..., overwrite=True)"
+            )
+        path = f"{prefix}.{spec.down_proj}"
+        linear = resolve_path(hf, path)
+        return [ColumnGroup(idx, None, f"{path}.weight", 1, _size(linear.weight, 1), path)]
+    moe = spec.moe
+    layout = LAYOUTS[moe.expert_layout]
+    experts_path = f"{prefix}.{moe.block}.{moe.experts}"
+    fused = getattr(resolve_path(hf, experts_path), layout.down)
+    n_cols = _size(fused, layout.down_neuron_axis + 1)
+    groups = [
+        ColumnGroup(idx, e, f"{experts_path}.{layout.down}", layout.down_neuron_axis, n_cols, experts_path)
+        for e in range(int(fused.shape[0]))
+    ]
+    if moe.shared_experts is not None:
+        path = f"{prefix}.{moe.block}.{moe.shared_experts}.{_dense_down_name(model)}"
+        linear = resolve_path(hf, path, missing_ok=True)
+        if linear is not None:
+            groups.append(ColumnGroup(idx, SHARED, f"{path}.weight", 1, _size(linear.weight, 1), path))
+    return groups
+
+
+def column_groups(model: Model, *, layers: Sequence[int] | int | None = None) -> list[ColumnGroup]:
+    """Every column group of the chosen layers (default: all), layer by layer.
+
+    Example:
+        >>> sum(g.n_columns for g in column_groups(model))             # doctest: +SKIP
+        116736
+    """
+    return [g for layer in model.layer_indices(layers) for g in layer_groups(model, layer)]
+
+
+def _as_address(item) -> Column:
+    try:
+        parts = tuple(item)
+    except TypeError:
+        raise ColumnIndexError(f"a column is (layer, column) or (layer, expert, column); got {item!r}") from None
+    ok_ints = all(isinstance(p, int) and not isinstance(p, bool) for p in (parts[0], parts[-1])) if parts else False
+    if len(parts) == 2 and ok_ints:
+        return (int(parts[0]), int(parts[1]))
+    if (
+        len(parts) == 3
+        and ok_ints
+        and (parts[1] == SHARED or (isinstance(parts[1], int) and not isinstance(parts[1], bool)))
+    ):
+        return (int(parts[0]), parts[1] if parts[1] == SHARED else int(parts[1]), int(parts[2]))
+    raise ColumnIndexError(
+        f"a column is (layer, column), (layer, expert, column) or (layer, 'shared', column) with int indices; got {item!r}"
+    )
+
+
+def resolve_column(model: Model, column: Column) -> tuple[ColumnGroup, int]:
+    """The group that holds ``column`` and the neuron index in it (negative indices resolved), or a clear error.
+
+    Example:
+        >>> group, j = resolve_column(model, (-1, 7))                  # doctest: +SKIP
+    """
+    address = _as_address(column)
+    layer = normalize_layer(address[0], model.n_layers)
+    groups = layer_groups(model, layer)
+    expert: Expert = None if len(address) == 2 else address[1]
+    dense = groups[0].expert is None
+    if dense and expert is not None:
+        raise ColumnIndexError(
+            f"layer {layer} of this {model.spec.model_type} model is a dense MLP: address its columns as ({layer}, column), "
+            f"not {column!r}"
+        )
+    if not dense and expert is None:
+        n_routed = sum(isinstance(g.expert, int) for g in groups)
+        shared = " or (layer, 'shared', column)" if any(g.expert == SHARED for g in groups) else ""
+        raise ColumnIndexError(
+            f"layer {layer} is an MoE layer with {n_routed} routed experts: address a column as "
+            f"({layer}, expert, column){shared}, not {column!r}"
+        )
+    if expert is None:
+        group = groups[0]
+    elif expert == SHARED:
+        found = [g for g in groups if g.expert == SHARED]
+        if not found:
+            raise ColumnIndexError(
+                f"layer {layer} of this {model.spec.model_type} model has no shared expert; use a routed expert index"
+            )
+        group = found[0]
+    else:
+        routed = [g for g in groups if isinstance(g.expert, int)]
+        e = expert + len(routed) if expert < 0 else expert
+        if not 0 <= e < len(routed):
+            raise ColumnIndexError(
+                f"expert {expert} is out of range at layer {layer}: it has {len(routed)} routed experts; "
+                f"use 0..{len(routed) - 1}"
+            )
+        group = routed[e]
+    j = address[-1] + group.n_columns if address[-1] < 0 else address[-1]
+    if not 0 <= j < group.n_columns:
+        raise ColumnIndexError(
+            f"column {address[-1]} is out of range for {column!r}: that down projection has {group.n_columns} columns "
+            f"(intermediate neurons); use 0..{group.n_columns - 1}"
+        )
+    return group, j
+
+
+@dataclass(frozen=True)
+class ColumnTarget:
+    """The part of a :class:`ColumnEdit` that lands on one group: neuron indices and what is added to each."""
+
+    group: ColumnGroup
+    columns: tuple[int, ...]
+    add: torch.Tensor  # [len(columns), d] float64 (zeros when the edit only scales)
+
+
+@dataclass(frozen=True, eq=False)
+class ColumnEdit:
+    """Replace down-projection columns by ``scale * v + add[i]`` (module docs; METHODS 8).
+
+    ``columns`` are addresses as in the module docs (e.g. from
+    :meth:`~steerlab.steering.concept_vectors.ConceptSearch.columns`); ``add`` is ``[len(columns), d]``
+    or ``None``. Applies to every token (prompt and generated); exact weight form via ``training.bake``.
+
+    Example:
+        >>> with model.apply(ColumnEdit(search.columns(10), scale=0.0)):      # doctest: +SKIP
+        ...     model.generate(["What language is pandas written for?"])
+    """
+
+    columns: tuple[Column, ...]
+    scale: float = 0.0
+    add: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        items = tuple(_as_address(c) for c in self.columns)
+        if not items:
+            raise EmptyInputError("ColumnEdit needs at least one column address")
+        object.__setattr__(self, "columns", items)
+        object.__setattr__(self, "scale", float(self.scale))
+        if self.add is not None:
+            add = torch.as_tensor(self.add).detach().to("cpu", torch.float32)
+            if add.dim() != 2 or add.shape[0] != len(items):
+                raise ShapeError(f"add must be [{len(items)} columns, d]; got {tuple(add.shape)}")
+            object.__setattr__(self, "add", add)
+
+    def targets(self, model: Model) -> list[ColumnTarget]:
+        """The edit per column group on ``model``, with every address checked (duplicates are an error)."""
+        d = model.d_model
+        if self.add is not None and self.add.shape[1] != d:
+            raise ShapeError(f"add has width {self.add.shape[1]} but {model.name} has d_model={d}")
+        by_group: dict[tuple[int, Expert], tuple[ColumnGroup, list[int], list[torch.Tensor]]] = {}
+        seen: set[tuple] = set()
+        for i, column in enumerate(self.columns):
+            group, j = resolve_column(model, column)
+            key = (group.layer, group.expert, j)
+            if key in seen:
+                raise ColumnIndexError(
+                    f"column {group.address(j)} is listed twice in this ColumnEdit; list each column once"
+                )
+            seen.add(key)
+            entry = by_group.setdefault((group.layer, group.expert), (group, [], []))
+            entry[1].append(j)
+            entry[2].append(self.add[i].double() if self.add is not None else torch.zeros(d, dtype=torch.float64))
+        return [ColumnTarget(g, tuple(cols), torch.stack(adds)) for g, cols, adds in by_group.values()]
+
+    def install(self, session: HookSession) -> list[HookHandle]:
+        """Hook every touched down projection on an open session (counted; raises on exit if one never ran)."""
+        from steerlab.steering.ops import Cast  # here, not at import: steering imports this module
+
+        model = session.model
+        by_module: dict[str, list[tuple[ColumnTarget, torch.Tensor]]] = {}
+        for target in self.targets(model):
+            v = target.group.vectors(model, target.columns).double()
+            delta = (self.scale - 1.0) * v + target.add  # [n, d]: how each neuron's write changes
+            by_module.setdefault(target.group.module, []).append((target, delta))
+        handles = []
+        for path, items in by_module.items():
+            module = resolve_path(model.hf, path)
+            layer = items[0][0].group.layer
+            if items[0][0].group.expert is None or items[0][0].group.expert == SHARED:
+                hook = _linear_hook(torch.tensor(items[0][0].columns), Cast(items[0][1]))
+                handles.append(session.add_module(module, hook, name=f"ColumnEdit.{path}", layer=layer))
+            else:
+                hook = _experts_hook(model, module, [(t.group.expert, t.columns, d) for t, d in items], Cast)
+                handles.append(
+                    session.add_module(module, hook, name=f"ColumnEdit.{path}", layer=layer, with_kwargs=True)
+                )
+        return handles
+
+
+def _linear_hook(cols: torch.Tensor, delta):
+    def hook(module, args, output):
+        x = args[0]
+        return output + x[..., cols.to(x.device)] @ delta.like(output)
+
+    return hook
+
+
+def _routing_inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(hidden states, top-k expert indices, top-k weights) passed to a fused experts module, by position."""
+    bound = inspect.signature(module.forward).bind(*args, **kwargs)
+    values = list(bound.arguments.values())
+    if len(values) < 3 or not all(isinstance(v, torch.Tensor) for v in values[:3]):
+        raise UnknownArchitectureError(
+            f"{type(module).__name__}.forward does not take (hidden_states, top_k_index, top_k_weights); ColumnEdit "
+            "cannot recompute expert neurons for it. Register a spec whose experts follow the fused layout."
+        )
+    return values[0], values[1], values[2]
+
+
+def expert_activations(
+    model: Model, experts: nn.Module, expert: int, columns: Sequence[int], x: torch.Tensor
+) -> torch.Tensor:
+    """Neuron activations ``[n, len(columns)]`` of routed ``expert`` for inputs ``x`` ``[n, d]`` — the down
+    projection's input — from the fused ``gate_up`` parameter and the experts module's own gate.
+
+    Example:
+        >>> a = expert_activations(model, experts, 3, [7, 9], x)        # doctest: +SKIP
+    """
+    layout = LAYOUTS[model.spec.moe.expert_layout]
+    cols = torch.as_tensor(list(columns), dtype=torch.long, device=x.device)
+    gate_up = getattr(experts, layout.gate_up)[expert]
+    if layout.interleaved:  # [d, 2I]: gate column 2j, up column 2j + 1
+        sel = torch.stack([2 * cols, 2 * cols + 1], dim=-1).reshape(-1)
+        pre = x @ gate_up[:, sel]
+        if layout.gate_up_bias is not None and getattr(experts, layout.gate_up_bias, None) is not None:
+            pre = pre + getattr(experts, layout.gate_up_bias)[expert][sel]
+    else:  # [2I, d]: gate row j, up row I + j
+        half = gate_up.shape[0] // 2
+        pre = x @ gate_up[torch.cat([cols, half + cols])].T
+    if hasattr(experts, "_apply_gate"):
+        return experts._apply_gate(pre)
+    if layout.interleaved or not hasattr(experts, "act_fn"):
+        raise UnknownArchitectureError(
+            f"{type(experts).__name__} has neither _apply_gate nor act_fn; ColumnEdit cannot recompute its neurons"
+        )
+    gate, up = pre.chunk(2, dim=-1)
+    return experts.act_fn(gate) * up
+
+
+def _experts_hook(model: Model, experts: nn.Module, items: list[tuple[int, tuple[int, ...], torch.Tensor]], cast):
+    deltas = [(e, cols, cast(d)) for e, cols, d in items]
+
+    def hook(module, args, kwargs, output):
+        out, rebuild = (output, None) if isinstance(output, torch.Tensor) else (output[0], output)
+        hidden, index, weights = _routing_inputs(module, args, kwargs)
+        x = hidden.reshape(-1, hidden.shape[-1])
+        index = index.reshape(x.shape[0], -1)
+        weights = weights.reshape(x.shape[0], -1)
+        flat = out.reshape(-1, out.shape[-1])
+        for e, cols, delta in deltas:
+            chosen = index == e  # [T, k]
+            rows = torch.nonzero(chosen.any(-1)).flatten()
+            if rows.numel() == 0:
+                continue
+            w = (weights * chosen).sum(-1)[rows]
+            act = expert_activations(model, module, e, cols, x[rows])
+            change = (act * w[:, None].to(act.dtype)) @ delta.like(act)
+            flat = flat.index_add(0, rows, change.to(flat.dtype))
+        new = flat.reshape(out.shape)
+        return new if rebuild is None else (new, *rebuild[1:])
+
+    return hook
+
+
+def noise_edit(model: Model, columns: Sequence[Column], *, std: float = 0.1, seed: int = 0) -> ColumnEdit:
+    """METHODS 8's validation edit: add ``N(0, std²)`` noise (``std=0.1``) to each column, ``v <- v + ε``.
+
+    Example:
+        >>> edit = noise_edit(model, search.columns(5))                 # doctest: +SKIP
+        >>> float(edit.add.std())                                       # doctest: +SKIP
+        0.1
+    """
+    columns = tuple(_as_address(c) for c in columns)
+    if not columns:
+        raise EmptyInputError("noise_edit needs at least one column address")
+    if std < 0:
+        raise ShapeError(f"std must be >= 0; got {std}")
+    noise = torch.randn(len(columns), model.d_model, generator=torch.Generator().manual_seed(seed)) * std
+    return ColumnEdit(columns, scale=1.0, add=noise)
+
+
+def random_columns(model: Model, n: int, *, layers: Sequence[int] | int | None = None, seed: int = 0,
+                   exclude: Sequence[Column] = ()) -> list[Column]:  # fmt: skip
+    """``n`` distinct column addresses drawn uniformly from the chosen layers' groups (a baseline for ablations).
+
+    Example:
+        >>> ColumnEdit(random_columns(model, 10, seed=1))                # doctest: +SKIP
+    """
+    groups = column_groups(model, layers=layers)
+    sizes = torch.tensor([g.n_columns for g in groups])
+    total = int(sizes.sum())
+    skip = {_as_address(c) for c in exclude}
+    if n > total - len(skip):
+        raise ColumnIndexError(f"asked for {n} random columns but only {total - len(skip)} are available")
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)])
+    out: list[Column] = []
+    chosen: set[Column] = set()
+    while len(out) < n:
+        flat = int(torch.randint(total, (1,), generator=gen))
+        g = int(torch.searchsorted(starts, flat, right=True)) - 1
+        address = groups[g].address(flat - int(starts[g]))
+        if address not in skip and address not in chosen:
+            chosen.add(address)
+            out.append(address)
+    return out
+
+
+@torch.inference_mode()
+def column_activations(
+    model: Model, prompts: Sequence[str], columns: Sequence[Column], *, chat: bool = True, batch_size: int = 16
+) -> torch.Tensor:
+    """How strongly each column is written at each prompt's last token: ``[n_prompts, n_columns]`` (float32, CPU).
+    A column listed twice is read once and reported twice.
+
+    The coefficient ``a`` in the residual write ``a · v``: the neuron's activation (the down projection's input) for
+    a dense MLP or shared expert (a shared expert's own output gate is not included), and routing weight times
+    activation for a routed expert (0 where the token is not routed to it). Its sign says whether the column
+    writes ``+v`` or ``-v`` in these contexts.
+
+    Example:
+        >>> acts = column_activations(model, ["Which language has pip?"], [(21, 1701)])   # doctest: +SKIP
+    """
+    prompts = list(prompts)
+    if not prompts:
+        raise EmptyInputError("no prompts given")
+    resolved = [resolve_column(model, c) for c in columns]
+    order = [(g.layer, g.expert, j) for g, j in resolved]
+    unique = list(dict.fromkeys((g.address(j), key) for (g, j), key in zip(resolved, order)))
+    targets = ColumnEdit([address for address, _ in unique], scale=1.0).targets(model)  # grouped per module
+    fmt = model.chat(chat=chat)
+    out = torch.zeros(len(prompts), len(order))
+    for idx, batch in fmt.batches(fmt.tokenize(prompts), batch_size):
+        batch = batch.to(model.device)
+        seen: dict[tuple, torch.Tensor] = {}
+        with model.hooks() as session:
+            for t in targets:
+                module = resolve_path(model.hf, t.group.module)
+                name = f"column_activations.{t.group.module}.{t.group.expert}"
+                if isinstance(t.group.expert, int):
+                    hook = _read_expert(model, t, seen, session.step)
+                    session.add_module(module, hook, name=name, layer=t.group.layer, with_kwargs=True)
+                else:
+                    session.add_module(module, _read_linear(t, seen), name=name, layer=t.group.layer, pre=True)
+            model.hf(**batch.model_inputs(), use_cache=False, logits_to_keep=1)
+        for k, key in enumerate(order):
+            out[idx, k] = seen[key].float().cpu()
+    return out
+
+
+def _read_linear(target: ColumnTarget, seen: dict):
+    def hook(module, args):
+        x = args[0][:, -1]  # left-padded batches: the last position is every row's last prompt token
+        for j in target.columns:
+            seen[(target.group.layer, target.group.expert, j)] = x[:, j]
+
+    return hook
+
+
+def _read_expert(model: Model, target: ColumnTarget, seen: dict, step):
+    e = target.group.expert
+
+    def hook(module, args, kwargs, output):
+        hidden, index, weights = _routing_inputs(module, args, kwargs)
+        b = step.batch_size or 1
+        x = hidden.reshape(b, -1, hidden.shape[-1])[:, -1]
+        index = index.reshape(b, -1, index.shape[-1])[:, -1]
+        weights = weights.reshape(b, -1, weights.shape[-1])[:, -1]
+        w = (weights * (index == e)).sum(-1)  # [b]: 0 where not routed
+        act = expert_activations(model, module, e, target.columns, x) * w[:, None].to(x.dtype)
+        for n, j in enumerate(target.columns):
+            seen[(target.group.layer, e, j)] = act[:, n]
+
+    return hook
