@@ -7,7 +7,8 @@ Then, on 20 questions per concept and 22 control questions (steerlab/data/concep
 written for steerlab), the probability of the one-word answer is measured with the top-N columns
 ablated (scale 0); with the top-N columns that write toward the concept in context (activation sign read
 on 10 separate selection questions, ConceptSearch.in_context) ablated; with METHODS 8's noise N(0, 0.1^2)
-added to the top-N columns; and with N random columns ablated (mean of 2 draws), for N = 5 and 20. A bake of one ablation is parity-checked against the runtime hook.
+added to the top-N columns (3 draws); and with N random columns ablated (mean of 2 draws), for N = 5 and 20.
+A bake of one ablation is parity-checked against the runtime hook.
 
 Run: ``python experiments/concept_vectors_qwen.py`` (about 15 minutes on 2 busy cores); JSON in runs/.
 """
@@ -70,7 +71,7 @@ for name, search in searches.items():
         cols = search.columns(n)
         found = effect_row(ColumnEdit(cols, scale=0.0), (name, other, "control"))
         in_ctx = effect_row(ColumnEdit(promoting[name].columns(n), scale=0.0), (name, other, "control"))
-        noise = noise_validation(model, cols, questions[name], questions["control"], std=0.1, seed=0,
+        noise = noise_validation(model, cols, questions[name], questions["control"], std=0.1, seed=0, draws=3,
                                  before=(base[name], base["control"]))  # fmt: skip
         rand = [
             effect_row(ColumnEdit(random_columns(model, n, seed=s, exclude=cols), scale=0.0), (name, "control"))
@@ -93,7 +94,7 @@ print()
 print("Relative drop of mean p(answer) = 1 - after/before; mean change of log p(answer) in brackets.")
 print("ablate = top-N columns of the vocabulary search set to 0; in-ctx = top-N of those that write toward the")
 print("concept on 10 separate selection questions set to 0; random = N random columns set to 0 (mean of 2 draws);")
-print("noise = METHODS 8 validation, N(0, 0.1^2) added to each of the top-N columns.")
+print("noise = METHODS 8 validation, N(0, 0.1^2) added to each of the top-N columns (p averaged over 3 draws).")
 head = f"{'concept':<8}{'N':>4}  {'edit':<7}{'own concept':>20}{'other concept':>20}{'control':>20}"
 print(head)
 print("-" * len(head))

@@ -209,6 +209,11 @@ def test_noise_validation_measures_concept_and_control_under_the_noise():
     torch.testing.assert_close(effect.concept_before, answer_probability(model, concept))
     summary = effect.summary()
     assert summary["selectivity"] == pytest.approx(effect.concept_drop - effect.control_drop)
+    two = noise_validation(model, cols, concept, control, seed=3, draws=2)
+    other = noise_validation(model, cols, concept, control, seed=4)
+    torch.testing.assert_close(two.concept_after, (effect.concept_after + other.concept_after) / 2)
+    with pytest.raises(SteerlabError, match="draws"):
+        noise_validation(model, cols, concept, control, draws=0)
     none = concept_effect(model, ColumnEdit(cols, scale=1.0), concept, control)
     assert abs(none.concept_drop) < 1e-5 and abs(none.control_logp) < 1e-5
 

@@ -4,6 +4,7 @@ and comparing / transferring directions between two tiny random models of the sa
 from __future__ import annotations
 
 import functools
+import math
 
 import pytest
 import torch
@@ -25,7 +26,7 @@ from steerlab.steering import (
     truthfulness_direction,
     truthfulness_report,
 )
-from steerlab.steering.truthfulness import _midpoint_accuracy
+from steerlab.steering.truthfulness import projection_accuracy
 
 TRUE = ["Paris is the capital of France.", "Cats are animals.", "The sea is salty."]
 FALSE = ["Paris is the capital of Spain.", "Cats are plants.", "The sea is sweet."]
@@ -79,17 +80,21 @@ def test_direction_is_the_mean_difference_at_the_last_token():
     assert chat.layers == (1,) and not torch.allclose(chat.vectors[0], d.at(1))
 
 
-def test_midpoint_threshold_accuracy():
+def test_projection_threshold_accuracy():
     g = torch.Generator().manual_seed(0)
     shift = torch.zeros(2, 8)
     shift[:, 0] = 4.0
     pos_tr, neg_tr = torch.randn(30, 2, 8, generator=g) + shift, torch.randn(30, 2, 8, generator=g) - shift
     pos_te, neg_te = torch.randn(20, 2, 8, generator=g) + shift, torch.randn(20, 2, 8, generator=g) - shift
     d = Direction(pos_tr.mean(0) - neg_tr.mean(0), (3, 5))
-    thr, tr, te = _midpoint_accuracy(d, pos_tr, neg_tr, pos_te, neg_te)
-    assert set(thr) == {3, 5} and tr[3] > 0.97 and te[5] > 0.97
-    flipped = _midpoint_accuracy(d, pos_tr, neg_tr, neg_te, pos_te)[2]  # labels swapped on test
-    assert flipped[3] < 0.05
+    thr, tr, te, auc = projection_accuracy(d, pos_tr, neg_tr, pos_te, neg_te)
+    assert set(thr) == {3, 5} and tr[3] > 0.97 and te[5] > 0.97 and auc[3] > 0.99
+    _, _, flipped, flipped_auc = projection_accuracy(d, pos_tr, neg_tr, neg_te, pos_te)  # labels swapped on test
+    assert flipped[3] < 0.05 and flipped_auc[3] < 0.01
+    # a few huge outliers in one class move a midpoint of means, not the fitted threshold
+    outliers = pos_tr.clone()
+    outliers[:3] += 1e4 * d.vectors / d.vectors.norm(dim=-1, keepdim=True)
+    assert projection_accuracy(d, outliers, neg_tr, pos_te, neg_te)[2][3] > 0.97
 
 
 def test_report_fits_on_train_and_scores_held_out_statements():
@@ -98,6 +103,7 @@ def test_report_fits_on_train_and_scores_held_out_statements():
     report = truthfulness_report(model, split)
     assert report.n_train == 2 * len(split.true_train) and report.n_test == 20
     assert set(report.test_accuracy) == set(report.probe_test_accuracy) == set(range(model.n_layers))
+    assert set(report.test_auc) == set(range(model.n_layers)) and report.train_accuracy[1] >= 0.5
     assert all(0.0 <= a <= 1.0 for a in report.test_accuracy.values())
     assert report.best_layer() in report.test_accuracy and "proj test" in report.table()
     expected = truthfulness_direction(model, split.true_train, split.false_train)
@@ -117,6 +123,8 @@ def test_steering_along_the_direction_moves_the_judgement():
     assert "accuracy" in eff.table()
     with pytest.raises(ShapeError, match="statement"):
         truth_judgement(model, TRUE, template="no slot")
+    raw = truth_judgement(model, TRUE, template="{statement} This statement is:", chat=False)
+    assert raw.shape == (3,) and not torch.allclose(raw, base)
 
 
 def test_normalized_effect_is_the_papers_fraction_of_the_gap():
@@ -128,8 +136,9 @@ def test_normalized_effect_is_the_papers_fraction_of_the_gap():
     # gap 1.4; subtracting moves true by 0.7, adding moves false by 1.4 -> (0.7 + 1.4) / 2.8
     assert eff.normalized_effect(1.0) == pytest.approx(0.75)
     assert eff.base_accuracy == 1.0 and eff.accuracy(-1.0) == 0.5
+    assert eff.swing(1.0) == pytest.approx(1.25)  # mean at +1 (0.9, 0.9, 0.7, 0.7) minus at -1 (0, 0, -0.9, -0.9)
     same = SteeringEffect((1,), t([0.1]), t([0.08]), {-1.0: t([0.0])}, {1.0: t([0.2])})
-    assert same.normalized_effect(1.0) != same.normalized_effect(1.0)  # nan: no baseline gap to normalise by
+    assert math.isnan(same.normalized_effect(1.0))  # no baseline gap to normalise by
     with pytest.raises(ShapeError, match="coefficients"):
         eff.normalized_effect(2.0)
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from steerlab.errors import EmptyInputError
 from steerlab.eval.answers import QA, answer_probability
 from steerlab.interventions.columns import Column, noise_edit
 
@@ -123,15 +124,26 @@ def noise_validation(
     *,
     std: float = 0.1,
     seed: int = 0,
+    draws: int = 1,
     chat: bool = True,
     batch_size: int = 16,
     before: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> ConceptEffect:
     """METHODS 8 validation: add ``N(0, std²)`` noise (default ``std=0.1``) to each column and measure
-    :func:`concept_effect` — the concept's questions should degrade, the controls should not.
+    :func:`concept_effect` — the concept's questions should degrade, the controls should not. With ``draws > 1``
+    the "after" probabilities are averaged over that many noise draws (seeds ``seed, seed + 1, ...``).
 
     Example:
-        >>> noise_validation(model, [(21, 1701)], python_qs, control_qs).selectivity      # doctest: +SKIP
+        >>> noise_validation(model, [(21, 1701)], python_qs, control_qs, draws=3).selectivity   # doctest: +SKIP
     """
-    edit = noise_edit(model, columns, std=std, seed=seed)
-    return concept_effect(model, edit, concept, control, chat=chat, batch_size=batch_size, before=before)
+    if draws < 1:
+        raise EmptyInputError(f"draws must be >= 1; got {draws}")
+    kw = {"chat": chat, "batch_size": batch_size}
+    if before is None:
+        before = (answer_probability(model, concept, **kw), answer_probability(model, control, **kw))
+    effects = [
+        concept_effect(model, noise_edit(model, columns, std=std, seed=seed + i), concept, control, before=before, **kw)
+        for i in range(draws)
+    ]
+    mean = [torch.stack([getattr(e, f) for e in effects]).mean(0) for f in ("concept_after", "control_after")]
+    return ConceptEffect(before[0], mean[0], before[1], mean[1])

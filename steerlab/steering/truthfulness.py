@@ -3,8 +3,10 @@
 * :func:`truthfulness_direction` — the unnormalised difference of class means of ``resid_pre`` at the
   statement's last token (raw text by default, ``chat=True`` renders it as a user turn), every layer.
 * :func:`truthfulness_report` — how well the direction separates held-out statements, per layer: project on
-  the unit direction, threshold at the midpoint of the two training class means of that projection (a
-  mass-mean probe); alongside, a logistic probe per layer (:func:`steerlab.probes.fit_probes`) for reference.
+  the unit direction, threshold fitted on the training projections (:func:`projection_accuracy`: the best
+  balanced-accuracy cut; a midpoint of class means is thrown off by the few huge activations small models
+  carry), test accuracy and test ROC AUC; alongside, a logistic probe per layer
+  (:func:`steerlab.probes.fit_probes`) for reference.
 * :func:`truth_judgement` / :func:`steering_effect` — ask the model whether a statement is true
   (:data:`JUDGE_TEMPLATE`) and read ``p("True") - p("False")`` at the answer's first token; steer with
   ``AddVector(direction, ±coeff)`` and report the shift, the accuracy and the paper's normalised effect
@@ -97,25 +99,32 @@ def _fit(
     return replace(d, method="truthfulness_mean_diff", info={**d.info, "n_layers": model.n_layers, "chat": chat})
 
 
-def _midpoint_accuracy(direction: Direction, pos_tr, neg_tr, pos_te, neg_te) -> tuple[dict, dict, dict]:
+def projection_accuracy(direction: Direction, pos_tr, neg_tr, pos_te, neg_te) -> tuple[dict, dict, dict, dict]:
+    """Per layer: threshold on the projection onto the unit direction fitted on train (the best balanced-accuracy
+    cut, :func:`steerlab.probes.metrics.best_threshold`), its train and test accuracy, and the test ROC AUC of the
+    projection (threshold-free). Activations are ``[n, n_layers, d]``; returns four ``{layer: value}`` dicts.
+    A zero vector (layer 0 when every statement ends in the same token) scores 50% and AUC 0.5.
+
+    Example:
+        >>> thr, acc_train, acc_test, auc = projection_accuracy(d, t_tr, f_tr, t_te, f_te)   # doctest: +SKIP
+    """
+    from steerlab.probes.metrics import best_threshold, roc_auc
+
     vecs = direction.vectors
-    unit = vecs / vecs.norm(dim=-1, keepdim=True).clamp_min(
-        1e-30
-    )  # a zero vector (layer 0 at a shared last token) scores 50%
-    proj = {k: torch.einsum("nld,ld->nl", x.float(), unit) for k, x in
-            {"pt": pos_tr, "nt": neg_tr, "pe": pos_te, "ne": neg_te}.items()}  # fmt: skip
-    thr = (proj["pt"].mean(0) + proj["nt"].mean(0)) / 2  # [L]
+    unit = vecs / vecs.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+    parts = {"pt": pos_tr, "nt": neg_tr, "pe": pos_te, "ne": neg_te}
+    proj = {k: torch.einsum("nld,ld->nl", x.float(), unit) for k, x in parts.items()}
+    labels = [1] * len(proj["pe"]) + [0] * len(proj["ne"])
+    out: tuple[dict, dict, dict, dict] = ({}, {}, {}, {})
+    for i, la in enumerate(direction.layers):
+        t = best_threshold(proj["pt"][:, i], proj["nt"][:, i])
 
-    def acc(p, n):
-        return ((p > thr).float().sum(0) + (n <= thr).float().sum(0)) / (len(p) + len(n))
+        def acc(p: torch.Tensor, n: torch.Tensor, i: int = i, t: float = t) -> float:
+            return float(((p[:, i] >= t).sum() + (n[:, i] < t).sum()) / (len(p) + len(n)))
 
-    layers = direction.layers
-    a_tr, a_te = acc(proj["pt"], proj["nt"]), acc(proj["pe"], proj["ne"])
-    return (
-        {la: float(thr[i]) for i, la in enumerate(layers)},
-        {la: float(a_tr[i]) for i, la in enumerate(layers)},
-        {la: float(a_te[i]) for i, la in enumerate(layers)},
-    )
+        out[0][la], out[1][la], out[2][la] = t, acc(proj["pt"], proj["nt"]), acc(proj["pe"], proj["ne"])
+        out[3][la] = roc_auc(torch.cat([proj["pe"][:, i], proj["ne"][:, i]]), labels)
+    return out
 
 
 @dataclass(frozen=True)
@@ -126,6 +135,7 @@ class TruthReport:
     thresholds: dict[int, float]
     train_accuracy: dict[int, float]
     test_accuracy: dict[int, float]
+    test_auc: dict[int, float] = field(default_factory=dict)
     probe_test_accuracy: dict[int, float] = field(default_factory=dict)
     n_train: int = 0
     n_test: int = 0
@@ -137,10 +147,12 @@ class TruthReport:
     def table(self) -> str:
         """Per-layer accuracies as text."""
         probe = bool(self.probe_test_accuracy)
-        head = f"{'layer':>5} {'proj train':>10} {'proj test':>9}" + (f" {'probe test':>10}" if probe else "")
+        head = f"{'layer':>5} {'proj train':>10} {'proj test':>9} {'test AUC':>8}" + (
+            f" {'probe test':>10}" if probe else ""
+        )
         rows = [f"{self.direction.model}: {self.n_train} train / {self.n_test} test statements", head]
         for la in self.direction.layers:
-            line = f"{la:>5} {self.train_accuracy[la]:>10.1%} {self.test_accuracy[la]:>9.1%}"
+            line = f"{la:>5} {self.train_accuracy[la]:>10.1%} {self.test_accuracy[la]:>9.1%} {self.test_auc[la]:>8.2f}"
             rows.append(line + (f" {self.probe_test_accuracy[la]:>10.1%}" if probe else ""))
         return "\n".join(rows)
 
@@ -171,7 +183,7 @@ def truthfulness_report(
     direction = _fit(
         model, parts[0], parts[1], layer_list, position, prompts_hash(split.true_train, split.false_train), chat
     )
-    thr, a_tr, a_te = _midpoint_accuracy(direction, *parts)
+    thr, a_tr, a_te, auc = projection_accuracy(direction, *parts)
     probe_acc: dict[int, float] = {}
     if probes:
         from steerlab.probes import fit_probes
@@ -181,15 +193,16 @@ def truthfulness_report(
         y_te = torch.tensor([1] * len(parts[2]) + [0] * len(parts[3]))
         probe = fit_probes(x_tr, y_tr, layers=layer_list, position=position, labels=("false", "true"), model=model.name)
         probe_acc = {la: float(a) for la, a in zip(layer_list, probe.score(x_te, y_te))}
-    return TruthReport(direction, thr, a_tr, a_te, probe_acc, n_train=len(parts[0]) + len(parts[1]),
+    return TruthReport(direction, thr, a_tr, a_te, auc, probe_acc, n_train=len(parts[0]) + len(parts[1]),
                        n_test=len(parts[2]) + len(parts[3]))  # fmt: skip
 
 
 def truth_judgement(
-    model: Model, statements: Sequence[str], *, template: str = JUDGE_TEMPLATE, batch_size: int = 16
+    model: Model, statements: Sequence[str], *, template: str = JUDGE_TEMPLATE, chat: bool = True, batch_size: int = 16
 ) -> torch.Tensor:
     """``p("True") - p("False")`` ``[n]`` at the answer's first token (variants summed) when the model is asked
-    ``template`` about each statement (chat); measures active ``model.apply`` scopes.
+    ``template`` about each statement (through the chat template; ``chat=False``: as raw text, e.g. a few-shot
+    ``"... This statement is:"`` prompt); measures active ``model.apply`` scopes.
 
     Example:
         >>> truth_judgement(model, ["Paris is the capital of France."])            # doctest: +SKIP
@@ -197,7 +210,8 @@ def truth_judgement(
     """
     if "{statement}" not in template:
         raise ShapeError("template must contain '{statement}' where the statement goes")
-    lp = last_token_logprobs(model, [template.format(statement=s) for s in statements], batch_size=batch_size)
+    prompts = [template.format(statement=s) for s in statements]
+    lp = last_token_logprobs(model, prompts, batch_size=batch_size, chat=chat)
     t_ids = list(answer_token_ids(model.tokenizer, ["True"]))
     f_ids = list(answer_token_ids(model.tokenizer, ["False"]))
     return lp[:, t_ids].exp().sum(-1) - lp[:, f_ids].exp().sum(-1)
@@ -240,6 +254,16 @@ class SteeringEffect:
         up = float(self.steered_false[c].mean() - self.base_false.mean())
         return (down + up) / (2 * gap)
 
+    def swing(self, coeff: float) -> float:
+        """How far ``±|coeff|`` pushes the judgement: mean ``p(True) - p(False)`` over all statements at ``+|coeff|``
+        minus at ``-|coeff|`` (meaningful even when the model cannot tell the classes apart unsteered)."""
+        c = abs(coeff)
+        if c not in self.steered_true or -c not in self.steered_true:
+            raise ShapeError(f"swing needs coefficients +{c} and -{c}; have {sorted(self.steered_true)}")
+        plus = torch.cat([self.steered_true[c], self.steered_false[c]]).mean()
+        minus = torch.cat([self.steered_true[-c], self.steered_false[-c]]).mean()
+        return float(plus - minus)
+
     def table(self) -> str:
         """Mean ``p(True) - p(False)`` per class and the accuracy, at baseline and per coefficient."""
         rows = [
@@ -265,6 +289,7 @@ def steering_effect(
     coeffs: Sequence[float] = (-1.0, 1.0),
     source_layer: int | None = None,
     template: str = JUDGE_TEMPLATE,
+    chat: bool = True,
     batch_size: int = 16,
     baseline: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> SteeringEffect:
@@ -276,7 +301,7 @@ def steering_effect(
         >>> eff = steering_effect(model, d, split.true_test, split.false_test, layers=[10], coeffs=(-2, 2))  # doctest: +SKIP
         >>> eff.normalized_effect(2)                                                                        # doctest: +SKIP
     """
-    kw = {"template": template, "batch_size": batch_size}
+    kw = {"template": template, "chat": chat, "batch_size": batch_size}
     if baseline is None:
         baseline = (truth_judgement(model, true, **kw), truth_judgement(model, false, **kw))
     base_t, base_f = baseline
