@@ -15,7 +15,7 @@ with both how many concept variants the column promotes and how far they stand o
 ``rank_by="fraction"`` ranks by the number of concept tokens in the top-k instead (ties by the summed
 z-score). Two stages keep this cheap on a real model: the concept tokens' z-scores of *every* column come
 exactly from the vocabulary's mean and covariance (no full projection); the ``shortlist`` columns with the
-highest concept z-score are then projected onto the whole vocabulary for their exact top-k
+highest concept z-score (as (column, sign) pairs) are then projected onto the whole vocabulary for their exact top-k
 (``shortlist=None`` projects every column). ``both_signs=True`` (default) also searches ``-v``: in gated
 MLPs (SwiGLU: ``act(gate) * up``) a neuron's activation takes either sign, so a neuron writes ``+v`` or
 ``-v`` alike; the paper read ``+v`` only (``both_signs=False``).
