@@ -64,11 +64,16 @@ DEMO_HARMLESS: list[str] = [
 ]
 
 
+def _jsonl(name: str) -> tuple[dict, ...]:
+    """The rows of a JSON-lines file shipped in ``steerlab/data``."""
+    lines = (_HERE / name).read_text().splitlines()
+    return tuple(json.loads(line) for line in lines if line.strip())
+
+
 @lru_cache(maxsize=1)
 def paired_instructions() -> tuple[dict, ...]:
     """All pairs: dicts with ``id``, ``category``, ``harmful``, ``harmless``."""
-    lines = (_HERE / "paired_instructions.jsonl").read_text().splitlines()
-    return tuple(json.loads(line) for line in lines if line.strip())
+    return _jsonl("paired_instructions.jsonl")
 
 
 @dataclass(frozen=True)
@@ -143,8 +148,7 @@ def past_tense_harmful_own() -> list[str]:
 
 @lru_cache(maxsize=1)
 def _concept_rows() -> tuple[dict, ...]:
-    lines = (_HERE / "concept_questions.jsonl").read_text().splitlines()
-    return tuple(json.loads(line) for line in lines if line.strip())
+    return _jsonl("concept_questions.jsonl")
 
 
 def concept_questions(concept: str | None = None, *, split: str = "eval") -> list[tuple[str, tuple[str, ...]]]:
@@ -167,8 +171,7 @@ def concept_questions(concept: str | None = None, *, split: str = "eval") -> lis
 @lru_cache(maxsize=1)
 def true_false_statements() -> tuple[dict, ...]:
     """All statement pairs: dicts with ``id``, ``topic``, ``true``, ``false``."""
-    lines = (_HERE / "true_false_statements.jsonl").read_text().splitlines()
-    return tuple(json.loads(line) for line in lines if line.strip())
+    return _jsonl("true_false_statements.jsonl")
 
 
 @dataclass(frozen=True)
@@ -191,7 +194,9 @@ def load_statements(*, seed: int = 0, n_test: int = 50) -> StatementSplit:
     """
     pairs = list(true_false_statements())
     if not 0 < n_test < len(pairs):
-        raise EmptyInputError(f"n_test must be between 1 and {len(pairs) - 1} (there are {len(pairs)} pairs); got {n_test}")
+        raise EmptyInputError(
+            f"n_test must be between 1 and {len(pairs) - 1} (there are {len(pairs)} pairs); got {n_test}"
+        )
     random.Random(seed).shuffle(pairs)
     test, train = pairs[:n_test], pairs[n_test:]
     return StatementSplit(

@@ -66,6 +66,20 @@ def as_model(obj: Any) -> Model:
     return load(obj)
 
 
+def hf_and_tokenizer(model: Any, tokenizer: Any, *, copy: bool, feature: str) -> tuple[torch.nn.Module, Any]:
+    """The HF module and tokenizer to wrap: from a steerlab Model or an HF model plus ``tokenizer``;
+    ``copy=True`` deep-copies the module so the caller's model stays as it was."""
+    import copy as copy_module
+
+    if isinstance(model, Model):
+        hf, tok = model.hf, tokenizer or model.tokenizer
+    else:
+        hf, tok = model, tokenizer
+    if tok is None:
+        raise EmptyInputError(f"{feature} needs a tokenizer: pass {feature}(hf_model, tokenizer)")
+    return (copy_module.deepcopy(hf) if copy else hf), tok
+
+
 def specs_for(model: Model, interventions: Sequence[Any]) -> list[Spec]:
     """The hook specs of ``interventions`` on ``model``, sorted into run order (layer, then site).
 

@@ -26,9 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from steerlab.errors import EmptyInputError
 from steerlab.hooks import HookContext, StepInfo
-from steerlab.interop._common import Firing, Spec, as_model, require, specs_for
+from steerlab.interop._common import Firing, Spec, as_model, hf_and_tokenizer, require, specs_for
 from steerlab.model import Model
 
 
@@ -43,14 +42,7 @@ def to_language_model(model: Model | nn.Module, tokenizer: Any = None, *, copy: 
         >>> lm = to_language_model(steerlab.load("smollm2-135m-instruct"))        # doctest: +SKIP
     """
     nnsight = require("nnsight", "to_language_model")
-    if isinstance(model, Model):
-        hf, tok = model.hf, tokenizer or model.tokenizer
-    else:
-        hf, tok = model, tokenizer
-    if tok is None:
-        raise EmptyInputError("to_language_model needs a tokenizer: pass to_language_model(hf_model, tokenizer)")
-    if copy:
-        hf = copy_module.deepcopy(hf)
+    hf, tok = hf_and_tokenizer(model, tokenizer, copy=copy, feature="to_language_model")
     try:
         from nnsight.modeling.transformers import TransformersModel as wrapper
     except ImportError:  # nnsight < 0.8: LanguageModel is the class

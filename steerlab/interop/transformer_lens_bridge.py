@@ -32,7 +32,7 @@ from torch import nn
 from steerlab.arch import resolve_path
 from steerlab.errors import EmptyInputError, InterventionNotFiredError, LayerIndexError, ShapeError
 from steerlab.hooks import HookContext, StepInfo, check_site
-from steerlab.interop._common import Firing, InteropError, Spec, as_model, require, specs_for
+from steerlab.interop._common import Firing, InteropError, Spec, as_model, hf_and_tokenizer, require, specs_for
 from steerlab.model import Model
 from steerlab.steering.direction import Direction
 from steerlab.steering.ops import Ablate, AddVector, Clamp
@@ -121,14 +121,7 @@ def to_bridge(model: Model | nn.Module, tokenizer: Any = None, *, copy: bool = F
         >>> bridge.run_with_cache(tokens)                                         # doctest: +SKIP
     """
     tl = require("transformer_lens.model_bridge", "to_bridge")
-    if isinstance(model, Model):
-        hf, tok = model.hf, tokenizer or model.tokenizer
-    else:
-        hf, tok = model, tokenizer
-    if tok is None:
-        raise EmptyInputError("to_bridge needs a tokenizer: pass to_bridge(hf_model, tokenizer)")
-    if copy:
-        hf = copy_module.deepcopy(hf)
+    hf, tok = hf_and_tokenizer(model, tokenizer, copy=copy, feature="to_bridge")
     if not getattr(hf.config, "architectures", None):  # configs built in code lack it; TL keys adapters on it
         hf.config.architectures = [type(hf).__name__]
     name = getattr(hf.config, "_name_or_path", "") or type(hf).__name__
