@@ -430,7 +430,7 @@ def _guard(args: argparse.Namespace) -> int:
         args.mode = kind
     else:
         args.mode = args.mode or "probe"
-    if args.save and path is not None:
+    if args.save_to and path is not None:
         raise UsageError("--save writes a freshly fitted guard; it cannot be combined with --probe")
     if args.mode == "probe" and args.layers is not None and len(args.layers) > 1:
         raise UsageError(f"a probe guard reads one layer; got --layers {' '.join(map(str, args.layers))}")
@@ -441,9 +441,9 @@ def _guard(args: argparse.Namespace) -> int:
         guard = _fit_guard(model, args)
     if args.threshold is not None:
         guard = replace(guard, threshold=args.threshold)
-    if args.save:
-        guard.save(args.save)
-        _log(f"saved the guard to {args.save}")
+    if args.save_to:
+        guard.save(args.save_to)
+        _log(f"saved the guard to {args.save_to}")
     scores = guard.score(prompts, batch_size=args.batch_size, progress=True)
     print(_guard_summary(guard))
     print(f"{'score':>8}  {'flag':<4}  prompt")
@@ -723,7 +723,9 @@ def _guard_parser(sub) -> None:
         help="fitted guard layers (probe: one layer; default: best by CV / all)",
     )
     p.add_argument("--n-train", type=_positive_int, default=128, help="training prompts per class for --fit")
-    p.add_argument("--save", default=None, metavar="FILE", help="save the fitted guard here")
+    # dest is not "save": nnsight (when imported) gives every object a .save method, which argparse then
+    # mistakes for an already-set value and never fills in the default
+    p.add_argument("--save", dest="save_to", default=None, metavar="FILE", help="save the fitted guard here")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_guard)
 

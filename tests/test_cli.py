@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from steerlab.cli import UsageError, main, read_prompts
+from steerlab.cli import UsageError, build_parser, main, read_prompts
 
 
 def test_demo_prints_a_row_per_layer(capsys):
@@ -370,3 +370,11 @@ def test_refusal_export_writes_weights_parity_and_an_html_report(tiny_dir, tmp_p
     with pytest.raises(SystemExit) as exc:
         main(["refusal", "--export-format", "onnx"])
     assert exc.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def test_guard_options_parse_the_same_after_nnsight_is_imported():
+    pytest.importorskip("nnsight")
+    import nnsight  # noqa: F401  (gives every object a .save method)
+
+    args = build_parser().parse_args(["guard", "--probe", "guard.safetensors", "Write a haiku."])
+    assert args.save_to is None and args.probe == "guard.safetensors"
