@@ -8,7 +8,7 @@ import torch
 from conftest import FAMILIES, tiny_model
 
 from steerlab.arch import resolve_path
-from steerlab.errors import SteerlabError
+from steerlab.errors import EmptyInputError, SteerlabError
 from steerlab.eval import QA, answer_probability, concept_effect, noise_validation
 from steerlab.interventions import (
     ColumnEdit,
@@ -279,3 +279,23 @@ def test_in_context_keeps_the_columns_that_write_toward_the_concept():
     assert all(h.activation is not None and h.sign * h.activation > 0 for h in kept.hits)
     assert "act" in kept.table(3) and kept.concept == search.concept
     assert len(search.in_context(model, PROMPTS, n=3)) <= 3
+
+
+def test_answer_probability_is_the_next_token_mass_on_every_answer_variant():
+    from steerlab.eval import answer_token_ids
+
+    model = tiny_model("llama")
+    tok = model.tokenizer
+    ids = answer_token_ids(tok, ["red"])
+    for text in ("red", " red", "Red", " Red"):  # every variant's first token is counted
+        assert tok.encode(text, add_special_tokens=False)[0] in ids
+    items = [QA("What colour is a ripe tomato?", ("red",)), QA("Name a colour.", ("blue", "red"))]
+    got = answer_probability(model, items)
+    enc = model.encode([qa.question for qa in items])  # one row each, left-padded; the last column is the next token
+    with torch.inference_mode():
+        logits = model.hf(**enc.model_inputs()).logits[:, -1].float()
+    probs = logits.softmax(-1)
+    for i, qa in enumerate(items):
+        assert abs(float(got[i]) - float(probs[i, list(answer_token_ids(tok, qa.answers))].sum())) < 1e-5
+    with pytest.raises(EmptyInputError):
+        answer_probability(model, [])
