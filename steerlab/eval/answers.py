@@ -41,6 +41,19 @@ class QA:
         object.__setattr__(self, "answers", answers)
 
 
+def word_variants(word: str, *, upper: bool = True) -> list[str]:
+    """Spellings a tokenizer may use for ``word``: as written, lower, Title (and UPPER) case, each with
+    and without a leading space.
+
+    Example:
+        >>> word_variants("red", upper=False)
+        ['red', ' red', 'Red', ' Red']
+    """
+    bare = word.strip()
+    forms = dict.fromkeys([bare, bare.lower(), bare[:1].upper() + bare[1:], *([bare.upper()] if upper else [])])
+    return [p + f for f in forms for p in ("", " ")]
+
+
 def answer_token_ids(tokenizer, answers: Sequence[str]) -> tuple[int, ...]:
     """First token ids of the answers' variants (leading space or not; as written, lower, Title case).
 
@@ -50,12 +63,10 @@ def answer_token_ids(tokenizer, answers: Sequence[str]) -> tuple[int, ...]:
     """
     ids: set[int] = set()
     for answer in answers:
-        bare = answer.strip()
-        for form in dict.fromkeys([bare, bare.lower(), bare[:1].upper() + bare[1:]]):
-            for text in (form, " " + form):
-                enc = tokenizer.encode(text, add_special_tokens=False)
-                if enc:
-                    ids.add(int(enc[0]))
+        for text in word_variants(answer, upper=False):
+            enc = tokenizer.encode(text, add_special_tokens=False)
+            if enc:
+                ids.add(int(enc[0]))
     if not ids:
         raise EmptyInputError(f"the answers {list(answers)!r} tokenise to nothing")
     return tuple(sorted(ids))

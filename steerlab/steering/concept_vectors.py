@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 
 from steerlab.arch import resolve_path
 from steerlab.errors import EmptyInputError, ShapeError, SteerlabError
+from steerlab.eval.answers import word_variants
 from steerlab.interventions.columns import Column, ColumnEdit, ColumnGroup, column_groups
 
 if TYPE_CHECKING:
@@ -53,12 +54,6 @@ RankBy = Literal["zscore", "fraction"]
 
 class ConceptTokenError(SteerlabError, ValueError):
     """A concept's words have no single-token form in the vocabulary, or a token id is out of range."""
-
-
-def _variants(word: str) -> list[str]:
-    bare = word.strip()
-    forms = dict.fromkeys([bare, bare.lower(), bare[:1].upper() + bare[1:], bare.upper()])
-    return [p + f for f in forms for p in ("", " ")]
 
 
 def concept_token_ids(
@@ -88,7 +83,7 @@ def concept_token_ids(
         if not isinstance(item, str) or not item.strip():
             raise ConceptTokenError(f"a concept item must be a non-empty word or a token id; got {item!r}")
         found = False
-        for form in _variants(item) if variants else [item]:
+        for form in word_variants(item) if variants else [item]:
             enc = tokenizer.encode(form, add_special_tokens=False)
             if len(enc) == 1:
                 ids.add(int(enc[0]))
@@ -96,7 +91,7 @@ def concept_token_ids(
         if not found:
             missing[item] = [
                 tokenizer.convert_ids_to_tokens(tokenizer.encode(f, add_special_tokens=False))
-                for f in _variants(item)[:2]
+                for f in word_variants(item)[:2]
             ]
     if not ids:
         shown = "; ".join(f"{w!r} -> {t}" for w, t in missing.items())
