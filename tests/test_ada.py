@@ -100,8 +100,8 @@ def test_bad_guards_are_reported():
     model = tiny_model("llama")
     with pytest.raises(ShapeError, match="needs a probe"):
         ADAGuard()
-    with pytest.raises(ShapeError, match="one resid_pre layer"):
-        ADAGuard(probe=Probe(weights=torch.ones(2, 64), bias=torch.zeros(2), layers=(0, 1)))
+    with pytest.raises(ShapeError, match="resid_pre"):
+        ADAGuard(probe=Probe(weights=torch.ones(1, 64), bias=torch.zeros(1), layers=(0,), site="resid_post"))
     with pytest.raises(ShapeError, match="wide"):
         ada_generate(model, ["Hi"], ADAGuard(probe=Probe(weights=torch.ones(1, 8), bias=torch.zeros(1), layers=(0,))))
     with pytest.raises(ValueError, match="every"):
@@ -124,3 +124,34 @@ def test_checkpoint_states_are_the_header_states_a_check_reads():
         for j, d in enumerate([0, 3, len(ids)]):
             got = float(probe.predict_proba(states[3 * i + j][None, None])[0, 0])
             assert got == pytest.approx(_manual_score(model, probe, base + ids[:d] + header), abs=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["probe", "rethink"])
+def test_recorded_header_states_equal_a_full_forward_with_the_header_appended(mode):
+    model = tiny_model("qwen2")
+    guard = ADAGuard(probe=_probe(model, 1), every=3, threshold=2.0) if mode == "probe" else ADAGuard(mode="rethink", lookahead=2, every=3)
+    outs = ada_generate(model, PROMPTS[:3], guard, max_new_tokens=7, batch_size=2, record_layers=[0, 2])
+    header = list(model.chat().header_ids)
+    assert max(len(o.checks) for o in outs) >= 2
+    for row, out in zip(model.chat().tokenize(PROMPTS[:3]), outs):
+        for check in out.checks:
+            ids = row[0] + list(out.token_ids)[: check.depth] + header
+            with torch.inference_mode():
+                hs = model.hf(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
+            want = torch.stack([hs[0][0, -1], hs[2][0, -1]])
+            assert check.states.shape == (2, model.d_model)
+            torch.testing.assert_close(check.states, want, atol=1e-4, rtol=1e-4)
+
+
+def test_a_probe_over_several_layers_scores_the_mean_probability():
+    model = tiny_model("llama")
+    g = torch.Generator().manual_seed(5)
+    probe = Probe(weights=torch.randn(2, model.d_model, generator=g), bias=torch.tensor([0.3, -0.2]), layers=(0, 2))
+    outs = ada_generate(model, PROMPTS, ADAGuard(probe=probe, every=4, threshold=2.0), max_new_tokens=5, record_layers=[0, 2])
+    for out in outs:
+        for check in out.checks:
+            assert check.score == pytest.approx(float(probe.predict_proba(check.states[None]).mean()), abs=1e-6)
+    singles = [ada_generate(model, PROMPTS, ADAGuard(probe=probe.select(la), every=4, threshold=2.0), max_new_tokens=5) for la in (0, 2)]
+    for out, a, b in zip(outs, *singles):
+        for c, ca, cb in zip(out.checks, a.checks, b.checks):
+            assert c.score == pytest.approx((ca.score + cb.score) / 2, abs=1e-5)

@@ -8,6 +8,8 @@ copied). Two readers:
 
 * ``ADA-LP`` (``mode="probe"``): a logistic probe on ``resid_pre`` at one layer, at the last header
   token; ``P(harmful) >= threshold`` stops the row. The forward pass stops at the probe's layer.
+  A probe over several layers scores the mean of its per-layer probabilities (an extension of the
+  paper's one-layer reader).
 * ``ADA-RK`` (``mode="rethink"``): a short greedy look-ahead after the header, judged by the
   refusal-phrase judge; a refusal stops the row.
 
@@ -62,18 +64,20 @@ class ADAGuard:
         if self.mode == "probe":
             if self.probe is None:
                 raise ShapeError("ADA-LP needs a probe: ADAGuard(probe=probe.select(layer))")
-            if len(self.probe.layers) != 1 or self.probe.site != "resid_pre":
-                raise ShapeError(f"ADA-LP reads one resid_pre layer; got a {self.probe.site} probe on layers {list(self.probe.layers)}")
+            if self.probe.site != "resid_pre":
+                raise ShapeError(f"ADA-LP reads resid_pre at the header; got a {self.probe.site} probe (fit it on resid_pre states)")
         if self.every < 1:
             raise ValueError(f"every must be at least 1 token; got {self.every}")
 
 
 @dataclass(frozen=True)
 class ADACheck:
-    """One checkpoint of one row: depth (tokens generated before it) and the score read there."""
+    """One checkpoint of one row: depth (tokens generated before it), the score read there and, with
+    ``ada_generate(..., record_layers=...)``, the header states ``[n_layers, d]`` (float32)."""
 
     depth: int
     score: float
+    states: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -148,22 +152,43 @@ class _Run:
                 layer.crop(-extra)
 
 
-class _ProbeTap:
-    """A resid_pre hook that grabs the last position during a check and stops the pass there."""
+class _HeaderTap:
+    """``resid_pre`` hooks that grab the last position of a header pass at some layers and stop the
+    pass after the deepest of them (the rest of the forward is not needed)."""
 
-    def __init__(self) -> None:
+    def __init__(self, layers: Sequence[int], *, stop: bool = True) -> None:
+        self.layers = tuple(sorted(set(int(la) for la in layers)))
+        self.stop = stop
         self.active = False
-        self.grabbed: dict[str, torch.Tensor] = {}
+        self.grabbed: dict[int, torch.Tensor] = {}
 
-    def __call__(self, x: torch.Tensor, ctx) -> None:
-        if self.active:
-            self.grabbed["h"] = x[:, -1].float().cpu()
-            raise _StopAtProbe
-        return None
+    def hook(self, layer: int):
+        def grab(x: torch.Tensor, ctx) -> None:
+            if self.active:
+                self.grabbed[layer] = x[:, -1].float().cpu()
+                if self.stop and layer == self.layers[-1]:
+                    raise _StopAtProbe
+            return None
+
+        return grab
+
+    def install(self, hooks, *, name: str) -> None:
+        for layer in self.layers:
+            hooks.add("resid_pre", layer, self.hook(layer), name=f"{name}.{layer}", required=False)
+
+    def take(self) -> torch.Tensor:
+        """The grabbed states ``[b, n_layers, d]`` (in ``self.layers`` order); raises if a hook did not fire."""
+        missing = [la for la in self.layers if la not in self.grabbed]
+        if missing:
+            raise SteerlabError(f"the ADA header hooks at layers {missing} did not fire during the header pass")
+        states = torch.stack([self.grabbed[la] for la in self.layers], 1)
+        self.grabbed.clear()
+        return states
 
 
-def _probe_check(run: _Run, guard: ADAGuard, header: torch.Tensor, tap: _ProbeTap) -> torch.Tensor:
-    """P(harmful) at the last injected header token, ``[b]``; the cache is cropped back."""
+def _header_states(run: _Run, header: torch.Tensor, tap: _HeaderTap) -> torch.Tensor:
+    """``resid_pre`` at the last injected header token at ``tap.layers``, ``[b, n_layers, d]``; the cache
+    is cropped back."""
     length = run.cache.get_seq_length()
     tap.active = True
     try:
@@ -173,16 +198,19 @@ def _probe_check(run: _Run, guard: ADAGuard, header: torch.Tensor, tap: _ProbeTa
     finally:
         tap.active = False
         run.rollback(length)
-    if "h" not in tap.grabbed:
-        raise SteerlabError("the ADA probe hook did not fire during the header pass")
-    return guard.probe.predict_proba(tap.grabbed.pop("h")[:, None])[:, 0]
+    return tap.take()
 
 
-def _rethink_check(run: _Run, guard: ADAGuard, header: torch.Tensor, eos: set[int]) -> torch.Tensor:
-    """1.0 where a greedy look-ahead after the injected header is a refusal, else 0.0; cache cropped back."""
+def _rethink_check(run: _Run, guard: ADAGuard, header: torch.Tensor, eos: set[int], tap: _HeaderTap) -> torch.Tensor:
+    """1.0 where a greedy look-ahead after the injected header is a refusal, else 0.0; cache cropped back.
+    ``tap`` (non-stopping) records the header states if it has layers."""
     length, mask, pos = run.cache.get_seq_length(), run.mask, run.pos
     try:
-        logits, run.mask, p = run.forward(header[None].expand(len(mask), -1))
+        tap.active = True
+        try:
+            logits, run.mask, p = run.forward(header[None].expand(len(mask), -1))
+        finally:
+            tap.active = False
         run.pos = p[:, -1]
         tokens = []
         for _ in range(guard.lookahead):
@@ -203,7 +231,7 @@ def checkpoint_states(
     prompts: Sequence[str],
     responses: Sequence[str],
     *,
-    layer: int,
+    layer: int | Sequence[int],
     depths: Sequence[int],
     header_ids: Sequence[int] | None = None,
     batch_size: int = 16,
@@ -212,9 +240,13 @@ def checkpoint_states(
     """What an ADA-LP check reads, for training its probe: ``resid_pre`` at ``layer`` at the last token of
     ``prompt + response[:depth tokens] + header``, for every prompt and depth.
 
-    Returns (states ``[n_prompts * n_depths, d]``, depth of each row); depths longer than a response
-    are clipped to its length. Rows are prompt-major (all depths of prompt 0 first).
+    Returns (states ``[n_prompts * n_depths, d]``, or ``[n_prompts * n_depths, n_layers, d]`` when
+    ``layer`` is a list, depth of each row); depths longer than a response are clipped to its length.
+    Rows are prompt-major (all depths of prompt 0 first).
     """
+    layers = model.layer_indices([layer] if isinstance(layer, int) else sorted(set(layer)))
+    if not layers:
+        raise EmptyInputError("no layers to read: pass layer=<int> or a non-empty list")
     prompts, responses = list(prompts), list(responses)
     if not prompts or len(prompts) != len(responses):
         raise EmptyInputError(f"need one response per prompt; got {len(prompts)} prompts and {len(responses)} responses")
@@ -228,10 +260,10 @@ def checkpoint_states(
             d = min(int(depth), len(ids))
             rows.append(base + ids[:d] + header)
             used.append(d)
-    states = torch.empty(len(rows), model.d_model)
-    tap = _ProbeTap()
+    states = torch.empty(len(rows), len(layers), model.d_model)
+    tap = _HeaderTap(layers)
     with model.hooks() as hooks, torch.inference_mode():
-        hooks.add("resid_pre", layer, tap, name="ada.states")
+        tap.install(hooks, name="ada.states")
         order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
         pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else model.tokenizer.eos_token_id
         for start in range(0, len(order), batch_size):
@@ -246,8 +278,8 @@ def checkpoint_states(
                 pass
             finally:
                 tap.active = False
-            states[torch.tensor(idx)] = tap.grabbed.pop("h")
-    return states, torch.tensor(used)
+            states[torch.tensor(idx)] = tap.take()
+    return (states[:, 0] if isinstance(layer, int) else states), torch.tensor(used)
 
 
 def ada_generate(
@@ -258,12 +290,15 @@ def ada_generate(
     responses: Sequence[str] | None = None,
     max_new_tokens: int = 64,
     batch_size: int = 16,
+    record_layers: Sequence[int] | None = None,
     progress: bool = False,
 ) -> list[ADAOutput]:
     """Greedy generation with ADA checks at depth 0 and every ``guard.every`` tokens.
 
     ``responses`` prefills each assistant turn (a prefill attack of any length); depth counts the
-    tokens generated after it.
+    tokens generated after it. ``record_layers`` keeps the header states at those layers in every
+    check (``check.states``): with ``threshold=float("inf")`` one run gives what any probe would read
+    at every check, for fitting or calibrating one without generating again.
     """
     from tqdm.auto import tqdm
 
@@ -279,11 +314,14 @@ def ada_generate(
     eos_ids = torch.tensor(sorted(eos), device=model.device)  # built once, not per generated token
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     results: list[ADAOutput | None] = [None] * len(prompts)
-    tap = _ProbeTap()
+    recorded = model.layer_indices(record_layers) if record_layers is not None else []
+    read = list(guard.probe.layers) if guard.mode == "probe" else []
+    tap = _HeaderTap(read + recorded, stop=guard.mode == "probe")
+    probe_rows = [tap.layers.index(la) for la in read]
+    record_rows = [tap.layers.index(la) for la in recorded]
     bar = tqdm(total=len(prompts), desc="ADA generate", unit="prompt", disable=not progress)
     with model.hooks() as hooks, torch.inference_mode():
-        if guard.mode == "probe":
-            hooks.add("resid_pre", guard.probe.layers[0], tap, name="ada.probe", required=False)
+        tap.install(hooks, name="ada.header")
         for idx, batch in fmt.batches(fmt.tokenize(prompts, responses=responses), batch_size):
             batch = batch.to(model.device)
             for session in model._sessions:
@@ -297,9 +335,15 @@ def ada_generate(
             for depth in range(max_new_tokens):
                 if depth % guard.every == 0:
                     live = ~(run.done | run.stopped)
-                    scores = _probe_check(run, guard, header, tap) if guard.mode == "probe" else _rethink_check(run, guard, header, eos)
+                    if guard.mode == "probe":
+                        states = _header_states(run, header, tap)
+                        scores = guard.probe.predict_proba(states[:, probe_rows]).mean(1)
+                    else:
+                        scores = _rethink_check(run, guard, header, eos, tap)
+                        states = tap.take() if tap.layers else None
                     for r in torch.nonzero(live.cpu()).flatten().tolist():
-                        checks[r].append(ADACheck(depth=depth, score=float(scores[r])))
+                        kept = states[r, record_rows].clone() if record_rows else None
+                        checks[r].append(ADACheck(depth=depth, score=float(scores[r]), states=kept))
                         if float(scores[r]) >= guard.threshold:
                             run.stopped[r] = True
                             fired_at[r] = depth
