@@ -67,7 +67,7 @@ def test_rows_stop_independently_and_report_where():
 
 def test_rethink_mode_fires_on_a_refusal_lookahead(monkeypatch):
     model = tiny_model("llama")
-    import steerlab.interventions.ada as ada
+    from steerlab.interventions import ada
 
     seen = []
 

@@ -157,7 +157,7 @@ class _HeaderTap:
     pass after the deepest of them (the rest of the forward is not needed)."""
 
     def __init__(self, layers: Sequence[int], *, stop: bool = True) -> None:
-        self.layers = tuple(sorted(set(int(la) for la in layers)))
+        self.layers = tuple(sorted({int(la) for la in layers}))
         self.stop = stop
         self.active = False
         self.grabbed: dict[int, torch.Tensor] = {}
@@ -168,7 +168,6 @@ class _HeaderTap:
                 self.grabbed[layer] = x[:, -1].float().cpu()
                 if self.stop and layer == self.layers[-1]:
                     raise _StopAtProbe
-            return None
 
         return grab
 
