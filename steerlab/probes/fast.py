@@ -155,11 +155,41 @@ def _primal(x, y, s, C, fit_intercept, b0, **kw):
     return w, b, n_iter, ok
 
 
-def _matvec(m: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``m[i] @ v[i]`` for every problem: ``[k, n, n] x [k, n] -> [k, n]``.
+def _matvec(m: torch.Tensor, v: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
+    """``m[i] @ v[i]`` for every problem: ``[k, n, n] x [k, n] -> [k, n]``; with ``idx``, ``m[idx[j]] @ v[j]``.
 
     A loop of ``mv`` calls: on CPU it is ~8x faster than ``bmm`` with one right-hand column."""
-    return torch.stack([torch.mv(mi, vi) for mi, vi in zip(m, v)]) if len(v) else v.clone()
+    rows = range(len(m)) if idx is None else idx.tolist()
+    return torch.stack([torch.mv(m[i], vi) for i, vi in zip(rows, v)]) if len(v) else v.clone()
+
+
+def _dual_step(gram, idx, q, grad_b, omega, fit_intercept):
+    """The dual Newton step (dα, K dα, db) of the problems ``idx`` (see :func:`_dual`)."""
+    g = gram if len(idx) == len(gram) else gram[idx]
+    sq = omega.clamp(min=0).sqrt()
+    b_mat = g * sq[:, :, None]
+    b_mat *= sq[:, None, :]  # Ω^{1/2} K Ω^{1/2}
+    if fit_intercept:
+        total = omega.sum(-1).clamp(min=torch.finfo(g.dtype).tiny)
+        q = q - omega * (grad_b / total)[:, None]
+        u = sq / total.sqrt()[:, None]
+        v = _matvec(b_mat, u)
+        v -= 0.5 * (u * v).sum(-1, keepdim=True) * u
+        b_mat = torch.baddbmm(b_mat, torch.stack([u, v], 2), torch.stack([v, u], 1), alpha=-1.0)  # P S P
+
+        def proj(t):
+            return t - u * (u * t).sum(-1, keepdim=True)
+    else:
+
+        def proj(t):
+            return t
+
+    b_mat.diagonal(dim1=1, dim2=2).add_(1.0)
+    sol = _chol_solve(_cholesky(b_mat), proj(sq * _matvec(g, q)))
+    d_alpha = q - sq * proj(sol)
+    k_da = _matvec(g, d_alpha)
+    db = (grad_b - (omega * k_da).sum(-1)) / total if fit_intercept else torch.zeros_like(grad_b)
+    return d_alpha, k_da, db
 
 
 def _dual(x, y, s, C, fit_intercept, b0, **kw):
@@ -175,41 +205,20 @@ def _dual(x, y, s, C, fit_intercept, b0, **kw):
     gram = x @ x.transpose(1, 2)  # [k, n, n], the only pass over the features before the last
     state: dict[str, torch.Tensor] = {}
 
+    # sklearn stops lbfgs when the gradient of the sample-averaged objective is below tol in every
+    # coordinate; its 2-norm below tol is sufficient, and is tested before paying for a factorisation
+    gtol2 = (kw["tol"] * C * s.sum(-1)) ** 2
+
     def direction(resid, omega, active):
         alpha = state["alpha"]
-        everyone = bool(active.all())
-        idx = torch.arange(k) if everyone else torch.nonzero(active).flatten()
-        g, om, res = (gram, omega, resid) if everyone else (gram[idx], omega[idx], resid[idx])
-        q = res + alpha[idx]  # the w-space gradient is X^T q
-        sq = om.clamp(min=0).sqrt()
-        b_mat = g * sq[:, :, None]
-        b_mat *= sq[:, None, :]  # Ω^{1/2} K Ω^{1/2}
-        grad_b = res.sum(-1) if fit_intercept else torch.zeros(len(idx), dtype=x.dtype)
-        if fit_intercept:
-            total = om.sum(-1).clamp(min=torch.finfo(x.dtype).tiny)
-            q = q - om * (grad_b / total)[:, None]
-            u = sq / total.sqrt()[:, None]
-            v = _matvec(b_mat, u)
-            v -= 0.5 * (u * v).sum(-1, keepdim=True) * u
-            b_mat = torch.baddbmm(b_mat, torch.stack([u, v], 2), torch.stack([v, u], 1), alpha=-1.0)  # P S P
-
-            def proj(t):
-                return t - u * (u * t).sum(-1, keepdim=True)
-        else:
-
-            def proj(t):
-                return t
-
-        b_mat.diagonal(dim1=1, dim2=2).add_(1.0)
-        sol = _chol_solve(_cholesky(b_mat), proj(sq * _matvec(g, q)))
-        d_alpha_a = q - sq * proj(sol)
-        k_da_a = _matvec(g, d_alpha_a)
-        db_a = (grad_b - (om * k_da_a).sum(-1)) / total if fit_intercept else torch.zeros_like(grad_b)
-        if everyone:
-            d_alpha, k_da, db = d_alpha_a, k_da_a, db_a
-        else:
-            d_alpha, k_da, db = torch.zeros(k, n, dtype=x.dtype), torch.zeros(k, n, dtype=x.dtype), torch.zeros(k, dtype=x.dtype)
-            d_alpha[idx], k_da[idx], db[idx] = d_alpha_a, k_da_a, db_a
+        idx = torch.nonzero(active).flatten()
+        q = resid[idx] + alpha[idx]  # the w-space gradient is X^T q
+        grad_b = resid[idx].sum(-1) if fit_intercept else torch.zeros(len(idx), dtype=x.dtype)
+        small = (q * _matvec(gram, q, idx)).sum(-1) + grad_b**2 <= gtol2[idx]
+        idx, q, grad_b = idx[~small], q[~small], grad_b[~small]
+        d_alpha, k_da, db = torch.zeros(k, n, dtype=x.dtype), torch.zeros(k, n, dtype=x.dtype), torch.zeros(k, dtype=x.dtype)
+        if len(idx):
+            d_alpha[idx], k_da[idx], db[idx] = _dual_step(gram, idx, q, grad_b, omega[idx], fit_intercept)
         if not bool(torch.isfinite(d_alpha).all()):
             raise ShapeError("non-finite values in the probe's Newton system: check the activations for inf/nan")
         decrement = ((resid + alpha) * k_da).sum(-1) + (resid.sum(-1) * db if fit_intercept else 0.0)
