@@ -44,7 +44,7 @@ def _sklearn(x, y, **kw):
     return LogisticRegression(tol=1e-12, max_iter=20000, **kw).fit(x.numpy(), y.numpy())
 
 
-@pytest.mark.parametrize("n,d", [(300, 12), (60, 150)])  # primal (n >= d) and Woodbury (n < d) paths
+@pytest.mark.parametrize("n,d", [(300, 12), (60, 150)])  # primal (n >= 2d) and dual (n < 2d) forms
 @pytest.mark.parametrize("separable", [False, True])
 @pytest.mark.parametrize("C", [0.05, 1.0, 20.0])
 def test_fast_fitter_matches_sklearn_objective(n, d, separable, C):

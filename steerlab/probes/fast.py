@@ -7,9 +7,9 @@ Every batch element ``k`` (a layer, a position, a fold, a class) solves scikit-l
 (the intercept is not penalised, as in scikit-learn's ``lbfgs`` solver) by Newton's method with a
 backtracking line search (~10 steps). Two exact formulations, in float64 unless asked otherwise:
 
-* primal, when ``n >= d``: the intercept is eliminated from each Newton system by a Schur
+* primal, when ``n >= 2 d``: the intercept is eliminated from each Newton system by a Schur
   complement, leaving a ``d x d`` system per problem;
-* dual, when ``n < d`` (a few hundred prompts, residual widths in the thousands): the optimum has
+* dual, when ``n < 2 d`` (a few hundred prompts, residual widths in the thousands): the optimum has
   ``w = X^T alpha`` (representer theorem), so after one Gram matrix ``K = X X^T`` every Newton step
   is an ``n x n`` system and never touches the ``d`` features again.
 
@@ -273,7 +273,7 @@ def fit_logistic(
     b0 = torch.zeros(k, dtype=x.dtype)
     if fit_intercept:  # start at the weighted log-odds: a better first point than 0
         b0 = ((s * y).sum(-1).clamp(min=1e-3) / (s * (1 - y)).sum(-1).clamp(min=1e-3)).log()
-    form = _dual if n < d else _primal
+    form = _dual if n < 2 * d else _primal  # per-problem cost: dual 2n²d once + n³/3 a step; primal 2nd² + d³/3 a step
     w, b, n_iter, converged = form(x, y, s, C, fit_intercept, b0, max_iter=max_iter, tol=tol)
     if info is not None:
         info.update(n_iter=n_iter, converged=converged, form=form.__name__.strip("_"))
