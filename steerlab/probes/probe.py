@@ -175,6 +175,7 @@ def fit_probes(
     C: float = 1.0,
     standardize: bool = True,
     balanced: bool = False,
+    dtype: torch.dtype = torch.float32,
     site: str = "resid_pre",
     position: Position = "last",
     labels: tuple[str, str] = ("negative", "positive"),
@@ -184,7 +185,8 @@ def fit_probes(
 
     ``x`` is ``[n, n_layers, d]`` (e.g. ``acts.get("resid_pre", "last")[:, :, -1]``), ``y`` 0/1.
     ``balanced=True`` weights classes inversely to their frequency (as scikit-learn's
-    ``class_weight="balanced"``).
+    ``class_weight="balanced"``). ``dtype`` is the solver's precision: float32 (default) stops at
+    scikit-learn's tolerance; float64 solves to 1e-12.
 
     Example:
         >>> import torch
@@ -204,7 +206,7 @@ def fit_probes(
     weight = None
     if balanced:
         weight = (len(y) / (2.0 * counts.double()))[y]
-    w, b = fit_standardized(x.transpose(0, 1), y, C=C, sample_weight=weight, standardize=standardize)
+    w, b = fit_standardized(x.transpose(0, 1), y, C=C, sample_weight=weight, standardize=standardize, dtype=dtype)
     return Probe(
         weights=w,
         bias=b,

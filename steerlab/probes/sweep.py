@@ -97,6 +97,7 @@ def sweep(
     n_folds: int = 5,
     C: float = 1.0,
     standardize: bool = True,
+    dtype: torch.dtype = torch.float32,
     seed: int = 0,
 ) -> SweepResult:
     """Cross-validate a probe per (layer, position) on ``x`` ``[n, n_layers, n_positions, d]``.
@@ -127,8 +128,8 @@ def sweep(
         train, test = folds != f, folds == f
         for start in range(0, problems.shape[0], chunk):
             part = problems[start : start + chunk]
-            w, b = fit_standardized(part[:, train], y[train], C=C, standardize=standardize)
-            logits = torch.einsum("knd,kd->kn", part[:, test].double(), w) + b[:, None]
+            w, b = fit_standardized(part[:, train], y[train], C=C, standardize=standardize, dtype=dtype)
+            logits = torch.einsum("knd,kd->kn", part[:, test].double(), w.double()) + b.double()[:, None]
             acc[f, start : start + chunk] = ((logits > 0).long() == y[test]).float().mean(-1)
             auc[f, start : start + chunk] = torch.tensor([roc_auc(row, y[test]) for row in logits])
     shape = (n_layers, n_pos)
