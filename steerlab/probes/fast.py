@@ -116,7 +116,7 @@ def _gradient_small(grad_norm2: torch.Tensor, gtol2: torch.Tensor) -> torch.Tens
 
 
 def _cholesky(a: torch.Tensor) -> torch.Tensor:
-    """Batched Cholesky factor of SPD systems (every system here is ``>= I``, so only bad inputs fail)."""
+    """Batched Cholesky factor of SPD systems (every system here is ``>= I``, so only non-finite inputs fail)."""
     chol, info = torch.linalg.cholesky_ex(a)  # LAPACK reports NaN/inf pivots through info
     if bool((info != 0).any()):
         raise ShapeError("non-finite values in the probe's Newton system: check the activations for inf/nan")
@@ -170,11 +170,15 @@ def _primal(x, y, s, C, fit_intercept, b0, **kw):
 
 
 def _matvec(m: torch.Tensor, v: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
-    """``m[i] @ v[i]`` for every problem: ``[k, n, n] x [k, n] -> [k, n]``; with ``idx``, ``m[idx[j]] @ v[j]``.
+    """``m[i] @ v[i]`` for symmetric ``m`` ``[k, n, n]`` and ``v`` ``[k, n]``; with ``idx``, ``m[idx[j]] @ v[j]``.
 
-    A loop of ``mv`` calls: on CPU it is ~8x faster than ``bmm`` with one right-hand column."""
-    rows = range(len(m)) if idx is None else idx.tolist()
-    return torch.stack([torch.mv(m[i], vi) for i, vi in zip(rows, v)]) if len(v) else v.clone()
+    Computed as ``v^T m`` (a row times a matrix): on CPU that batched product is several times faster
+    than ``bmm`` with one right-hand column."""
+    if not len(v):
+        return v.clone()
+    if idx is not None and len(idx) != len(m):
+        m = m[idx]
+    return torch.bmm(v[:, None, :], m)[:, 0]
 
 
 def _dual_step(gram, idx, q, grad_b, omega, fit_intercept):
