@@ -292,7 +292,8 @@ def fit_logistic(
     if fit_intercept:  # start at the weighted log-odds: a better first point than 0
         b0 = ((s * y).sum(-1).clamp(min=1e-3) / (s * (1 - y)).sum(-1).clamp(min=1e-3)).log()
     form = _dual if n < 2 * d else _primal  # per-problem cost: dual 2n²d once + n³/3 a step; primal 2nd² + d³/3 a step
-    floor = 1e-12 if dtype == torch.float64 else 1e-7  # relative Newton decrement the precision resolves
+    # the smallest relative Newton decrement each precision resolves on sums over a few thousand samples
+    floor = 1e-12 if dtype == torch.float64 else 1e-5
     w, b, n_iter, converged = form(x, y, s, C, fit_intercept, b0, max_iter=max_iter, tol=tol, floor=floor)
     if info is not None:
         info.update(n_iter=n_iter, converged=converged, form=form.__name__.strip("_"))
