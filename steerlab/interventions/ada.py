@@ -243,6 +243,8 @@ def checkpoint_states(
     ``layer`` is a list, depth of each row); depths longer than a response are clipped to its length.
     Rows are prompt-major (all depths of prompt 0 first).
     """
+    from tqdm.auto import tqdm
+
     layers = model.layer_indices([layer] if isinstance(layer, int) else sorted(set(layer)))
     if not layers:
         raise EmptyInputError("no layers to read: pass layer=<int> or a non-empty list")
@@ -265,7 +267,7 @@ def checkpoint_states(
         tap.install(hooks, name="ada.states")
         order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
         pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else model.tokenizer.eos_token_id
-        for start in range(0, len(order), batch_size):
+        for start in tqdm(range(0, len(order), batch_size), desc="ADA header states", unit="batch", disable=not progress):
             idx = order[start : start + batch_size]
             width = max(len(rows[i]) for i in idx)
             ids = torch.tensor([[pad] * (width - len(rows[i])) + rows[i] for i in idx], device=model.device)
