@@ -299,3 +299,7 @@ def test_answer_probability_is_the_next_token_mass_on_every_answer_variant():
         assert abs(float(got[i]) - float(probs[i, list(answer_token_ids(tok, qa.answers))].sum())) < 1e-5
     with pytest.raises(EmptyInputError):
         answer_probability(model, [])
+    with pytest.raises(EmptyInputError, match="non-empty"):
+        answer_token_ids(tok, ["red", " "])
+    with pytest.raises(EmptyInputError, match="non-empty"):
+        QA("Name a colour.", ("",))

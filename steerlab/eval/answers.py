@@ -61,6 +61,9 @@ def answer_token_ids(tokenizer, answers: Sequence[str]) -> tuple[int, ...]:
         >>> answer_token_ids(tok, ["Python"])                          # doctest: +SKIP
         (10135, 12669, 13027, 30280)
     """
+    blank = [a for a in answers if not a.strip()]
+    if blank:
+        raise EmptyInputError(f"answers must be non-empty words; got {blank!r} (a bare space would count the space token)")
     ids: set[int] = set()
     for answer in answers:
         for text in word_variants(answer, upper=False):
