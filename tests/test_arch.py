@@ -33,6 +33,29 @@ def test_spec_paths_resolve_on_every_family(family_model):
     assert family_model.n_heads * family_model.head_dim == o_proj.in_features
 
 
+def test_mlp_down_names_the_tensors_that_write_the_residual_stream(family_model):
+    """Dense down_proj [d, I]; fused experts with the residual width on the layout's axis and the neuron
+    axis of one expert's slice on the other; a shared expert's down_proj where the model has one."""
+    from steerlab.arch import mlp_down
+
+    spec, hf, d = family_model.spec, family_model.hf, family_model.d_model
+    for layer in range(family_model.n_layers):
+        down = mlp_down(spec, hf, layer)
+        assert (down.dense is None) == (spec.moe_block(hf, layer) is not None)
+        if down.dense is not None:
+            assert resolve_path(hf, down.dense).weight.shape[0] == d
+            continue
+        fused = getattr(resolve_path(hf, down.experts), down.layout.down)
+        assert fused.shape[down.layout.down_residual_axis] == d
+        assert fused[0].shape[down.layout.down_neuron_axis] == fused.shape[3 - down.layout.down_residual_axis]
+        if down.layout.down_bias is not None:
+            assert getattr(resolve_path(hf, down.experts), down.layout.down_bias).shape[-1] == d
+        if spec.moe.shared_experts:
+            assert down.shared is not None and resolve_path(hf, down.shared).weight.shape[0] == d
+        else:
+            assert down.shared is None
+
+
 def test_moe_families_have_moe_layers(moe_model):
     moe_layers = [i for i in range(moe_model.n_layers) if moe_model.spec.moe_block(moe_model.hf, i) is not None]
     assert moe_layers, moe_model.spec.model_type

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from steerlab.arch import normalize_layer, resolve_path
+from steerlab.arch import FUSED_EXPERTS, mlp_down, normalize_layer, resolve_path
 from steerlab.errors import EmptyInputError, ShapeError, SteerlabError, UnknownArchitectureError
 
 if TYPE_CHECKING:
@@ -45,26 +45,6 @@ Column = tuple[int, int] | tuple[int, int | str, int]
 
 class ColumnIndexError(SteerlabError, IndexError):
     """A column address names a layer, expert or neuron the model does not have."""
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """Where one fused-expert layout keeps a neuron: the down weight's neuron axis (after picking the expert),
-    and how its gate and up pre-activations are laid out in ``gate_up``."""
-
-    down: str
-    down_neuron_axis: int
-    gate_up: str
-    gate_up_bias: str | None
-    interleaved: bool  # False: gate_up [2I, d], gate rows then up rows; True: [d, 2I], (gate, up) pairs in columns
-
-
-# Per MoESpec.expert_layout (see steerlab.arch): gate_up_rows = gate_up_proj [E, 2I, d], down_proj [E, d, I];
-# gate_up_interleaved_cols (gpt-oss) = gate_up_proj [E, d, 2I] + bias [E, 2I], down_proj [E, I, d].
-LAYOUTS: dict[str, _Layout] = {
-    "gate_up_rows": _Layout("down_proj", 1, "gate_up_proj", None, False),
-    "gate_up_interleaved_cols": _Layout("down_proj", 0, "gate_up_proj", "gate_up_proj_bias", True),
-}
 
 
 @dataclass(frozen=True)
@@ -101,13 +81,6 @@ class ColumnGroup:
         return w.float().cpu()
 
 
-def _dense_down_name(model: Model) -> str:
-    spec = model.spec
-    if spec.down_proj and spec.down_proj.startswith(spec.mlp + "."):
-        return spec.down_proj[len(spec.mlp) + 1 :]
-    return "down_proj"
-
-
 def _size(weight: torch.Tensor, axis: int) -> int:
     return int(weight.shape[axis])
 
@@ -119,33 +92,21 @@ def layer_groups(model: Model, layer: int) -> list[ColumnGroup]:
         >>> [g.expert for g in layer_groups(model, 1)]                 # doctest: +SKIP
         [0, 1, 2, 3, 'shared']
     """
-    spec, hf = model.spec, model.hf
-    idx = normalize_layer(layer, model.n_layers)
-    prefix = f"{spec.layers}.{idx}"
-    block = spec.moe_block(hf, idx)
-    if block is None:
-        if spec.down_proj is None:
-            raise UnknownArchitectureError(
-                f"layer {idx} of this {spec.model_type} model has no MoE block and the registry names no dense "
-                "down_proj; fix the spec with steerlab.arch.register(..., overwrite=True)"
-            )
-        path = f"{prefix}.{spec.down_proj}"
-        linear = resolve_path(hf, path)
-        return [ColumnGroup(idx, None, f"{path}.weight", 1, _size(linear.weight, 1), path)]
-    moe = spec.moe
-    layout = LAYOUTS[moe.expert_layout]
-    experts_path = f"{prefix}.{moe.block}.{moe.experts}"
-    fused = getattr(resolve_path(hf, experts_path), layout.down)
+    down = mlp_down(model.spec, model.hf, layer)
+    idx = down.layer
+    if down.dense is not None:
+        linear = resolve_path(model.hf, down.dense)
+        return [ColumnGroup(idx, None, f"{down.dense}.weight", 1, _size(linear.weight, 1), down.dense)]
+    layout = down.layout
+    fused = getattr(resolve_path(model.hf, down.experts), layout.down)
     n_cols = _size(fused, layout.down_neuron_axis + 1)
     groups = [
-        ColumnGroup(idx, e, f"{experts_path}.{layout.down}", layout.down_neuron_axis, n_cols, experts_path)
+        ColumnGroup(idx, e, f"{down.experts}.{layout.down}", layout.down_neuron_axis, n_cols, down.experts)
         for e in range(int(fused.shape[0]))
     ]
-    if moe.shared_experts is not None:
-        path = f"{prefix}.{moe.block}.{moe.shared_experts}.{_dense_down_name(model)}"
-        linear = resolve_path(hf, path, missing_ok=True)
-        if linear is not None:
-            groups.append(ColumnGroup(idx, SHARED, f"{path}.weight", 1, _size(linear.weight, 1), path))
+    if down.shared is not None:
+        linear = resolve_path(model.hf, down.shared)
+        groups.append(ColumnGroup(idx, SHARED, f"{down.shared}.weight", 1, _size(linear.weight, 1), down.shared))
     return groups
 
 
@@ -340,7 +301,7 @@ def expert_activations(
     Example:
         >>> a = expert_activations(model, experts, 3, [7, 9], x)        # doctest: +SKIP
     """
-    layout = LAYOUTS[model.spec.moe.expert_layout]
+    layout = FUSED_EXPERTS[model.spec.moe.expert_layout]
     cols = torch.as_tensor(list(columns), dtype=torch.long, device=x.device)
     gate_up = getattr(experts, layout.gate_up)[expert]
     if layout.interleaved:  # [d, 2I]: gate column 2j, up column 2j + 1

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 import steerlab
-from steerlab.arch import resolve_path, spec_for
+from steerlab.arch import mlp_down, resolve_path, spec_for
 from steerlab.errors import NotBakeableError
 from steerlab.interventions.columns import ColumnEdit
 from steerlab.interventions.experts import ExpertMask, _by_layer, _router
@@ -46,7 +46,6 @@ from steerlab.steering.ops import Ablate, AddVector, Clamp, _vector_for
 from steerlab.training.manifest import describe, history, record
 from steerlab.training.restructure import bias_route, is_tied, merge_routes, rebuild
 from steerlab.training.writers import (
-    EXPERT_DOWN,
     apply_rank_one,
     check_plain_writes,
     mlp_writers,
@@ -219,13 +218,12 @@ def _plan_add(model: Model, iv: AddVector) -> Plan:
                 f"Only layer 0 (the embedding) can be baked here. {_RUNTIME}"
             )
         shift = vec / _residual_scale(model)
-        block = spec.moe_block(model.hf, prev)
-        if block is None:
+        down = mlp_down(spec, model.hf, prev)
+        if down.dense is not None:
             plan.need_bias("down_proj", prev)
-            plan.edits.append(_add_to(f"{_layer_path(model, prev, spec.down_proj)}.bias", shift))
+            plan.edits.append(_add_to(f"{down.dense}.bias", shift))
             continue
-        experts_path = _layer_path(model, prev, f"{spec.moe.block}.{spec.moe.experts}")
-        bias_name = EXPERT_DOWN[spec.moe.expert_layout][1]
+        experts_path, bias_name = down.experts, down.layout.down_bias
         experts = resolve_path(model.hf, experts_path)
         if bias_name is None or getattr(experts, bias_name, None) is None:
             raise NotBakeableError(

@@ -21,18 +21,11 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from steerlab.arch import ArchSpec, resolve_path
-from steerlab.errors import NotBakeableError, UnknownArchitectureError
+from steerlab.arch import ArchSpec, mlp_down, resolve_path
+from steerlab.errors import NotBakeableError
 
 if TYPE_CHECKING:
     from steerlab.model import Model
-
-# Fused expert tensors per layout (MoESpec.expert_layout): (down weight, its bias or None, output axis of the
-# weight). gate_up_rows: down_proj [E, d, I]; gate_up_interleaved_cols (gpt-oss): down_proj [E, I, d] + bias [E, d].
-EXPERT_DOWN: dict[str, tuple[str, str | None, int]] = {
-    "gate_up_rows": ("down_proj", None, 1),
-    "gate_up_interleaved_cols": ("down_proj", "down_proj_bias", 2),
-}
 
 
 @dataclass(frozen=True)
@@ -56,13 +49,6 @@ def check_plain_writes(spec: ArchSpec, *, what: str) -> None:
         )
 
 
-def _dense_down_name(spec: ArchSpec) -> str:
-    """The down projection's name inside a dense MLP (a shared expert is the family's dense MLP class)."""
-    if spec.down_proj and spec.down_proj.startswith(spec.mlp + "."):
-        return spec.down_proj[len(spec.mlp) + 1 :]
-    return "down_proj"
-
-
 def _linear(root: nn.Module, path: str, role: str, layer: int | None) -> list[Writer]:
     module = resolve_path(root, path)
     weight = getattr(module, "weight", None)
@@ -78,29 +64,15 @@ def _linear(root: nn.Module, path: str, role: str, layer: int | None) -> list[Wr
 
 def mlp_writers(model: Model, layer: int) -> list[Writer]:
     """The tensors through which layer ``layer``'s MLP (dense or MoE) writes the residual stream."""
-    spec, hf = model.spec, model.hf
-    prefix = f"{spec.layers}.{layer}"
-    block = spec.moe_block(hf, layer)
-    if block is None:
-        if spec.down_proj is None:
-            raise UnknownArchitectureError(
-                f"layer {layer} of this {spec.model_type} model has no MoE block and the spec names no dense "
-                "down_proj; fix the registry entry with steerlab.arch.register(..., overwrite=True)"
-            )
-        return _linear(hf, f"{prefix}.{spec.down_proj}", "down_proj", layer)
-    moe = spec.moe
-    experts_path = f"{prefix}.{moe.block}.{moe.experts}"
-    weight, bias, axis = EXPERT_DOWN[moe.expert_layout]
-    out = [Writer(f"{experts_path}.{weight}", axis, "experts", layer)]
-    if bias is not None and getattr(resolve_path(hf, experts_path), bias, None) is not None:
-        out.append(Writer(f"{experts_path}.{bias}", axis - 1, "experts", layer))
-    if moe.shared_experts is not None:
-        shared = f"{prefix}.{moe.block}.{moe.shared_experts}"
-        if resolve_path(hf, shared, missing_ok=True) is not None:
-            out += [
-                Writer(w.path, w.axis, "shared_experts", layer)
-                for w in _linear(hf, f"{shared}.{_dense_down_name(spec)}", "shared_experts", layer)
-            ]
+    down = mlp_down(model.spec, model.hf, layer)
+    if down.dense is not None:
+        return _linear(model.hf, down.dense, "down_proj", down.layer)
+    layout = down.layout
+    out = [Writer(f"{down.experts}.{layout.down}", layout.down_residual_axis, "experts", down.layer)]
+    if layout.down_bias is not None and getattr(resolve_path(model.hf, down.experts), layout.down_bias, None) is not None:
+        out.append(Writer(f"{down.experts}.{layout.down_bias}", layout.down_residual_axis - 1, "experts", down.layer))
+    if down.shared is not None:
+        out += [Writer(w.path, w.axis, "shared_experts", down.layer) for w in _linear(model.hf, down.shared, "shared_experts", down.layer)]
     return out
 
 
