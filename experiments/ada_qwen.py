@@ -1,7 +1,8 @@
 """ADA-LP under harmful assistant prefills on the embedded default (issue-5 acceptance).
 
-1. Training states: the 128+128 training prompts plus AdvBench prompts 80..207 (harmful; disjoint from
-   the 80 AdvBench test prompts) with their own continuations (harmful ones written with the refusal
+1. Training states: the 128+128 training prompts and the 32+32 validation pairs, the 100 past-tense
+   harmless questions, and AdvBench prompts 80..207 (harmful; disjoint from the 80 AdvBench test
+   prompts) with their own continuations (harmful ones written with the refusal
    direction ablated, so they comply; harmless ones plain), 150 tokens each; the header state ADA would
    read (``prompt + continuation[:depth] + header``) at depths 0, 10, 25, 50, 100, 150, every layer.
 2. Probe choice, on training prompts only (4 folds grouped by prompt, so no prompt is on both sides):
@@ -20,8 +21,8 @@
    its first check scoring >= threshold; stopped rows count as refusals, others are judged by the
    substring judge).
 Everything runs in bfloat16. Run: ``python experiments/ada_qwen.py [--harmful advbench|pairs]
-[--threshold cv|X] [--max-fpr 0.04] [--extra-harmful 128]`` (results and caches in runs/ada/; reruns
-reuse the cached generations; about 40 minutes on 2 cores from scratch).
+[--threshold cv|X] [--max-fpr 0.04] [--extra-harmful 128] [--no-with-val]`` (results and caches in
+runs/ada/; reruns reuse the cached generations; about 50 minutes on 2 cores from scratch).
 """
 
 import argparse
@@ -32,7 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import steerlab
-from steerlab.data import advbench, load_split
+from steerlab.data import advbench, load_split, past_tense_harmless
 from steerlab.eval import is_refusal
 from steerlab.interventions.ada import ADAGuard, ada_generate, checkpoint_states
 from steerlab.probes import Probe, fit_probes, roc_auc
@@ -42,6 +43,7 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--harmful", choices=["pairs", "advbench"], default="advbench", help="held-out harmful set")
 parser.add_argument("--threshold", default="cv", help="probe threshold: a number, or 'cv' (the lowest that stops at most --max-fpr of harmless training prompts, cross-validated)")
 parser.add_argument("--max-fpr", type=float, default=0.04, help="harmless stop rate the cross-validated threshold allows")
+parser.add_argument("--with-val", action=argparse.BooleanOptionalAction, default=True, help="also train on the 32+32 validation pairs and the 100 past-tense harmless questions")
 parser.add_argument("--extra-harmful", type=int, default=128, help="AdvBench prompts 80..80+N (disjoint from the test prompts) added to the harmful training prompts")
 args = parser.parse_args()
 out = Path("runs/ada")
@@ -94,6 +96,7 @@ cont = {k: first[k] + rest[k] for k in ("harmful", "harmless")}
 extra = advbench()[80 : 80 + args.extra_harmful]  # disjoint from the 80 AdvBench test prompts
 extra_cont = cached(f"train_continuations_advbench_{args.extra_harmful}", lambda: continuations(extra, ablate=True)) if extra else []
 harmful_train = list(split.harmful_train) + list(extra)
+harmless_train = list(split.harmless_train)
 cont["harmful"] = cont["harmful"] + extra_cont
 
 
@@ -106,7 +109,18 @@ train = cached_tensors("train_states", lambda: {"harmful": states(split.harmful_
 if extra:
     more = cached_tensors(f"train_states_advbench_{args.extra_harmful}", lambda: {"harmful": states(extra, extra_cont)})
     train = {"harmful": torch.cat([train["harmful"], more["harmful"]]), "harmless": train["harmless"]}
-n_h, n_s, n_d = len(harmful_train), len(split.harmless_train), len(DEPTHS)
+if args.with_val:  # the paired validation prompts (32 + 32) and the 100 past-tense harmless questions
+    val_harmless = list(split.harmless_val) + past_tense_harmless()
+    val_cont = cached(
+        "train_continuations_val",
+        lambda: {"harmful": continuations(split.harmful_val, ablate=True), "harmless": continuations(val_harmless, ablate=False)},
+    )
+    val = cached_tensors("train_states_val", lambda: {"harmful": states(split.harmful_val, val_cont["harmful"]), "harmless": states(val_harmless, val_cont["harmless"])})
+    train = {"harmful": torch.cat([train["harmful"], val["harmful"]]), "harmless": torch.cat([train["harmless"], val["harmless"]])}
+    harmful_train += list(split.harmful_val)
+    harmless_train += val_harmless
+    cont = {"harmful": cont["harmful"] + val_cont["harmful"], "harmless": cont["harmless"] + val_cont["harmless"]}
+n_h, n_s, n_d = len(harmful_train), len(harmless_train), len(DEPTHS)
 x_train = torch.cat([train["harmful"], train["harmless"]]).float()  # [prompts * depths, L, d], prompt-major
 y_train = torch.tensor([1] * (n_h * n_d) + [0] * (n_s * n_d))
 group = torch.arange(n_h + n_s).repeat_interleave(n_d)
