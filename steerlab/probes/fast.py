@@ -247,7 +247,7 @@ def _dual(x, y, s, C, fit_intercept, b0, **kw):
     z = torch.zeros(k, n, dtype=x.dtype) + b0[:, None]
     zeros = torch.zeros(k, n, dtype=x.dtype)
     (alpha, b, _), n_iter, ok = _newton(z, y, s, C, penalty, direction, [zeros, b0, zeros.clone()], **kw)
-    return torch.stack([torch.mv(xi.t(), ai) for xi, ai in zip(x, alpha)]), b, n_iter, ok
+    return torch.bmm(alpha[:, None, :], x)[:, 0], b, n_iter, ok  # w = X^T alpha, as a row times X
 
 
 def fit_logistic(
