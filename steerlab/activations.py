@@ -30,13 +30,9 @@ from tqdm.auto import tqdm
 
 from steerlab.chat import NAMED_POSITIONS, EncodedBatch, Position
 from steerlab.errors import EmptyInputError, UnknownPositionError, UnknownSiteError
-from steerlab.hooks import MOE_SITES, HookContext, check_site
+from steerlab.hooks import MOE_SITES, HookContext, StopForward, check_site
 from steerlab.model import Model
 from steerlab.prefix_cache import new_cache, shared_prefix_length, suffix_inputs, take_prefix
-
-
-class _StopForward(Exception):
-    """Raised by the last hook a collection needs, to skip the rest of the forward pass."""
 
 
 def _key(site: str, position: Position) -> str:
@@ -189,13 +185,13 @@ def collect(
     only_pre_at_stop = site_list == ["resid_pre"]
 
     def stop(x: torch.Tensor, ctx: HookContext) -> None:
-        raise _StopForward
+        raise StopForward
 
     def run(inputs: dict) -> None:
         with torch.inference_mode():
             try:
                 model.hf(**inputs)
-            except _StopForward:
+            except StopForward:
                 pass
 
     batches = [(idx, batch.to(model.device)) for idx, batch in fmt.batches(rows, batch_size)]

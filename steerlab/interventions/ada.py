@@ -33,6 +33,7 @@ from transformers import DynamicCache
 
 from steerlab.errors import EmptyInputError, ShapeError, SteerlabError
 from steerlab.eval import is_refusal
+from steerlab.hooks import StopForward
 from steerlab.probes.probe import Probe
 
 if TYPE_CHECKING:
@@ -40,10 +41,6 @@ if TYPE_CHECKING:
     from steerlab.model import Model
 
 REFUSAL_TEXT = "I'm sorry, but I can't help with that."
-
-
-class _StopAtProbe(Exception):
-    """Raised by the probe hook: the rest of the forward pass is not needed."""
 
 
 @dataclass(frozen=True)
@@ -167,7 +164,7 @@ class _HeaderTap:
             if self.active:
                 self.grabbed[layer] = x[:, -1].float().cpu()
                 if self.stop and layer == self.layers[-1]:
-                    raise _StopAtProbe
+                    raise StopForward
 
         return grab
 
@@ -192,7 +189,7 @@ def _header_states(run: _Run, header: torch.Tensor, tap: _HeaderTap) -> torch.Te
     tap.active = True
     try:
         run.forward(header[None].expand(len(run.mask), -1))
-    except _StopAtProbe:
+    except StopForward:
         pass
     finally:
         tap.active = False
@@ -275,7 +272,7 @@ def checkpoint_states(
             tap.active = True
             try:
                 model.hf(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0), use_cache=False)
-            except _StopAtProbe:
+            except StopForward:
                 pass
             finally:
                 tap.active = False

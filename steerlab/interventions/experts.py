@@ -33,7 +33,7 @@ from steerlab.arch import normalize_layer, resolve_path
 from steerlab.chat import EncodedBatch
 from steerlab.errors import EmptyInputError, LayerIndexError, ShapeError, SteerlabError, UnknownSiteError
 from steerlab.hooks import HookContext
-from steerlab.interventions.heads import HookSpec, Order, _forward_prompts, _how_many, _rank, _stop
+from steerlab.interventions.heads import HookSpec, Order, forward_prompts, how_many, rank_order, stop_forward
 
 if TYPE_CHECKING:
     from steerlab.model import Model
@@ -58,7 +58,7 @@ def moe_layers(model: Model) -> list[int]:
     return [i for i in range(model.n_layers) if model.spec.moe_block(model.hf, i) is not None]
 
 
-def _router(model: Model, layer: int) -> nn.Module:
+def router_of(model: Model, layer: int) -> nn.Module:
     block = model.spec.moe_block(model.hf, layer)
     if block is None:
         raise LayerIndexError(
@@ -80,16 +80,16 @@ def _moe_layer_list(model: Model, layers: Sequence[int] | int | None) -> list[in
         return moe_layers(model)
     out = model.layer_indices(layers)
     for layer in out:
-        _router(model, layer)  # raises for a dense layer, naming the MoE layers
+        router_of(model, layer)  # raises for a dense layer, naming the MoE layers
     return out
 
 
-def _by_layer(model: Model, experts: Sequence[Expert]) -> dict[int, list[int]]:
+def experts_by_layer(model: Model, experts: Sequence[Expert]) -> dict[int, list[int]]:
     """{layer: sorted experts} with negative indices resolved and clear errors for bad pairs."""
     out: dict[int, set[int]] = {}
     for layer, expert in experts:
         la = normalize_layer(layer, model.n_layers)
-        n = _n_experts(_router(model, la))
+        n = _n_experts(router_of(model, la))
         e = expert + n if expert < 0 else expert
         if not 0 <= e < n:
             raise ExpertIndexError(
@@ -170,8 +170,8 @@ class ExpertMask:
                 f"{model.name} ({model.spec.model_type}) is a dense model: it has no experts to mask"
             )
         specs: list[HookSpec] = []
-        for layer, experts in _by_layer(model, self.experts).items():
-            router = _router(model, layer)
+        for layer, experts in experts_by_layer(model, self.experts).items():
+            router = router_of(model, layer)
             n, k = _n_experts(router), int(router.top_k)
             if self.mode == "off":
                 if len(experts) > n - k:
@@ -194,7 +194,7 @@ class ExpertMask:
         if self.shared_off is False:
             return []
         if self.shared_off is True:
-            layers = list(_by_layer(model, self.experts))
+            layers = list(experts_by_layer(model, self.experts))
         else:
             layers = [normalize_layer(la, model.n_layers) for la in self.shared_off]
         spec = model.spec
@@ -207,7 +207,7 @@ class ExpertMask:
             )
         specs: list[HookSpec] = []
         for layer in sorted(set(layers)):
-            _router(model, layer)  # dense layers have no shared expert either
+            router_of(model, layer)  # dense layers have no shared expert either
             state: dict[str, torch.Tensor] = {}
 
             def keep_routed(x: torch.Tensor, ctx: HookContext, state=state) -> None:
@@ -295,8 +295,8 @@ class ExpertScores:
             >>> scores.top(10)                                              # doctest: +SKIP
             [(14, 3), (9, 51), ...]
         """
-        n = _how_many(k, self.scores.numel())
-        return [(self.layers[int(i) // self.n_experts], int(i) % self.n_experts) for i in _rank(self.scores, order)[:n]]
+        n = how_many(k, self.scores.numel())
+        return [(self.layers[int(i) // self.n_experts], int(i) % self.n_experts) for i in rank_order(self.scores, order)[:n]]
 
     def rows(self, k: float | None = None, *, order: Order = "desc") -> list[dict[str, Any]]:
         """Ranked rows ``{"rank", "layer", "expert", "score"}`` (all when ``k`` is None)."""
@@ -377,7 +377,7 @@ def expert_usage(
         >>> usage.frequency().table(5)                                        # doctest: +SKIP
     """
     layer_list = _moe_layer_list(model, layers)
-    routers = {la: _router(model, la) for la in layer_list}
+    routers = {la: router_of(model, la) for la in layer_list}
     n_exp = {la: _n_experts(r) for la, r in routers.items()}
     if len(set(n_exp.values())) != 1:
         raise ShapeError(f"MoE layers have different expert counts {n_exp}; pass layers=... with one count")
@@ -407,8 +407,8 @@ def expert_usage(
     with model.hooks() as session:
         for row, layer in enumerate(layer_list):
             session.add_module_hook(routers[layer], record(row))  # after any router_logits edits: the final choice
-        session.add("resid_post", max(layer_list), _stop, name="expert_usage.stop")
-        for idx, batch in _forward_prompts(model, prompts, batch_size=batch_size, chat=chat, system=system):
+        session.add("resid_post", max(layer_list), stop_forward, name="expert_usage.stop")
+        for idx, batch in forward_prompts(model, prompts, batch_size=batch_size, chat=chat, system=system):
             state["batch"] = batch
             state["tokens"] += int(batch.attention_mask.sum())
             state["prompts"] += len(idx)

@@ -30,7 +30,7 @@ from torch import nn
 from steerlab.arch import normalize_layer
 from steerlab.chat import EncodedBatch, Position
 from steerlab.errors import EmptyInputError, ShapeError, SteerlabError, UnknownPositionError
-from steerlab.hooks import HookContext
+from steerlab.hooks import HookContext, StopForward
 from steerlab.steering.direction import Direction
 from steerlab.steering.ops import Cast
 
@@ -48,15 +48,11 @@ class HeadIndexError(SteerlabError, IndexError):
 
 
 # ----- shared plumbing: run prompts through the model in batches, stopping early -----
-class _StopForward(Exception):
-    """Raised after the last layer a measurement needs, to skip the rest of the forward pass."""
+def stop_forward(x: torch.Tensor, ctx: HookContext) -> None:
+    raise StopForward
 
 
-def _stop(x: torch.Tensor, ctx: HookContext) -> None:
-    raise _StopForward
-
-
-def _forward_prompts(
+def forward_prompts(
     model: Model,
     prompts: Sequence[str],
     *,
@@ -66,7 +62,7 @@ def _forward_prompts(
 ) -> Iterator[tuple[list[int], EncodedBatch]]:
     """Yield (row indices, batch), then run the forward pass on that batch when the caller resumes.
 
-    Use inside an open hook session that registered a ``_stop`` hook where the measurement ends.
+    Use inside an open hook session that registered a ``stop_forward`` hook where the measurement ends.
     """
     if isinstance(prompts, str) or len(prompts) == 0:
         raise EmptyInputError("pass a non-empty list of prompts")
@@ -77,7 +73,7 @@ def _forward_prompts(
         with torch.inference_mode():
             try:
                 model.hf(**batch.model_inputs(), use_cache=False)
-            except _StopForward:
+            except StopForward:
                 pass
 
 
@@ -95,7 +91,7 @@ def _select_tokens(x: torch.Tensor, batch: EncodedBatch, position: Position) -> 
 Head = tuple[int, int]
 
 
-def _normalize_heads(model: Model, heads: Sequence[Head]) -> dict[int, list[int]]:
+def normalize_heads(model: Model, heads: Sequence[Head]) -> dict[int, list[int]]:
     """{layer: sorted heads} with negative indices resolved; clear errors for anything out of range."""
     n_heads = model.n_heads
     out: dict[int, set[int]] = {}
@@ -178,7 +174,7 @@ class HeadAblation:
 
     def hooks(self, model: Model) -> list[HookSpec]:
         """The (site, layer, fn) triples that implement this ablation on ``model``."""
-        by_layer = _normalize_heads(model, self.heads)
+        by_layer = normalize_heads(model, self.heads)
         if self.mode == "mean":
             expected = (model.n_layers, model.n_heads, model.head_dim)
             if tuple(self.means.shape) != expected:
@@ -289,8 +285,8 @@ def head_means(
     with model.hooks() as session:
         for layer in layer_list:
             session.add("head", layer, accumulate, name=f"head_means.{layer}")
-        session.add("resid_post", max(layer_list), _stop, name="head_means.stop")
-        for _, batch in _forward_prompts(model, prompts, batch_size=batch_size, chat=chat, system=system):
+        session.add("resid_post", max(layer_list), stop_forward, name="head_means.stop")
+        for _, batch in forward_prompts(model, prompts, batch_size=batch_size, chat=chat, system=system):
             state["batch"] = batch
     means = torch.full_like(sums, float("nan"), dtype=torch.float32)
     means[layer_list] = (sums[layer_list] / count[0]).float()
@@ -322,7 +318,7 @@ def _unit_vector(direction: Direction | torch.Tensor, d_model: int, source_layer
     return (vec / norm).float()
 
 
-def _rank(scores: torch.Tensor, order: Order) -> torch.Tensor:
+def rank_order(scores: torch.Tensor, order: Order) -> torch.Tensor:
     """Flat indices of ``scores`` from most to least important under ``order``."""
     flat = scores.flatten()
     if order == "abs":
@@ -337,7 +333,7 @@ def _rank(scores: torch.Tensor, order: Order) -> torch.Tensor:
     return torch.argsort(key, descending=True, stable=True)
 
 
-def _how_many(k: float, total: int) -> int:
+def how_many(k: float, total: int) -> int:
     """``k`` as a count: an int is a count, a float in (0, 1] a fraction of ``total`` (at least 1)."""
     if isinstance(k, bool) or not isinstance(k, (int, float)):
         raise ShapeError(f"k must be a count (int) or a fraction (float in (0, 1]), got {k!r}")
@@ -385,8 +381,8 @@ class HeadAttribution:
             >>> att.top(16, order="asc")                                   # doctest: +SKIP
             [(17, 3), (20, 11), ...]
         """
-        n = _how_many(k, self.scores.numel())
-        return [divmod(int(i), self.n_heads) for i in _rank(self.scores, order)[:n]]
+        n = how_many(k, self.scores.numel())
+        return [divmod(int(i), self.n_heads) for i in rank_order(self.scores, order)[:n]]
 
     def rows(self, k: float | None = None, *, order: Order = "abs") -> list[dict[str, Any]]:
         """Ranked rows ``{"rank", "layer", "head", "score"}`` (all heads when ``k`` is None)."""
@@ -463,8 +459,8 @@ def head_attribution(
     with model.hooks() as session:
         for layer in range(n_layers):
             session.add("head", layer, attribute, name=f"head_attribution.{layer}")
-        session.add("resid_post", n_layers - 1, _stop, name="head_attribution.stop")
-        for idx, batch in _forward_prompts(model, prompts, batch_size=batch_size, chat=chat, system=system):
+        session.add("resid_post", n_layers - 1, stop_forward, name="head_attribution.stop")
+        for idx, batch in forward_prompts(model, prompts, batch_size=batch_size, chat=chat, system=system):
             state["batch"] = batch
             n_prompts += len(idx)
     return HeadAttribution(
@@ -508,8 +504,8 @@ def projection_metric(
 
         with model.hooks() as session:
             session.add("resid_post", la, read, name="projection_metric.read")
-            session.add("resid_post", la, _stop, name="projection_metric.stop")
-            for idx, batch in _forward_prompts(model, prompts, batch_size=batch_size, chat=chat, system=system):
+            session.add("resid_post", la, stop_forward, name="projection_metric.stop")
+            for idx, batch in forward_prompts(model, prompts, batch_size=batch_size, chat=chat, system=system):
                 state["batch"] = batch
                 n += len(idx)
         return total / n

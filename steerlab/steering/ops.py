@@ -40,7 +40,7 @@ def _check_width(direction: Direction, model: Model) -> None:
         )
 
 
-def _vector_for(direction: Direction, layer: int, source_layer: int | None) -> torch.Tensor:
+def vector_for(direction: Direction, layer: int, source_layer: int | None) -> torch.Tensor:
     """The vector to use at ``layer``: ``source_layer``'s, the layer's own, or the only one there is."""
     if source_layer is not None:
         return direction.at(source_layer)
@@ -103,7 +103,7 @@ class AddVector:
         layers = model.layer_indices(self.layers if self.layers is not None else list(direction.layers))
         specs = []
         for layer in layers:
-            vec = Cast(_vector_for(direction, layer, self.source_layer) * self.coeff)
+            vec = Cast(vector_for(direction, layer, self.source_layer) * self.coeff)
 
             def fn(x, ctx, vec=vec):
                 return masked(x, x + vec.like(x), position_mask(x, ctx, self.positions))
@@ -176,6 +176,6 @@ class Clamp:
         _check_width(self.direction, model)
         unit = self.direction.unit()
         return [
-            ("resid_pre", la, _projector_fns(_vector_for(unit, la, self.source_layer), self.positions, self.value))
+            ("resid_pre", la, _projector_fns(vector_for(unit, la, self.source_layer), self.positions, self.value))
             for la in model.layer_indices(list(self.layers))
         ]

@@ -38,11 +38,11 @@ import steerlab
 from steerlab.arch import mlp_down, resolve_path, spec_for
 from steerlab.errors import NotBakeableError
 from steerlab.interventions.columns import ColumnEdit
-from steerlab.interventions.experts import ExpertMask, _by_layer, _router
-from steerlab.interventions.heads import HeadAblation, _normalize_heads
+from steerlab.interventions.experts import ExpertMask, experts_by_layer, router_of
+from steerlab.interventions.heads import HeadAblation, normalize_heads
 from steerlab.interventions.redirect import LinearRedirect, MultiKeyRedirect, RankOneRedirect
 from steerlab.model import Model
-from steerlab.steering.ops import Ablate, AddVector, Clamp, _vector_for
+from steerlab.steering.ops import Ablate, AddVector, Clamp, vector_for
 from steerlab.training.manifest import describe, history, record
 from steerlab.training.restructure import bias_route, is_tied, merge_routes, rebuild
 from steerlab.training.writers import (
@@ -192,7 +192,7 @@ def _weights_sum_to_one(model: Model, layer: int) -> bool:
         return True
     if kind == "softmax_topk":
         return spec.renormalizes(model.config)
-    router = _router(model, layer)
+    router = router_of(model, layer)
     return bool(router.norm_topk_prob) and float(router.routed_scaling_factor) == 1.0
 
 
@@ -205,7 +205,7 @@ def _plan_add(model: Model, iv: AddVector) -> Plan:
     plan = Plan(what)
     spec = model.spec
     for layer in layers:
-        vec = _vector_for(direction, layer, iv.source_layer).double() * float(iv.coeff)
+        vec = vector_for(direction, layer, iv.source_layer).double() * float(iv.coeff)
         if layer == 0:
             plan.edits.append(_add_to(f"{spec.embed}.weight", vec / embedding_scale(model)))
             plan.touches_embedding = True
@@ -251,7 +251,7 @@ def _plan_heads(model: Model, iv: HeadAblation) -> Plan:
     iv.hooks(model)  # head ranges and means shape
     plan = Plan(what)
     spec = model.spec
-    for layer, heads in _normalize_heads(model, iv.heads).items():
+    for layer, heads in normalize_heads(model, iv.heads).items():
         o_path = _layer_path(model, layer, spec.o_proj)
         dh = spec.head_dim(model.hf, layer)
         cols = torch.cat([torch.arange(h * dh, (h + 1) * dh) for h in heads])
@@ -280,9 +280,9 @@ def _plan_experts(model: Model, iv: ExpertMask) -> Plan:
     iv.hooks(model)  # index ranges, dense layers, top_k limits, shared experts present
     plan = Plan(what)
     spec = model.spec
-    for layer, experts in _by_layer(model, iv.experts).items():
+    for layer, experts in experts_by_layer(model, iv.experts).items():
         kind = spec.moe.routing
-        router = _router(model, layer)
+        router = router_of(model, layer)
         bias = getattr(router, ROUTER_BIAS[kind], None)
         if not isinstance(bias, torch.Tensor):
             raise NotBakeableError(
@@ -302,7 +302,7 @@ def _plan_experts(model: Model, iv: ExpertMask) -> Plan:
         plan.edits.append(_set(f"{router_path}.{ROUTER_BIAS[kind]}", index, _very_negative(bias.dtype)))
     if iv.shared_off is not False:
         layers = (
-            list(_by_layer(model, iv.experts)) if iv.shared_off is True else model.layer_indices(list(iv.shared_off))
+            list(experts_by_layer(model, iv.experts)) if iv.shared_off is True else model.layer_indices(list(iv.shared_off))
         )
         for layer in layers:
             for w in mlp_writers(model, layer):
