@@ -51,12 +51,12 @@ SITES: tuple[str, ...] = ("resid_pre", "resid_post", "attn_out", "mlp_out", "hea
 MOE_SITES = frozenset({"router_logits", "expert_out"})
 
 
-@dataclass
-
 class StopForward(Exception):
     """Raised by a hook after the last layer a measurement needs: the caller catches it and skips the
     rest of the forward pass."""
 
+
+@dataclass
 class StepInfo:
     """What the current forward call is: how many tokens the cache held before it, how many it adds."""
 
