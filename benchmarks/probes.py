@@ -14,7 +14,7 @@ Same objective within each pair (L2 logistic, C=1). Timing: interleaved repetiti
 ratio = scikit-learn time / steerlab time. Accuracy: best held-out accuracy over problems for
 scikit-learn / float64 / float32, and the largest per-problem accuracy gap to scikit-learn.
 
-Run: ``python benchmarks/probes.py [--model NAME] [--reps R]``
+Run: ``python benchmarks/probes.py [--model NAME] [--reps R] [--rows last,positions,pooled]``
 """
 
 from __future__ import annotations
@@ -65,7 +65,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--rows", default="last,positions,pooled", help="comma-separated subset of: last, positions, pooled")
     args = parser.parse_args()
+    rows = set(args.rows.split(","))
+    if not rows <= {"last", "positions", "pooled"}:
+        parser.error(f"--rows takes last, positions and/or pooled; got {args.rows!r}")
     model = steerlab.load(args.model)
     split = load_split()
 
@@ -99,6 +103,7 @@ def main() -> None:
             y_te.repeat_interleave(n_pos - 1),
         ),
     }
+    setups = {name: value for key, (name, value) in zip(("last", "positions", "pooled"), setups.items()) if key in rows}
     print(f"model: {model.name}; torch threads {torch.get_num_threads()}; {args.reps} reps, medians")
     header = (
         f"| {'problems':<50} | {'features':<8} | {'sklearn s':>9} | {'ours f64 s':>10} | {'ratio':>5} | {'ours f32 s':>10} | {'ratio':>5} "
@@ -123,7 +128,7 @@ def main() -> None:
             gap = max(float((acc_sk - acc64).abs().max()), float((acc_sk - acc32).abs().max()))
             accs = f"{float(acc_sk.max()):.3f} / {float(acc64.max()):.3f} / {float(acc32.max()):.3f}"
             print(
-                f"| {name:<50} | {'std' if standardize else 'raw':<8} | {sk:>9.2f} | {o64:>10.2f} | {sk / o64:>5.1f} | {o32:>10.2f} | {sk / o32:>5.1f} "
+                f"| {name:<50} | {'std' if standardize else 'raw':<8} | {sk:>9.3f} | {o64:>10.3f} | {sk / o64:>5.1f} | {o32:>10.3f} | {sk / o32:>5.1f} "
                 f"| {accs:>23} | {gap:>7.3f} |",
                 flush=True,
             )
