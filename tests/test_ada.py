@@ -116,6 +116,12 @@ def test_checkpoint_states_are_the_header_states_a_check_reads():
     prompts, responses = PROMPTS[:2], ["The sea is wide and blue.", "Hello there"]
     states, depths = checkpoint_states(model, prompts, responses, layer=2, depths=[0, 3, 100], batch_size=4)
     assert states.shape == (6, model.d_model)
+    both, _ = checkpoint_states(model, prompts, responses, layer=[2, 0], depths=[0, 3, 100], batch_size=4)
+    first, _ = checkpoint_states(model, prompts, responses, layer=0, depths=[0, 3, 100], batch_size=4)
+    assert both.shape == (6, 2, model.d_model)  # layers in ascending order
+    torch.testing.assert_close(both[:, 0], first, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(both[:, 1], states, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(first, states)
     header = list(model.chat().header_ids)
     for i, (prompt, response) in enumerate(zip(prompts, responses)):
         base = model.chat().tokenize([prompt])[0][0]

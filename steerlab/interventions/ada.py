@@ -24,7 +24,8 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -45,7 +46,8 @@ REFUSAL_TEXT = "I'm sorry, but I can't help with that."
 
 @dataclass(frozen=True)
 class ADAGuard:
-    """How and when to check: a one-layer probe (ADA-LP) or a look-ahead judge (ADA-RK)."""
+    """How and when to check: a probe on the header state (ADA-LP; several layers score the mean
+    probability) or a look-ahead judge (ADA-RK)."""
 
     probe: Probe | None = None
     mode: Literal["probe", "rethink"] = "probe"
@@ -168,6 +170,17 @@ class _HeaderTap:
 
         return grab
 
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        """Grab during the enclosed forward pass; the early stop after the deepest layer ends it quietly."""
+        self.active = True
+        try:
+            yield
+        except StopForward:
+            pass
+        finally:
+            self.active = False
+
     def install(self, hooks, *, name: str) -> None:
         for layer in self.layers:
             hooks.add("resid_pre", layer, self.hook(layer), name=f"{name}.{layer}", required=False)
@@ -186,13 +199,10 @@ def _header_states(run: _Run, header: torch.Tensor, tap: _HeaderTap) -> torch.Te
     """``resid_pre`` at the last injected header token at ``tap.layers``, ``[b, n_layers, d]``; the cache
     is cropped back."""
     length = run.cache.get_seq_length()
-    tap.active = True
     try:
-        run.forward(header[None].expand(len(run.mask), -1))
-    except StopForward:
-        pass
+        with tap.reading():
+            run.forward(header[None].expand(len(run.mask), -1))
     finally:
-        tap.active = False
         run.rollback(length)
     return tap.take()
 
@@ -202,11 +212,8 @@ def _rethink_check(run: _Run, guard: ADAGuard, header: torch.Tensor, eos: set[in
     ``tap`` (non-stopping) records the header states if it has layers."""
     length, mask, pos = run.cache.get_seq_length(), run.mask, run.pos
     try:
-        tap.active = True
-        try:
+        with tap.reading():
             logits, run.mask, p = run.forward(header[None].expand(len(mask), -1))
-        finally:
-            tap.active = False
         run.pos = p[:, -1]
         tokens = []
         for _ in range(guard.lookahead):
@@ -269,13 +276,8 @@ def checkpoint_states(
             width = max(len(rows[i]) for i in idx)
             ids = torch.tensor([[pad] * (width - len(rows[i])) + rows[i] for i in idx], device=model.device)
             mask = torch.tensor([[0] * (width - len(rows[i])) + [1] * len(rows[i]) for i in idx], device=model.device)
-            tap.active = True
-            try:
+            with tap.reading():
                 model.hf(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0), use_cache=False)
-            except StopForward:
-                pass
-            finally:
-                tap.active = False
             states[torch.tensor(idx)] = tap.take()
     return (states[:, 0] if isinstance(layer, int) else states), torch.tensor(used)
 
