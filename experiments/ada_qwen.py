@@ -224,8 +224,11 @@ def check_scores(key):
     return out_scores
 
 
+scores_of = {key: check_scores(key) for key in runs}  # the probe reads each recorded check once
+
+
 def rates(key, t):
-    rows, scores = runs[key][0], check_scores(key)
+    rows, scores = runs[key][0], scores_of[key]
     stopped = [any(s >= t for s in sc) for sc in scores]
     refused = [st or is_refusal(r["text"]) for st, r in zip(stopped, rows)]
     n = len(rows)
