@@ -102,6 +102,20 @@ def test_float32_fits_meet_sklearns_stopping_rule(n, d):
     assert float(grad_w.abs().max()) <= 2e-4 and float(grad_b.abs().max()) <= 2e-4
 
 
+@pytest.mark.parametrize("n,d", [(300, 40), (160, 400)])  # primal and dual forms
+def test_float32_fit_is_unchanged_by_a_large_common_offset(n, d):
+    """Activations share a large common component; shifting every sample by the same vector only moves
+    the intercept (b' = b - offset . w). In float32 the uncentred Gram matrix lost definiteness here."""
+    x, y = _data(n, d, separable=False, seed=7)
+    offset = 1000.0 * torch.randn(d, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    w0, b0 = fit_logistic(x[None], y)
+    info: dict = {}
+    w, b = fit_logistic((x + offset)[None].float(), y, dtype=torch.float32, info=info)
+    assert info["converged"]
+    assert float((w[0].double() - w0[0]).abs().max()) < 2e-3 * float(w0[0].abs().max())
+    assert float(b[0].double() + w[0].double() @ offset - b0[0]) == pytest.approx(0.0, abs=2e-2)
+
+
 def test_batched_problems_are_independent():
     xs, ys = zip(*(_data(120, 10, separable=s, seed=k) for k, s in enumerate([False, True, False])))
     w, b = fit_logistic(torch.stack(xs), torch.stack(ys), C=1.0)

@@ -87,7 +87,11 @@ def _exact_step(z, dz, y, s, C, penalty, params, dparams, active, *, iters: int 
 
     Far from the optimum of nearly separable data the curvature falls as margins grow, so the best
     step along a Newton direction is often longer than 1; taking it saves whole Newton iterations.
-    The regulariser is quadratic in the step, so three evaluations give it exactly.
+    The regulariser is quadratic in the step, so three evaluations give it exactly. The slope is
+    negative at 0 (a descent direction), so each evaluated slope narrows a bracket around the
+    minimiser; a Newton proposal outside the bracket is replaced by the bracket's midpoint (an
+    unguarded 1-D Newton step can land at t <= 0 where the curvature at t is small, and the fit
+    then crawls at the smallest step).
     """
     def trial(t):
         return [q - _bcast(t, q) * dq for q, dq in zip(params, dparams)]
@@ -97,14 +101,18 @@ def _exact_step(z, dz, y, s, C, penalty, params, dparams, active, *, iters: int 
     p0, p1, p2 = penalty(params), penalty(trial(ones)), penalty(trial(2 * ones))
     quad = (p2 - 2 * p1 + p0) / 2  # penalty(t) = p0 + lin t + quad t^2
     lin = p1 - p0 - quad
-    t = ones.clone()
+    s_dz = C * s * dz
+    s_dz2 = s_dz * dz
+    t, lo, hi = ones.clone(), torch.zeros_like(ones), torch.full_like(ones, most)
     for _ in range(iters):
-        zt = z - t[:, None] * dz
-        pr = torch.sigmoid(zt)
-        grad = -C * (s * (pr - y) * dz).sum(-1) + lin + 2 * quad * t
-        curv = C * (s * pr * (1 - pr) * dz * dz).sum(-1) + 2 * quad
-        t = torch.where(curv > 0, t - grad / curv.clamp(min=torch.finfo(z.dtype).tiny), t).clamp(1e-3, most)
-    return torch.where(active & torch.isfinite(t), t, ones)
+        pr = torch.sigmoid(z - t[:, None] * dz)
+        slope = -((pr - y) * s_dz).sum(-1) + lin + 2 * quad * t
+        curv = (pr * (1 - pr) * s_dz2).sum(-1) + 2 * quad
+        below = slope < 0  # the minimiser lies beyond t
+        lo, hi = torch.where(below, t, lo), torch.where(below, hi, t)
+        proposal = t - slope / curv.clamp(min=torch.finfo(z.dtype).tiny)
+        t = torch.where((proposal > lo) & (proposal < hi), proposal, (lo + hi) / 2)
+    return torch.where(active & torch.isfinite(t) & (t > 0), t, ones)
 
 
 def _cholesky(a: torch.Tensor) -> torch.Tensor:
@@ -260,9 +268,20 @@ def fit_logistic(
     ``tol`` has scikit-learn's meaning: stop once the gradient of the sample-averaged objective is at
     most ``tol`` (here in 2-norm, which implies sklearn's per-coordinate test). ``dtype`` is the
     compute precision: float64 (default) solves to ``tol=1e-12`` (in practice until the Newton
-    decrement vanishes); float32 is 3-4x faster and stops at ``tol=1e-4``, sklearn's default.
+    decrement vanishes); float32 is 3-4x faster and stops at ``tol=1e-4``, sklearn's default, or
+    where its resolution ends (a relative Newton decrement below 1e-5).
     Pass a dict as ``info`` to receive ``n_iter`` (Newton steps taken), ``converged`` and ``form``.
+    With an intercept the features are centred first (an exact reparametrisation: the intercept
+    absorbs the shift), which keeps float32 Gram matrices of activations with a large common
+    component well resolved.
     """
+    return _fit_logistic(
+        x, y, C=C, fit_intercept=fit_intercept, sample_weight=sample_weight, max_iter=max_iter, tol=tol, dtype=dtype, info=info, center=fit_intercept
+    )
+
+
+def _fit_logistic(x, y, *, C, fit_intercept, sample_weight, max_iter, tol, dtype, info, center: bool):
+    """:func:`fit_logistic`; ``center`` subtracts the weighted feature mean before solving."""
     if x.dim() != 3:
         raise ShapeError(f"x must be [problems, samples, features]; got {tuple(x.shape)}")
     if x.shape[1] == 0:
@@ -279,6 +298,10 @@ def fit_logistic(
     if y.shape != (k, n):
         raise ShapeError(f"labels must be [{n}] or [{k}, {n}]; got {tuple(y.shape)}")
     s = torch.ones(k, n, dtype=x.dtype) if sample_weight is None else sample_weight.to(x).expand(k, n)
+    mean = None
+    if center:  # logits x.w + b = (x - m).w + (b + m.w): the same problem, better conditioned
+        mean = torch.bmm((s / s.sum(-1, keepdim=True).clamp(min=1e-12))[:, None, :], x)[:, 0]
+        x = x - mean[:, None]
     b0 = torch.zeros(k, dtype=x.dtype)
     if fit_intercept:  # start at the weighted log-odds: a better first point than 0
         b0 = ((s * y).sum(-1).clamp(min=1e-3) / (s * (1 - y)).sum(-1).clamp(min=1e-3)).log()
@@ -292,7 +315,7 @@ def fit_logistic(
     w, b, n_iter, converged = form(x, y, s, C, fit_intercept, b0, max_iter=max_iter, gtol2=gtol2, floor=floor)
     if info is not None:
         info.update(n_iter=n_iter, converged=converged, form=form.__name__.strip("_"))
-    return w, b
+    return w, (b if mean is None else b - (w * mean).sum(-1))
 
 
 def _center_scale(x: torch.Tensor, *, sample_weight: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -325,6 +348,7 @@ def fit_standardized(
         return fit_logistic(x, y, C=C, sample_weight=sample_weight, **kwargs)
     dtype = kwargs.get("dtype", torch.float64)  # the compute precision, also for the statistics
     mean, std, scaled = _center_scale(x.to(dtype), sample_weight=sample_weight, eps=1e-8)
-    w, b = fit_logistic(scaled, y, C=C, sample_weight=sample_weight, **kwargs)
+    options = {**fit_logistic.__kwdefaults__, **kwargs, "C": C, "sample_weight": sample_weight}
+    w, b = _fit_logistic(scaled, y, center=False, **options)  # already centred
     w_raw = w / std
     return w_raw, b - (w_raw * mean).sum(-1)
