@@ -21,6 +21,7 @@ from steerlab.probes import (
     best_threshold,
     fit_logistic,
     fit_probes,
+    fit_standardized,
     refusal_probe,
     roc_auc,
     stratified_folds,
@@ -114,6 +115,21 @@ def test_float32_fit_is_unchanged_by_a_large_common_offset(n, d):
     assert info["converged"]
     assert float((w[0].double() - w0[0]).abs().max()) < 2e-3 * float(w0[0].abs().max())
     assert float(b[0].double() + w[0].double() @ offset - b0[0]) == pytest.approx(0.0, abs=2e-2)
+
+
+@pytest.mark.parametrize("n,d", [(300, 12), (60, 150)])  # primal and dual forms
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_standardised_fit_with_fold_weights_equals_the_sklearn_pipeline_on_the_fold(n, d, dtype):
+    """Zero sample weights leave rows out of the scaler's statistics and of the fit, as a CV fold does;
+    the dual form standardises inside its Gram matrix, so this also checks the affine map back."""
+    x, y = _data(n, d, separable=False, seed=11)
+    x = x + 5.0  # an offset for the scaler to remove
+    keep = torch.arange(n) % 4 != 0
+    w, b = fit_standardized(x[None].to(dtype), y, C=0.7, sample_weight=keep.double(), dtype=dtype)
+    ref = make_pipeline(StandardScaler(), LogisticRegression(C=0.7, tol=1e-12, max_iter=20000)).fit(x[keep].numpy(), y[keep].numpy())
+    ours = torch.sigmoid(x @ w[0].double() + b[0].double())
+    gap = np.abs(ours.numpy() - ref.predict_proba(x.numpy())[:, 1]).max()
+    assert gap < (1e-6 if dtype == torch.float64 else 5e-3)
 
 
 def test_batched_problems_are_independent():

@@ -211,27 +211,26 @@ def _dual_step(gram, idx, q, grad_b, omega, fit_intercept):
     return d_alpha, k_da, db
 
 
-def _dual(x, y, s, C, fit_intercept, b0, *, gtol2, **kw):
-    """Newton over (alpha, b) with w = X^T alpha: one Gram matrix, then n x n SPD systems.
+def _dual(gram, y, s, C, fit_intercept, b0, *, gtol2, **kw):
+    """Newton over (alpha, b) with w = X^T alpha, from the Gram matrix ``K = X X^T``: n x n SPD systems.
 
     The intercept is eliminated by a Schur complement: with Ω̃ = Ω - ω ω^T / Σω (ω the curvatures),
     the step solves (Ω̃ K + I) dα = q, i.e. dα = q - Z^T (I + Z K Z^T)^{-1} Z K q with
     Z = P Ω^{1/2} and P the projector that removes u = Ω^{1/2} 1 / sqrt(Σω). ``I + Z K Z^T`` is
     symmetric and >= I, so a Cholesky factorisation always exists (no pivoting to fail).
-    Problems that have converged are left out of later factorisations.
+    Problems that have converged are left out of later factorisations. Returns (alpha, b, n_iter, ok).
     """
-    k, n, _ = x.shape
-    gram = x @ x.transpose(1, 2)  # [k, n, n], the only pass over the features before the last
+    k, n, _ = gram.shape
     state: dict[str, torch.Tensor] = {}
 
     def direction(resid, omega, active):
         alpha = state["alpha"]
         idx = torch.nonzero(active).flatten()
         q = resid[idx] + alpha[idx]  # the w-space gradient is X^T q
-        grad_b = resid[idx].sum(-1) if fit_intercept else torch.zeros(len(idx), dtype=x.dtype)
+        grad_b = resid[idx].sum(-1) if fit_intercept else gram.new_zeros(len(idx))
         small = (q * _matvec(gram, q, idx)).sum(-1) + grad_b**2 <= gtol2[idx]  # ||X^T q||^2 + g_b^2
         idx, q, grad_b = idx[~small], q[~small], grad_b[~small]
-        d_alpha, k_da, db = torch.zeros(k, n, dtype=x.dtype), torch.zeros(k, n, dtype=x.dtype), torch.zeros(k, dtype=x.dtype)
+        d_alpha, k_da, db = gram.new_zeros(k, n), gram.new_zeros(k, n), gram.new_zeros(k)
         if len(idx):
             d_alpha[idx], k_da[idx], db[idx] = _dual_step(gram, idx, q, grad_b, omega[idx], fit_intercept)
         if not bool(torch.isfinite(d_alpha).all()):
@@ -243,10 +242,35 @@ def _dual(x, y, s, C, fit_intercept, b0, *, gtol2, **kw):
         state["alpha"] = params[0]
         return 0.5 * (params[0] * params[2]).sum(-1)
 
-    z = torch.zeros(k, n, dtype=x.dtype) + b0[:, None]
-    zeros = torch.zeros(k, n, dtype=x.dtype)
+    z = gram.new_zeros(k, n) + b0[:, None]
+    zeros = gram.new_zeros(k, n)
     (alpha, b, _), n_iter, ok = _newton(z, y, s, C, penalty, direction, [zeros, b0, zeros.clone()], **kw)
-    return torch.bmm(alpha[:, None, :], x)[:, 0], b, n_iter, ok  # w = X^T alpha, as a row times X
+    return alpha, b, n_iter, ok
+
+
+def _affine_gram(x, weight, *, center: bool, scale: bool, eps: float = 1e-8, chunk: int = 4):
+    """Gram matrices of the features ``(x - shift) / spread`` without materialising them.
+
+    ``shift`` is the ``weight``-ed feature mean (when ``center``), ``spread`` the weighted standard
+    deviation (when ``scale``: scikit-learn's StandardScaler). A few problems at a time: each
+    transformed block is still in cache for its Gram product, and no full-size temporary is
+    allocated (at these sizes a fresh one costs page faults comparable to the arithmetic).
+    Returns (gram, shift or None, spread or None).
+    """
+    k, n, d = x.shape
+    gram = x.new_empty(k, n, n)
+    shift = x.new_zeros(k, d) if center or scale else None
+    spread = x.new_ones(k, d) if scale else None
+    for lo in range(0, k, chunk):
+        part, w = x[lo : lo + chunk], weight[lo : lo + chunk, None, :]
+        if shift is not None:
+            shift[lo : lo + chunk] = torch.bmm(w, part)[:, 0]
+            part = part - shift[lo : lo + chunk, None]
+        if spread is not None:  # two-pass variance on the centred block: no cancellation
+            spread[lo : lo + chunk] = torch.bmm(w, part * part)[:, 0].sqrt().clamp(min=eps)
+            part = part.div_(spread[lo : lo + chunk, None])
+        torch.bmm(part, part.transpose(1, 2), out=gram[lo : lo + chunk])
+    return gram, shift, spread
 
 
 def fit_logistic(
@@ -280,8 +304,10 @@ def fit_logistic(
     )
 
 
-def _fit_logistic(x, y, *, C, fit_intercept, sample_weight, max_iter, tol, dtype, info, center: bool):
-    """:func:`fit_logistic`; ``center`` subtracts the weighted feature mean before solving."""
+def _fit_logistic(x, y, *, C, fit_intercept, sample_weight, max_iter, tol, dtype, info, center: bool, scale: bool = False):
+    """:func:`fit_logistic` on the features ``(x - mean) / std`` (``center``: subtract the weighted
+    mean; ``scale``: also divide by the weighted standard deviation); the weights returned act on the
+    raw features: ``x . w + b`` gives the same logits."""
     if x.dim() != 3:
         raise ShapeError(f"x must be [problems, samples, features]; got {tuple(x.shape)}")
     if x.shape[1] == 0:
@@ -298,36 +324,41 @@ def _fit_logistic(x, y, *, C, fit_intercept, sample_weight, max_iter, tol, dtype
     if y.shape != (k, n):
         raise ShapeError(f"labels must be [{n}] or [{k}, {n}]; got {tuple(y.shape)}")
     s = torch.ones(k, n, dtype=x.dtype) if sample_weight is None else sample_weight.to(x).expand(k, n)
-    mean = None
-    if center:  # logits x.w + b = (x - m).w + (b + m.w): the same problem, better conditioned
-        mean = torch.bmm((s / s.sum(-1, keepdim=True).clamp(min=1e-12))[:, None, :], x)[:, 0]
-        x = x - mean[:, None]
     b0 = torch.zeros(k, dtype=x.dtype)
     if fit_intercept:  # start at the weighted log-odds: a better first point than 0
         b0 = ((s * y).sum(-1).clamp(min=1e-3) / (s * (1 - y)).sum(-1).clamp(min=1e-3)).log()
-    form = _dual if n < 2 * d else _primal  # per-problem cost: dual 2n²d once + n³/3 a step; primal 2nd² + d³/3 a step
     # scikit-learn stops lbfgs when every coordinate of the gradient of the sample-averaged objective (ours
     # divided by C * sum(s)) is at most tol; a 2-norm at most tol is sufficient, tested before each
     # factorisation so converged problems cost no further solve
     gtol2 = (tol * C * s.sum(-1)) ** 2
     # the smallest relative Newton decrement each precision resolves on sums over a few thousand samples
     floor = 1e-12 if dtype == torch.float64 else 1e-5
-    w, b, n_iter, converged = form(x, y, s, C, fit_intercept, b0, max_iter=max_iter, gtol2=gtol2, floor=floor)
+    options = dict(max_iter=max_iter, gtol2=gtol2, floor=floor)
+    weight = s / s.sum(-1, keepdim=True).clamp(min=1e-12)
+    if n < 2 * d:  # dual: per problem 2n²d for the Gram matrix once + n³/3 a step (primal: 2nd² + d³/3 a step)
+        form = "dual"
+        gram, shift, spread = _affine_gram(x, weight, center=center, scale=scale)
+        alpha, b, n_iter, converged = _dual(gram, y, s, C, fit_intercept, b0, **options)
+        # the weights on the transformed features, ((X - 1 shift^T) / spread)^T alpha, from a row times raw X
+        w = torch.bmm(alpha[:, None, :], x)[:, 0]
+        if shift is not None:
+            w -= shift * alpha.sum(-1, keepdim=True)
+        if spread is not None:
+            w /= spread
+    else:
+        form = "primal"
+        shift = torch.bmm(weight[:, None, :], x)[:, 0] if center or scale else None
+        features = x if shift is None else x - shift[:, None]
+        spread = None
+        if scale:
+            spread = torch.bmm(weight[:, None, :], features * features)[:, 0].sqrt().clamp(min=1e-8)
+            features = features / spread[:, None]
+        w, b, n_iter, converged = _primal(features, y, s, C, fit_intercept, b0, **options)
+    if spread is not None:  # weights on the raw features
+        w = w / spread
     if info is not None:
-        info.update(n_iter=n_iter, converged=converged, form=form.__name__.strip("_"))
-    return w, (b if mean is None else b - (w * mean).sum(-1))
-
-
-def _center_scale(x: torch.Tensor, *, sample_weight: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(mean, std, standardised x); the weighted sums over samples run as batched matrix products
-    (a strided reduction over the middle axis is several times slower on CPU)."""
-    k, n, _ = x.shape
-    weight = torch.ones(k, n, dtype=x.dtype) if sample_weight is None else sample_weight.to(x).expand(k, n)
-    weight = (weight / weight.sum(-1, keepdim=True).clamp(min=1e-12))[:, None, :]  # [k, 1, n]
-    mean = torch.bmm(weight, x)[:, 0]
-    centered = x - mean[:, None]
-    std = torch.bmm(weight, centered * centered)[:, 0].sqrt().clamp(min=eps)  # two-pass: no cancellation
-    return mean, std, centered.div_(std[:, None])
+        info.update(n_iter=n_iter, converged=converged, form=form)
+    return w, (b if shift is None else b - (w * shift).sum(-1))
 
 
 def fit_standardized(
@@ -346,9 +377,5 @@ def fit_standardized(
     """
     if not standardize:
         return fit_logistic(x, y, C=C, sample_weight=sample_weight, **kwargs)
-    dtype = kwargs.get("dtype", torch.float64)  # the compute precision, also for the statistics
-    mean, std, scaled = _center_scale(x.to(dtype), sample_weight=sample_weight, eps=1e-8)
     options = {**fit_logistic.__kwdefaults__, **kwargs, "C": C, "sample_weight": sample_weight}
-    w, b = _fit_logistic(scaled, y, center=False, **options)  # already centred
-    w_raw = w / std
-    return w_raw, b - (w_raw * mean).sum(-1)
+    return _fit_logistic(x, y, center=True, scale=True, **options)
