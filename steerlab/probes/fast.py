@@ -251,29 +251,34 @@ def _dual(gram, y, s, C, fit_intercept, b0, *, gtol2, **kw):
     return alpha, b, n_iter, ok
 
 
-def _affine_gram(x, weight, *, center: bool, scale: bool, eps: float = 1e-8, chunk: int = 4):
-    """Gram matrices of the features ``(x - shift) / spread`` without materialising them.
+def _affine(x, weight, *, center: bool, scale: bool, eps: float = 1e-8):
+    """(shift or None, spread or None, ``(x - shift) / spread``) of ``x`` ``[k, n, d]``: ``shift`` the
+    ``weight``-ed feature mean (when ``center`` or ``scale``), ``spread`` the weighted standard deviation
+    (when ``scale``: scikit-learn's StandardScaler, two-pass so without cancellation)."""
+    if not (center or scale):
+        return None, None, x
+    rows = weight[:, None, :]
+    shift = torch.bmm(rows, x)[:, 0]
+    x = x - shift[:, None]
+    if not scale:
+        return shift, None, x
+    spread = torch.bmm(rows, x * x)[:, 0].sqrt().clamp(min=eps)
+    return shift, spread, x.div_(spread[:, None])
 
-    ``shift`` is the ``weight``-ed feature mean (when ``center``), ``spread`` the weighted standard
-    deviation (when ``scale``: scikit-learn's StandardScaler). A few problems at a time: each
-    transformed block is still in cache for its Gram product, and no full-size temporary is
-    allocated (at these sizes a fresh one costs page faults comparable to the arithmetic).
-    Returns (gram, shift or None, spread or None).
-    """
-    k, n, d = x.shape
-    gram = x.new_empty(k, n, n)
-    shift = x.new_zeros(k, d) if center or scale else None
-    spread = x.new_ones(k, d) if scale else None
+
+def _affine_gram(x, weight, *, center: bool, scale: bool, chunk: int = 4):
+    """Gram matrices of the features :func:`_affine` gives, without materialising them all: a few
+    problems at a time, so each transformed block is still in cache for its Gram product and no
+    full-size temporary is allocated (at these sizes a fresh one costs page faults comparable to the
+    arithmetic). Returns (gram, shift or None, spread or None)."""
+    k, n, _ = x.shape
+    gram, shifts, spreads = x.new_empty(k, n, n), [], []
     for lo in range(0, k, chunk):
-        part, w = x[lo : lo + chunk], weight[lo : lo + chunk, None, :]
-        if shift is not None:
-            shift[lo : lo + chunk] = torch.bmm(w, part)[:, 0]
-            part = part - shift[lo : lo + chunk, None]
-        if spread is not None:  # two-pass variance on the centred block: no cancellation
-            spread[lo : lo + chunk] = torch.bmm(w, part * part)[:, 0].sqrt().clamp(min=eps)
-            part = part.div_(spread[lo : lo + chunk, None])
+        shift, spread, part = _affine(x[lo : lo + chunk], weight[lo : lo + chunk], center=center, scale=scale)
         torch.bmm(part, part.transpose(1, 2), out=gram[lo : lo + chunk])
-    return gram, shift, spread
+        shifts.append(shift)
+        spreads.append(spread)
+    return gram, (torch.cat(shifts) if center or scale else None), (torch.cat(spreads) if scale else None)
 
 
 def fit_logistic(
@@ -336,7 +341,7 @@ def _fit_logistic(x, y, *, C, fit_intercept, sample_weight, max_iter, tol, dtype
     gtol2 = (tol * C * s.sum(-1)) ** 2
     # the smallest relative Newton decrement each precision resolves on sums over a few thousand samples
     floor = 1e-12 if dtype == torch.float64 else 1e-5
-    options = dict(max_iter=max_iter, gtol2=gtol2, floor=floor)
+    options = {"max_iter": max_iter, "gtol2": gtol2, "floor": floor}
     weight = s / s.sum(-1, keepdim=True).clamp(min=1e-12)
     if n < 2 * d:  # dual: per problem 2n²d for the Gram matrix once + n³/3 a step (primal: 2nd² + d³/3 a step)
         form = "dual"
@@ -350,12 +355,7 @@ def _fit_logistic(x, y, *, C, fit_intercept, sample_weight, max_iter, tol, dtype
             w /= spread
     else:
         form = "primal"
-        shift = torch.bmm(weight[:, None, :], x)[:, 0] if center or scale else None
-        features = x if shift is None else x - shift[:, None]
-        spread = None
-        if scale:
-            spread = torch.bmm(weight[:, None, :], features * features)[:, 0].sqrt().clamp(min=1e-8)
-            features = features / spread[:, None]
+        shift, spread, features = _affine(x, weight, center=center, scale=scale)
         w, b, n_iter, converged = _primal(features, y, s, C, fit_intercept, b0, **options)
     if spread is not None:  # weights on the raw features
         w = w / spread
