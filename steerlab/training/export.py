@@ -7,6 +7,7 @@
 
 Both write ``steerlab_manifest.json``: the edits baked in (with their parameters and the hashes of their
 directions and tensors), parity figures, the source model, file hashes and library versions.
+Every file written gets the mode a plain ``open()`` gives (``0644`` under umask 022), weights included.
 
 Example:
     >>> path = export(bake(model, Ablate(direction)), "out/ablated")             # doctest: +SKIP
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import steerlab
+from steerlab._files import shared_outputs, write_text
 from steerlab.embedded import sha256_file
 from steerlab.errors import NotExportableError
 from steerlab.model import Model
@@ -89,14 +91,14 @@ def export(
     out = Path(path).expanduser()
     if out.exists() and not out.is_dir():
         raise NotExportableError(f"{out} exists and is not a directory; export writes a directory")
-    if format == "gguf":
-        from steerlab.training.gguf_export import write_gguf
+    out.mkdir(parents=True, exist_ok=True)
+    with shared_outputs(out):  # safetensors writes weights as 0600; give every written file the mode open() would
+        if format == "gguf":
+            from steerlab.training.gguf_export import write_gguf
 
-        out.mkdir(parents=True, exist_ok=True)
-        files = [write_gguf(model, out / gguf_name, precision=precision, source_gguf=source_gguf)]
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        files = _save_safetensors(model, out)
+            files = [write_gguf(model, out / gguf_name, precision=precision, source_gguf=source_gguf)]
+        else:
+            files = _save_safetensors(model, out)
     edits = public(history(model.hf))
     body = {
         "format": MANIFEST_FORMAT,
@@ -119,7 +121,7 @@ def export(
         "versions": _versions(),
         "extra": describe(dict(manifest)) if manifest else {},
     }
-    (out / MANIFEST_NAME).write_text(json.dumps(body, indent=2, sort_keys=False) + "\n")
+    write_text(out / MANIFEST_NAME, json.dumps(body, indent=2, sort_keys=False) + "\n")
     return out
 
 
