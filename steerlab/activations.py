@@ -28,9 +28,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from steerlab import compat
 from steerlab.chat import NAMED_POSITIONS, EncodedBatch, Position
 from steerlab.errors import EmptyInputError, UnknownPositionError, UnknownSiteError
-from steerlab.hooks import MOE_SITES, HookContext, StopForward, check_site
+from steerlab.hooks import MOE_SITES, HookContext, StopForward, check_site, open_sessions
 from steerlab.model import Model
 from steerlab.prefix_cache import new_cache, shared_prefix_length, suffix_inputs, take_prefix
 
@@ -195,7 +196,7 @@ def collect(
                 pass
 
     batches = [(idx, batch.to(model.device)) for idx, batch in fmt.batches(rows, batch_size)]
-    reuse = share_prefix and not model._sessions  # other hooks may read the prefix: run it every time
+    reuse = share_prefix and not open_sessions(model)  # other hooks may read the prefix: run it every time
     shared = shared_prefix_length(rows, [b for _, b in batches], pos_list) if reuse else 0
     shards: list[dict[str, torch.Tensor]] = []
     bar = tqdm(total=len(prompts), desc="collecting", unit="prompt", disable=not progress)
@@ -212,7 +213,7 @@ def collect(
                 if prefix is not None:  # later batches: only what follows the shared prefix
                     run(suffix_inputs(batch, prefix, model))
                 elif shared and n_batch == 0 and (cache := new_cache(model)) is not None:
-                    run({**batch.model_inputs(), "past_key_values": cache, "use_cache": True})
+                    run(compat.with_cache(model.hf, cache, **batch.model_inputs()))
                     prefix = take_prefix(cache, batch, shared)
                 else:
                     run({**batch.model_inputs(), "use_cache": False})

@@ -52,3 +52,11 @@ class NotBakeableError(SteerlabError, ValueError):
 
 class NotExportableError(SteerlabError, ValueError):
     """A model cannot be written in the requested export format (pick another format or architecture)."""
+
+
+class HookSessionError(SteerlabError, RuntimeError):
+    """A hook session (or ``model.apply`` scope) used outside its ``with`` block, or entered twice."""
+
+
+class GenerationStateError(SteerlabError, RuntimeError):
+    """The state of a generation (how many tokens the KV cache holds, the prompt length) is unknown."""

@@ -34,15 +34,17 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from steerlab import compat
 from steerlab.arch import normalize_layer, resolve_path, route
-from steerlab.errors import InterventionNotFiredError, UnknownSiteError
+from steerlab.errors import GenerationStateError, HookSessionError, InterventionNotFiredError, UnknownSiteError
 
 if TYPE_CHECKING:
     from steerlab.model import Model
@@ -58,14 +60,21 @@ class StopForward(Exception):
 
 @dataclass
 class StepInfo:
-    """What the current forward call is: how many tokens the cache held before it, how many it adds."""
+    """What the current forward call is: how many tokens the cache held before it, how many it adds.
+
+    ``past_length`` is read from the KV cache the call receives (under whichever keyword the installed
+    transformers passes it) and checked against the attention mask's width; a call whose past length
+    cannot be determined raises :class:`~steerlab.errors.GenerationStateError` instead of guessing 0.
+    ``prompt_length`` is the padded prompt width of the generation in progress (``None`` outside one),
+    set by :func:`generation` for the whole call.
+    """
 
     batch_size: int = 0
     seq_len: int = 0
     past_length: int = 0
     attention_mask: torch.Tensor | None = None  # [b, past_length + seq_len] when given
     calls: int = 0
-    prompt_length: int | None = None  # padded prompt width, set by Model.generate for position-aware ops
+    prompt_length: int | None = None
 
 
 @dataclass
@@ -88,7 +97,7 @@ class HookHandle:
     layer: int
     name: str
     required: bool = True
-    count: int = 0
+    count: int = 0  # calls that ran (for writing hooks: calls that changed the activation)
     _handles: list[Any] = field(default_factory=list, repr=False)
 
 
@@ -124,8 +133,11 @@ class HookSession:
 
     # ----- scope -----
     def __enter__(self) -> HookSession:
-        if self._open:
-            raise RuntimeError("this HookSession is already open")
+        if self._open or self.handles:
+            raise HookSessionError(
+                "this hook session (or model.apply(...) scope) was already entered; open a new one with "
+                "`with model.apply(...)` / `with model.hooks()` instead of re-entering it"
+            )
         self._open = True
         self.model._sessions.append(self)
         base = resolve_path(self.model.hf, self.model.spec.layers.rsplit(".", 1)[0])
@@ -171,16 +183,22 @@ class HookSession:
         step.calls += 1
         if ids is not None:
             step.batch_size, step.seq_len = int(ids.shape[0]), int(ids.shape[1])
-        cache = kwargs.get("past_key_values")
-        step.past_length = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
         step.attention_mask = kwargs.get("attention_mask")
+        step.past_length = past_length_of(args, kwargs, step)
         return None
 
     # ----- registration -----
-    def add(self, site: str, layer: int, fn: HookFn, *, name: str | None = None, required: bool = True) -> HookHandle:
-        """Register ``fn`` on ``site`` at ``layer``; returns a handle whose ``count`` tracks firings."""
+    def add(
+        self, site: str, layer: int, fn: HookFn, *, name: str | None = None, required: bool = True, writes: bool = False
+    ) -> HookHandle:
+        """Register ``fn`` on ``site`` at ``layer``; returns a handle whose ``count`` tracks firings.
+
+        ``writes=True`` marks an edit: only calls that return a tensor (changed the activation) count as
+        firings, so an edit whose token selection leaves out every token of the scope is reported as
+        not fired.
+        """
         if not self._open:
-            raise RuntimeError("register hooks inside `with model.hooks() as hooks:`")
+            raise HookSessionError("register hooks inside `with model.hooks() as hooks:`")
         check_site(site)
         spec, hf = self.model.spec, self.model.hf
         idx = normalize_layer(layer, self.model.n_layers)
@@ -189,8 +207,11 @@ class HookSession:
         layer_mod = spec.decoder_layers(hf)[idx]
 
         def call(x: torch.Tensor) -> torch.Tensor | None:
-            handle.count += 1
+            if not writes:
+                handle.count += 1
             out = fn(x, ctx)
+            if writes and out is not None:
+                handle.count += 1
             if out is not None and out.shape != x.shape:
                 raise UnknownSiteError(
                     f"hook {handle.name} returned shape {tuple(out.shape)} for a {site} activation of shape "
@@ -229,17 +250,31 @@ class HookSession:
         return handle
 
     def add_module(
-        self, module: nn.Module, hook: Callable, *, name: str, layer: int = -1, pre: bool = False, with_kwargs: bool = False, required: bool = True
+        self,
+        module: nn.Module,
+        hook: Callable,
+        *,
+        name: str,
+        layer: int = -1,
+        pre: bool = False,
+        with_kwargs: bool = False,
+        required: bool = True,
+        writes: bool = False,
     ) -> HookHandle:
         """Register a raw torch hook on ``module`` with a counted handle (for edits with no named site).
 
-        The handle counts firings and is checked on exit like :meth:`add`; the hook is removed on exit.
+        The handle counts firings and is checked on exit like :meth:`add` (``writes=True``: only calls
+        that return a replacement count); the hook is removed on exit.
         """
         handle = HookHandle(site=f"module {name}", layer=layer, name=name, required=required)
 
         def counted(*args, **kwargs):
-            handle.count += 1
-            return hook(*args, **kwargs)
+            if not writes:
+                handle.count += 1
+            out = hook(*args, **kwargs)
+            if writes and out is not None:
+                handle.count += 1
+            return out
 
         self.add_module_hook(module, counted, pre=pre, with_kwargs=with_kwargs)
         handle._handles.append(self._torch_handles[-1])
@@ -249,12 +284,72 @@ class HookSession:
     def add_module_hook(self, module: nn.Module, hook: Callable, *, pre: bool = False, with_kwargs: bool = False) -> None:
         """Register a raw torch hook that this session removes on exit (for code that needs module access)."""
         if not self._open:
-            raise RuntimeError("register hooks inside `with model.hooks() as hooks:`")
+            raise HookSessionError("register hooks inside `with model.hooks() as hooks:`")
         if pre:
             handle = module.register_forward_pre_hook(hook, with_kwargs=with_kwargs)
         else:
             handle = module.register_forward_hook(hook, with_kwargs=with_kwargs)
         self._torch_handles.append(handle)
+
+
+def open_sessions(model: Model) -> tuple[HookSession, ...]:
+    """The hook sessions currently open on ``model`` (innermost last)."""
+    return tuple(model._sessions)
+
+
+@contextmanager
+def generation(model: Model, prompt_length: int) -> Iterator[None]:
+    """Tell every hook session open on ``model`` that a generation with a padded prompt of
+    ``prompt_length`` tokens is running, for the whole ``with`` block (reset on every exit path).
+
+    Position-aware edits (``tokens="prompt"`` / ``"generated"``) read it to tell prompt tokens from
+    generated ones; every generation loop (``Model.generate``, ADA, refusal tokens) wraps its calls in it.
+    """
+    sessions = open_sessions(model)
+    for session in sessions:
+        if session.step.prompt_length is not None:
+            raise GenerationStateError(
+                "a generation is already running in this hook session; generation loops cannot be nested"
+            )
+        session.step.prompt_length = int(prompt_length)
+    try:
+        yield
+    finally:
+        for session in sessions:
+            session.step.prompt_length = None
+
+
+def past_length_of(args: tuple, kwargs: dict, step: StepInfo) -> int:
+    """How many tokens the KV cache held before this forward call.
+
+    Read from the cache (whatever keyword the installed transformers passes it under) and checked
+    against the attention mask, which spans cache + new tokens. With no cache, a mask wider than the
+    new tokens, or a step inside a generation that is shorter than the prompt, means a cache this code
+    cannot see: that raises :class:`~steerlab.errors.GenerationStateError` rather than report 0.
+    """
+    cache = compat.find_cache(args, kwargs)
+    mask = step.attention_mask
+    width = int(mask.shape[-1]) if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+    if cache is not None:
+        past = int(cache.get_seq_length())
+        if width is not None and width != past + step.seq_len:
+            raise GenerationStateError(
+                f"the KV cache holds {past} tokens and this call adds {step.seq_len}, but the attention mask spans "
+                f"{width}: steerlab cannot tell which tokens are new. Pass a mask covering cache + new tokens."
+            )
+        return past
+    if width is not None and width != step.seq_len:
+        raise GenerationStateError(
+            f"this forward call adds {step.seq_len} tokens under an attention mask of {width}, but steerlab finds no "
+            f"KV cache among its arguments ({', '.join(sorted(kwargs))}); the installed transformers passes the cache "
+            "in a way steerlab.compat does not know — use a transformers version in steerlab's tested range"
+        )
+    if width is None and step.prompt_length is not None and step.seq_len < step.prompt_length:
+        raise GenerationStateError(
+            f"a generation step of {step.seq_len} tokens (prompt: {step.prompt_length}) came without a KV cache or "
+            "attention mask steerlab can read, so the tokens' positions are unknown"
+        )
+    return 0
 
 
 def _pre_hook(call):

@@ -19,11 +19,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from steerlab import compat
 from steerlab.arch import ArchSpec, normalize_layer, spec_for
 from steerlab.chat import ChatFormat, EncodedBatch
 from steerlab.embedded import DEFAULT_MODEL, EMBEDDED, cached_checkpoint
 from steerlab.errors import EmptyInputError, ModelLoadError
-from steerlab.hooks import HookSession
+from steerlab.hooks import HookSession, generation
 
 
 @dataclass
@@ -130,11 +131,17 @@ class Model:
             raise EmptyInputError("model.apply() needs at least one intervention")
         with self.hooks(check_fired=check_fired) as session:
             for iv in interventions:
+                before = len(session.handles)
                 if hasattr(iv, "install"):
                     iv.install(session)
-                    continue
-                for site, layer, fn in iv.hooks(self):
-                    session.add(site, layer, fn, name=f"{type(iv).__name__}.{site}.{layer}")
+                else:
+                    for site, layer, fn in iv.hooks(self):
+                        session.add(site, layer, fn, name=f"{type(iv).__name__}.{site}.{layer}", writes=True)
+                if len(session.handles) == before:
+                    raise EmptyInputError(
+                        f"{type(iv).__name__} placed no hook on {self.name} (an empty layer list?); "
+                        "give it at least one layer"
+                    )
             yield session
 
     @torch.inference_mode()
@@ -167,18 +174,15 @@ class Model:
             for idx, batch in fmt.batches(fmt.tokenize(prompts, responses=responses), batch_size):
                 batch = batch.to(self.device)
                 width = int(batch.input_ids.shape[1])
-                for session in self._sessions:  # lets position-aware ops tell prompt from generated tokens
-                    session.step.prompt_length = width
-                out = self.hf.generate(
-                    input_ids=batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=max_new_tokens, **kwargs
-                )
+                with generation(self, width):  # position-aware ops tell prompt from generated tokens
+                    out = self.hf.generate(
+                        input_ids=batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=max_new_tokens, **kwargs
+                    )
                 for i, text in zip(idx, self.tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)):
                     texts[i] = text
                 bar.update(len(idx))
         finally:
             bar.close()
-            for session in self._sessions:
-                session.step.prompt_length = None
         return texts
 
 
@@ -228,9 +232,8 @@ def _from_pretrained(path: str, **kwargs):
             f"could not load {path!r}: {exc}. Pass an embedded name ({', '.join(sorted(EMBEDDED))}), a local "
             "directory, a .gguf file, or a HF id that is cached or reachable."
         ) from exc
-    if gguf_file and hasattr(hf.config, "quantization_config"):
-        del hf.config.quantization_config  # dequantised weights: keep save_pretrained working
-        hf.hf_quantizer = None
+    if gguf_file:
+        compat.drop_quantizer(hf)  # dequantised weights: keep save_pretrained working
     _own_memory(hf)
     return hf, tok
 

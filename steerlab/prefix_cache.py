@@ -14,7 +14,7 @@ A call with one batch runs exactly as before.
 Example:
     >>> p = shared_prefix_length(rows, batches, ["last"])                 # doctest: +SKIP
     >>> cache = new_cache(model)                                          # doctest: +SKIP
-    >>> model.hf(**first.model_inputs(), past_key_values=cache, use_cache=True)   # doctest: +SKIP
+    >>> model.hf(**compat.with_cache(model.hf, cache, **first.model_inputs()))   # doctest: +SKIP
     >>> kv = take_prefix(cache, first, p)                                 # doctest: +SKIP
     >>> model.hf(**suffix_inputs(batch, kv, model))                       # doctest: +SKIP
 """
@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from steerlab import compat
 from steerlab.chat import EncodedBatch, Position, TokenizedRow
 
 MIN_SHARED = 8  # below this the saving is not worth a different code path
@@ -57,11 +58,8 @@ def shared_prefix_length(
 
 def new_cache(model: Any) -> Any | None:
     """An empty KV cache for ``model``, or ``None`` if its layers are not all plain full attention."""
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
-
-    cache = DynamicCache(config=model.hf.config)
-    return cache if all(type(layer) is DynamicLayer for layer in cache.layers) else None
+    cache = compat.dynamic_cache(model.hf.config)
+    return cache if compat.has_only_full_attention(cache) else None
 
 
 def take_prefix(cache: Any, batch: EncodedBatch, prefix_len: int) -> PrefixKV | None:
@@ -80,8 +78,6 @@ def take_prefix(cache: Any, batch: EncodedBatch, prefix_len: int) -> PrefixKV | 
 
 def suffix_inputs(batch: EncodedBatch, prefix: PrefixKV, model: Any) -> dict[str, Any]:
     """Forward kwargs for ``batch`` without its shared prefix, which comes from ``prefix``'s cache."""
-    from transformers import DynamicCache
-
     b, width = batch.input_ids.shape
     prefix_len = int(prefix[0][0].shape[2])
     device = batch.input_ids.device
@@ -90,11 +86,11 @@ def suffix_inputs(batch: EncodedBatch, prefix: PrefixKV, model: Any) -> dict[str
     idx = cols + prefix_len * (cols >= start[:, None])  # skip the prefix columns, keep padding in front
     mask = batch.attention_mask.gather(1, idx)
     expand = lambda t: None if t is None else t.expand(b, -1, -1, -1)
-    cache = DynamicCache(ddp_cache_data=[(expand(k), expand(v)) for k, v in prefix], config=model.hf.config)
-    return {
-        "input_ids": batch.input_ids.gather(1, idx),
-        "attention_mask": torch.cat([torch.ones(b, prefix_len, dtype=mask.dtype, device=device), mask], 1),
-        "position_ids": batch.position_ids.gather(1, idx),
-        "past_key_values": cache,
-        "use_cache": True,
-    }
+    cache = compat.dynamic_cache(model.hf.config, [(expand(k), expand(v)) for k, v in prefix])
+    return compat.with_cache(
+        model.hf,
+        cache,
+        input_ids=batch.input_ids.gather(1, idx),
+        attention_mask=torch.cat([torch.ones(b, prefix_len, dtype=mask.dtype, device=device), mask], 1),
+        position_ids=batch.position_ids.gather(1, idx),
+    )

@@ -15,6 +15,8 @@ import torch
 from conftest import tiny_model
 
 import steerlab
+from steerlab import compat
+from steerlab.interop import InteropError
 from steerlab.errors import InterventionNotFiredError
 from steerlab.interventions.heads import HeadAblation
 from steerlab.steering import Ablate, AddVector, Clamp, Direction
@@ -158,12 +160,17 @@ def test_tl_generate_matches_steerlab_generate():
             input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], max_new_tokens=n,
             min_new_tokens=n, do_sample=False, pad_token_id=model.tokenizer.pad_token_id,
         )  # fmt: skip
+    kwargs = dict(max_new_tokens=n, do_sample=False, stop_at_eos=False, return_type="tokens", verbose=False)
+    cached_ok = not compat.tl_cached_generate_is_broken()
     with torch.inference_mode(), apply_tl(bridge, iv):
         got = bridge.generate(
-            inputs["input_ids"], attention_mask=inputs["attention_mask"], max_new_tokens=n, do_sample=False,
-            stop_at_eos=False, return_type="tokens", verbose=False,
-        )  # fmt: skip
+            inputs["input_ids"], attention_mask=inputs["attention_mask"], use_past_kv_cache=cached_ok, **kwargs
+        )
+        if not cached_ok:  # never silently wrong: the cached path raises inside apply_tl
+            with pytest.raises(InteropError, match="use_past_kv_cache=False"):
+                bridge.generate(inputs["input_ids"], attention_mask=inputs["attention_mask"], **kwargs)
     assert torch.equal(got[:, -n:], ref[:, -n:])
+    assert "generate" not in vars(bridge)  # the guard is gone with the scope
 
 
 def test_tl_cache_and_steerlab_collect_agree():

@@ -122,11 +122,16 @@ def test_generated_only_addition_leaves_the_prompt_alone():
     model = tiny_model("llama")
     d = _direction(model, layers=(1,), seed=4)
     plain = model.generate(PROMPTS, max_new_tokens=1)
+    with pytest.raises(InterventionNotFiredError, match="never fired"):  # one new token: no generated position
+        with model.apply(AddVector(d, coeff=50.0, positions="generated")):
+            model.generate(PROMPTS, max_new_tokens=1)
+    longer = model.generate(PROMPTS, max_new_tokens=4)
     with model.apply(AddVector(d, coeff=50.0, positions="generated")):
-        first = model.generate(PROMPTS, max_new_tokens=1)
+        steered = model.generate(PROMPTS, max_new_tokens=4)
     with model.apply(AddVector(d, coeff=50.0, positions="prompt")):
         prompt_only = model.generate(PROMPTS, max_new_tokens=1)
-    assert first == plain  # the first new token is predicted from prompt positions only
+    assert all(s.startswith(p) for s, p in zip(steered, plain))  # the first new token sees prompt positions only
+    assert steered != longer  # later tokens see the steered generated positions
     assert prompt_only != plain
     with pytest.raises(UnknownPositionError, match="model.generate"):
         with model.apply(AddVector(d, coeff=1.0, positions="prompt")):

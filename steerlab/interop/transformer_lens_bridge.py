@@ -29,6 +29,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from steerlab import compat
 from steerlab.arch import resolve_path
 from steerlab.errors import EmptyInputError, InterventionNotFiredError, LayerIndexError, ShapeError
 from steerlab.hooks import HookContext, StepInfo, check_site
@@ -192,6 +193,21 @@ def tl_hooks(target: Any, *interventions: Any) -> TLHookList:
     return out
 
 
+def _refusing_cached_generate(generate: Any) -> Any:
+    """``bridge.generate`` that raises instead of running TransformerLens's KV-cached generation where that
+    is wrong (see :func:`steerlab.compat.tl_cached_generate_is_broken`)."""
+
+    def wrapper(*args: Any, use_past_kv_cache: bool = True, **kwargs: Any) -> Any:
+        if use_past_kv_cache:
+            raise InteropError(
+                "TransformerLens's generate with its KV cache gives wrong tokens with this transformers version "
+                "(with or without steering); pass use_past_kv_cache=False"
+            )
+        return generate(*args, use_past_kv_cache=False, **kwargs)
+
+    return wrapper
+
+
 @contextmanager
 def apply_tl(bridge: Any, *interventions: Any, check_fired: bool = True) -> Iterator[TLHookList]:
     """Apply steerlab interventions to a ``TransformerBridge`` for a ``with`` block (via ``bridge.hooks``).
@@ -204,8 +220,15 @@ def apply_tl(bridge: Any, *interventions: Any, check_fired: bool = True) -> Iter
         ...     bridge.generate(tokens, max_new_tokens=32, do_sample=False)
     """
     hooks = tl_hooks(bridge, *interventions)
-    with bridge.hooks(fwd_hooks=hooks):
-        yield hooks
+    guarded = compat.tl_cached_generate_is_broken()
+    if guarded:  # for this scope only: a cached TL generate would be silently wrong
+        bridge.generate = _refusing_cached_generate(bridge.generate)
+    try:
+        with bridge.hooks(fwd_hooks=hooks):
+            yield hooks
+    finally:
+        if guarded:
+            del bridge.generate
     if check_fired:
         silent = [fn.spec.name for _, fn in hooks if fn.count == 0]
         if silent:

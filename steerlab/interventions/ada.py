@@ -30,11 +30,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 import torch
-from transformers import DynamicCache
 
 from steerlab.errors import EmptyInputError, ShapeError, SteerlabError
 from steerlab.eval import is_refusal
-from steerlab.hooks import StopForward
+from steerlab import compat
+from steerlab.hooks import StopForward, generation
 from steerlab.probes.probe import Probe
 
 if TYPE_CHECKING:
@@ -119,7 +119,7 @@ class _Run:
 
     def __init__(self, model: Model, batch: EncodedBatch) -> None:
         self.model = model
-        self.cache = DynamicCache(config=model.hf.config)
+        self.cache = compat.dynamic_cache(model.hf.config)
         if hasattr(self.cache, "activate_past_recording"):  # sliding-window layers keep what a rollback needs
             self.cache.activate_past_recording()
         self.mask = batch.attention_mask.clone()
@@ -132,7 +132,7 @@ class _Run:
         k = ids.shape[1]
         mask = torch.cat([self.mask, torch.ones(len(ids), k, dtype=self.mask.dtype, device=self.mask.device)], 1)
         pos = self.pos[:, None] + 1 + torch.arange(k, device=ids.device)[None]
-        out = self.model.hf(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        out = self.model.hf(**compat.with_cache(self.model.hf, self.cache, input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1))
         return out.logits[:, -1], mask, pos
 
     def advance(self, ids: torch.Tensor) -> torch.Tensor:
@@ -324,47 +324,55 @@ def ada_generate(
         tap.install(hooks, name="ada.header")
         for idx, batch in fmt.batches(fmt.tokenize(prompts, responses=responses), batch_size):
             batch = batch.to(model.device)
-            for session in model._sessions:
-                session.step.prompt_length = int(batch.input_ids.shape[1])
-            run = _Run(model, batch)
-            out = model.hf(**batch.model_inputs(), past_key_values=run.cache, use_cache=True, logits_to_keep=1)
-            logits = out.logits[:, -1]
-            generated: list[torch.Tensor] = []
-            checks: list[list[ADACheck]] = [[] for _ in idx]
-            fired_at: list[int | None] = [None] * len(idx)
-            for depth in range(max_new_tokens):
-                if depth % guard.every == 0:
-                    live = ~(run.done | run.stopped)
-                    if guard.mode == "probe":
-                        states = _header_states(run, header, tap)
-                        scores = guard.probe.predict_proba(states[:, probe_rows]).mean(1)
-                    else:
-                        scores = _rethink_check(run, guard, header, eos, tap)
-                        states = tap.take() if tap.layers else None
-                    for r in torch.nonzero(live.cpu()).flatten().tolist():
-                        kept = states[r, record_rows].clone() if record_rows else None
-                        checks[r].append(ADACheck(depth=depth, score=float(scores[r]), states=kept))
-                        if float(scores[r]) >= guard.threshold:
-                            run.stopped[r] = True
-                            fired_at[r] = depth
-                if bool((run.done | run.stopped).all()):
-                    break
-                nxt = logits.argmax(-1)
-                nxt = torch.where(run.done | run.stopped, torch.full_like(nxt, pad), nxt)
-                generated.append(nxt)
-                run.done |= torch.isin(nxt, eos_ids)
-                if depth + 1 < max_new_tokens and not bool((run.done | run.stopped).all()):
-                    logits = run.advance(nxt[:, None])
-            rows = torch.stack(generated, 1).tolist() if generated else [[] for _ in idx]
+            with generation(model, int(batch.input_ids.shape[1])):
+                rows = _generate_batch(model, guard, batch, header, tap, probe_rows, record_rows, eos, eos_ids, pad, max_new_tokens)
             for r, i in enumerate(idx):
-                ids = _until_end(rows[r][: fired_at[r]] if fired_at[r] is not None else rows[r], eos)
-                partial = tok.decode(ids, skip_special_tokens=True)
-                stopped = bool(run.stopped[r])
-                results[i] = ADAOutput(
-                    text=guard.refusal_text if stopped else partial, stopped=stopped, fired_at=fired_at[r], partial=partial, checks=tuple(checks[r]), token_ids=tuple(ids)
-                )
+                results[i] = rows[r]
             bar.update(len(idx))
-    for session in model._sessions:
-        session.step.prompt_length = None
     bar.close()
     return results  # type: ignore[return-value]
+
+
+def _generate_batch(model, guard, batch, header, tap, probe_rows, record_rows, eos, eos_ids, pad, max_new_tokens) -> list[ADAOutput]:
+    """One batch of :func:`ada_generate`: the decoding loop with checks; one output per row, in order."""
+    run = _Run(model, batch)
+    out = model.hf(**compat.with_cache(model.hf, run.cache, **batch.model_inputs(), logits_to_keep=1))
+    logits = out.logits[:, -1]
+    generated: list[torch.Tensor] = []
+    n = len(batch)
+    checks: list[list[ADACheck]] = [[] for _ in range(n)]
+    fired_at: list[int | None] = [None] * n
+    for depth in range(max_new_tokens):
+        if depth % guard.every == 0:
+            live = ~(run.done | run.stopped)
+            if guard.mode == "probe":
+                states = _header_states(run, header, tap)
+                scores = guard.probe.predict_proba(states[:, probe_rows]).mean(1)
+            else:
+                scores = _rethink_check(run, guard, header, eos, tap)
+                states = tap.take() if tap.layers else None
+            for r in torch.nonzero(live.cpu()).flatten().tolist():
+                kept = states[r, record_rows].clone() if record_rows else None
+                checks[r].append(ADACheck(depth=depth, score=float(scores[r]), states=kept))
+                if float(scores[r]) >= guard.threshold:
+                    run.stopped[r] = True
+                    fired_at[r] = depth
+        if bool((run.done | run.stopped).all()):
+            break
+        nxt = logits.argmax(-1)
+        nxt = torch.where(run.done | run.stopped, torch.full_like(nxt, pad), nxt)
+        generated.append(nxt)
+        run.done |= torch.isin(nxt, eos_ids)
+        if depth + 1 < max_new_tokens and not bool((run.done | run.stopped).all()):
+            logits = run.advance(nxt[:, None])
+    rows = torch.stack(generated, 1).tolist() if generated else [[] for _ in range(n)]
+    outputs = []
+    for r in range(n):
+        ids = _until_end(rows[r][: fired_at[r]] if fired_at[r] is not None else rows[r], eos)
+        partial = model.tokenizer.decode(ids, skip_special_tokens=True)
+        stopped = bool(run.stopped[r])
+        outputs.append(ADAOutput(
+            text=guard.refusal_text if stopped else partial, stopped=stopped, fired_at=fired_at[r], partial=partial,
+            checks=tuple(checks[r]), token_ids=tuple(ids),
+        ))  # fmt: skip
+    return outputs

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from steerlab import compat
 from steerlab.arch import FUSED_EXPERTS, mlp_down, normalize_layer, resolve_path
 from steerlab.errors import EmptyInputError, ShapeError, SteerlabError, UnknownArchitectureError
 
@@ -312,8 +313,9 @@ def expert_activations(
     else:  # [2I, d]: gate row j, up row I + j
         half = gate_up.shape[0] // 2
         pre = x @ gate_up[torch.cat([cols, half + cols])].T
-    if hasattr(experts, "_apply_gate"):
-        return experts._apply_gate(pre)
+    gated = compat.expert_gate(experts, pre)
+    if gated is not None:
+        return gated
     if layout.interleaved or not hasattr(experts, "act_fn"):
         raise UnknownArchitectureError(
             f"{type(experts).__name__} has neither _apply_gate nor act_fn; ColumnEdit cannot recompute its neurons"

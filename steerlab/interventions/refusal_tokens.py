@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from steerlab.errors import EmptyInputError, ShapeError, SteerlabError
+from steerlab.hooks import generation
 from steerlab.probes.metrics import roc_auc
 
 if TYPE_CHECKING:
@@ -153,9 +154,7 @@ def generate_with_refusal_tokens(
         batch = batch.to(model.device)
         proc = tokens.processor()
         width = int(batch.input_ids.shape[1])
-        for session in model._sessions:  # position-aware steering ops tell prompt from generated tokens
-            session.step.prompt_length = width
-        with torch.inference_mode():
+        with torch.inference_mode(), generation(model, width):  # position-aware ops tell prompt from generated tokens
             out = model.hf.generate(
                 input_ids=batch.input_ids,
                 attention_mask=batch.attention_mask,

@@ -27,8 +27,9 @@ from safetensors.torch import save_file
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.class_weight import compute_class_weight
 from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
+from sklearn.utils.validation import check_is_fitted
 
+from steerlab import compat
 from steerlab.errors import ShapeError
 from steerlab.probes.fast import fit_standardized
 from steerlab.steering.direction import Direction
@@ -57,13 +58,13 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
 
     def fit(self, X, y, sample_weight=None) -> LinearProbe:
         """Fit on features ``X`` ``[n, d]`` and labels ``y`` ``[n]``."""
-        X, y = validate_data(self, X, y, dtype=np.float64)
+        X, y = compat.validate_data(self, X, y, dtype=np.float64)
         check_classification_targets(y)
         self.classes_, encoded = np.unique(y, return_inverse=True)
         n_classes = len(self.classes_)
         if n_classes < 2:
             raise ValueError(f"LinearProbe needs at least two classes in y, got 1 class: {self.classes_.tolist()}")
-        weight = _check_sample_weight(sample_weight, X, dtype=np.float64)
+        weight = compat.check_sample_weight(sample_weight, X, dtype=np.float64)
         if not weight.any():
             raise ValueError("all sample weights are zero; at least one sample needs a positive weight")
         targets = np.stack([encoded == c for c in range(n_classes)]).astype(np.float64)  # [K, n]
@@ -92,7 +93,7 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
     def decision_function(self, X) -> np.ndarray:
         """Logits: ``[n]`` for two classes, ``[n, n_classes]`` otherwise."""
         check_is_fitted(self)
-        X = validate_data(self, X, dtype=np.float64, reset=False)
+        X = compat.validate_data(self, X, dtype=np.float64, reset=False)
         scores = X @ self.coef_.T + self.intercept_
         return scores[:, 0] if scores.shape[1] == 1 else scores
 

@@ -64,8 +64,14 @@ def position_mask(x: torch.Tensor, ctx: HookContext, positions: StepPositions) -
     return keep[None, :, None]
 
 
-def masked(x: torch.Tensor, new: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    return new if mask is None else torch.where(mask, new, x)
+def masked(x: torch.Tensor, new: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """``new`` where ``mask`` selects a token, ``x`` elsewhere; ``None`` (nothing changed, the hook did not
+    act) when the mask selects no token of this call."""
+    if mask is None:
+        return new
+    if not bool(mask.any()):
+        return None
+    return torch.where(mask, new, x)
 
 
 class Cast:

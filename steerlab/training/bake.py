@@ -37,6 +37,7 @@ import torch
 import steerlab
 from steerlab.arch import mlp_down, resolve_path, spec_for
 from steerlab.errors import NotBakeableError
+from steerlab.hooks import open_sessions
 from steerlab.interventions.columns import ColumnEdit
 from steerlab.interventions.experts import ExpertMask, experts_by_layer, router_of
 from steerlab.interventions.heads import HeadAblation, normalize_heads
@@ -409,7 +410,7 @@ def bake(model: Model, intervention: Any, *, inplace: bool = False) -> Model:
         >>> baked = bake(model, AddVector(direction, coeff=4.0, layers=[6]))   # doctest: +SKIP
         >>> baked.generate(["Write a poem."])                                  # doctest: +SKIP
     """
-    if model._sessions:
+    if open_sessions(model):
         raise NotBakeableError("bake() inside an open `with model.apply(...)` / `model.hooks()` scope; bake outside it")
     p = plan(model, intervention)
     missing = [role for role, layers in sorted(p.biases.items()) if _missing_bias(model, role, layers)]

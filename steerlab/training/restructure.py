@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from steerlab import compat
 from steerlab.errors import NotBakeableError
 
 if TYPE_CHECKING:
@@ -148,11 +149,10 @@ def rebuild(hf: nn.Module, *, flags: Mapping[str, Any], model_type: str | None =
         >>> new = rebuild(model.hf, flags={"attention_bias": True})            # doctest: +SKIP
     """
     from transformers import AutoModelForCausalLM
-    from transformers.initialization import no_init_weights
 
     config = _config_for(hf.config, model_type, flags)
     param = next(hf.parameters())
-    with no_init_weights():
+    with compat.no_init_weights():
         new = AutoModelForCausalLM.from_config(
             config, dtype=param.dtype, attn_implementation=getattr(hf.config, "_attn_implementation", None)
         )

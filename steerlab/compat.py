@@ -1,0 +1,167 @@
+"""Every version-dependent or private name steerlab uses in its dependencies, in one place.
+
+steerlab calls transformers, scikit-learn, TransformerLens and nnsight through their public APIs
+wherever one exists; what has no public form (or changed its name between releases) is reached only
+through the functions here, each covered by ``tests/test_compat.py``, so a dependency upgrade breaks
+one tested module instead of failing silently somewhere else.
+
+Example:
+    >>> from steerlab import compat
+    >>> compat.find_cache((), {"use_cache": False}) is None
+    True
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
+from typing import Any
+
+import torch
+from torch import nn
+
+from steerlab.errors import SteerlabError
+
+
+class CompatibilityError(SteerlabError, RuntimeError):
+    """An installed dependency lacks something steerlab needs (a version outside the tested range)."""
+
+
+CACHE_KWARGS = ("cache", "past_key_values")  # transformers >= 5.24 renamed past_key_values to cache
+
+
+# ----- transformers: KV caches -----
+@functools.lru_cache(maxsize=None)
+def _forward_parameters(cls: type) -> frozenset[str]:
+    return frozenset(inspect.signature(cls.forward).parameters)
+
+
+def cache_kwarg(hf: nn.Module) -> str:
+    """The keyword under which ``hf.forward`` takes its KV cache in the installed transformers
+    (``"cache"`` from 5.24 on, ``"past_key_values"`` before)."""
+    params = _forward_parameters(type(hf))
+    for name in CACHE_KWARGS:
+        if name in params:
+            return name
+    raise CompatibilityError(
+        f"{type(hf).__name__}.forward takes none of {CACHE_KWARGS}; this transformers version is outside "
+        "steerlab's tested range (see pyproject.toml)"
+    )
+
+
+def with_cache(hf: nn.Module, cache: Any, **inputs: Any) -> dict[str, Any]:
+    """Forward keyword arguments ``inputs`` plus ``cache`` under the installed version's name."""
+    return {**inputs, cache_kwarg(hf): cache, "use_cache": True}
+
+
+def is_cache(obj: Any) -> bool:
+    """Whether ``obj`` is a transformers KV cache."""
+    from transformers.cache_utils import Cache
+
+    return isinstance(obj, Cache)
+
+
+def find_cache(args: tuple, kwargs: Mapping[str, Any]) -> Any | None:
+    """The KV cache passed to a forward call, under whichever name (or position) it came; ``None`` if none."""
+    for name in CACHE_KWARGS:
+        if is_cache(kwargs.get(name)):
+            return kwargs[name]
+    for value in (*kwargs.values(), *args):
+        if is_cache(value):
+            return value
+    return None
+
+
+def output_cache(output: Any) -> Any | None:
+    """The KV cache a model output returns (``.cache`` from transformers 5.24 on, ``.past_key_values`` before)."""
+    for name in CACHE_KWARGS:
+        value = getattr(output, name, None)
+        if is_cache(value):
+            return value
+    return None
+
+
+def tl_cached_generate_is_broken() -> bool:
+    """Whether TransformerLens's ``generate`` with its KV cache gives wrong tokens on the installed versions.
+
+    TransformerLens 4.3 reads the model output's ``.past_key_values`` and feeds positions the way
+    transformers did before 5.24; from 5.24 on its cached generation differs from plain transformers even
+    without steering (measured: tests/test_interop.py). ``use_past_kv_cache=False`` is correct on both.
+    """
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    return Version(version("transformers")) >= Version("5.24") and Version(version("transformer-lens")) < Version("4.4")
+
+
+def dynamic_cache(config: Any, layers: list[tuple[torch.Tensor | None, torch.Tensor | None]] | None = None) -> Any:
+    """A ``DynamicCache`` for ``config``, optionally filled with per-layer ``(keys, values)`` (``None`` for a
+    layer leaves it empty: a forward that stopped early never reached it)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=config)
+    for index, (keys, values) in enumerate(layers or ()):
+        if keys is not None:
+            cache.update(keys, values, index)
+    return cache
+
+
+def has_only_full_attention(cache: Any) -> bool:
+    """Whether every layer of ``cache`` is a plain full-attention dynamic layer (no sliding window, ...)."""
+    from transformers.cache_utils import DynamicLayer
+
+    return all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+# ----- transformers: loading, GGUF, MoE -----
+def no_init_weights() -> AbstractContextManager:
+    """transformers' context that skips weight initialisation while a model is built from a config."""
+    try:
+        from transformers.initialization import no_init_weights as ctx
+    except ImportError:  # older layout
+        from transformers.modeling_utils import no_init_weights as ctx
+    return ctx()
+
+
+def drop_quantizer(hf: nn.Module) -> None:
+    """Forget a GGUF checkpoint's quantisation metadata on a dequantised model (so ``save_pretrained`` works)."""
+    if hasattr(hf.config, "quantization_config"):
+        del hf.config.quantization_config
+    hf.hf_quantizer = None
+
+
+def gguf_pre_tokenizer_splits() -> Mapping[str, Any]:
+    """transformers' table from llama.cpp pre-tokenizer names to split regexes."""
+    try:
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+    except ImportError as exc:
+        raise CompatibilityError(
+            "this transformers version has no GGUF pre-tokenizer table "
+            "(transformers.integrations.gguf.gguf_tokenizer_mapping); install a version in steerlab's tested range"
+        ) from exc
+    return GGUF_PRE_TOKENIZER_SPLITS
+
+
+def expert_gate(experts: nn.Module, pre: torch.Tensor) -> torch.Tensor | None:
+    """The fused experts module's own gated activation of ``pre`` (gate and up halves), or ``None`` if it
+    has no such method (the caller then applies ``act_fn(gate) * up``)."""
+    gate = getattr(experts, "_apply_gate", None)
+    return None if gate is None else gate(pre)
+
+
+# ----- scikit-learn -----
+def validate_data(estimator: Any, *args: Any, **kwargs: Any) -> Any:
+    """scikit-learn's input validation for estimators (``sklearn.utils.validation.validate_data``, 1.6+)."""
+    from sklearn.utils.validation import validate_data as validate
+
+    return validate(estimator, *args, **kwargs)
+
+
+def check_sample_weight(sample_weight: Any, X: Any, **kwargs: Any) -> Any:
+    """scikit-learn's private ``_check_sample_weight``: per-sample weights as a float array of ``len(X)``."""
+    from sklearn.utils.validation import _check_sample_weight
+
+    return _check_sample_weight(sample_weight, X, **kwargs)
