@@ -33,7 +33,7 @@ CACHE_KWARGS = ("cache", "past_key_values")  # transformers >= 5.24 renamed past
 
 
 # ----- transformers: KV caches -----
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _forward_parameters(cls: type) -> frozenset[str]:
     return frozenset(inspect.signature(cls.forward).parameters)
 

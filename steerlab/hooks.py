@@ -130,15 +130,16 @@ class HookSession:
         self.handles: list[HookHandle] = []
         self._torch_handles: list[Any] = []
         self._open = False
+        self._entered = False
 
     # ----- scope -----
     def __enter__(self) -> HookSession:
-        if self._open or self.handles:
+        if self._entered:
             raise HookSessionError(
                 "this hook session (or model.apply(...) scope) was already entered; open a new one with "
                 "`with model.apply(...)` / `with model.hooks()` instead of re-entering it"
             )
-        self._open = True
+        self._open = self._entered = True
         self.model._sessions.append(self)
         base = resolve_path(self.model.hf, self.model.spec.layers.rsplit(".", 1)[0])
         self._torch_handles.append(base.register_forward_pre_hook(self._record_step, with_kwargs=True))
@@ -185,7 +186,6 @@ class HookSession:
             step.batch_size, step.seq_len = int(ids.shape[0]), int(ids.shape[1])
         step.attention_mask = kwargs.get("attention_mask")
         step.past_length = past_length_of(args, kwargs, step)
-        return None
 
     # ----- registration -----
     def add(

@@ -31,9 +31,9 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
+from steerlab import compat
 from steerlab.errors import EmptyInputError, ShapeError, SteerlabError
 from steerlab.eval import is_refusal
-from steerlab import compat
 from steerlab.hooks import StopForward, generation
 from steerlab.probes.probe import Probe
 
