@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Mapping
-from contextlib import AbstractContextManager
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import torch
@@ -131,6 +131,22 @@ def drop_quantizer(hf: nn.Module) -> None:
     if hasattr(hf.config, "quantization_config"):
         del hf.config.quantization_config
     hf.hf_quantizer = None
+
+
+@contextmanager
+def quantizer_detached(hf: nn.Module) -> Iterator[None]:
+    """:func:`drop_quantizer` for a ``with`` block; the metadata is restored on exit (also on errors)."""
+    config = hf.config
+    saved = getattr(config, "quantization_config", None)
+    had = hasattr(config, "quantization_config")
+    quantizer = getattr(hf, "hf_quantizer", None)
+    drop_quantizer(hf)
+    try:
+        yield
+    finally:
+        if had:
+            config.quantization_config = saved
+        hf.hf_quantizer = quantizer
 
 
 def gguf_pre_tokenizer_splits() -> Mapping[str, Any]:

@@ -24,7 +24,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from steerlab import _files
+from steerlab import _files, compat
 from steerlab.errors import ModelLoadError
 
 DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
@@ -208,9 +208,7 @@ def _convert(model: EmbeddedModel, out: Path) -> None:
     hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # A GGUF-loaded model carries its quantisation config; the dequantised weights are plain floats.
-    if hasattr(hf.config, "quantization_config"):
-        del hf.config.quantization_config
-    hf.hf_quantizer = None
+    compat.drop_quantizer(hf)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     with _files.shared_outputs(tmp):  # save_file writes weights as 0600; give them the mode open() would

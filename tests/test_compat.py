@@ -108,3 +108,16 @@ def test_sklearn_validation_helpers():
 def test_tl_cached_generate_flag_is_a_boolean_of_the_installed_versions():
     pytest.importorskip("transformer_lens")
     assert isinstance(compat.tl_cached_generate_is_broken(), bool)
+
+
+def test_quantizer_detached_restores_the_metadata_also_on_errors():
+    import copy
+
+    hf = copy.deepcopy(tiny_model("llama").hf)
+    hf.config.quantization_config = {"quant_method": "gguf"}
+    marker = object()
+    hf.hf_quantizer = marker
+    with pytest.raises(RuntimeError), compat.quantizer_detached(hf):
+        assert not hasattr(hf.config, "quantization_config") and hf.hf_quantizer is None
+        raise RuntimeError
+    assert hf.config.quantization_config == {"quant_method": "gguf"} and hf.hf_quantizer is marker

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import steerlab
+from steerlab import compat
 from steerlab._files import shared_outputs, write_text
 from steerlab.embedded import sha256_file
 from steerlab.errors import NotExportableError
@@ -48,19 +49,8 @@ def _versions() -> dict[str, str]:
 
 
 def _save_safetensors(model: Model, path: Path) -> list[Path]:
-    hf = model.hf
-    config = hf.config
-    saved_q = getattr(config, "quantization_config", None)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config  # GGUF-loaded: the weights are plain floats now
-    saved_quantizer = getattr(hf, "hf_quantizer", None)
-    hf.hf_quantizer = None
-    try:
-        hf.save_pretrained(path, safe_serialization=True)
-    finally:
-        if saved_q is not None:
-            config.quantization_config = saved_q
-        hf.hf_quantizer = saved_quantizer
+    with compat.quantizer_detached(model.hf):  # GGUF-loaded: the weights are plain floats now
+        model.hf.save_pretrained(path, safe_serialization=True)
     model.tokenizer.save_pretrained(path)
     return sorted(path.glob("*.safetensors"))
 

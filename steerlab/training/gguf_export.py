@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from steerlab import compat
 from steerlab.errors import ChatTemplateError, NotExportableError
 from steerlab.model import Model
 from steerlab.training.restructure import is_tied, sliding_window_reason
@@ -134,8 +135,6 @@ def _copy_tokenizer_fields(writer, source: Path, *, skip: frozenset[str] = froze
 
 def _pre_name(tokenizer) -> str:
     """llama.cpp's name for the HF tokenizer's pre-tokenizer (what transformers maps back to the same split)."""
-    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
-
     pre = json.loads(tokenizer.backend_tokenizer.to_str()).get("pre_tokenizer") or {}
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space", False):
         return "gpt-2"
@@ -144,7 +143,7 @@ def _pre_name(tokenizer) -> str:
         splits = [s for s in steps if s.get("type") == "Split"]
         if len(steps) == 2 and len(splits) == 1 and steps[1].get("type") == "ByteLevel":
             regex = splits[0].get("pattern", {}).get("Regex")
-            for name, known in GGUF_PRE_TOKENIZER_SPLITS.items():
+            for name, known in compat.gguf_pre_tokenizer_splits().items():
                 if known == regex:
                     return name
     raise NotExportableError(
