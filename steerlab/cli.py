@@ -2,6 +2,7 @@
 
 Every subcommand takes ``--model`` (an embedded name, a HF id or local directory, or a ``.gguf`` file;
 default: the embedded Qwen) and ``--help``. Bad arguments exit with status 2 and one ``error:`` line.
+This module only parses arguments and calls the library; report pages come from :mod:`steerlab.report`.
 
 Example:
     $ steerlab demo --model smollm2-135m-instruct
@@ -16,13 +17,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
+from steerlab import __version__
 from steerlab.errors import SteerlabError
+from steerlab.steering.refusal import MIN_REFUSAL_RATE
 
 if TYPE_CHECKING:
     from steerlab.model import Model
@@ -51,9 +55,42 @@ def _existing_file(path: str | None, what: str) -> Path | None:
     if path is None:
         return None
     p = Path(path).expanduser()
+    if p.is_dir():
+        raise UsageError(f"{what} file {p} is a directory; pass the file itself")
     if not p.is_file():
         raise UsageError(f"{what} file {p} does not exist")
     return p
+
+
+def _output_dir(path: str) -> Path:
+    """``--out`` as a Path; a :class:`UsageError` when it names an existing file. The folder is not created
+    here: each command creates it when it has something to write, so a failed run leaves nothing behind."""
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise UsageError(f"output directory {p} is an existing file; pass a directory with --out")
+    _check_parent(p, "output directory")
+    return p
+
+
+def _check_parent(path: Path, what: str) -> None:
+    """The nearest existing folder above ``path`` must be a directory (not a file), or nothing can be written."""
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UsageError(f"{what} {path} is inside {parent}, which is a file; pass a path inside a directory")
+            return
+
+
+def _read_saved(path: Path, what: str, read: Callable[[Path], Any]) -> Any:
+    """``read(path)``, with any failure that is not a steerlab error (a corrupt or foreign file makes
+    safetensors, json or torch raise their own types) turned into one :class:`UsageError` line."""
+    try:
+        return read(path)
+    except SteerlabError:
+        raise
+    except Exception as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise UsageError(f"{path} is not a readable {what} file ({reason}); pass a file that steerlab saved") from exc
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -63,7 +100,13 @@ def read_prompts(path: str | Path) -> list[str]:
     is read as JSONL.
     """
     p = _existing_file(str(path), "prompt")
-    lines = [(i + 1, line.strip()) for i, line in enumerate(p.read_text(encoding="utf-8").splitlines()) if line.strip()]
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(
+            f"{p} is not UTF-8 text (byte {exc.start}); prompt files are text (one prompt per line) or JSONL"
+        ) from exc
+    lines = [(i + 1, line.strip()) for i, line in enumerate(text.splitlines()) if line.strip()]
     if not lines:
         raise UsageError(f"{p} holds no prompts; write one prompt per line (or JSONL with a 'prompt' field)")
     if p.suffix != ".jsonl" and not lines[0][1].startswith("{"):
@@ -101,12 +144,50 @@ def _position(text: str):
     return value
 
 
-def _positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1; got {value}")
-    return value
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    """argparse type: an integer >= ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer; got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}; got {value}")
+        return value
+
+    return parse
+
+
+_positive_int = _int_at_least(1)
+_non_negative_int = _int_at_least(0)
+
+
+def _float_in(low: float = -math.inf, high: float = math.inf, *, open_low: bool = False) -> Callable[[str], float]:
+    """argparse type: a finite float in ``[low, high]`` (``(low, high]`` with ``open_low``)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number; got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number; got {text}")
+        if value < low or (open_low and value == low):
+            raise argparse.ArgumentTypeError(
+                f"must be {'greater than' if open_low else 'at least'} {low:g}; got {text}"
+            )
+        if value > high:
+            raise argparse.ArgumentTypeError(f"must be at most {high:g}; got {text}")
+        return value
+
+    return parse
+
+
+_finite_float = _float_in()
+_positive_float = _float_in(0.0, open_low=True)
+_non_negative_float = _float_in(0.0)
+_fraction = _float_in(0.0, 1.0)
 
 
 def _gather_prompts(args: argparse.Namespace) -> list[str]:
@@ -117,14 +198,38 @@ def _gather_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
-def _load(args: argparse.Namespace, *, dtype: str | None = None) -> Model:
-    """The model named by ``--model`` in ``--dtype`` (or ``dtype``), with a log line."""
+def _check_model_arg(model: str | None) -> None:
+    """A local ``--model`` directory must hold a checkpoint (a ``config.json``)."""
+    if model is None:
+        return
+    p = Path(model).expanduser()
+    if p.is_dir() and not (p / "config.json").is_file():
+        raise UsageError(
+            f"--model {model} is a directory without config.json; pass a saved HF checkpoint directory, "
+            "a .gguf file or an embedded name"
+        )
+
+
+def _open_model(source: str | None, dtype: str) -> Model:
+    """``steerlab.load(source)`` in ``dtype``; errors of files transformers cannot read become a :class:`UsageError`."""
     import torch
 
     import steerlab
 
+    _check_model_arg(source)
+    try:
+        return steerlab.load(source, dtype=getattr(torch, dtype))
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, SteerlabError):
+            raise
+        reason = " ".join(str(exc).split())
+        raise UsageError(f"could not load the model {source!r}: {reason}") from exc
+
+
+def _load(args: argparse.Namespace, *, dtype: str | None = None) -> Model:
+    """The model named by ``--model`` in ``--dtype`` (or ``dtype``), with a log line."""
     name = dtype or getattr(args, "dtype", "float32")
-    model = steerlab.load(args.model, dtype=getattr(torch, name))
+    model = _open_model(args.model, name)
     _log(f"loaded {model.name} ({model.spec.model_type}, {model.n_layers} layers, d={model.d_model}, {name})")
     return model
 
@@ -133,7 +238,7 @@ def _load_direction(path: str, layer: int | None = None, *, ablate: bool = False
     """A saved direction; ``layer`` (``--layer``) must be one of its layers where the op needs its vector."""
     from steerlab.steering import Direction
 
-    direction = Direction.load(_existing_file(path, "direction"))
+    direction = _read_saved(_existing_file(path, "direction"), "steerlab Direction", Direction.load)
     needs_own = ablate or len(direction.layers) > 1  # AddVector of a one-layer direction may add it anywhere
     if layer is not None and needs_own and layer not in direction.layers:
         raise UsageError(f"--layer {layer} is not a layer of the direction (it covers {list(direction.layers)})")
@@ -150,27 +255,6 @@ def _short(text: str, width: int = 70) -> str:
     return flat if len(flat) <= width else flat[: width - 1] + "…"
 
 
-def _write_figures(path: Path, title: str, figures: Sequence[Any], *, preamble: str = "") -> Path:
-    """One HTML page with ``figures`` (plotly.js from the CDN, loaded once) below an optional preamble."""
-    import html
-
-    parts = [
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head>",
-        f"<body style='font-family:sans-serif;max-width:1100px;margin:auto'><h1>{html.escape(title)}</h1>{preamble}",
-    ]
-    for i, fig in enumerate(figures):
-        parts.append(fig.to_html(full_html=False, include_plotlyjs="cdn" if i == 0 else False))
-    parts.append("</body></html>")
-    path.write_text("\n".join(parts), encoding="utf-8")
-    return path
-
-
-def _pre(text: str) -> str:
-    import html
-
-    return f"<pre>{html.escape(text)}</pre>"
-
-
 # ----- demo -----
 def _demo(args: argparse.Namespace) -> int:
     import torch
@@ -179,7 +263,7 @@ def _demo(args: argparse.Namespace) -> int:
     from steerlab.data import DEMO_HARMFUL, DEMO_HARMLESS
 
     t0 = time.perf_counter()
-    model = steerlab.load(args.model)
+    model = _open_model(args.model, "float32")
     print(
         f"loaded {model.name} ({model.spec.model_type}, {model.n_layers} layers, d={model.d_model}) "
         f"in {time.perf_counter() - t0:.1f}s"
@@ -261,6 +345,7 @@ def bake_and_export(
 def _export(args: argparse.Namespace) -> int:
     from steerlab.steering import Ablate, AddVector
 
+    _output_dir(args.out)
     direction = _load_direction(args.direction, args.layer, ablate=args.ablate)
     model = _load(args)
     if args.ablate:
@@ -320,6 +405,7 @@ def _probe(args: argparse.Namespace) -> int:
     import steerlab
     from steerlab.probes import fit_probes, sweep
     from steerlab.probes.sweep import position_columns
+    from steerlab.report import RunInfo, write_sweep_report
     from steerlab.steering import mean_difference, prompts_hash
 
     if "all" in args.positions:
@@ -327,7 +413,7 @@ def _probe(args: argparse.Namespace) -> int:
             "'all' has a different length per prompt and cannot be swept; use fixed positions such as t_inst, last, post_inst"
         )
     pos, neg, source = _probe_data(args)
-    out = Path(args.out)
+    out = _output_dir(args.out)
     model = _load(args)
     _log(f"sweeping {len(pos)} + {len(neg)} prompts ({source}) at {args.site}, positions {args.positions}")
     acts = steerlab.collect(
@@ -354,15 +440,15 @@ def _probe(args: argparse.Namespace) -> int:
     summary = {"model": model.name, "data": source, "site": args.site, "positions": args.positions, "C": args.C, "best": best,
                "files": {"probe": "probe.safetensors", "direction": "direction.safetensors", "heatmap": "sweep.html"},
                "sweep": result.to_dict()}  # fmt: skip
+    info = RunInfo.collect(model=model.name, dtype=args.dtype, seed=args.seed, argv=args.argv)
+    summary["run"] = info.to_dict()
     (out / "sweep.json").write_text(json.dumps(summary, indent=1))
-    figures = [result.figure(args.metric), result.figure("auc" if args.metric == "accuracy" else "accuracy")]
-    _write_figures(
-        out / "sweep.html", f"Probe sweep: {model.name}", figures, preamble=_pre(f"data: {source}\nbest: {best}")
-    )
+    write_sweep_report(out, result, metric=args.metric, info=info, data=source, site=args.site, best=best)
     print(result.table(args.metric))
     print(f"\nbest: layer {layer}, position {column} ({args.metric} {value:.3f}, {args.folds}-fold CV)")
     print(
-        f"wrote {out}/sweep.json, sweep.html, probe.safetensors (layer {layer}, position {position!r}), direction.safetensors"
+        f"wrote {out}/sweep.json, sweep.html (with plotly.min.js), probe.safetensors (layer {layer}, position {position!r}), "
+        "direction.safetensors"
     )
     return 0
 
@@ -432,16 +518,22 @@ def _guard(args: argparse.Namespace) -> int:
         args.mode = args.mode or "probe"
     if args.save_to and path is not None:
         raise UsageError("--save writes a freshly fitted guard; it cannot be combined with --probe")
+    if args.save_to and Path(args.save_to).expanduser().is_dir():
+        raise UsageError(f"--save {args.save_to} is a directory; pass a file name such as guard.safetensors")
+    if args.save_to:
+        _check_parent(Path(args.save_to).expanduser(), "--save file")
     if args.mode == "probe" and args.layers is not None and len(args.layers) > 1:
         raise UsageError(f"a probe guard reads one layer; got --layers {' '.join(map(str, args.layers))}")
     model = _load(args)
     if path is not None:
-        guard = (ProbeGuard if args.mode == "probe" else LatentGuard).load(path, model=model)
+        kind = ProbeGuard if args.mode == "probe" else LatentGuard
+        guard = _read_saved(path, f"steerlab {kind.__name__}", lambda f: kind.load(f, model=model))
     else:
         guard = _fit_guard(model, args)
     if args.threshold is not None:
         guard = replace(guard, threshold=args.threshold)
     if args.save_to:
+        Path(args.save_to).expanduser().parent.mkdir(parents=True, exist_ok=True)
         guard.save(args.save_to)
         _log(f"saved the guard to {args.save_to}")
     scores = guard.score(prompts, batch_size=args.batch_size, progress=True)
@@ -486,51 +578,6 @@ def _steer(args: argparse.Namespace) -> int:
 
 
 # ----- refusal -----
-def _refusal_figures(report, result) -> list:
-    """Selection heatmap, bypass score by layer per position, and the held-out refusal rates."""
-    import plotly.graph_objects as go
-
-    figures = [report.heatmap()]
-    lines = go.Figure()
-    for pos in sorted({c.position for c in report.candidates}):
-        cands = sorted((c for c in report.candidates if c.position == pos), key=lambda c: c.layer)
-        lines.add_trace(
-            go.Scatter(
-                x=[c.layer for c in cands], y=[c.bypass for c in cands], mode="lines+markers", name=f"position {pos}"
-            )
-        )
-    lines.add_hline(y=report.baseline_harmful, line_dash="dash", annotation_text="no ablation")
-    lines.update_layout(title="Refusal score of harmful validation prompts with each candidate ablated (lower: refusal removed)",
-                        xaxis_title="layer", yaxis_title="mean refusal score")  # fmt: skip
-    figures.append(lines)
-    if result is not None:
-        bars = go.Figure([
-            go.Bar(name="baseline", x=["harmful (held out)", "harmless (test)"], y=[result.harmful_base, result.harmless_base]),
-            go.Bar(name="steered", x=["harmful (held out)", "harmless (test)"], y=[result.harmful_ablated, result.harmless_added]),
-        ])  # fmt: skip
-        bars.update_layout(title=f"Refusal rate: harmful with the direction ablated, harmless with it added (KL {result.kl_harmless_ablated:.3f})",
-                           yaxis_title="refusal rate", yaxis_range=[0, 1], barmode="group")  # fmt: skip
-        figures.append(bars)
-    return figures
-
-
-def write_refusal_report(out: Path, model_name: str, report, result, export_info: dict | None = None) -> Path:
-    """``report.html``: the selection table, evaluation table, export parity, and the plotly figures."""
-    text = [report.table()]
-    if result is not None:
-        text.append(result.as_table())
-    if export_info is not None:
-        rep = export_info["parity"]
-        text.append(f"exported ablated weights ({export_info['format']}) to {export_info['path']}: max |logit diff| vs the hook "
-                    f"{rep['max_abs_logit_diff']:.3g} over {rep['n_prompts']} prompts")  # fmt: skip
-    return _write_figures(
-        out / "report.html",
-        f"Refusal direction: {model_name}",
-        _refusal_figures(report, result),
-        preamble=_pre("\n\n".join(text)),
-    )
-
-
 def _export_refusal(args: argparse.Namespace, direction: Direction, out: Path) -> dict[str, Any]:
     """Bake the direction's ablation into a float32 copy of the model and export it."""
     from steerlab.steering import Ablate
@@ -547,35 +594,40 @@ def _export_refusal(args: argparse.Namespace, direction: Direction, out: Path) -
 def _refusal(args: argparse.Namespace) -> int:
     import random
 
-    import torch
-
-    import steerlab
     from steerlab.data import advbench, load_split
+    from steerlab.report import RunInfo, write_refusal_report, write_selection_report
     from steerlab.steering.evaluate import evaluate_refusal_direction
     from steerlab.steering.refusal import refusal_direction
 
     t0 = time.perf_counter()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _output_dir(args.out)
+    if args.export:
+        _output_dir(args.export)
     split = load_split(seed=args.seed)
-    fit_model = steerlab.load(args.model, dtype=torch.float32)
-    run_model = steerlab.load(args.model, dtype=getattr(torch, args.eval_dtype))
+    held_out = advbench()
+    if args.n_eval > len(held_out):
+        raise UsageError(
+            f"--n-eval {args.n_eval} is more than the {len(held_out)} AdvBench prompts; pass at most {len(held_out)}"
+        )
+    run_model = _open_model(args.model, args.eval_dtype)
+    fit_model = run_model if args.eval_dtype == "float32" else _open_model(args.model, "float32")
     print(
         f"[{time.perf_counter() - t0:6.0f}s] loaded {run_model.name}: fit in float32, select and generate in {args.eval_dtype}"
     )
     direction, report = refusal_direction(
         run_model, split.harmful_train, split.harmless_train, harmful_val=split.harmful_val,
         harmless_val=split.harmless_val, filter_train=args.filter, fit_model=fit_model, kl_max=args.kl_max,
-        induce_min=args.induce_min, induce_coeff=args.coeff, batch_size=args.batch_size,
+        induce_min=args.induce_min, induce_coeff=args.coeff, min_refusal_rate=args.min_refusal_rate,
+        batch_size=args.batch_size,
     )  # fmt: skip
     del fit_model
+    out.mkdir(parents=True, exist_ok=True)  # the first file to write: a failed selection leaves no folder
     direction.save(out / "refusal_direction.safetensors")
     chosen = report.chosen
     print(
         f"[{time.perf_counter() - t0:6.0f}s] selected position {chosen.position}, layer {chosen.layer}\n{report.table()}"
     )
 
-    held_out = advbench()
     random.Random(args.seed).shuffle(held_out)
     result = evaluate_refusal_direction(
         run_model, direction, harmful=held_out[: args.n_eval], harmless=split.harmless_test,
@@ -584,8 +636,12 @@ def _refusal(args: argparse.Namespace) -> int:
     print(
         f"[{time.perf_counter() - t0:6.0f}s] held-out evaluation (greedy, {args.max_new_tokens} new tokens):\n{result.as_table()}"
     )
+    info = RunInfo.collect(
+        model=run_model.name, dtype=f"float32 (fit), {args.eval_dtype} (selection, evaluation)", seed=args.seed,
+        argv=args.argv,
+    )  # fmt: skip
     del run_model
-    body: dict[str, Any] = {"selection": report.to_dict(), "evaluation": result.to_dict()}
+    body: dict[str, Any] = {"run": info.to_dict(), "selection": report.to_dict(), "evaluation": result.to_dict()}
     export_info, status = None, 0
     if args.export is not None:
         try:
@@ -598,9 +654,9 @@ def _refusal(args: argparse.Namespace) -> int:
             print(f"[{time.perf_counter() - t0:6.0f}s] exported the ablated model to {export_info['path']} "
                   f"(max |logit diff| vs the hook {export_info['parity']['max_abs_logit_diff']:.3g})")  # fmt: skip
     (out / "report.json").write_text(json.dumps(body, indent=1))
-    report.heatmap().write_html(out / "selection.html", include_plotlyjs="cdn")
-    write_refusal_report(out, direction.model or args.model or "default", report, result, export_info)
-    print(f"wrote {out}/refusal_direction.safetensors, report.json, report.html, selection.html")
+    write_selection_report(out, report, info=info)
+    write_refusal_report(out, report, result, info=info, export_info=export_info)
+    print(f"wrote {out}/refusal_direction.safetensors, report.json, report.html, selection.html, plotly.min.js")
     return status
 
 
@@ -626,7 +682,7 @@ def _demo_parser(sub) -> None:
         "demo", help="load a model, render a chat prompt, collect activations, print a per-layer summary"
     )
     demo.add_argument("--model", default=None, help="embedded name, HF id/path or .gguf (default: the embedded Qwen)")
-    demo.add_argument("--batch-size", type=int, default=8)
+    demo.add_argument("--batch-size", type=_positive_int, default=8)
     demo.set_defaults(func=_demo)
 
 
@@ -634,20 +690,31 @@ def _refusal_parser(sub) -> None:
     ref = sub.add_parser("refusal", help="fit and select the refusal direction, evaluate ablation and addition")
     ref.add_argument("--model", default=None, help="embedded name, HF id/path or .gguf (default: the embedded Qwen)")
     ref.add_argument("--out", default="runs/refusal", help="output directory")
-    ref.add_argument("--n-eval", type=int, default=100, help="held-out AdvBench prompts to generate on")
-    ref.add_argument("--max-new-tokens", type=int, default=64)
+    ref.add_argument("--n-eval", type=_positive_int, default=100, help="held-out AdvBench prompts to generate on")
+    ref.add_argument("--max-new-tokens", type=_positive_int, default=64)
     ref.add_argument("--filter", choices=["score", "judge", "none"], default="judge", help="training-prompt filter")
     # METHODS 1 filters at KL < 0.1 on validation; with 32 validation prompts a pick at 0.098 measured 0.140 on
     # held-out harmless prompts, so the main job keeps a margin (pick at 0.046 -> 0.066 held out).
-    ref.add_argument("--kl-max", type=float, default=0.05, help="KL filter on validation (METHODS 1: 0.1)")
-    ref.add_argument("--induce-min", type=float, default=0.0)
+    ref.add_argument("--kl-max", type=_positive_float, default=0.05, help="KL filter on validation (METHODS 1: 0.1)")
+    ref.add_argument(
+        "--induce-min", type=_finite_float, default=0.0, help="induce filter: mean refusal score above this"
+    )
     # METHODS 1 adds the raw difference of means (coefficient 1). On the 0.5B Qwen no candidate lifts the mean
     # harmless refusal score above 0 at coefficient 1 (best -0.54: position -1, layer 18), while 2 does (+1.11);
     # experiments/refusal_candidate_grid.py prints the grid.
-    ref.add_argument("--coeff", type=float, default=2.0, help="addition coefficient (induce filter and evaluation)")
+    ref.add_argument(
+        "--coeff", type=_positive_float, default=2.0, help="addition coefficient (induce filter and evaluation)"
+    )
     ref.add_argument("--eval-dtype", choices=["bfloat16", "float32"], default="bfloat16")
-    ref.add_argument("--batch-size", type=int, default=16)
-    ref.add_argument("--seed", type=int, default=0)
+    ref.add_argument("--batch-size", type=_positive_int, default=16)
+    ref.add_argument("--seed", type=_non_negative_int, default=0)
+    ref.add_argument(
+        "--min-refusal-rate",
+        type=_fraction,
+        default=MIN_REFUSAL_RATE,
+        help="stop early unless the model refuses at least this fraction of the harmful validation prompts "
+        f"(default {MIN_REFUSAL_RATE}; 0 skips the check)",
+    )
     ref.add_argument(
         "--export",
         nargs="?",
@@ -658,7 +725,10 @@ def _refusal_parser(sub) -> None:
     )
     ref.add_argument("--export-format", choices=["safetensors", "gguf"], default="safetensors")
     ref.add_argument(
-        "--tol", type=float, default=1e-2, help="largest allowed logit difference, baked vs hooked (export only)"
+        "--tol",
+        type=_non_negative_float,
+        default=1e-2,
+        help="largest allowed logit difference, baked vs hooked (export only)",
     )
     ref.set_defaults(func=_refusal)
 
@@ -684,11 +754,11 @@ def _probe_parser(sub) -> None:
     )
     p.add_argument("--layers", nargs="+", type=int, default=None, help="layers to sweep (default: all)")
     p.add_argument("--site", choices=SWEEP_SITES, default="resid_pre")
-    p.add_argument("--folds", type=_positive_int, default=5)
-    p.add_argument("--C", type=float, default=1.0, help="inverse L2 strength of the logistic probes")
+    p.add_argument("--folds", type=_int_at_least(2), default=5)
+    p.add_argument("--C", type=_positive_float, default=1.0, help="inverse L2 strength of the logistic probes")
     p.add_argument("--metric", choices=["accuracy", "auc"], default="accuracy", help="what picks the best cell")
     p.add_argument("--limit", type=_positive_int, default=None, help="use at most this many prompts per class")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_non_negative_int, default=0)
     p.add_argument("--out", default="runs/probe", help="output directory")
     p.set_defaults(func=_probe)
 
@@ -712,7 +782,10 @@ def _guard_parser(sub) -> None:
         help="LatentGuard (cosine rule) or ProbeGuard (default: probe)",
     )
     p.add_argument(
-        "--threshold", type=float, default=None, help="flag when score >= this (default: the saved or calibrated one)"
+        "--threshold",
+        type=_finite_float,
+        default=None,
+        help="flag when score >= this (default: the saved or calibrated one)",
     )
     p.add_argument("--position", type=_position, default="t_inst", help="where a fitted guard reads (default t_inst)")
     p.add_argument(
@@ -726,7 +799,7 @@ def _guard_parser(sub) -> None:
     # dest is not "save": nnsight (when imported) gives every object a .save method, which argparse then
     # mistakes for an already-set value and never fills in the default
     p.add_argument("--save", dest="save_to", default=None, metavar="FILE", help="save the fitted guard here")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_non_negative_int, default=0)
     p.set_defaults(func=_guard)
 
 
@@ -736,7 +809,7 @@ def _steer_parser(sub) -> None:
     _add_prompt_args(p)
     p.add_argument("--direction", required=True, help="a saved Direction (.safetensors)")
     how = p.add_mutually_exclusive_group(required=True)
-    how.add_argument("--coeff", type=float, help="add coeff x the direction (AddVector)")
+    how.add_argument("--coeff", type=_finite_float, help="add coeff x the direction (AddVector)")
     how.add_argument("--ablate", action="store_true", help="project the direction out everywhere (Ablate)")
     p.add_argument(
         "--layer",
@@ -761,12 +834,14 @@ def _export_parser(sub) -> None:
     p.add_argument("--precision", choices=["f32", "f16"], default="f32", help="GGUF tensor precision")
     how = p.add_mutually_exclusive_group(required=True)
     how.add_argument("--ablate", action="store_true", help="bake the direction's ablation (Ablate)")
-    how.add_argument("--coeff", type=float, help="bake coeff x the direction added at --layer (AddVector)")
+    how.add_argument("--coeff", type=_finite_float, help="bake coeff x the direction added at --layer (AddVector)")
     p.add_argument(
         "--layer", type=int, default=None, help="AddVector: the layer; Ablate: whose vector (default: the direction's)"
     )
     p.add_argument("--unit", action="store_true", help="AddVector: scale the vector to norm 1 first")
-    p.add_argument("--tol", type=float, default=1e-2, help="largest allowed logit difference, baked vs hooked")
+    p.add_argument(
+        "--tol", type=_non_negative_float, default=1e-2, help="largest allowed logit difference, baked vs hooked"
+    )
     p.set_defaults(func=_export)
 
 
@@ -780,10 +855,18 @@ PARSERS: tuple[Callable, ...] = (
 )
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one ``steerlab: error:`` line (no usage block), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"steerlab: error: {' '.join(message.split())} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``steerlab`` command."""
-    parser = argparse.ArgumentParser(prog="steerlab", description=__doc__.splitlines()[0],
+    parser = _Parser(prog="steerlab", description=__doc__.splitlines()[0],
                                      epilog="Run `steerlab COMMAND --help` for a command's options.")  # fmt: skip
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in PARSERS:
         add(sub)
@@ -794,16 +877,25 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``steerlab`` command: 0 on success; on a steerlab error one ``error:`` line and 2
     (1 when a baked model fails its parity check)."""
     global _T0
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = ["steerlab", *argv]
     _T0 = time.perf_counter()
     try:
         return args.func(args)
     except ParityError as exc:  # not a usage problem: the weights did not match
-        print(f"steerlab: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 1
+        return _error(exc, 1)
     except SteerlabError as exc:
-        print(f"steerlab: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
+        return _error(exc, 2)
+    except OSError as exc:  # a path the user gave cannot be read or written (permissions, full disk, ...)
+        where = f" ({exc.filename})" if exc.filename else ""
+        return _error(f"{exc.strerror or exc}{where}; check the paths you passed and their permissions", 2)
+
+
+def _error(message: object, status: int) -> int:
+    """Print one ``steerlab: error:`` line on stderr and return ``status``."""
+    print(f"steerlab: error: {' '.join(str(message).split())}", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ arguments exit non-zero with one error line."""
 
 import json
 import re
+import time
 
 import pytest
 
@@ -34,10 +35,25 @@ def test_refusal_command_rejects_bad_arguments(capsys):
     assert exc.value.code == 0 and "--kl-max" in capsys.readouterr().out
 
 
-def test_refusal_command_on_a_model_that_never_refuses_fails_clearly(capsys, tmp_path):
-    # SmolLM2 does not refuse: the filter keeps no harmful prompt, which must be a clear error, not a crash
-    assert main(["refusal", "--model", "smollm2-135m-instruct", "--out", str(tmp_path), "--filter", "score"]) == 2
-    assert "at least one prompt" in capsys.readouterr().err
+def _one_error_line(err: str) -> str:
+    """The single ``steerlab: error:`` line of ``err`` (progress bars aside); fails on a traceback."""
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if "error" in line]
+    assert len(lines) == 1 and lines[0].startswith("steerlab: error: "), err
+    return lines[0]
+
+
+@pytest.mark.parametrize("filter_", ["judge", "score"])
+def test_refusal_on_a_model_that_does_not_refuse_fails_fast_and_leaves_no_folder(filter_, capsys, tmp_path):
+    # SmolLM2 refuses 1 of the 32 harmful validation prompts: the run used to select for ~9 minutes and save nothing
+    out = tmp_path / "run"
+    t0 = time.perf_counter()
+    status = main(["refusal", "--model", "smollm2-135m-instruct", "--out", str(out), "--filter", filter_])
+    elapsed = time.perf_counter() - t0
+    line = _one_error_line(capsys.readouterr().err)
+    assert status == 2 and "does not refuse harmful requests" in line and "of 32 harmful prompts" in line, line
+    assert "qwen2.5-coder-0.5b-instruct" in line and elapsed < 60, elapsed
+    assert not out.exists()
 
 
 # ----- probe, guard, steer, export, refusal --export on a tiny random model saved to disk -----
@@ -125,7 +141,8 @@ def test_probe_writes_sweep_heatmap_probe_and_direction(probe_run, capsys):
     assert probe.layers == direction.layers == (best["layer"],)
     assert probe.position == direction.position == (int(best["column"]) if best["column"] == "-2" else best["column"])
     html = (probe_run / "sweep.html").read_text()
-    assert html.count("Plotly.newPlot") == 2 and "cdn.plot.ly" in html
+    assert html.count("Plotly.newPlot") == 2 and "<script src='plotly.min.js'>" in html and "cdn" not in html
+    assert (probe_run / "plotly.min.js").stat().st_size > 1_000_000
 
 
 def test_probe_defaults_to_the_project_split(tiny_dir, tmp_path, capsys):
@@ -345,7 +362,7 @@ def test_export_rejects_bad_arguments_and_failed_parity(tiny_dir, probe_run, tmp
                 direction,
                 "--ablate",
                 "--tol",
-                "-1",
+                "0",
                 "--out",
                 str(tmp_path / "y"),
             ]
@@ -358,7 +375,7 @@ def test_export_rejects_bad_arguments_and_failed_parity(tiny_dir, probe_run, tmp
 def test_refusal_export_writes_weights_parity_and_an_html_report(tiny_dir, tmp_path, capsys):
     # a random model never refuses: no filter, and filters that any candidate passes, to exercise the plumbing
     argv = ["refusal", "--model", tiny_dir, "--out", str(tmp_path), "--filter", "none", "--kl-max", "1e9", "--induce-min=-1e9",
-            "--n-eval", "4", "--max-new-tokens", "3", "--eval-dtype", "float32", "--export"]  # fmt: skip
+            "--n-eval", "4", "--max-new-tokens", "3", "--eval-dtype", "float32", "--min-refusal-rate", "0", "--export"]  # fmt: skip
     assert main(argv) == 0
     report = json.loads((tmp_path / "report.json").read_text())
     assert (
@@ -367,6 +384,8 @@ def test_refusal_export_writes_weights_parity_and_an_html_report(tiny_dir, tmp_p
     assert (tmp_path / "model" / "config.json").is_file() and (tmp_path / "model" / "steerlab_manifest.json").is_file()
     html = (tmp_path / "report.html").read_text()
     assert html.count("Plotly.newPlot") == 3 and "max |logit diff|" in html and "bypass" in html
+    assert "Plotly.newPlot" in (tmp_path / "selection.html").read_text() and (tmp_path / "plotly.min.js").is_file()
+    assert report["run"]["command"].startswith("steerlab refusal --model")
     with pytest.raises(SystemExit) as exc:
         main(["refusal", "--export-format", "onnx"])
     assert exc.value.code == 2 and "invalid choice" in capsys.readouterr().err
@@ -378,3 +397,117 @@ def test_guard_options_parse_the_same_after_nnsight_is_imported():
 
     args = build_parser().parse_args(["guard", "--probe", "guard.safetensors", "Write a haiku."])
     assert args.save_to is None and args.probe == "guard.safetensors"
+
+
+# ----- issue 15: nothing silent -----
+def test_version_prints_the_package_version(capsys):
+    import steerlab
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"steerlab {steerlab.__version__}"
+
+
+NUMERIC_ERRORS = [
+    ("demo", "--batch-size", "0"),
+    ("refusal", "--n-eval", "-5"),
+    ("refusal", "--n-eval", "0"),
+    ("refusal", "--max-new-tokens", "0"),
+    ("refusal", "--batch-size", "0"),
+    ("refusal", "--kl-max", "0"),
+    ("refusal", "--kl-max", "nan"),
+    ("refusal", "--induce-min", "inf"),
+    ("refusal", "--coeff", "-1"),
+    ("refusal", "--seed", "-1"),
+    ("refusal", "--tol", "-1"),
+    ("refusal", "--min-refusal-rate", "1.5"),
+    ("refusal", "--n-eval", "ten"),
+    ("probe", "--batch-size", "0"),
+    ("probe", "--folds", "1"),
+    ("probe", "--C", "0"),
+    ("probe", "--C", "-1"),
+    ("probe", "--limit", "0"),
+    ("probe", "--seed", "-3"),
+    ("guard", "--batch-size", "-1"),
+    ("guard", "--n-train", "0"),
+    ("guard", "--threshold", "nan"),
+    ("guard", "--seed", "-1"),
+    ("steer", "--max-new-tokens", "0"),
+    ("steer", "--batch-size", "0"),
+    ("steer", "--coeff", "inf"),
+    ("export", "--tol", "-1"),
+    ("export", "--batch-size", "0"),
+    ("export", "--coeff", "nan"),
+]
+
+
+@pytest.mark.parametrize(("command", "option", "value"), NUMERIC_ERRORS)
+def test_numeric_options_out_of_range_exit_2_with_one_line(command, option, value, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([command, option, value])  # the value is checked while parsing, before any required argument
+    captured = capsys.readouterr()
+    assert exc.value.code == 2 and captured.out == ""
+    assert captured.err.count("\n") == 1 and captured.err.startswith(f"steerlab: error: argument {option}: "), (
+        captured.err
+    )
+
+
+def test_argparse_errors_are_one_line(capsys):
+    for argv in (["bogus"], [], ["steer", "--direction", "d.safetensors", "Hi"], ["refusal", "--filter", "vibes"]):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and err.count("\n") == 1 and err.startswith("steerlab: error: "), err
+
+
+def test_failed_refusal_run_leaves_no_output_folder(tmp_path, capsys):
+    out = tmp_path / "never"
+    assert main(["refusal", "--model", str(tmp_path / "missing.gguf"), "--out", str(out)]) == 2
+    assert "does not exist" in _one_error_line(capsys.readouterr().err) and not out.exists()
+    assert main(["refusal", "--n-eval", "521", "--out", str(out)]) == 2
+    assert "more than the 520 AdvBench prompts" in _one_error_line(capsys.readouterr().err) and not out.exists()
+
+
+def test_bad_files_are_one_line_errors_not_tracebacks(tiny_dir, probe_run, tmp_path, capsys):
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\xff" * 64)
+    binary = tmp_path / "prompts.txt"
+    binary.write_bytes(bytes(range(256)))
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    good = str(probe_run / "direction.safetensors")
+    cases = [
+        (["steer", "--model", tiny_dir, "--direction", str(corrupt), "--coeff", "1", "Hi"], "not a readable steerlab Direction"),
+        (["export", "--model", tiny_dir, "--direction", str(corrupt), "--ablate", "--out", str(tmp_path / "e")],
+         "not a readable steerlab Direction"),
+        (["steer", "--direction", str(tmp_path), "--coeff", "1", "Hi"], "is a directory"),
+        (["guard", "--model", tiny_dir, "--probe", str(corrupt), "Hi"], "not a safetensors file"),
+        (["probe", "--harmful", str(binary), "--harmless", str(binary)], "is not UTF-8 text"),
+        (["guard", "--model", tiny_dir, "--probe", str(probe_run / "probe.safetensors"), "--file", str(tmp_path)],
+         "is a directory"),
+        (["probe", "--model", str(tmp_path), "--limit", "5"], "directory without config.json"),
+        (["probe", "--model", tiny_dir, "--out", str(a_file)], "is an existing file"),
+        (["probe", "--model", tiny_dir, "--out", str(a_file / "sub")], "which is a file"),
+        (["export", "--model", tiny_dir, "--direction", good, "--ablate", "--out", str(a_file)], "is an existing file"),
+        (["refusal", "--out", str(a_file)], "is an existing file"),
+        (["refusal", "--export", str(a_file), "--out", str(tmp_path / "r")], "is an existing file"),
+        (["guard", "--fit", "--save", str(tmp_path), "Hi"], "is a directory"),
+        (["guard", "--fit", "--save", str(a_file / "g.safetensors"), "Hi"], "which is a file"),
+    ]  # fmt: skip
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        line = _one_error_line(capsys.readouterr().err)
+        assert message in line, (argv, line)
+    assert not (tmp_path / "e").exists() and not (tmp_path / "r").exists()
+
+
+def test_os_errors_from_the_commands_are_one_line(monkeypatch, capsys):
+    from steerlab import cli
+
+    def denied(args):
+        raise PermissionError(13, "Permission denied", "/srv/runs/probe")
+
+    monkeypatch.setattr(cli, "_probe", denied)
+    assert main(["probe"]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "Permission denied (/srv/runs/probe)" in line

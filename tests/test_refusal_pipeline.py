@@ -55,7 +55,7 @@ def test_refusal_direction_returns_a_direction_and_report(tmp_path):
     model = tiny_model("mistral")
     direction, report = refusal_direction(
         model, HARMFUL, HARMLESS, harmful_val=HARMFUL, harmless_val=HARMLESS, filter_train="none",
-        induce_min=-1e9, kl_max=1e9, progress=False,
+        induce_min=-1e9, kl_max=1e9, min_refusal_rate=0, progress=False,
     )  # fmt: skip
     assert direction.layers == (report.chosen.layer,) and direction.position == report.chosen.position
     assert report.chosen.bypass == min(c.bypass for c in report.candidates)

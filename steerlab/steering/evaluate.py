@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
+from steerlab.errors import SteerlabError
 from steerlab.eval.logits import kl_divergence, last_token_logprobs
 from steerlab.eval.refusal import refusal_rate
 from steerlab.steering.direction import Direction
@@ -20,9 +21,22 @@ if TYPE_CHECKING:
     from steerlab.model import Model
 
 
+class UnknownPromptSetError(SteerlabError, ValueError):
+    """An evaluated prompt set was named that is neither ``"harmful"`` nor ``"harmless"``."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """One prompt with its baseline and steered generations (steered: ablated for harmful, added for harmless)."""
+
+    prompt: str
+    baseline: str
+    steered: str
+
+
 @dataclass
 class RefusalEvaluation:
-    """Refusal rates (substring judge over greedy generations) and KL, with the generations kept."""
+    """Refusal rates (substring judge over greedy generations) and KL, with the prompts and generations kept."""
 
     harmful_base: float
     harmful_ablated: float
@@ -33,6 +47,15 @@ class RefusalEvaluation:
     n_harmless: int
     max_new_tokens: int
     samples: dict[str, list[str]] = field(default_factory=dict, repr=False)
+    prompts: dict[str, list[str]] = field(default_factory=dict, repr=False)  # "harmful", "harmless"
+
+    def examples(self, which: Literal["harmful", "harmless"], n: int = 3) -> list[Example]:
+        """The first ``n`` prompts of a set with their baseline and steered generations, in evaluation order."""
+        if which not in ("harmful", "harmless"):
+            raise UnknownPromptSetError(f"the evaluation has 'harmful' and 'harmless' prompts; got {which!r}")
+        steered = "harmful_ablated" if which == "harmful" else "harmless_added"
+        rows = zip(self.prompts.get(which, []), self.samples.get(f"{which}_base", []), self.samples.get(steered, []))
+        return [Example(p, b, s) for p, b, s in list(rows)[:n]]
 
     def as_table(self) -> str:
         """A small text table of the numbers."""
@@ -62,7 +85,9 @@ def evaluate_refusal_direction(
     progress: bool = True,
 ) -> RefusalEvaluation:
     """Greedy generations with and without the direction ablated (harmful) or added (harmless)."""
+    harmful, harmless = list(harmful), list(harmless)
     layer = direction.layers[0]
+
     def gen(prompts: Sequence[str]) -> list[str]:
         return model.generate(prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
 
@@ -83,5 +108,11 @@ def evaluate_refusal_direction(
         n_harmful=len(harmful),
         n_harmless=len(harmless),
         max_new_tokens=max_new_tokens,
-        samples={"harmful_base": harmful_base, "harmful_ablated": harmful_abl, "harmless_base": harmless_base, "harmless_added": harmless_add},
+        samples={
+            "harmful_base": harmful_base,
+            "harmful_ablated": harmful_abl,
+            "harmless_base": harmless_base,
+            "harmless_added": harmless_add,
+        },
+        prompts={"harmful": harmful, "harmless": harmless},
     )

@@ -1,5 +1,8 @@
 """The refusal-direction pipeline of METHODS 1 (Arditi et al. 2024), with a selection report.
 
+0. check that the model refuses harmful requests at all (a short greedy reply to each harmful
+   validation prompt, judged by refusal substrings); a model that does not refuse has no refusal
+   direction, and fails here in seconds instead of after the whole selection;
 1. (optional) keep harmful prompts the model refuses and harmless ones it answers;
 2. candidates ``r[i, l] = mean(h_l[harmful, i]) - mean(h_l[harmless, i])`` for every
    post-instruction position ``i`` and layer ``l`` (``resid_pre``, float64 sums);
@@ -42,6 +45,13 @@ if TYPE_CHECKING:
 TrainFilter = Literal["score", "judge", "none"]
 
 
+MIN_REFUSAL_RATE = 0.15  # the embedded Qwen refuses 13 of 32 validation prompts (41%), SmolLM2 1 of 32 (3%)
+
+
+class ModelDoesNotRefuseError(SteerlabError):
+    """The model refuses too few harmful prompts for a refusal direction to exist."""
+
+
 class NoCandidatePassedError(SteerlabError):
     """No candidate passed the induce and KL filters; ``candidates`` holds every score computed."""
 
@@ -80,11 +90,13 @@ class SelectionReport:
     def table(self, *, top: int = 10) -> str:
         """The best candidates by bypass score, as a text table."""
         lines = [
-            f"baseline refusal score: harmful {self.baseline_harmful:+.3f}, harmless {self.baseline_harmless:+.3f}; "
-            f"train prompts kept: {self.n_train[0]} harmful, {self.n_train[1]} harmless; layers < {self.layer_cutoff}",
+            (
+                f"baseline refusal score: harmful {self.baseline_harmful:+.3f}, harmless {self.baseline_harmless:+.3f}; "
+                f"train prompts kept: {self.n_train[0]} harmful, {self.n_train[1]} harmless; layers < {self.layer_cutoff}"
+            ),
             f"{'pos':>4} {'layer':>5} {'bypass':>8} {'induce':>8} {'KL':>8}  pick",
         ]
-        fmt = lambda v: "    -" if v is None else f"{v:+8.3f}"  # noqa: E731
+        fmt = lambda v: "    -" if v is None else f"{v:+8.3f}"
         for c in sorted(self.candidates, key=lambda c: c.bypass)[:top]:
             mark = "<==" if c is self.chosen else ""
             lines.append(f"{c.position:>4} {c.layer:>5} {c.bypass:+8.3f} {fmt(c.induce)} {fmt(c.kl)}  {mark}")
@@ -135,12 +147,33 @@ def filter_prompts(model: Model, prompts: Sequence[str], *, refuse: bool, how: T
     return [p for p, k in zip(prompts, keep.tolist()) if k]
 
 
+def check_model_refuses(
+    model: Model, harmful: Sequence[str], *, min_rate: float = MIN_REFUSAL_RATE, batch_size: int = 16
+) -> list[str]:
+    """The ``harmful`` prompts the model refuses (16-token greedy reply, substring judge: the ``"judge"``
+    filter); raises :class:`ModelDoesNotRefuseError` when that is fewer than ``min_rate`` of them."""
+    prompts = list(harmful)
+    if not prompts:
+        raise EmptyInputError("checking that the model refuses needs at least one harmful prompt")
+    refused = filter_prompts(model, prompts, refuse=True, how="judge", batch_size=batch_size)
+    rate = len(refused) / len(prompts)
+    if rate < min_rate:
+        raise ModelDoesNotRefuseError(
+            f"{model.name} does not refuse harmful requests: it refused {len(refused)} of {len(prompts)} harmful "
+            f"prompts ({rate:.0%}; at least {min_rate:.0%} needed). A refusal direction needs a model that refuses; "
+            "use the embedded default qwen2.5-coder-0.5b-instruct, or another instruction-tuned model that refuses "
+            "(min_refusal_rate=0, or --min-refusal-rate 0 on the command line, skips this check)"
+        )
+    return refused
+
+
 def fit_candidates(model: Model, harmful: Sequence[str], harmless: Sequence[str], *, batch_size: int = 16, progress: bool = True) -> tuple[torch.Tensor, list[int]]:
     """Mean-difference candidates [n_post_inst_positions, n_layers, d] at the post-instruction span."""
     if not harmful or not harmless:
         raise EmptyInputError("both prompt sets need at least one prompt (after filtering)")
     layers = list(range(model.n_layers))
-    kw = dict(sites=["resid_pre"], layers=layers, positions=["post_inst"], batch_size=batch_size, progress=progress)
+    kw = {"sites": ["resid_pre"], "layers": layers, "positions": ["post_inst"], "batch_size": batch_size,
+          "progress": progress}  # fmt: skip
     pos_acts = collect(model, harmful, **kw).get("resid_pre", "post_inst")  # [n, L, P, d]
     neg_acts = collect(model, harmless, **kw).get("resid_pre", "post_inst")
     width = pos_acts.shape[2]
@@ -223,18 +256,27 @@ def refusal_direction(
     kl_max: float = 0.1,
     induce_min: float = 0.0,
     induce_coeff: float = 1.0,
+    min_refusal_rate: float = MIN_REFUSAL_RATE,
     batch_size: int = 16,
     progress: bool = True,
 ) -> tuple[Direction, SelectionReport]:
     """Fit and select the refusal direction (METHODS 1); returns the one-layer Direction and a report.
 
-    Training prompts and harmful validation prompts are filtered with ``filter_train`` (harmless
+    First, unless ``min_refusal_rate`` is 0, :func:`check_model_refuses` on the harmful validation
+    prompts (cheap: 16 new tokens each) raises :class:`ModelDoesNotRefuseError` for a model that does not
+    refuse. Training prompts and harmful validation prompts are filtered with ``filter_train`` (harmless
     validation prompts are kept as given). ``fit_model`` (e.g. a float32 copy of a bfloat16
     ``model``) computes the candidates; filtering and selection run on ``model``.
     """
+    refused = None
+    if min_refusal_rate > 0:
+        refused = check_model_refuses(model, harmful_val, min_rate=min_refusal_rate, batch_size=batch_size)
+    if refused is not None and filter_train == "judge":
+        kept_val = refused  # the check ran the judge filter on these prompts already
+    else:
+        kept_val = filter_prompts(model, harmful_val, refuse=True, how=filter_train, batch_size=batch_size)
     kept_harmful = filter_prompts(model, harmful, refuse=True, how=filter_train, batch_size=batch_size)
     kept_harmless = filter_prompts(model, harmless, refuse=False, how=filter_train, batch_size=batch_size)
-    kept_val = filter_prompts(model, harmful_val, refuse=True, how=filter_train, batch_size=batch_size)
     candidates, offsets = fit_candidates(fit_model or model, kept_harmful, kept_harmless, batch_size=batch_size, progress=progress)
     pi, chosen, scored, base_h, base_s = select_direction(
         model, candidates, offsets, kept_val, harmless_val, prune_last=prune_last, kl_max=kl_max,
@@ -249,7 +291,7 @@ def refusal_direction(
         layer_cutoff=int(model.n_layers * (1 - prune_last)),
         filters={
             "filter_train": filter_train, "kl_max": kl_max, "induce_min": induce_min, "induce_coeff": induce_coeff,
-            "prune_last": prune_last, "n_harmful_val": len(kept_val),
+            "prune_last": prune_last, "n_harmful_val": len(kept_val), "min_refusal_rate": min_refusal_rate,
         },
     )  # fmt: skip
     direction = Direction(

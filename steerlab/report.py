@@ -1,0 +1,392 @@
+"""HTML report pages that work offline: plotly.js beside the page, the run's metadata, a glossary.
+
+Every page goes through :func:`write_page`. Figures load ``plotly.min.js`` from the page's own folder
+(one copy per folder, taken from the installed plotly package), so no page fetches anything from the
+network. Each page ends with the run's metadata (:class:`RunInfo`) and the definitions of the terms it
+shows (:data:`GLOSSARY`).
+
+Example:
+    >>> info = RunInfo.collect(model="smollm2-135m-instruct", dtype="float32", seed=0)   # doctest: +SKIP
+    >>> write_sweep_report("runs/probe", result, metric="accuracy", info=info,             # doctest: +SKIP
+    ...                    data="my prompts", site="resid_pre", best={"layer": 14})
+"""
+
+from __future__ import annotations
+
+import html
+import importlib.metadata
+import platform
+import shlex
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from steerlab.errors import SteerlabError
+
+if TYPE_CHECKING:
+    from steerlab.probes.sweep import SweepResult
+    from steerlab.steering.evaluate import Example, RefusalEvaluation
+    from steerlab.steering.refusal import SelectionReport
+
+PLOTLY_JS = "plotly.min.js"
+UNKNOWN_SHA = "unknown (only embedded models have a known sha256)"
+
+GLOSSARY: dict[str, str] = {
+    # refusal direction
+    "refusal score": "Log-odds that the reply starts with a refusal: log p(R) - log(1 - p(R)) at the last prompt "
+    "token, where p(R) is the total probability of the first tokens of refusal openers ('I', 'As', 'Sorry', "
+    "'Unfortunately', ...). Above 0 means p(R) > 0.5. One forward pass, no generation.",
+    "baseline": "The plain model, with no intervention.",
+    "candidate": "One possible refusal direction: mean resid_pre activation over the harmful training prompts minus "
+    "the mean over the harmless ones, at one post-instruction position and one layer (layer 0, the embeddings, is "
+    "never a candidate).",
+    "position offset": "Where an activation is read, counted from the end of the prompt: -1 is the last prompt token, "
+    "-2 the one before it, and so on. Refusal candidates cover the post-instruction span (the template tokens after "
+    "the user's instruction: end of turn and assistant header).",
+    "layer": "Decoder layer index from 0; resid_pre at layer l is the residual stream entering layer l "
+    "(at layer 0: the token embeddings).",
+    "layer cutoff": "Candidates from the last 20% of layers are not considered (METHODS 1): directions there act too "
+    "close to the output to be a general refusal feature.",
+    "bypass score": "Mean refusal score of the harmful validation prompts with the candidate ablated. Lower is better "
+    "(refusal removed). The selection heatmap colours every candidate by it.",
+    "induce score": "Mean refusal score of the harmless validation prompts with the candidate added (times the "
+    "addition coefficient) at its own layer. A pick must exceed the induce threshold: adding it makes the model refuse.",
+    "KL filter": "Mean KL divergence between the plain and the ablated model's next-token distributions at the last "
+    "token of the harmless validation prompts. A pick must stay below the KL threshold, so ablating it leaves "
+    "harmless behaviour nearly unchanged.",
+    "pick (x marker)": "The chosen candidate, marked by a black x in the heatmap and '<==' in the table: the lowest "
+    "bypass score among candidates that pass the induce and KL filters.",
+    "'-' in the table": "Not computed. Induce and KL are computed in ascending bypass order only until a candidate "
+    "passes both filters, which gives the same pick as scoring everything.",
+    "ablation": "Projecting the unit direction r out of the residual stream: h <- h - (h . r) r on resid_pre, "
+    "attn_out and mlp_out of every layer, at every position (prompt and generated tokens).",
+    "addition": "Adding coefficient x the direction to resid_pre at the direction's layer, at every position.",
+    "refusal rate": "Fraction of greedy generations that contain a refusal phrase ('I'm sorry', 'I cannot', "
+    "'As an AI', ...): the substring judge.",
+    "held out": "Prompts used neither to fit nor to select the direction: AdvBench prompts (harmful) and the "
+    "project's harmless test split.",
+    "train filter": "Which training prompts were kept before fitting: 'judge' keeps harmful prompts whose 16-token "
+    "greedy reply is a refusal and harmless ones whose reply is not; 'score' uses refusal score > 0 / < 0; 'none' "
+    "keeps all.",
+    "KL (evaluation)": "Mean KL divergence between the plain and the ablated model's next-token distributions at the "
+    "last token of the held-out harmless prompts.",
+    "parity": "The largest absolute difference in logits between the exported model (ablation baked into the weights) "
+    "and the plain model with the ablation applied as a runtime hook.",
+    # probe sweep
+    "probe": "A logistic-regression classifier (L2 penalty, strength 1/C, standardised features) on the activations "
+    "of one (layer, position) cell.",
+    "k-fold cross-validation": "The prompts are split into k folds with both classes spread evenly; each fold is "
+    "scored by a probe trained on the other folds, and the page shows the mean over folds.",
+    "accuracy": "Fraction of held-out prompts the probe classifies correctly at P = 0.5. 0.5 is chance for balanced "
+    "classes.",
+    "AUC": "Area under the ROC curve: the probability that a random positive prompt scores above a random negative "
+    "one. 0.5 is chance, 1 is perfect separation; it does not depend on a threshold.",
+    "site": "Where activations are read: resid_pre (residual stream entering a layer), resid_post (leaving it), "
+    "attn_out (the attention block's output), mlp_out (the MLP block's output).",
+    "best cell": "The (layer, position) with the highest value of the chosen metric; ties go to the earliest layer, "
+    "then the first position. probe.safetensors and direction.safetensors are fitted on all prompts at this cell.",
+    "direction": "Mean activation of the positive prompts minus the mean of the negative prompts (difference of "
+    "means) at the best cell.",
+    "t_inst": "The last token of the user's instruction, before the chat template's end-of-turn tokens.",
+    "post_inst": "The post-instruction span: the template tokens after the instruction (end of turn and assistant "
+    "header), one column per token, labelled post_inst:'<token>'.",
+    "last": "The last prompt token (the same as offset -1).",
+    "reasoning_end": "The end-of-reasoning marker of reasoning models.",
+}
+
+REFUSAL_TERMS = (
+    "refusal score", "baseline", "candidate", "position offset", "layer", "layer cutoff", "bypass score",
+    "induce score", "KL filter", "pick (x marker)", "'-' in the table", "ablation", "addition", "train filter",
+)  # fmt: skip
+EVALUATION_TERMS = ("refusal rate", "held out", "KL (evaluation)")
+
+
+class UnknownTermError(SteerlabError, ValueError):
+    """A page asked for a glossary term that has no definition."""
+
+
+# ----- metadata -----
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def model_sha256(name: str | None) -> str:
+    """The sha256 of an embedded model's GGUF, or :data:`UNKNOWN_SHA` for any other model."""
+    from steerlab.embedded import DEFAULT_MODEL, EMBEDDED
+
+    entry = EMBEDDED.get(name or DEFAULT_MODEL)
+    return entry.sha256 if entry is not None else UNKNOWN_SHA
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What produced a report: command line, model, dtype, seed, date and library versions."""
+
+    command: str
+    model: str
+    model_sha256: str
+    dtype: str
+    seed: int | None
+    date: str
+    versions: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def collect(cls, *, model: str, dtype: str, seed: int | None = None, argv: Sequence[str] | None = None) -> RunInfo:
+        """Metadata of the current process; ``argv`` defaults to ``sys.argv``."""
+        import steerlab
+
+        return cls(
+            command=shlex.join(list(argv) if argv is not None else sys.argv),
+            model=model,
+            model_sha256=model_sha256(model),
+            dtype=dtype,
+            seed=seed,
+            date=datetime.now().astimezone().isoformat(timespec="seconds"),
+            versions={
+                "steerlab": steerlab.__version__,
+                "torch": _version("torch"),
+                "transformers": _version("transformers"),
+                "plotly": _version("plotly"),
+                "python": platform.python_version(),
+            },
+        )
+
+    def rows(self) -> list[tuple[str, str]]:
+        """(label, value) pairs for the metadata table."""
+        rows = [("command", self.command), ("model", self.model), ("model sha256", self.model_sha256),
+                ("dtype", self.dtype), ("seed", "not used" if self.seed is None else str(self.seed)),
+                ("date", self.date)]  # fmt: skip
+        return rows + [(f"{name} version", value) for name, value in self.versions.items()]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return asdict(self)
+
+
+# ----- page pieces -----
+def pre(text: str) -> str:
+    """Preformatted text."""
+    return f"<pre>{html.escape(text)}</pre>"
+
+
+def heading(text: str) -> str:
+    """A section heading."""
+    return f"<h2>{html.escape(text)}</h2>"
+
+
+def paragraph(text: str) -> str:
+    """A paragraph of plain text."""
+    return f"<p>{html.escape(text)}</p>"
+
+
+def table(rows: Sequence[Sequence[str]], *, header: Sequence[str] | None = None) -> str:
+    """An HTML table of plain-text cells."""
+
+    def row(cells: Sequence[str], tag: str) -> str:
+        return "<tr>" + "".join(f"<{tag}>{html.escape(str(c))}</{tag}>" for c in cells) + "</tr>"
+
+    head = row(header, "th") if header else ""
+    return "<table>" + head + "".join(row(r, "td") for r in rows) + "</table>"
+
+
+def glossary(terms: Sequence[str]) -> str:
+    """The definitions of ``terms`` (keys of :data:`GLOSSARY`) as a definition list."""
+    unknown = [t for t in terms if t not in GLOSSARY]
+    if unknown:
+        raise UnknownTermError(f"no glossary entry for {unknown}; add a definition to steerlab.report.GLOSSARY")
+    items = "".join(f"<dt>{html.escape(t)}</dt><dd>{html.escape(GLOSSARY[t])}</dd>" for t in dict.fromkeys(terms))
+    return f"{heading('Glossary')}<dl>{items}</dl>"
+
+
+def _figure(fig: Any) -> str:
+    return fig.to_html(full_html=False, include_plotlyjs=False, default_height="480px")
+
+
+_STYLE = (
+    "body{font-family:sans-serif;max-width:1100px;margin:auto;padding:0 1em}"
+    "table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;"
+    "text-align:left;vertical-align:top}dt{font-weight:bold;margin-top:0.5em}pre{white-space:pre-wrap}"
+)
+
+
+def write_plotlyjs(folder: str | Path) -> Path:
+    """``folder/plotly.min.js`` from the installed plotly package (written only when missing or different)."""
+    from plotly.offline import get_plotlyjs
+
+    path = Path(folder) / PLOTLY_JS
+    data = get_plotlyjs().encode("utf-8")
+    if not (path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data):
+        path.write_bytes(data)
+    return path
+
+
+def write_page(
+    path: str | Path,
+    *,
+    title: str,
+    blocks: Sequence[Any],
+    info: RunInfo | None = None,
+    terms: Sequence[str] = (),
+) -> Path:
+    """Write one HTML page: ``blocks`` (HTML strings or plotly figures) in order, then the glossary of
+    ``terms`` and the run's metadata. Figures load ``plotly.min.js`` from the page's folder, which is
+    written there once; the page loads nothing from the network."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    has_figures = any(not isinstance(b, str) for b in blocks)
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>{html.escape(title)}</title><style>{_STYLE}</style>",
+        f"<script src='{PLOTLY_JS}'></script>" if has_figures else "",
+        f"</head><body><h1>{html.escape(title)}</h1>",
+    ]
+    parts += [b if isinstance(b, str) else _figure(b) for b in blocks]
+    if terms:
+        parts.append(glossary(terms))
+    if info is not None:
+        parts += [heading("Run"), table(info.rows())]
+    parts.append("</body></html>")
+    if has_figures:
+        write_plotlyjs(path.parent)
+    path.write_text("\n".join(parts), encoding="utf-8")
+    return path
+
+
+# ----- probe sweep -----
+def _position_terms(columns: Sequence[str]) -> list[str]:
+    """Glossary entries for the position names among sweep ``columns``."""
+    terms = []
+    for col in columns:
+        name = col.split(":")[0].split("[")[0]
+        if name in GLOSSARY:
+            terms.append(name)
+        elif name.lstrip("-").isdigit():
+            terms.append("position offset")
+    return list(dict.fromkeys(terms))
+
+
+def write_sweep_report(
+    folder: str | Path,
+    result: SweepResult,
+    *,
+    metric: str,
+    info: RunInfo,
+    data: str,
+    site: str,
+    best: dict[str, Any],
+) -> Path:
+    """``folder/sweep.html``: heatmaps of the chosen metric and the other one, what was swept, the best cell."""
+    other = "auc" if metric == "accuracy" else "accuracy"
+    summary = (
+        f"data: {data} ({result.n_samples} prompts)\nsite: {site}\n"
+        f"best cell by {metric}: layer {best['layer']}, position {best['column']} ({metric} {best['value']:.3f}, "
+        f"{result.n_folds}-fold CV)"
+    )
+    terms = ["probe", "k-fold cross-validation", "accuracy", "AUC", "site", "layer", "best cell", "direction"]
+    return write_page(
+        Path(folder) / "sweep.html",
+        title=f"Probe sweep: {info.model}",
+        blocks=[pre(summary), result.figure(metric), result.figure(other)],
+        info=info,
+        terms=terms + _position_terms(result.columns),
+    )
+
+
+# ----- refusal direction -----
+def _bypass_lines(report: SelectionReport) -> Any:
+    """Bypass score by layer, one line per position, with the baseline as a dashed line."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for pos in sorted({c.position for c in report.candidates}):
+        cands = sorted((c for c in report.candidates if c.position == pos), key=lambda c: c.layer)
+        fig.add_trace(go.Scatter(x=[c.layer for c in cands], y=[c.bypass for c in cands], mode="lines+markers",
+                                 name=f"position {pos}"))  # fmt: skip
+    fig.add_hline(y=report.baseline_harmful, line_dash="dash", annotation_text="baseline (no ablation)")
+    fig.update_layout(title="Bypass score: refusal score of harmful validation prompts with each candidate ablated "
+                            "(lower: refusal removed)", xaxis_title="layer", yaxis_title="mean refusal score")  # fmt: skip
+    return fig
+
+
+def _rate_bars(result: RefusalEvaluation) -> Any:
+    """Held-out refusal rates, baseline vs steered."""
+    import plotly.graph_objects as go
+
+    sets = ["harmful (held out), direction ablated", "harmless (test), direction added"]
+    fig = go.Figure([
+        go.Bar(name="baseline", x=sets, y=[result.harmful_base, result.harmless_base]),
+        go.Bar(name="steered", x=sets, y=[result.harmful_ablated, result.harmless_added]),
+    ])  # fmt: skip
+    fig.update_layout(title=f"Refusal rate, baseline vs steered (KL on harmless prompts {result.kl_harmless_ablated:.3f})",
+                      yaxis_title="refusal rate", yaxis_range=[0, 1], barmode="group")  # fmt: skip
+    return fig
+
+
+def _examples(examples: Sequence[Example], steered: str) -> str:
+    """A table of prompts with their baseline and steered generations, each marked by the refusal judge."""
+    from steerlab.eval.refusal import is_refusal
+
+    mark = lambda text: f"[{'refusal' if is_refusal(text) else 'no refusal'}] {text}"
+    return table(
+        [(e.prompt, mark(e.baseline), mark(e.steered)) for e in examples], header=["prompt", "baseline", steered]
+    )
+
+
+def _selection_summary(report: SelectionReport) -> str:
+    f = report.filters
+    return (
+        f"Filters: induce score > {f.get('induce_min'):g} (addition coefficient {f.get('induce_coeff'):g}), "
+        f"KL < {f.get('kl_max'):g}; train filter '{f.get('filter_train')}'; "
+        f"{f.get('n_harmful_val')} harmful validation prompts kept."
+    )
+
+
+def write_selection_report(folder: str | Path, report: SelectionReport, *, info: RunInfo) -> Path:
+    """``folder/selection.html``: the bypass heatmap of every candidate with the pick marked, and the table."""
+    return write_page(
+        Path(folder) / "selection.html",
+        title=f"Refusal direction selection: {info.model}",
+        blocks=[paragraph(_selection_summary(report)), report.heatmap(), pre(report.table())],
+        info=info,
+        terms=REFUSAL_TERMS,
+    )
+
+
+def write_refusal_report(
+    folder: str | Path,
+    report: SelectionReport,
+    result: RefusalEvaluation | None,
+    *,
+    info: RunInfo,
+    export_info: dict[str, Any] | None = None,
+    n_examples: int = 3,
+) -> Path:
+    """``folder/report.html``: selection (table and figures), held-out evaluation with example generations,
+    export parity when there was an export."""
+    blocks: list[Any] = [heading("Selection"), paragraph(_selection_summary(report)), pre(report.table()),
+                         report.heatmap(), _bypass_lines(report)]  # fmt: skip
+    terms = list(REFUSAL_TERMS)
+    if result is not None:
+        blocks += [heading("Held-out evaluation"), pre(result.as_table()), _rate_bars(result)]
+        blocks += [heading("Examples: harmful prompts, baseline vs direction ablated"),
+                   _examples(result.examples("harmful", n_examples), "direction ablated"),
+                   heading("Examples: harmless prompts, baseline vs direction added"),
+                   _examples(result.examples("harmless", n_examples), "direction added"),
+                   paragraph(f"The first {n_examples} prompts of each evaluated set, greedy, at most "
+                             f"{result.max_new_tokens} new tokens; [refusal] is the substring judge's verdict.")]  # fmt: skip
+        terms += EVALUATION_TERMS
+    if export_info is not None:
+        rep = export_info["parity"]
+        blocks += [heading("Export"), pre(
+            f"exported ablated weights ({export_info['format']}) to {export_info['path']}\nparity: max |logit diff| "
+            f"vs the hook {rep['max_abs_logit_diff']:.3g} over {rep['n_prompts']} prompts (tolerance {export_info['tolerance']:g})"
+        )]  # fmt: skip
+        terms.append("parity")
+    return write_page(Path(folder) / "report.html", title=f"Refusal direction: {info.model}", blocks=blocks,
+                      info=info, terms=terms)  # fmt: skip
