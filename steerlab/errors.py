@@ -60,3 +60,34 @@ class HookSessionError(SteerlabError, RuntimeError):
 
 class GenerationStateError(SteerlabError, RuntimeError):
     """The state of a generation (how many tokens the KV cache holds, the prompt length) is unknown."""
+
+
+class InvalidValueError(SteerlabError, ValueError):
+    """An option of a value (a coefficient, threshold, layer list, token selection) has the wrong type or value."""
+
+
+class NonFiniteError(InvalidValueError):
+    """A tensor or number holds NaN or infinity where finite values are needed (vectors, weights, thresholds)."""
+
+
+class ValueFileError(SteerlabError, OSError):
+    """A saved steerlab file (direction, probe, guard) is missing, unreadable, corrupt or of another kind."""
+
+    def __str__(self) -> str:  # OSError would otherwise format (errno, strerror) pairs
+        return str(self.args[0]) if self.args else ""
+
+
+class ProvenanceError(SteerlabError, ValueError):
+    """A direction is applied to another model or at another site than it was fitted on (``strict=True``)."""
+
+
+class SteerlabWarning(UserWarning):
+    """Base class of steerlab's warnings: something looks wrong but may be intended."""
+
+
+class ProvenanceWarning(SteerlabWarning):
+    """A direction is applied to another model or at another site than it was fitted on."""
+
+
+class ZeroVectorError(ShapeError):
+    """A direction's vector is zero where an op needs it (adding it does nothing; it cannot be normalised)."""

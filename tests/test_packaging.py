@@ -156,11 +156,6 @@ def test_file_helpers_follow_the_umask_and_replace_atomically(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "t.safetensors"]  # no temporary left behind
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="steerlab/steering/direction.py still calls safetensors' save_file, which writes 0600 files; "
-    "switch it to steerlab._files.save_safetensors and remove this marker",
-)
 def test_direction_save_is_group_readable(tmp_path, umask022):
     from steerlab.steering import Direction
 

@@ -6,7 +6,12 @@
 * :class:`Clamp` — ``x <- x + (value - r̂·x) r̂`` on ``resid_pre`` of chosen layers.
 
 ``positions`` is ``"all"`` (default), ``"prompt"`` or ``"generated"``; the last two need the prompt
-length, which :meth:`Model.generate` records.
+length, which :meth:`Model.generate` records. Options are checked when the op is built: finite
+numbers, integer layers (numpy and torch integers too), non-zero vectors, a known ``positions``.
+
+Provenance: applying a direction fitted on another model (name or depth) or at another site warns
+(:class:`~steerlab.errors.ProvenanceWarning`); ``strict=True`` makes that a
+:class:`~steerlab.errors.ProvenanceError`. A direction of another width is always an error.
 
 Example:
     >>> with model.apply(AddVector(direction, coeff=4.0, layers=[10])):      # doctest: +SKIP
@@ -15,13 +20,22 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from steerlab.errors import ShapeError, UnknownPositionError
+from steerlab._checks import finite_number, layer_index, layer_tuple
+from steerlab.errors import (
+    InvalidValueError,
+    ProvenanceError,
+    ProvenanceWarning,
+    ShapeError,
+    UnknownPositionError,
+    ZeroVectorError,
+)
 from steerlab.hooks import HookContext
 from steerlab.steering.direction import Direction
 
@@ -29,7 +43,29 @@ if TYPE_CHECKING:
     from steerlab.model import Model
 
 StepPositions = Literal["all", "prompt", "generated"]
+STEP_POSITIONS: tuple[str, ...] = ("all", "prompt", "generated")
+RESIDUAL_SITES: tuple[str, ...] = ("resid_pre", "resid_post", "attn_out", "mlp_out")  # all write the residual stream
 HookSpec = tuple[str, int, Callable[[torch.Tensor, HookContext], torch.Tensor | None]]
+
+
+def check_step_positions(positions: object, op: str) -> StepPositions:
+    """``positions`` if it is one of :data:`STEP_POSITIONS`, else an :class:`UnknownPositionError` listing them."""
+    if not isinstance(positions, str) or positions not in STEP_POSITIONS:
+        raise UnknownPositionError(
+            f"{op}: unknown positions={positions!r}; use one of {', '.join(map(repr, STEP_POSITIONS))} "
+            "(the tokens the op acts on: every token, the prompt's, or the generated ones)"
+        )
+    return positions  # type: ignore[return-value]
+
+
+def check_direction(direction: object, op: str) -> Direction:
+    """``direction`` if it is a :class:`Direction`, else a clear error."""
+    if not isinstance(direction, Direction):
+        raise InvalidValueError(
+            f"{op} takes a Direction, got {type(direction).__name__}; wrap a raw vector v as "
+            "Direction(vectors=v[None], layers=(layer,))"
+        )
+    return direction
 
 
 def _check_width(direction: Direction, model: Model) -> None:
@@ -40,13 +76,69 @@ def _check_width(direction: Direction, model: Model) -> None:
         )
 
 
+def check_provenance(direction: Direction, model: Model, *, sites: Sequence[str], op: str, strict: bool) -> None:
+    """Warn (``strict``: raise) when ``direction`` was fitted on another model or at a site outside ``sites``.
+
+    Unknown provenance (no model name, no recorded depth) is not a mismatch.
+    """
+    problems = []
+    if direction.model and model.name and direction.model != model.name:
+        problems.append(f"it was fitted on {direction.model!r} and is applied to {model.name!r}")
+    depth = direction.model_n_layers
+    if depth is not None and depth != model.n_layers:
+        problems.append(f"it was fitted on a model with {depth} layers and this one has {model.n_layers}")
+    if direction.site not in sites:
+        problems.append(f"it was fitted at {direction.site!r} and {op} acts on {' / '.join(sites)}")
+    if not problems:
+        return
+    message = f"{op}: the direction does not match where it is applied: {'; '.join(problems)}. "
+    if strict:
+        raise ProvenanceError(message + "Fit it on this model at that site, or drop strict=True to apply it anyway")
+    warnings.warn(message + "Fit it on this model at that site (strict=True makes this an error)", ProvenanceWarning, stacklevel=3)
+
+
+def _optional_layers(layers: object, what: str = "layers") -> tuple[int, ...] | None:
+    return None if layers is None else layer_tuple(layers, what)
+
+
+def _optional_layer(layer: object, what: str = "source_layer") -> int | None:
+    return None if layer is None else layer_index(layer, what)
+
+
 def vector_for(direction: Direction, layer: int, source_layer: int | None) -> torch.Tensor:
     """The vector to use at ``layer``: ``source_layer``'s, the layer's own, or the only one there is."""
+    return direction.at(_layer_of(direction, layer, source_layer))
+
+
+def _layer_of(direction: Direction, layer: int, source_layer: int | None) -> int:
+    """The direction layer whose vector is used at model ``layer``."""
     if source_layer is not None:
-        return direction.at(source_layer)
+        return source_layer
     if layer in direction.layers or len(direction.layers) != 1:
-        return direction.at(layer)
-    return direction.vectors[0]
+        return layer
+    return direction.layers[0]
+
+
+def _known_rows(direction: Direction, layers: tuple[int, ...] | None, source_layer: int | None) -> list[int]:
+    """The direction layers an op will surely use, as far as is known without the model."""
+    if source_layer is not None:
+        return [source_layer]
+    if len(direction.layers) == 1:
+        return list(direction.layers)
+    if layers is None:
+        return list(direction.layers)
+    return [la for la in layers if la in direction.layers]
+
+
+def check_nonzero(direction: Direction, rows: Sequence[int], op: str, why: str) -> None:
+    """Raise :class:`ZeroVectorError` when the direction's vector is zero at any of ``rows`` (direction layers)."""
+    zero = [la for la in dict.fromkeys(rows) if float(direction.at(la).norm()) == 0.0]
+    if zero:
+        raise ZeroVectorError(
+            f"{op}: the direction's vector at layer(s) {zero} is zero, so {why}; leave those layers out "
+            "(layers=[...], source_layer=..., or direction.select([...])) or refit the direction "
+            "(its two classes had the same mean there)"
+        )
 
 
 def position_mask(x: torch.Tensor, ctx: HookContext, positions: StepPositions) -> torch.Tensor | None:
@@ -93,6 +185,7 @@ class AddVector:
     """Add ``coeff`` times a direction vector at ``layers`` (default: the direction's own layers).
 
     Each layer uses its own vector, or ``source_layer``'s, or the only vector of a one-layer direction.
+    A zero vector there is an error (adding it would do nothing).
     """
 
     direction: Direction
@@ -101,15 +194,32 @@ class AddVector:
     source_layer: int | None = None
     positions: StepPositions = "all"
     unit: bool = False
+    _: KW_ONLY
+    strict: bool = False
+
+    def __post_init__(self) -> None:
+        op = type(self).__name__
+        check_direction(self.direction, op)
+        object.__setattr__(self, "coeff", finite_number(self.coeff, f"{op} coeff"))
+        object.__setattr__(self, "layers", _optional_layers(self.layers))
+        object.__setattr__(self, "source_layer", _optional_layer(self.source_layer))
+        check_step_positions(self.positions, op)
+        why = "it cannot be normalised (unit=True)" if self.unit else "adding it would do nothing"
+        check_nonzero(self.direction, _known_rows(self.direction, self.layers, self.source_layer), op, why)
 
     def hooks(self, model: Model) -> list[HookSpec]:
         """The (site, layer, fn) triples that implement this op on ``model``."""
+        op = type(self).__name__
         _check_width(self.direction, model)
-        direction = self.direction.unit() if self.unit else self.direction
-        layers = model.layer_indices(self.layers if self.layers is not None else list(direction.layers))
+        check_provenance(self.direction, model, sites=("resid_pre",), op=op, strict=self.strict)
+        layers = model.layer_indices(list(self.layers) if self.layers is not None else list(self.direction.layers))
+        rows = [_layer_of(self.direction, la, self.source_layer) for la in layers]
+        check_nonzero(self.direction, rows, op, "adding it would do nothing")
+        used = self.direction.select(list(dict.fromkeys(rows)))
+        used = used.unit() if self.unit else used
         specs = []
-        for layer in layers:
-            vec = Cast(vector_for(direction, layer, self.source_layer) * self.coeff)
+        for layer, row in zip(layers, rows):
+            vec = Cast(used.at(row) * self.coeff)
 
             def fn(x, ctx, vec=vec):
                 return masked(x, x + vec.like(x), position_mask(x, ctx, self.positions))
@@ -142,24 +252,40 @@ class Ablate:
     source_layer: int | None = None
     per_layer: bool = False
     positions: StepPositions = "all"
+    _: KW_ONLY
+    strict: bool = False
+
+    def __post_init__(self) -> None:
+        op = type(self).__name__
+        check_direction(self.direction, op)
+        object.__setattr__(self, "source_layer", _optional_layer(self.source_layer))
+        check_step_positions(self.positions, op)
+        check_nonzero(self.direction, self._rows(), op, "it has no direction to project out")
+
+    def _rows(self) -> list[int]:
+        if self.per_layer or self.source_layer is None and len(self.direction.layers) != 1:
+            return list(self.direction.layers)
+        return [self.source_layer if self.source_layer is not None else self.direction.layers[0]]
 
     def hooks(self, model: Model) -> list[HookSpec]:
         """Hooks on resid_pre, attn_out and mlp_out of every layer."""
         _check_width(self.direction, model)
-        unit = self.direction.unit()
+        # one vector everywhere: any residual-stream site is the same space; per layer: the layer inputs
+        sites = ("resid_pre",) if self.per_layer else RESIDUAL_SITES
+        check_provenance(self.direction, model, sites=sites, op=type(self).__name__, strict=self.strict)
         if self.per_layer:
-            layers = model.layer_indices(list(unit.layers))
+            layers = model.layer_indices(list(self.direction.layers))
+            unit = self.direction.select(layers).unit()
             vectors = {la: unit.at(la) for la in layers}
         else:
-            source = self.source_layer
-            if source is None:
-                if len(unit.layers) != 1:
-                    raise ShapeError(
-                        f"the direction covers layers {list(unit.layers)}: pick one with source_layer=..., "
-                        "or pass per_layer=True"
-                    )
-                source = unit.layers[0]
-            vectors = {la: unit.at(source) for la in range(model.n_layers)}
+            if self.source_layer is None and len(self.direction.layers) != 1:
+                raise ShapeError(
+                    f"the direction covers layers {list(self.direction.layers)}: pick one with source_layer=..., "
+                    "or pass per_layer=True"
+                )
+            source = self._rows()[0]
+            r_hat = self.direction.select([source]).unit().at(source)
+            vectors = {la: r_hat for la in range(model.n_layers)}
         return [
             (site, la, _projector_fns(vec, self.positions, None))
             for la, vec in vectors.items()
@@ -176,12 +302,29 @@ class Clamp:
     layers: Sequence[int]
     source_layer: int | None = None
     positions: StepPositions = "all"
+    _: KW_ONLY
+    strict: bool = False
+
+    def __post_init__(self) -> None:
+        op = type(self).__name__
+        check_direction(self.direction, op)
+        object.__setattr__(self, "value", finite_number(self.value, f"{op} value"))
+        object.__setattr__(self, "layers", layer_tuple(self.layers, "layers"))
+        object.__setattr__(self, "source_layer", _optional_layer(self.source_layer))
+        check_step_positions(self.positions, op)
+        check_nonzero(self.direction, _known_rows(self.direction, self.layers, self.source_layer), op,
+                      "it cannot be normalised to clamp the projection on it")  # fmt: skip
 
     def hooks(self, model: Model) -> list[HookSpec]:
         """One resid_pre hook per layer."""
+        op = type(self).__name__
         _check_width(self.direction, model)
-        unit = self.direction.unit()
+        check_provenance(self.direction, model, sites=("resid_pre",), op=op, strict=self.strict)
+        layers = model.layer_indices(list(self.layers))
+        rows = [_layer_of(self.direction, la, self.source_layer) for la in layers]
+        check_nonzero(self.direction, rows, op, "it cannot be normalised to clamp the projection on it")
+        unit = self.direction.select(list(dict.fromkeys(rows))).unit()
         return [
-            ("resid_pre", la, _projector_fns(vector_for(unit, la, self.source_layer), self.positions, self.value))
-            for la in model.layer_indices(list(self.layers))
+            ("resid_pre", la, _projector_fns(unit.at(row), self.positions, self.value))
+            for la, row in zip(layers, rows)
         ]

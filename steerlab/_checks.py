@@ -1,0 +1,87 @@
+"""Checks shared by the values (directions, steer ops, probes, guards): layer indices and finite numbers.
+
+* :func:`layer_index` — one layer index: an ``int``, or a numpy / torch integer scalar; not a float, bool or string.
+* :func:`layer_tuple` — a list of layer indices (or one index) as a tuple of ``int``, each listed once.
+* :func:`finite_number` — a real, finite number (a coefficient, a threshold) as a ``float``.
+* :func:`check_finite` — a tensor without NaN or infinity.
+
+Example:
+    >>> import numpy as np, torch
+    >>> layer_tuple([np.int64(3), torch.tensor(5)])
+    (3, 5)
+    >>> layer_tuple("3")
+    Traceback (most recent call last):
+    ...
+    steerlab.errors.LayerIndexError: layers must be a list of layer indices such as [3], not the string '3'
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import operator
+
+import numpy as np
+import torch
+
+from steerlab.errors import InvalidValueError, LayerIndexError, NonFiniteError
+
+
+def _is_bool(value: object) -> bool:
+    if isinstance(value, (bool, np.bool_)):
+        return True
+    return isinstance(value, (torch.Tensor, np.ndarray)) and value.dtype in (torch.bool, np.bool_)
+
+
+def _is_scalar(value: object) -> bool:
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        return value.ndim == 0
+    return not isinstance(value, (str, bytes)) and not hasattr(value, "__iter__")
+
+
+def layer_index(value: object, what: str = "layer") -> int:
+    """``value`` as an ``int`` layer index (``3``, ``np.int64(3)``, ``torch.tensor(3)``), or a clear error."""
+    hint = "pass an integer such as 3 (negative counts from the end)"
+    if _is_bool(value):
+        raise LayerIndexError(f"{what} must be an integer layer index, not the boolean {value!r}; {hint}")
+    if isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim != 0:
+        raise LayerIndexError(f"{what} must be one integer layer index, got an array of shape {tuple(value.shape)}; {hint}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise LayerIndexError(f"{what} must be an integer layer index, got {type(value).__name__} {value!r}; {hint}") from None
+
+
+def layer_tuple(value: object, what: str = "layers") -> tuple[int, ...]:
+    """A list of layer indices (or a single one) as a tuple of ``int``; each layer may appear once."""
+    if isinstance(value, (str, bytes)):
+        raise LayerIndexError(f"{what} must be a list of layer indices such as [3], not the string {value!r}")
+    if _is_scalar(value):
+        return (layer_index(value, what),)
+    out = tuple(layer_index(v, f"{what}[{i}]") for i, v in enumerate(value))
+    repeated = sorted({la for la in out if out.count(la) > 1})
+    if repeated:
+        raise LayerIndexError(f"{what} lists layer(s) {repeated} more than once ({list(out)}); list each layer once")
+    return out
+
+
+def finite_number(value: object, what: str) -> float:
+    """``value`` as a finite ``float`` (a Python, numpy or one-element torch number), or a clear error."""
+    is_tensor = isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex()
+    if _is_bool(value) or not (is_tensor or isinstance(value, numbers.Real)):
+        raise InvalidValueError(f"{what} must be a real number, got {type(value).__name__} {value!r}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise NonFiniteError(f"{what} is {number}; pass a finite number")
+    return number
+
+
+def check_finite(tensor: torch.Tensor, what: str, fix: str) -> None:
+    """Raise :class:`NonFiniteError` naming ``what`` and ``fix`` when ``tensor`` holds NaN or infinity."""
+    bad = ~torch.isfinite(tensor)
+    if bool(bad.any()):
+        n_nan = int(torch.isnan(tensor).sum())
+        raise NonFiniteError(
+            f"{what} holds {int(bad.sum())} non-finite value(s) of {tensor.numel()} ({n_nan} NaN, "
+            f"{int(bad.sum()) - n_nan} infinite); {fix}"
+        )
