@@ -22,17 +22,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
+from steerlab import _valuefiles
+from steerlab._checks import check_finite, finite_number, layer_tuple
 from steerlab.activations import collect
 from steerlab.chat import Position
-from steerlab.errors import EmptyInputError, ShapeError, SteerlabError
+from steerlab.errors import EmptyInputError, InvalidValueError, ShapeError, SteerlabError
 from steerlab.probes.metrics import best_threshold, roc_auc
 from steerlab.probes.probe import Probe, fit_probes
+from steerlab.steering.direction import check_position
 
 if TYPE_CHECKING:
     from steerlab.model import Model
+
+
+LATENT_FORMAT = "steerlab.LatentGuard/1"
 
 
 class GuardNotBoundError(SteerlabError):
@@ -120,10 +124,24 @@ class LatentGuard(_Guard):
     model: Model | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.mean_harmful.shape != self.mean_harmless.shape or self.mean_harmful.shape[0] != len(self.layers):
-            raise ShapeError(f"class means must both be [{len(self.layers)} layers, d]; got {tuple(self.mean_harmful.shape)} and {tuple(self.mean_harmless.shape)}")
-        if self.position == "all":
+        layers = layer_tuple(self.layers, "layers")
+        pos, neg = torch.as_tensor(self.mean_harmful), torch.as_tensor(self.mean_harmless)
+        if pos.dim() != 2 or pos.shape != neg.shape or pos.shape[0] != len(layers) or not layers:
+            raise ShapeError(f"class means must both be [{len(layers)} layers, d] (at least one layer); got {tuple(pos.shape)} and {tuple(neg.shape)}")
+        fix = "fit the guard again on finite activations"
+        pos, neg = pos.detach().to(torch.float32).cpu(), neg.detach().to(torch.float32).cpu()
+        check_finite(pos, "the guard's harmful class mean", fix)
+        check_finite(neg, "the guard's harmless class mean", fix)
+        position = check_position(self.position)
+        if position == "all":
             raise ShapeError("a guard reads one position per prompt; 'all' is not one (use 't_inst' or 'last')")
+        if not isinstance(self.site, str) or not isinstance(self.model_name, str):
+            raise InvalidValueError(f"site and model_name must be str; got {type(self.site).__name__} and {type(self.model_name).__name__}")
+        object.__setattr__(self, "mean_harmful", pos)
+        object.__setattr__(self, "mean_harmless", neg)
+        object.__setattr__(self, "layers", layers)
+        object.__setattr__(self, "position", position)
+        object.__setattr__(self, "threshold", finite_number(self.threshold, "the guard's threshold (alpha)"))
 
     @classmethod
     def fit(
@@ -138,7 +156,7 @@ class LatentGuard(_Guard):
         progress: bool = False,
     ) -> LatentGuard:
         """Class means of ``resid_pre`` at ``position`` over every layer (or ``layers``)."""
-        kw = dict(sites=["resid_pre"], layers=layers, positions=[position], batch_size=batch_size, progress=progress)
+        kw = {"sites": ["resid_pre"], "layers": layers, "positions": [position], "batch_size": batch_size, "progress": progress}
         pos = collect(model, _check_prompts(harmful), **kw)
         neg = collect(model, _check_prompts(harmless), **kw)
         guard = cls.from_activations(pos.get("resid_pre", position)[:, :, -1], neg.get("resid_pre", position)[:, :, -1], layers=pos.layers, position=position)
@@ -166,20 +184,27 @@ class LatentGuard(_Guard):
         return self.score_activations(acts.get("resid_pre", self.position)[:, :, -1])
 
     def save(self, path: str | Path) -> Path:
-        """Write a ``.safetensors`` file (class means + threshold and metadata)."""
-        meta = {"format": "steerlab.LatentGuard/1", "layers": json.dumps(list(self.layers)), "threshold": repr(float(self.threshold)), "position": json.dumps(self.position), "model": self.model_name}
-        save_file({"mean_harmful": self.mean_harmful.contiguous(), "mean_harmless": self.mean_harmless.contiguous()}, str(path), metadata=meta)
-        return Path(path)
+        """Write a ``.safetensors`` file (class means + threshold and metadata), atomically and with a checksum."""
+        meta = {"format": LATENT_FORMAT, "layers": json.dumps(list(self.layers)), "threshold": repr(float(self.threshold)),
+                "position": json.dumps(self.position), "site": self.site, "model": self.model_name}  # fmt: skip
+        return _valuefiles.write(path, {"mean_harmful": self.mean_harmful, "mean_harmless": self.mean_harmless}, meta)
 
     @classmethod
     def load(cls, path: str | Path, *, model: Model | None = None) -> LatentGuard:
-        """Read a file written by :meth:`save`; ``model`` binds it for scoring."""
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-            if meta.get("format") != "steerlab.LatentGuard/1":
-                raise ShapeError(f"{path} is not a steerlab LatentGuard file")
-            pos, neg = fh.get_tensor("mean_harmful"), fh.get_tensor("mean_harmless")
-        return cls(mean_harmful=pos, mean_harmless=neg, layers=tuple(json.loads(meta["layers"])), threshold=float(meta["threshold"]), position=json.loads(meta["position"]), model_name=meta["model"], model=model)
+        """Read a file written by :meth:`save`; ``model`` binds it for scoring. Bad files raise ``ValueFileError``."""
+        keys = ("layers", "threshold", "position", "model")
+        tensors, meta = _valuefiles.read(path, fmt=LATENT_FORMAT, tensors=["mean_harmful", "mean_harmless"], keys=keys)
+        with _valuefiles.parsing(path, "LatentGuard"):
+            return cls(
+                mean_harmful=tensors["mean_harmful"],
+                mean_harmless=tensors["mean_harmless"],
+                layers=json.loads(meta["layers"]),
+                threshold=float(meta["threshold"]),
+                position=json.loads(meta["position"]),
+                site=meta.get("site", "resid_pre"),  # files from before the site was saved: resid_pre
+                model_name=meta["model"],
+                model=model,
+            )
 
 
 @dataclass(frozen=True)
@@ -191,6 +216,9 @@ class ProbeGuard(_Guard):
     model: Model | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.probe, Probe):
+            raise InvalidValueError(f"a ProbeGuard wraps a Probe (fit_probes(...)); got {type(self.probe).__name__}")
+        object.__setattr__(self, "threshold", finite_number(self.threshold, "the guard's threshold"))
         if len(self.probe.layers) != 1:
             raise ShapeError(f"a ProbeGuard reads one layer; this probe covers {list(self.probe.layers)} (use probe.select(layer))")
 
@@ -241,4 +269,5 @@ class ProbeGuard(_Guard):
     def load(cls, path: str | Path, *, model: Model | None = None) -> ProbeGuard:
         """Read a file written by :meth:`save`; ``model`` binds it for scoring."""
         probe = Probe.load(path)
-        return cls(probe=probe, threshold=float(probe.info.get("guard_threshold", 0.5)), model=model)
+        with _valuefiles.parsing(path, "ProbeGuard"):
+            return cls(probe=probe, threshold=probe.info.get("guard_threshold", 0.5), model=model)

@@ -22,15 +22,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.class_weight import compute_class_weight
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted
 
-from steerlab import compat
-from steerlab.errors import ShapeError
+from steerlab import _valuefiles, compat
+from steerlab._checks import check_finite, layer_index
+from steerlab.errors import ShapeError, ZeroVectorError
 from steerlab.probes.fast import fit_standardized
 from steerlab.steering.direction import Direction
 
@@ -118,26 +117,35 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         if self.coef_.shape[0] != 1:
             raise ShapeError(f"to_direction needs a two-class probe; this one has {len(self.classes_)} classes")
         w = torch.from_numpy(self.coef_[0]).float()
-        return Direction(vectors=(w / w.norm())[None], layers=(layer,), site=site, position=position, method="probe", model=model)
+        if float(w.norm()) == 0.0:
+            raise ZeroVectorError("the probe's weights are zero (it learned nothing), so they give no direction; refit it")
+        return Direction(vectors=(w / w.norm())[None], layers=(layer_index(layer),), site=site, position=position, method="probe", model=model)
 
     def save(self, path: str | Path) -> Path:
-        """Write a ``.safetensors`` file with the weights, classes and parameters."""
+        """Write a ``.safetensors`` file with the weights, classes and parameters (atomically, with a checksum)."""
         check_is_fitted(self)
         meta = {"format": FORMAT, "params": json.dumps(self.get_params()), "classes": json.dumps(self.classes_.tolist())}
-        tensors = {"coef": torch.from_numpy(self.coef_).contiguous(), "intercept": torch.from_numpy(self.intercept_).contiguous()}
-        save_file(tensors, str(path), metadata=meta)
-        return Path(path)
+        tensors = {"coef": torch.from_numpy(self.coef_), "intercept": torch.from_numpy(self.intercept_)}
+        return _valuefiles.write(path, tensors, meta)
 
     @classmethod
     def load(cls, path: str | Path) -> LinearProbe:
-        """Read a file written by :meth:`save`."""
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-            if meta.get("format") != FORMAT:
-                raise ShapeError(f"{path} is not a steerlab LinearProbe file (format {meta.get('format')!r})")
-            coef, intercept = fh.get_tensor("coef"), fh.get_tensor("intercept")
-        probe = cls(**json.loads(meta["params"]))
+        """Read a file written by :meth:`save`; a missing, damaged or foreign file raises ``ValueFileError``."""
+        tensors, meta = _valuefiles.read(path, fmt=FORMAT, tensors=["coef", "intercept"], keys=["params", "classes"])
+        coef, intercept = tensors["coef"], tensors["intercept"]
+        with _valuefiles.parsing(path, "LinearProbe"):
+            probe = cls(**json.loads(meta["params"]))
+            classes = np.asarray(json.loads(meta["classes"]))
+            n_rows = 1 if len(classes) == 2 else len(classes)
+            if classes.ndim != 1 or len(classes) < 2 or coef.dim() != 2 or coef.shape[0] != n_rows or intercept.shape != (n_rows,):
+                raise ShapeError(
+                    f"{len(classes)} classes need coef [{n_rows}, d] and intercept [{n_rows}]; "
+                    f"got {tuple(coef.shape)} and {tuple(intercept.shape)}"
+                )
+            fix = "fit the probe again on finite features"
+            check_finite(coef, "the probe's weights (coef_)", fix)
+            check_finite(intercept, "the probe's intercept", fix)
         probe.coef_, probe.intercept_ = coef.numpy(), intercept.numpy()
-        probe.classes_ = np.asarray(json.loads(meta["classes"]))
+        probe.classes_ = classes
         probe.n_features_in_ = probe.coef_.shape[1]
         return probe

@@ -20,14 +20,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
+from steerlab import _valuefiles
+from steerlab._checks import check_finite, layer_index, layer_tuple
 from steerlab.chat import Position
-from steerlab.errors import EmptyInputError, LayerIndexError, ShapeError
+from steerlab.errors import EmptyInputError, InvalidValueError, LayerIndexError, ShapeError, ZeroVectorError
 from steerlab.probes.fast import fit_standardized
 from steerlab.probes.metrics import roc_auc
-from steerlab.steering.direction import Direction
+from steerlab.steering.direction import Direction, check_position, model_provenance
 
 FORMAT = "steerlab.Probe/1"
 
@@ -46,15 +46,31 @@ class Probe:
     info: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
-        if self.weights.dim() != 2 or self.weights.shape[0] != len(self.layers) or self.bias.shape != (len(self.layers),):
+        layers = layer_tuple(self.layers, "layers")
+        if not layers:
+            raise EmptyInputError("a Probe needs at least one layer; pass layers=(...) with one per weight row")
+        weights, bias = torch.as_tensor(self.weights), torch.as_tensor(self.bias)
+        if weights.dim() != 2 or weights.shape[0] != len(layers) or bias.shape != (len(layers),):
             raise ShapeError(
-                f"weights must be [n_layers, d] and bias [n_layers] for layers {list(self.layers)}; "
-                f"got {tuple(self.weights.shape)} and {tuple(self.bias.shape)}"
+                f"weights must be [n_layers, d] and bias [n_layers] for layers {list(layers)}; "
+                f"got {tuple(weights.shape)} and {tuple(bias.shape)}"
             )
-        object.__setattr__(self, "weights", self.weights.detach().to(torch.float32).cpu())
-        object.__setattr__(self, "bias", self.bias.detach().to(torch.float32).cpu())
-        object.__setattr__(self, "layers", tuple(int(la) for la in self.layers))
-        object.__setattr__(self, "labels", tuple(self.labels))
+        weights = weights.detach().to(torch.float32).cpu()
+        bias = bias.detach().to(torch.float32).cpu()
+        fix = "fit the probe again on finite activations"
+        check_finite(weights, "the probe's weights", fix)
+        check_finite(bias, "the probe's bias", fix)
+        labels = tuple(self.labels) if not isinstance(self.labels, str) else (self.labels,)
+        if len(labels) != 2 or not all(isinstance(label, str) for label in labels):
+            raise InvalidValueError(f"labels must be two names (negative, positive); got {self.labels!r}")
+        if not isinstance(self.site, str) or not isinstance(self.info, dict):
+            raise InvalidValueError(f"site must be a str and info a dict; got {type(self.site).__name__} and {type(self.info).__name__}")
+        object.__setattr__(self, "weights", weights)
+        object.__setattr__(self, "bias", bias)
+        object.__setattr__(self, "layers", layers)
+        object.__setattr__(self, "labels", labels)
+        object.__setattr__(self, "position", check_position(self.position))
+        object.__setattr__(self, "model", model_provenance(self.model, int(weights.shape[1]))[0])
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Probe):
@@ -109,12 +125,12 @@ class Probe:
 
     def select(self, layers: int | Sequence[int]) -> Probe:
         """The probe restricted to some of its layers."""
-        items = [layers] if isinstance(layers, int) else list(layers)
+        items = layer_tuple(layers)
         missing = [la for la in items if la not in self.layers]
         if missing:
             raise LayerIndexError(f"this probe has no layer(s) {missing}; it covers layers {list(self.layers)}")
         idx = [self.layers.index(la) for la in items]
-        return replace(self, weights=self.weights[idx], bias=self.bias[idx], layers=tuple(items))
+        return replace(self, weights=self.weights[idx], bias=self.bias[idx], layers=items)
 
     def one_layer(self, layer: int | None, *, width: int) -> Probe:
         """This probe at ``layer`` (default: its only layer), checked against a model's residual ``width``."""
@@ -122,19 +138,24 @@ class Probe:
             if len(self.layers) != 1:
                 raise ShapeError(f"the probe covers layers {list(self.layers)}: pick one with layer=...")
             layer = self.layers[0]
-        one = self.select(layer)
+        one = self.select(layer_index(layer))
         if one.width != width:
             raise ShapeError(f"the probe has width {one.width} but the model's residual stream is {width} wide")
         return one
 
     def to_direction(self) -> Direction:
         """The weight vectors as a steering Direction (unit norm per layer, pointing to ``positive``)."""
-        unit = self.weights / self.weights.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-        return Direction(vectors=unit, layers=self.layers, site=self.site, position=self.position, method="probe", model=self.model, info=dict(self.info))
+        norms = self.weights.norm(dim=-1, keepdim=True)
+        zero = [la for la, n in zip(self.layers, norms[:, 0].tolist()) if n == 0]
+        if zero:
+            raise ZeroVectorError(
+                f"the probe's weights at layer(s) {zero} are zero (it learned nothing there), so they give no "
+                "direction; select other layers with probe.select([...])"
+            )
+        return Direction(vectors=self.weights / norms, layers=self.layers, site=self.site, position=self.position, method="probe", model=self.model, info=dict(self.info))
 
     def save(self, path: str | Path) -> Path:
-        """Write a ``.safetensors`` file (weights, bias, metadata)."""
-        path = Path(path)
+        """Write a ``.safetensors`` file (weights, bias, metadata), atomically and with a checksum."""
         meta = {
             "format": FORMAT,
             "layers": json.dumps(list(self.layers)),
@@ -144,27 +165,24 @@ class Probe:
             "model": self.model,
             "info": json.dumps(self.info),
         }
-        save_file({"weights": self.weights.contiguous(), "bias": self.bias.contiguous()}, str(path), metadata=meta)
-        return path
+        return _valuefiles.write(path, {"weights": self.weights, "bias": self.bias}, meta)
 
     @classmethod
     def load(cls, path: str | Path) -> Probe:
-        """Read a file written by :meth:`save`."""
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-            if meta.get("format") != FORMAT:
-                raise ShapeError(f"{path} is not a steerlab Probe file (format {meta.get('format')!r})")
-            weights, bias = fh.get_tensor("weights"), fh.get_tensor("bias")
-        return cls(
-            weights=weights,
-            bias=bias,
-            layers=tuple(json.loads(meta["layers"])),
-            site=meta["site"],
-            position=json.loads(meta["position"]),
-            labels=tuple(json.loads(meta["labels"])),
-            model=meta["model"],
-            info=json.loads(meta["info"]),
-        )
+        """Read a file written by :meth:`save`; a missing, damaged or foreign file raises ``ValueFileError``."""
+        keys = ("layers", "site", "position", "labels", "model", "info")
+        tensors, meta = _valuefiles.read(path, fmt=FORMAT, tensors=["weights", "bias"], keys=keys)
+        with _valuefiles.parsing(path, "Probe"):
+            return cls(
+                weights=tensors["weights"],
+                bias=tensors["bias"],
+                layers=json.loads(meta["layers"]),
+                site=meta["site"],
+                position=json.loads(meta["position"]),
+                labels=json.loads(meta["labels"]),
+                model=meta["model"],
+                info=json.loads(meta["info"]),
+            )
 
 
 def fit_probes(
@@ -196,8 +214,10 @@ def fit_probes(
         True
     """
     y = torch.as_tensor(y).long()
+    layers = layer_tuple(layers)
     if x.dim() != 3 or x.shape[1] != len(layers):
         raise ShapeError(f"x must be [n, {len(layers)} layers, d]; got {tuple(x.shape)}")
+    check_finite(x, "the activations", "collect them again (a model in float16 can overflow: use float32)")
     if len(y) != x.shape[0]:
         raise ShapeError(f"{x.shape[0]} activations but {len(y)} labels")
     counts = torch.bincount(y, minlength=2)
@@ -210,10 +230,10 @@ def fit_probes(
     return Probe(
         weights=w,
         bias=b,
-        layers=tuple(layers),
+        layers=layers,
         site=site,
         position=position,
         labels=labels,
         model=model,
-        info={"C": C, "standardize": standardize, "balanced": balanced, "n_train": int(len(y)), "n_positive": int(counts[1])},
+        info={"C": C, "standardize": standardize, "balanced": balanced, "n_train": len(y), "n_positive": int(counts[1])},
     )
