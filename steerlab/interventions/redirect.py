@@ -38,12 +38,22 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from steerlab._checks import check_finite, finite_number, layer_index, layer_tuple
 from steerlab.arch import normalize_layer, resolve_path
 from steerlab.chat import Position
 from steerlab.errors import EmptyInputError, InterventionNotFiredError, ShapeError, SteerlabError
 from steerlab.hooks import HookContext, HookHandle, HookSession
 from steerlab.steering.direction import Direction
-from steerlab.steering.ops import Cast, HookSpec, StepPositions, masked, position_mask
+from steerlab.steering.ops import (
+    RESIDUAL_SITES,
+    Cast,
+    HookSpec,
+    StepPositions,
+    check_provenance,
+    check_step_positions,
+    masked,
+    position_mask,
+)
 
 if TYPE_CHECKING:
     from steerlab.model import Model
@@ -166,6 +176,7 @@ class RankOneRedirect:
     ``mlp_out`` with one pair of vectors: the runtime twin of baking ``W_out' = M W_out``
     (:meth:`matrix`) into every module that writes the residual stream. (Unlike ablation, ``M`` is
     not idempotent, so it is applied once per write, not again at every layer's input.)
+    Directions fitted on another model or site warn; ``strict=True`` makes that an error.
 
     Example:
         >>> with model.apply(RankOneRedirect(cats, dogs, layers=[4])):        # doctest: +SKIP
@@ -179,8 +190,14 @@ class RankOneRedirect:
     everywhere: bool = False
     source_layer: int | None = None
     positions: StepPositions = "all"
+    strict: bool = False
 
     def __post_init__(self) -> None:
+        check_step_positions(self.positions, type(self).__name__)
+        if self.layers is not None:
+            object.__setattr__(self, "layers", layer_tuple(self.layers, "layers"))
+        if self.source_layer is not None:
+            object.__setattr__(self, "source_layer", layer_index(self.source_layer, "source_layer"))
         if self.everywhere and self.layers is not None:
             raise ShapeError("everywhere=True edits every layer; drop layers=..., or set everywhere=False")
         if not isinstance(self.concept, Direction) and not isinstance(self.target, Direction):
@@ -199,6 +216,10 @@ class RankOneRedirect:
 
     def hooks(self, model: Model) -> list[HookSpec]:
         """The (site, layer, fn) triples on ``model``."""
+        sites = RESIDUAL_SITES if self.everywhere else ("resid_pre",)
+        for vec in (self.concept, self.target):
+            if isinstance(vec, Direction) and vec.width == model.d_model:  # other widths: the error below
+                check_provenance(vec, model, sites=sites, op=type(self).__name__, strict=self.strict)
         if self.everywhere:
             pair = self._checked(model, None)
             writes = [(site, la) for la in range(model.n_layers) for site in ("attn_out", "mlp_out")]
@@ -558,6 +579,8 @@ class LinearRedirect:
     positions: StepPositions = "all"
 
     def __post_init__(self) -> None:
+        check_step_positions(self.positions, type(self).__name__)
+        object.__setattr__(self, "layer", layer_index(self.layer))
         if (self.target_key is None) == (self.value is None):
             raise ShapeError("pass exactly one of target_key (k_B; v_B = W k_B) or value (v_B)")
         key = _vector64(self.key, "key k_A")
@@ -572,7 +595,9 @@ class LinearRedirect:
         if self.value is not None:
             object.__setattr__(self, "value", _vector64(self.value, "value v_B"))
         if self.covariance is not None:
-            object.__setattr__(self, "covariance", torch.as_tensor(self.covariance).detach().to("cpu", torch.float64))
+            cov = torch.as_tensor(self.covariance).detach().to("cpu", torch.float64)
+            check_finite(cov, "the key covariance", "estimate it again over finite activations")
+            object.__setattr__(self, "covariance", cov)
 
     @classmethod
     def from_prompts(
@@ -664,12 +689,17 @@ class MultiKeyRedirect:
     positions: StepPositions = "all"
 
     def __post_init__(self) -> None:
+        check_step_positions(self.positions, type(self).__name__)
+        object.__setattr__(self, "layer", layer_index(self.layer))
+        object.__setattr__(self, "lam", finite_number(self.lam, "lam"))
+        object.__setattr__(self, "ridge", finite_number(self.ridge, "ridge"))
         if (self.values is None) == (self.target_keys is None):
             raise ShapeError("pass exactly one of values (v_i) or target_keys (v_i = W k_target_i)")
         for name in ("keys", "values", "target_keys", "preserve"):
             t = getattr(self, name)
             if t is not None:
                 t = torch.as_tensor(t).detach().to("cpu", torch.float64)
+                check_finite(t, name, "collect them again from finite activations")
                 object.__setattr__(self, name, t[None] if t.dim() == 1 else t)
         if self.target_keys is not None and self.target_keys.shape != self.keys.shape:
             raise ShapeError(f"target_keys {tuple(self.target_keys.shape)} must match keys {tuple(self.keys.shape)}")
