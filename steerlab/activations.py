@@ -2,7 +2,8 @@
 
 Prompts are sorted by length and batched with left padding (fewer pad tokens); positions are
 resolved per row, so padding never shifts them; the forward pass stops right after the last
-layer it needs (no later layers, no final norm, no unembedding). Results are float32 on CPU,
+layer it needs (no later layers, no final norm, no unembedding), or after the deepest layer an
+enclosing ``model.apply`` / ``model.hooks`` scope hooks, so those hooks still fire. Results are float32 on CPU,
 returned in the caller's prompt order. With ``out_dir`` each batch is written to disk as it is
 produced, so memory is bounded by one batch.
 
@@ -29,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from steerlab import compat
-from steerlab.chat import NAMED_POSITIONS, EncodedBatch, Position
+from steerlab.chat import NAMED_POSITIONS, EncodedBatch, Position, as_index, check_batch_size
 from steerlab.errors import EmptyInputError, UnknownPositionError, UnknownSiteError
 from steerlab.hooks import MOE_SITES, HookContext, StopForward, check_site, open_sessions
 from steerlab.model import Model
@@ -118,15 +119,56 @@ class Activations:
         return cls(layers=meta["layers"], sites=meta["sites"], positions=meta["positions"], n_prompts=meta["n_prompts"], _dir=path)
 
 
-def _check_positions(positions: Sequence[Position]) -> list[Position]:
+def _check_sites(sites) -> list[str]:
+    """Site names, de-duplicated in order; one string is one site."""
+    if isinstance(sites, str):
+        sites = [sites]
+    try:
+        items = list(sites)
+    except TypeError:
+        raise UnknownSiteError(f"sites must be a site name or a list of them, got {sites!r}") from None
+    out = list(dict.fromkeys(check_site(s) for s in items))
+    if not out:
+        raise EmptyInputError("sites is empty; name at least one (e.g. 'resid_pre')")
+    return out
+
+
+def _check_positions(positions) -> list[Position]:
+    """Positions (names or negative ints; numpy / torch integers become ints), de-duplicated in order;
+    one name or one int is one position."""
+    if isinstance(positions, str) or as_index(positions) is not None:
+        positions = [positions]
+    try:
+        items = list(positions)
+    except TypeError:
+        raise UnknownPositionError(f"positions must be a position or a list of them, got {positions!r}") from None
     out = []
-    for p in positions:
-        if isinstance(p, bool) or not (isinstance(p, int) and p < 0 or p in NAMED_POSITIONS):
-            raise UnknownPositionError(f"unknown position {p!r}; use one of {', '.join(NAMED_POSITIONS)} or a negative int")
-        out.append(p)
+    for p in items:
+        idx = None if isinstance(p, str) else as_index(p)
+        if not (p in NAMED_POSITIONS if isinstance(p, str) else idx is not None and idx < 0):
+            raise UnknownPositionError(
+                f"unknown position {p!r}; use one of {', '.join(NAMED_POSITIONS)} or a negative int (-1 = last token)"
+            )
+        out.append(p if isinstance(p, str) else idx)
     if not out:
         raise EmptyInputError("positions is empty; name at least one (e.g. 'last')")
-    return out
+    return list(dict.fromkeys(out))
+
+
+def _stop_at(model: Model, layer_list: list[int], site_list: list[str]) -> tuple[str, int] | None:
+    """(site, layer) where collection may stop the forward pass: the last layer it reads, or the deepest
+    layer an open hook session (an enclosing ``model.apply``) hooks, so that session's hooks fire.
+    ``None``: run the whole forward (an open session hooks a module at an unknown depth)."""
+    last = max(layer_list)
+    deepest = -1
+    for session in open_sessions(model):
+        for handle in session.handles:
+            if handle.layer < 0:
+                return None
+            deepest = max(deepest, handle.layer)
+    if deepest >= last:
+        return "resid_post", deepest
+    return ("resid_pre" if site_list == ["resid_pre"] else "resid_post"), last
 
 
 def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -139,9 +181,9 @@ def collect(
     model: Model,
     prompts: Sequence[str],
     *,
-    sites: Iterable[str] = ("resid_pre",),
+    sites: str | Iterable[str] = ("resid_pre",),
     layers: Sequence[int] | int | None = None,
-    positions: Sequence[Position] = ("last",),
+    positions: Position | Sequence[Position] = ("last",),
     responses: Sequence[str] | None = None,
     batch_size: int = 16,
     chat: bool = True,
@@ -153,6 +195,9 @@ def collect(
 ) -> Activations:
     """Run ``prompts`` through ``model`` and keep the chosen activations (see module docs).
 
+    ``sites`` and ``positions`` take a list, or one item on its own (``sites="resid_post"``,
+    ``positions="last"`` or ``-1``); ``layers`` takes ``None`` (all), one index or a non-empty list.
+
     ``responses`` prefills an assistant response after each prompt (for traces over a
     continuation); ``chat=False`` treats prompts as raw text. ``share_prefix`` computes the tokens
     every prompt starts with (the chat template's system turn) in the first batch only and reuses
@@ -162,11 +207,12 @@ def collect(
     prompts = list(prompts) if not isinstance(prompts, str) else [prompts]
     if not prompts:
         raise EmptyInputError("the prompt list is empty; pass at least one prompt")
-    site_list = [check_site(s) for s in dict.fromkeys(sites)]
-    if not site_list:
-        raise EmptyInputError("sites is empty; name at least one (e.g. 'resid_pre')")
+    site_list = _check_sites(sites)
     layer_list = model.layer_indices(layers)
-    pos_list = _check_positions(list(dict.fromkeys(positions)))
+    if not layer_list:
+        raise EmptyInputError("layers is empty; pass at least one layer index, or layers=None for every layer")
+    pos_list = _check_positions(positions)
+    batch_size = check_batch_size(batch_size)
     for s in site_list:
         dense = [la for la in layer_list if s in MOE_SITES and model.spec.moe_block(model.hf, la) is None]
         if dense:
@@ -182,8 +228,7 @@ def collect(
 
     buffer: dict[tuple[str, int], dict[Position, torch.Tensor]] = {}
     state: dict[str, EncodedBatch] = {}
-    stop_after = max(layer_list)
-    only_pre_at_stop = site_list == ["resid_pre"]
+    stop_at = _stop_at(model, layer_list, site_list)
 
     def stop(x: torch.Tensor, ctx: HookContext) -> None:
         raise StopForward
@@ -205,7 +250,8 @@ def collect(
             for site in site_list:
                 for layer in layer_list:
                     hooks.add(site, layer, _selecting(buffer, state, pos_list), name=f"collect.{site}.{layer}")
-            hooks.add("resid_pre" if only_pre_at_stop else "resid_post", stop_after, stop, name="collect.stop")
+            if stop_at is not None:
+                hooks.add(*stop_at, stop, name="collect.stop")
             prefix = None
             for n_batch, (idx, batch) in enumerate(batches):
                 state["batch"], state["shift"] = batch, shared if prefix is not None else 0
@@ -246,7 +292,6 @@ def _selecting(buffer, state, pos_list):
             else:
                 kept[p] = _gather(x, batch.index(p) - state.get("shift", 0)).float().cpu()
         buffer[(ctx.site, ctx.layer)] = kept
-        return None
 
     return hook
 

@@ -296,8 +296,17 @@ def get_spec(model_type: str) -> ArchSpec:
 
 
 def spec_for(model: nn.Module) -> ArchSpec:
-    """Look up the spec for a loaded HF model by its ``config.model_type``."""
-    return get_spec(getattr(model.config, "model_type", type(model).__name__))
+    """Look up the spec for a loaded HF model by its ``config.model_type``; for an unknown type the error
+    shows an ``ArchSpec(...)`` guessed from the module names found on this model."""
+    model_type = getattr(model.config, "model_type", type(model).__name__)
+    if model_type in _REGISTRY:
+        return _REGISTRY[model_type]
+    from steerlab.arch_hint import registration_hint
+
+    raise UnknownArchitectureError(
+        f"architecture {model_type!r} is not in steerlab's registry ({type(model).__name__}). Known: "
+        f"{', '.join(known_model_types())}. {registration_hint(model)}"
+    )
 
 
 _GEMMA_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")

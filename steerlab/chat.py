@@ -22,19 +22,63 @@ Example:
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
 import torch
 
-from steerlab.errors import ChatTemplateError, EmptyInputError, UnknownPositionError
+from steerlab.errors import ChatTemplateError, EmptyInputError, InvalidValueError, UnknownPositionError
 
 NAMED_POSITIONS = ("t_inst", "post_inst", "last", "reasoning_end", "all")
 Position = str | int
 TokenizedRow = tuple[list[int], int, int, int, int]  # ids, t_inst, post_inst_start, prompt_end, reasoning_end
 
 _PROBES = ("Alpha beta gamma.", "Zeta eta theta iota kappa")
+
+
+def check_template(template, *, where: str) -> None:
+    """Raise :class:`ChatTemplateError` if a chat template (or one of a dict of named templates) does not
+    compile in the Jinja environment transformers renders it with; ``where`` names it in the message."""
+    import jinja2
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    named = template.items() if isinstance(template, dict) else [(None, template)]
+    for name, text in named:
+        label = where if name is None else f"{where} (template {name!r})"
+        if not isinstance(text, str):
+            raise ChatTemplateError(f"{label} is a {type(text).__name__}, not a Jinja template string")
+        try:
+            _compile_jinja_template(text)
+        except jinja2.TemplateSyntaxError as exc:
+            lines = text.splitlines()
+            line = lines[exc.lineno - 1].strip() if 0 < (exc.lineno or 0) <= len(lines) else ""
+            near = f" in {line[:120]!r}" if line else ""
+            raise ChatTemplateError(
+                f"{label} has a Jinja syntax error at line {exc.lineno}{near}: {exc.message}. Fix the template, "
+                "or pass a working one with steerlab.load(..., chat_template=...)"
+            ) from None
+
+
+def as_index(value) -> int | None:
+    """``value`` as an int if it is one integer (Python, numpy or 0-d torch; not a bool), else ``None``."""
+    if isinstance(value, bool) or str(getattr(value, "dtype", "")) in ("bool", "torch.bool"):
+        return None
+    if isinstance(value, torch.Tensor) and value.dim() != 0:
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def check_batch_size(batch_size) -> int:
+    """``batch_size`` as an int >= 1, or :class:`~steerlab.errors.InvalidValueError`."""
+    value = as_index(batch_size)
+    if value is None or value < 1:
+        raise InvalidValueError(f"batch_size must be an int >= 1 (prompts per forward pass), got {batch_size!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -141,6 +185,9 @@ class ChatFormat:
                 "template. Set tokenizer.chat_template to a Jinja template, pass chat_template=... to "
                 "steerlab.load, or use raw prompts with chat=False."
             )
+        if chat:
+            name = getattr(tokenizer, "name_or_path", "?")
+            check_template(tokenizer.chat_template, where=f"the chat template of {name}")
 
     # ----- template analysis -----
     def _messages(self, instruction: str) -> list[dict[str, str]]:
@@ -148,7 +195,17 @@ class ChatFormat:
         return [*msgs, {"role": "user", "content": instruction}]
 
     def _apply(self, instruction: str) -> str:
-        text = self.tokenizer.apply_chat_template(self._messages(instruction), tokenize=False, add_generation_prompt=True)
+        import jinja2
+
+        messages = self._messages(instruction)
+        try:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except jinja2.TemplateError as exc:
+            roles = "+".join(m["role"] for m in messages)
+            raise ChatTemplateError(
+                f"the chat template failed to render a {roles} conversation: {exc}. Fix the template or pass another "
+                "with steerlab.load(..., chat_template=...); a template that rejects system messages needs system=None"
+            ) from exc
         if not isinstance(text, str):
             raise ChatTemplateError("apply_chat_template(tokenize=False) did not return a string")
         return text
@@ -216,8 +273,7 @@ class ChatFormat:
 
     def batches(self, rows: Sequence[TokenizedRow], batch_size: int) -> Iterator[tuple[list[int], EncodedBatch]]:
         """Left-padded batches of ``rows``, longest first (less padding); yields (row indices, batch)."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        batch_size = check_batch_size(batch_size)
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
@@ -245,13 +301,13 @@ class ChatFormat:
             t_inst = max(i for i, s in enumerate(starts) if s < r.inst_end)
             post = next((i for i, s in enumerate(starts) if s >= r.inst_end), len(ids))
             prompt_end = next((i for i, s in enumerate(starts) if s >= r.prompt_end), len(ids))
-            char_to_token = lambda c: max(i for i, s in enumerate(starts) if s <= c)  # noqa: E731
+            char_to_token = lambda c: max(i for i, s in enumerate(starts) if s <= c)
         except (NotImplementedError, ValueError, TypeError):  # slow tokenizer: count prefix tokens
-            count = lambda text: len(tok(text, add_special_tokens=add_special)["input_ids"])  # noqa: E731
+            count = lambda text: len(tok(text, add_special_tokens=add_special)["input_ids"])
             ids = list(tok(r.text, add_special_tokens=add_special)["input_ids"])
             post = count(r.text[: r.inst_end])
             t_inst, prompt_end = post - 1, count(r.text[: r.prompt_end])
-            char_to_token = lambda c: count(r.text[: c + 1]) - 1  # noqa: E731
+            char_to_token = lambda c: count(r.text[: c + 1]) - 1
         reasoning = -1
         if self.reasoning_end_marker:
             at = r.text.rfind(self.reasoning_end_marker)
@@ -273,7 +329,7 @@ def _token_starts(offsets: list[tuple[int, int]]) -> list[int]:
 
 def _pad(rows: list[TokenizedRow], *, pad_id: int, padding_side: str) -> EncodedBatch:
     if padding_side not in ("left", "right"):
-        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        raise InvalidValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     width = max(len(r[0]) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -284,7 +340,7 @@ def _pad(rows: list[TokenizedRow], *, pad_id: int, padding_side: str) -> Encoded
         mask[i, off : off + len(row)] = 1
         shift.append(off)
     s = torch.tensor(shift)
-    col = lambda k: torch.tensor([r[k] for r in rows]) + s  # noqa: E731
+    col = lambda k: torch.tensor([r[k] for r in rows]) + s
     lengths = torch.tensor([len(r[0]) for r in rows])
     reasoning = torch.tensor([r[4] for r in rows])
     return EncodedBatch(

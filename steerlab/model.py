@@ -9,8 +9,9 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,12 +20,50 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from steerlab import compat
+from steerlab import compat, sources
 from steerlab.arch import ArchSpec, normalize_layer, spec_for
-from steerlab.chat import ChatFormat, EncodedBatch
+from steerlab.chat import ChatFormat, EncodedBatch, as_index, check_batch_size, check_template
 from steerlab.embedded import DEFAULT_MODEL, EMBEDDED, cached_checkpoint
-from steerlab.errors import EmptyInputError, ModelLoadError
+from steerlab.errors import EmptyInputError, HookSessionError, LayerIndexError, ModelLoadError
 from steerlab.hooks import HookSession, generation
+
+
+def _layer_int(value: Any) -> int:
+    """One layer index as an int; bools, floats and strings raise :class:`LayerIndexError`."""
+    idx = as_index(value)
+    if idx is None:
+        raise LayerIndexError(f"layer index must be an int, got {value!r} ({type(value).__name__})")
+    return idx
+
+
+class _OnceContext(AbstractContextManager):
+    """A generator context manager that says so, with a steerlab error, when it is entered a second time."""
+
+    def __init__(self, inner: AbstractContextManager) -> None:
+        self._inner, self._entered = inner, False
+
+    def __enter__(self):
+        if self._entered:
+            raise HookSessionError(
+                "this model.apply(...) scope was already entered; a scope is used once: write "
+                "`with model.apply(op):` again (the op value can be reused) instead of re-entering the same object"
+            )
+        self._entered = True
+        return self._inner.__enter__()
+
+    def __exit__(self, *exc_info):
+        return self._inner.__exit__(*exc_info)
+
+
+def _single_use(fn):
+    """Like ``contextlib.contextmanager``, but re-entering the returned object raises :class:`HookSessionError`."""
+    make = contextmanager(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs) -> _OnceContext:
+        return _OnceContext(make(*args, **kwargs))
+
+    return wrapper
 
 
 @dataclass
@@ -84,11 +123,26 @@ class Model:
         return self.spec.decoder_layers(self.hf)[normalize_layer(index, self.n_layers)]
 
     def layer_indices(self, layers: Sequence[int] | int | None = None) -> list[int]:
-        """Normalise ``None`` (all), one index or a list of indices into sorted unique layer numbers."""
+        """Normalise ``None`` (all), one index or a list of indices into sorted unique layer numbers.
+
+        Python, numpy and torch integers are accepted; bools, floats and strings are not (``layers="3"``
+        raises rather than reading the characters). Duplicates collapse into one layer.
+        """
         if layers is None:
             return list(range(self.n_layers))
-        items = [layers] if isinstance(layers, int) else list(layers)
-        return sorted({normalize_layer(i, self.n_layers) for i in items})
+        if isinstance(layers, (str, bytes)):
+            raise LayerIndexError(
+                f"layers must be an int or a list of ints, got the string {layers!r}; e.g. layers=[3]"
+            )
+        one = as_index(layers)
+        if one is not None:
+            items = [one]
+        else:
+            try:
+                items = list(layers)
+            except TypeError:
+                raise LayerIndexError(f"layers must be an int or a list of ints, got {layers!r}") from None
+        return sorted({normalize_layer(_layer_int(i), self.n_layers) for i in items})
 
     # ----- chat and tokens -----
     def chat(self, *, system: str | None = None, chat: bool = True, reasoning_end: str | None = None) -> ChatFormat:
@@ -116,7 +170,7 @@ class Model:
         """A scoped :class:`~steerlab.hooks.HookSession`: ``with model.hooks() as hooks: ...``."""
         return HookSession(self, check_fired=check_fired)
 
-    @contextmanager
+    @_single_use
     def apply(self, *interventions, check_fired: bool = True) -> Iterator[HookSession]:
         """Apply interventions for the duration of a ``with`` block.
 
@@ -165,6 +219,7 @@ class Model:
         Example:
             >>> model.generate(["Write a haiku."], max_new_tokens=24)        # doctest: +SKIP
         """
+        check_batch_size(batch_size)
         fmt = self.chat(system=system, chat=chat)
         kwargs.setdefault("do_sample", False)
         kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id)
@@ -212,7 +267,10 @@ def load(
     if tok is None:
         raise ModelLoadError(f"no tokenizer for {name}: pass it as steerlab.load(model, tokenizer)")
     if chat_template is not None:
+        check_template(chat_template, where="the chat_template passed to steerlab.load")
         tok.chat_template = chat_template
+    elif getattr(tok, "chat_template", None):
+        check_template(tok.chat_template, where=f"the chat template of {name}'s tokenizer")
     hf.eval()
     spec = spec_for(hf)
     spec.decoder_layers(hf)  # fails early, with the registry's message, if the layout does not match
@@ -224,13 +282,14 @@ def _from_pretrained(path: str, **kwargs):
 
     gguf_file = kwargs.pop("gguf_file", None)
     extra = {"gguf_file": gguf_file} if gguf_file else {}
+    extra["local_files_only"] = True  # steerlab never downloads (sources.py checked the cache already)
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=kwargs["trust_remote_code"], **extra)
         hf = AutoModelForCausalLM.from_pretrained(path, **{k: v for k, v in kwargs.items() if v is not None}, **extra)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         raise ModelLoadError(
             f"could not load {path!r}: {exc}. Pass an embedded name ({', '.join(sorted(EMBEDDED))}), a local "
-            "directory, a .gguf file, or a HF id that is cached or reachable."
+            "directory, a .gguf file, or a Hugging Face id in the local cache (steerlab does not download)."
         ) from exc
     if gguf_file:
         compat.drop_quantizer(hf)  # dequantised weights: keep save_pretrained working
@@ -268,16 +327,21 @@ def _resolve(source, tokenizer, **kwargs):
             "or nnsight LanguageModel"
         )
     text = str(source)
+    if not text.strip():
+        raise ModelLoadError("the model source is an empty string; pass an embedded name, a path or a Hugging Face id")
     if text in EMBEDDED:
         hf, tok = _from_pretrained(str(cached_checkpoint(text)), **kwargs)
         return hf, tokenizer or tok, text
+    if not sources.is_path_like(text):  # a hub id: decided from the local cache alone, no hub round trips
+        if not sources.hub_cached(text):
+            raise sources.unavailable(text, EMBEDDED)
+        hf, tok = _from_pretrained(text, **kwargs)
+        return hf, tokenizer or tok, text
     path = Path(text).expanduser()
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise ModelLoadError(f"GGUF file {path} does not exist")
+    if sources.local_kind(path) == "gguf":
         hf, tok = _from_pretrained(str(path.parent), gguf_file=path.name, **kwargs)
         return hf, tokenizer or tok, path.name
-    hf, tok = _from_pretrained(text, **kwargs)
+    hf, tok = _from_pretrained(str(path), **kwargs)
     return hf, tokenizer or tok, text
 
 
