@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import math
 import numbers
-import operator
 
 import numpy as np
 import torch
 
+from steerlab.chat import as_index
 from steerlab.errors import InvalidValueError, LayerIndexError, NonFiniteError
 
 
@@ -41,15 +41,14 @@ def _is_scalar(value: object) -> bool:
 
 def layer_index(value: object, what: str = "layer") -> int:
     """``value`` as an ``int`` layer index (``3``, ``np.int64(3)``, ``torch.tensor(3)``), or a clear error."""
-    hint = "pass an integer such as 3 (negative counts from the end)"
-    if _is_bool(value):
-        raise LayerIndexError(f"{what} must be an integer layer index, not the boolean {value!r}; {hint}")
-    if isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim != 0:
-        raise LayerIndexError(f"{what} must be one integer layer index, got an array of shape {tuple(value.shape)}; {hint}")
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise LayerIndexError(f"{what} must be an integer layer index, got {type(value).__name__} {value!r}; {hint}") from None
+    idx = as_index(value)
+    if idx is None:
+        kind = "the boolean" if _is_bool(value) else type(value).__name__
+        raise LayerIndexError(
+            f"{what} must be one integer layer index, got {kind} {value!r}; pass an integer such as 3 "
+            "(negative counts from the end)"
+        )
+    return idx
 
 
 def layer_tuple(value: object, what: str = "layers") -> tuple[int, ...]:
