@@ -254,11 +254,14 @@ def load(
     """Load a model from any supported source and wrap it.
 
     ``source`` may be ``None`` (the embedded default, ``qwen2.5-coder-0.5b-instruct``), an embedded
-    name (``"smollm2-135m-instruct"``), a HF model id or local directory, a ``.gguf`` file, an
-    already-loaded ``PreTrainedModel`` (pass its ``tokenizer``), a TransformerLens
-    ``TransformerBridge`` or an nnsight ``LanguageModel`` (both unwrapped to the HF model).
-    ``dtype`` and ``device_map`` pass through to ``from_pretrained``; ``trust_remote_code`` stays
-    off unless you turn it on. ``chat_template`` sets a template on a tokenizer that lacks one.
+    name (``"smollm2-135m-instruct"``), a local directory, a ``.gguf`` file, a HF model id that is in
+    the local Hugging Face cache (steerlab never downloads), an already-loaded ``PreTrainedModel``
+    (pass its ``tokenizer``), a TransformerLens ``TransformerBridge`` or an nnsight ``LanguageModel``
+    (both unwrapped to the HF model). A string that exists, starts with ``.``, ``~`` or ``/``, or
+    cannot be a hub id is a path (see :mod:`steerlab.sources`). ``dtype`` and ``device_map`` pass
+    through to ``from_pretrained``; ``trust_remote_code`` stays off unless you turn it on.
+    ``chat_template`` sets a template on a tokenizer that lacks one (or replaces a broken one); a
+    template that is not valid Jinja raises :class:`~steerlab.errors.ChatTemplateError` here.
 
     Example:
         >>> model = steerlab.load("smollm2-135m-instruct", dtype=torch.bfloat16)   # doctest: +SKIP

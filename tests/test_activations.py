@@ -74,7 +74,7 @@ def test_order_batching_and_layer_subset_do_not_change_values():
 
 def test_stream_to_disk_matches_memory_and_reloads(tmp_path):
     model = tiny_model("mistral")
-    kwargs = dict(sites=["resid_post", "mlp_out"], positions=["last", "all"], batch_size=2, progress=False)
+    kwargs = {"sites": ["resid_post", "mlp_out"], "positions": ["last", "all"], "batch_size": 2, "progress": False}
     mem = steerlab.collect(model, PROMPTS, **kwargs)
     disk = steerlab.collect(model, PROMPTS, out_dir=tmp_path / "acts", **kwargs)
     assert len(list((tmp_path / "acts").glob("shard_*.safetensors"))) == 3
@@ -119,3 +119,83 @@ def test_bad_inputs_fail_clearly():
     acts = steerlab.collect(model, PROMPTS[:1], progress=False)
     with pytest.raises(UnknownPositionError, match="was not collected"):
         acts.get("resid_pre", "t_inst")
+
+
+def test_layer_indices_take_integers_of_any_kind_and_nothing_else():
+    import numpy as np
+
+    model = tiny_model("llama")
+    assert model.layer_indices(np.int64(-1)) == [2]
+    assert model.layer_indices(torch.tensor(1)) == [1]
+    assert model.layer_indices([np.int32(0), torch.tensor(2), 0, -1]) == [0, 2]  # duplicates collapse
+    assert model.layer_indices(np.array([1, 0])) == [0, 1]
+    with pytest.raises(LayerIndexError, match=r"got the string '3'; e\.g\. layers=\[3\]"):
+        model.layer_indices("3")
+    for bad in (True, [True], [1.0], [np.float32(1)], [torch.tensor(1.0)], ["1"], [np.bool_(True)], 1.5):
+        with pytest.raises(LayerIndexError, match="must be an int"):
+            model.layer_indices(bad)
+
+
+def test_one_site_or_one_position_on_its_own_is_a_one_item_list():
+    import numpy as np
+
+    model = tiny_model("llama")
+    listed = steerlab.collect(model, PROMPTS[:2], sites=["resid_post"], positions=["last"], layers=[1], progress=False)
+    single = steerlab.collect(model, PROMPTS[:2], sites="resid_post", positions="last", layers=1, progress=False)
+    assert single.sites == ["resid_post"] and single.positions == ["last"]
+    torch.testing.assert_close(single.get("resid_post", "last"), listed.get("resid_post", "last"))
+    ints = steerlab.collect(model, PROMPTS[:2], positions=[np.int64(-1), -2, -1], layers=[0], progress=False)
+    assert ints.positions == [-1, -2] and all(type(p) is int for p in ints.positions)
+    one = steerlab.collect(model, PROMPTS[:2], positions=np.int64(-1), layers=[0], progress=False)
+    torch.testing.assert_close(one.get("resid_pre", -1), ints.get("resid_pre", -1))
+
+
+def test_positions_outside_the_documented_set_are_named_whole_with_the_valid_ones():
+    model = tiny_model("llama")
+    for positions, bad in ((["t_inst", 0], 0), (["first"], "first"), ([-1.0], -1.0), ([True], True), ("middle", "middle")):
+        with pytest.raises(UnknownPositionError) as err:
+            steerlab.collect(model, PROMPTS, positions=positions, progress=False)
+        assert f"unknown position {bad!r}; use one of t_inst, post_inst, last, reasoning_end, all" in str(err.value)
+
+
+def test_bad_batch_size_and_empty_layers():
+    from steerlab.errors import InvalidValueError
+
+    model = tiny_model("llama")
+    for size in (0, -1, 2.0):
+        with pytest.raises(InvalidValueError, match="batch_size must be an int >= 1"):
+            steerlab.collect(model, PROMPTS, batch_size=size, progress=False)
+    with pytest.raises(EmptyInputError, match=r"layers is empty.*layers=None"):
+        steerlab.collect(model, PROMPTS, layers=[], progress=False)
+    with pytest.raises(UnknownSiteError, match="valid sites"):
+        steerlab.collect(model, PROMPTS, sites=[["resid_pre"]], progress=False)
+
+
+def test_collect_runs_far_enough_for_an_enclosing_apply():
+    """collect stops after its last layer, but an op of an enclosing model.apply at a deeper layer still fires
+    (and changes nothing collect reads above it)."""
+    from steerlab.steering import AddVector, Direction
+
+    model = tiny_model("llama")
+    plain = steerlab.collect(model, PROMPTS, layers=[0], sites=["resid_pre"], progress=False)
+    op = AddVector(Direction(vectors=torch.ones(1, model.d_model), layers=(2,)), layers=[2])
+    with model.apply(op) as session:
+        acts = steerlab.collect(model, PROMPTS, layers=[0], sites=["resid_pre"], batch_size=2, progress=False)
+    assert session.handles[0].count == 3  # one call per batch
+    torch.testing.assert_close(acts.get("resid_pre", "last"), plain.get("resid_pre", "last"))
+    # what it reads at the op's layer is the edited stream
+    with model.apply(op):
+        edited = steerlab.collect(model, PROMPTS, layers=[1, 2], sites=["resid_pre"], progress=False)
+    base = steerlab.collect(model, PROMPTS, layers=[1, 2], sites=["resid_pre"], progress=False)
+    diff = edited.get("resid_pre", "last") - base.get("resid_pre", "last")
+    torch.testing.assert_close(diff[:, 0], torch.zeros_like(diff[:, 0]))
+    torch.testing.assert_close(diff[:, 1], torch.ones_like(diff[:, 1]), atol=1e-5, rtol=0)
+
+
+def test_an_enclosing_hook_of_unknown_depth_runs_the_whole_forward():
+    model = tiny_model("llama")
+    ran = []
+    with model.hooks() as session:
+        session.add_module(model.hf.lm_head, lambda *a: ran.append("lm_head"), name="logits")
+        steerlab.collect(model, PROMPTS[:2], layers=[0], progress=False)
+    assert ran == ["lm_head"]

@@ -125,3 +125,70 @@ def test_normalize_layer(layer, expected):
 def test_layer_out_of_range_names_the_valid_range(layer):
     with pytest.raises(LayerIndexError, match=r"0\.\.2"):
         normalize_layer(layer, 3)
+
+
+def _tiny_unregistered(model_type: str, **extra):
+    """A seeded tiny model of a transformers architecture steerlab does not register."""
+    from conftest import tiny_tokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tok = tiny_tokenizer()
+    config = AutoConfig.for_model(
+        model_type, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=0,
+        eos_token_id=tok.eos_token_id, max_position_embeddings=128, **extra,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager").eval(), tok
+
+
+def _load_error(hf, tok) -> str:
+    import steerlab
+
+    assert hf.config.model_type not in known_model_types()
+    with pytest.raises(UnknownArchitectureError) as err:
+        steerlab.load(hf, tok)
+    return str(err.value)
+
+
+@pytest.mark.parametrize(
+    "model_type,found",
+    [
+        ("starcoder2", "o_proj='self_attn.o_proj', mlp='mlp', down_proj='mlp.c_proj', attn_out='self_attn', mlp_out='mlp'"),
+        ("olmo2", "down_proj='mlp.down_proj', attn_out='post_attention_layernorm', mlp_out='post_feedforward_layernorm'"),
+    ],
+)
+def test_unknown_dense_architecture_hint_is_a_spec_that_works(model_type, found, monkeypatch):
+    """The register hint names the modules found on this model, and registering it as shown gives a model whose
+    sites are right: residual sites equal hidden_states, attention + MLP outputs recompose the residual stream."""
+    import steerlab
+    from steerlab import arch
+
+    hf, tok = _tiny_unregistered(model_type)
+    msg = _load_error(hf, tok)
+    assert f"architecture {model_type!r} is not in steerlab's registry" in msg and "qwen2" in msg
+    assert f"(model.layers.0, {type(hf.model.layers[0]).__name__}) has: self_attn (" in msg
+    assert found in msg and "It looks dense" in msg
+    monkeypatch.setattr(arch, "_REGISTRY", dict(arch._REGISTRY))  # registration ends with the test
+    eval(msg.split("register before loading:\n")[1].strip(), {"steerlab": steerlab})
+    model = steerlab.load(hf, tok)
+    batch = model.encode(["Write a short poem about the sea.", "Hi"])
+    seen = {}
+    with model.hooks() as hooks:
+        for site in ("resid_pre", "resid_post", "attn_out", "mlp_out"):
+            hooks.add(site, 0, lambda x, ctx: seen.__setitem__(ctx.site, x.clone()))
+        with torch.inference_mode():
+            hidden = model.hf(**batch.model_inputs(), output_hidden_states=True).hidden_states
+    torch.testing.assert_close(seen["resid_pre"], hidden[0])
+    torch.testing.assert_close(seen["resid_post"], hidden[1])
+    mask = batch.attention_mask.bool()
+    recomposed = seen["resid_pre"] + seen["attn_out"] + seen["mlp_out"]
+    torch.testing.assert_close(recomposed[mask], seen["resid_post"][mask], rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_moe_architecture_hint_says_moe_and_names_router_and_experts():
+    hf, tok = _tiny_unregistered("phimoe", num_local_experts=4, num_experts_per_tok=2)
+    msg = _load_error(hf, tok)
+    assert "It looks like MoE: layer 0's mlp has experts (gate_up_proj (4, 192, 64), down_proj (4, 64, 96))" in msg
+    assert "down_proj=None" in msg
+    assert "moe=steerlab.arch.MoESpec(block='mlp', router='router', experts='experts')" in msg

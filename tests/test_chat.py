@@ -5,7 +5,7 @@ import torch
 from conftest import TEMPLATES, tiny_tokenizer
 
 from steerlab.chat import ChatFormat
-from steerlab.errors import ChatTemplateError, EmptyInputError, UnknownPositionError
+from steerlab.errors import ChatTemplateError, EmptyInputError, InvalidValueError, UnknownPositionError
 
 PROMPTS = ["Write a short poem about the sea.", "Hi there", "Tell me a joke about cats, please!"]
 SUFFIX = {
@@ -115,7 +115,7 @@ def test_content_dependent_suffix_is_rejected():
     weird = tok.__class__(tokenizer_object=tok.backend_tokenizer, eos_token="<|im_end|>")
     weird.chat_template = "{{ messages[0]['content'] }}<|im_end|>{{ messages[0]['content'] | length }}"
     with pytest.raises(ChatTemplateError, match="depends on the instruction"):
-        ChatFormat(weird).suffix
+        _ = ChatFormat(weird).suffix
 
 
 @pytest.mark.parametrize("bad", [[], "a single string"])
@@ -129,3 +129,37 @@ def test_bad_positions(position):
     batch = ChatFormat(tiny_tokenizer("chatml")).encode(PROMPTS)
     with pytest.raises(UnknownPositionError):
         batch.index(position)
+
+
+def _with_template(template):
+    tok = tiny_tokenizer("chatml")
+    fresh = tok.__class__(tokenizer_object=tok.backend_tokenizer, eos_token="<|im_end|>", pad_token="<pad>")
+    fresh.chat_template = template
+    return fresh
+
+
+def test_a_template_with_a_syntax_error_is_a_chat_template_error():
+    with pytest.raises(ChatTemplateError, match=r"chat template of \w+ has a Jinja syntax error at line 2 in '\{% if %\}'"):
+        ChatFormat(_with_template("{{ messages[0]['content'] }}\n{% if %}"))
+    # named templates: the broken one is named
+    with pytest.raises(ChatTemplateError, match=r"template 'tool_use'.*syntax error"):
+        ChatFormat(_with_template({"default": TEMPLATES["chatml"], "tool_use": "{% for %}"}))
+
+
+def test_a_template_that_fails_while_rendering_is_a_chat_template_error():
+    fmt = ChatFormat(_with_template("{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
+                                    "{{ messages[-1]['content'] }}<|im_end|>"), system="Be brief.")
+    with pytest.raises(ChatTemplateError, match=r"failed to render a system\+user conversation: no system role.*system=None"):
+        fmt.encode(["Hi"])
+
+
+@pytest.mark.parametrize("batch_size", [0, -2, 1.5, True, "4"])
+def test_bad_batch_sizes(batch_size):
+    fmt = ChatFormat(tiny_tokenizer("chatml"))
+    with pytest.raises(InvalidValueError, match=r"batch_size must be an int >= 1"):
+        list(fmt.batches(fmt.tokenize(PROMPTS), batch_size))
+
+
+def test_bad_padding_side():
+    with pytest.raises(InvalidValueError, match="padding_side must be 'left' or 'right'"):
+        ChatFormat(tiny_tokenizer("chatml")).encode(PROMPTS, padding_side="middle")

@@ -139,10 +139,9 @@ def test_editing_router_logits_switches_an_expert_off(moe_model):
 
 def test_hooks_removed_when_the_body_raises():
     model = tiny_model("llama")
-    with pytest.raises(ZeroDivisionError):
-        with model.hooks() as hooks:
-            hooks.add("resid_pre", 0, lambda x, ctx: None)
-            1 / 0
+    with pytest.raises(ZeroDivisionError), model.hooks() as hooks:
+        hooks.add("resid_pre", 0, lambda x, ctx: None)
+        raise ZeroDivisionError
     assert _all_hooks_removed(model)
 
 
@@ -152,18 +151,16 @@ def test_hooks_removed_when_a_hook_raises():
     def boom(x, ctx):
         raise RuntimeError("hook failed")
 
-    with pytest.raises(RuntimeError, match="hook failed"):
-        with model.hooks() as hooks:
-            hooks.add("resid_post", 1, boom)
-            _run(model, model.encode(PROMPTS))
+    with pytest.raises(RuntimeError, match="hook failed"), model.hooks() as hooks:
+        hooks.add("resid_post", 1, boom)
+        _run(model, model.encode(PROMPTS))
     assert _all_hooks_removed(model)
 
 
 def test_a_hook_that_never_fired_is_an_error():
     model = tiny_model("llama")
-    with pytest.raises(InterventionNotFiredError, match="resid_pre @ layer 1"):
-        with model.hooks() as hooks:
-            hooks.add("resid_pre", 1, lambda x, ctx: None, name="steer")
+    with pytest.raises(InterventionNotFiredError, match="resid_pre @ layer 1"), model.hooks() as hooks:
+        hooks.add("resid_pre", 1, lambda x, ctx: None, name="steer")
     assert _all_hooks_removed(model)
     with model.hooks(check_fired=False) as hooks:
         hooks.add("resid_pre", 1, lambda x, ctx: None)
@@ -216,3 +213,29 @@ def test_edits_apply_to_prompt_and_generated_tokens_alike_with_or_without_cache(
     assert torch.equal(outs[0], outs[1])
     assert not torch.equal(outs[0], plain)
     assert fired == [6, 6]
+
+
+def test_reentering_an_apply_scope_is_a_clear_error():
+    from steerlab.errors import HookSessionError
+    from steerlab.steering import AddVector, Direction
+
+    model = tiny_model("llama")
+    op = AddVector(Direction(vectors=torch.ones(1, model.d_model), layers=(1,)), layers=[1])
+    ctx = model.apply(op)
+    with ctx as session:
+        _run(model, model.encode(PROMPTS))
+    assert session.handles[0].count == 1
+    with pytest.raises(HookSessionError, match=r"already entered.*`with model\.apply\(op\):` again"), ctx:
+        pass
+    assert _all_hooks_removed(model) and not model._sessions
+    with model.apply(op) as again:  # the value is reusable in a new scope
+        _run(model, model.encode(PROMPTS))
+    assert again.handles[0].count == 1
+
+
+@pytest.mark.parametrize("batch_size", [0, -3])
+def test_generate_rejects_a_bad_batch_size_before_running(batch_size):
+    from steerlab.errors import InvalidValueError
+
+    with pytest.raises(InvalidValueError, match="batch_size must be an int >= 1"):
+        tiny_model("llama").generate(PROMPTS, max_new_tokens=2, batch_size=batch_size)

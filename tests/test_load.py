@@ -4,6 +4,7 @@ already-loaded models, interop wrappers, and the errors for everything else."""
 import dataclasses
 import importlib.util
 import os
+import re
 import shutil
 import stat
 from pathlib import Path
@@ -14,7 +15,7 @@ from conftest import tiny_model, tiny_tokenizer
 
 import steerlab
 from steerlab import embedded
-from steerlab.errors import ModelLoadError
+from steerlab.errors import ChatTemplateError, ModelLoadError
 
 
 def test_smollm_real_weights_plumbing(smollm):
@@ -202,3 +203,115 @@ def test_cache_conversion_writes_group_readable_files(tiny_embedded):
     finally:
         os.umask(old)
     assert steerlab.load(out).spec.model_type == "llama"
+
+
+# --- sources: local paths vs hub ids, decided before transformers (or the hub) is asked --------------------
+
+
+def _no_hub(monkeypatch):
+    """Make any call into from_pretrained a test failure: the error must come before it."""
+    from steerlab import model as model_module
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("steerlab asked transformers / the hub before deciding")
+
+    monkeypatch.setattr(model_module, "_from_pretrained", refuse)
+
+
+@pytest.mark.parametrize("source", ["/some/missing/dir", "./missing-steerlab-model", "~/missing-steerlab-model"])
+def test_a_missing_local_path_says_the_directory_does_not_exist(source, monkeypatch):
+    _no_hub(monkeypatch)
+    with pytest.raises(ModelLoadError, match=r"local directory .*missing.* does not exist"):
+        steerlab.load(source)
+
+
+@pytest.mark.parametrize(
+    "typo,meant",
+    [
+        ("smollm2-135m-instruc", "smollm2-135m-instruct"),
+        ("SmolLM2-135M-Instruct", "smollm2-135m-instruct"),
+        ("qwen2.5-coder", "qwen2.5-coder-0.5b-instruct"),
+    ],
+)
+def test_a_typo_of_an_embedded_name_gets_a_did_you_mean_without_the_hub(typo, meant, monkeypatch):
+    _no_hub(monkeypatch)
+    with pytest.raises(ModelLoadError, match=rf"did you mean '{re.escape(meant)}'.*Embedded models: qwen2\.5-coder"):
+        steerlab.load(typo)
+
+
+def test_an_uncached_hub_id_fails_at_once_and_says_steerlab_does_not_download(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    _no_hub(monkeypatch)
+    with pytest.raises(ModelLoadError) as err:
+        steerlab.load("steerlab-test/not-cached-model")
+    msg = str(err.value)
+    assert "not in the local Hugging Face cache" in msg and "steerlab does not download" in msg
+    assert str(tmp_path / "hub") in msg and "hf download steerlab-test/not-cached-model" in msg
+    assert "did you mean" not in msg
+    monkeypatch.undo()  # once in the local cache, the same kind of id loads (from the cache alone)
+    repo = tmp_path / "hub" / "models--steerlab-test--tiny-llama"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    tiny = tiny_model("llama")
+    tiny.hf.save_pretrained(snapshot)
+    tiny_tokenizer().save_pretrained(snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    model = steerlab.load("steerlab-test/tiny-llama")
+    assert model.name == "steerlab-test/tiny-llama" and model.spec.model_type == "llama"
+    torch.testing.assert_close(model.hf.lm_head.weight, tiny.hf.lm_head.weight)
+
+
+def test_a_gguf_path_that_is_not_a_gguf_file(tmp_path):
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"version https://git-lfs.github.com/spec/v1\noid sha256:abc\n")
+    with pytest.raises(ModelLoadError, match=r"model\.gguf is not a GGUF file: it starts with b'vers', not b'GGUF'"):
+        steerlab.load(fake)
+
+
+def test_an_empty_directory_and_one_without_config_json(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ModelLoadError, match=r"directory .*empty is empty; pass the directory a model was saved to"):
+        steerlab.load(empty)
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "tokenizer.json").write_text("{}")
+    (partial / "weights.gguf").write_bytes(b"GGUF")
+    with pytest.raises(ModelLoadError) as err:
+        steerlab.load(str(partial))
+    msg = str(err.value)
+    assert "has no config.json (it holds: tokenizer.json, weights.gguf)" in msg
+    assert f"steerlab.load({str(partial / 'weights.gguf')!r})" in msg
+
+
+def test_a_file_that_is_neither_a_directory_nor_gguf(tmp_path):
+    other = tmp_path / "model.bin"
+    other.write_bytes(b"\x00" * 16)
+    with pytest.raises(ModelLoadError, match="is a file, not a model directory or a GGUF file"):
+        steerlab.load(other)
+
+
+# --- chat templates are checked when the model is loaded ------------------------------------------------------
+
+
+def _fresh_tokenizer(template: str | None):
+    tok = tiny_tokenizer()
+    fresh = tok.__class__(tokenizer_object=tok.backend_tokenizer, eos_token="<|im_end|>", pad_token="<pad>")
+    fresh.chat_template = template
+    return fresh
+
+
+def test_a_chat_template_with_a_jinja_syntax_error_fails_at_load():
+    hf = tiny_model("llama").hf
+    tok = _fresh_tokenizer(tiny_tokenizer().chat_template)
+    with pytest.raises(ChatTemplateError, match=r"chat_template passed to steerlab\.load has a Jinja syntax error at line 1"):
+        steerlab.load(hf, tok, chat_template="{% if %}")
+    assert tok.chat_template == tiny_tokenizer().chat_template  # the rejected template was not installed
+    broken = _fresh_tokenizer("{% for m in messages %}\n{{ m['content'] }}\n")  # no endfor
+    with pytest.raises(ChatTemplateError, match=r"tokenizer has a Jinja syntax error at line \d.*chat_template="):
+        steerlab.load(hf, broken)
+    fixed = steerlab.load(hf, broken, chat_template=tiny_tokenizer().chat_template)  # the way out works
+    assert fixed.chat().suffix == "<|im_end|>\n<|im_start|>assistant\n"
