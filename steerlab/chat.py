@@ -186,7 +186,7 @@ class ChatFormat:
                 "steerlab.load, or use raw prompts with chat=False."
             )
         if chat:
-            name = getattr(tokenizer, "name_or_path", "?")
+            name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
             check_template(tokenizer.chat_template, where=f"the chat template of {name}")
 
     # ----- template analysis -----
