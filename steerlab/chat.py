@@ -42,7 +42,8 @@ def check_template(template, *, where: str) -> None:
     """Raise :class:`ChatTemplateError` if a chat template (or one of a dict of named templates) does not
     compile in the Jinja environment transformers renders it with; ``where`` names it in the message."""
     import jinja2
-    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    from steerlab import compat
 
     named = template.items() if isinstance(template, dict) else [(None, template)]
     for name, text in named:
@@ -50,7 +51,7 @@ def check_template(template, *, where: str) -> None:
         if not isinstance(text, str):
             raise ChatTemplateError(f"{label} is a {type(text).__name__}, not a Jinja template string")
         try:
-            _compile_jinja_template(text)
+            compat.compile_chat_template(text)
         except jinja2.TemplateSyntaxError as exc:
             lines = text.splitlines()
             line = lines[exc.lineno - 1].strip() if 0 < (exc.lineno or 0) <= len(lines) else ""

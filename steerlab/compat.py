@@ -168,6 +168,14 @@ def expert_gate(experts: nn.Module, pre: torch.Tensor) -> torch.Tensor | None:
     return None if gate is None else gate(pre)
 
 
+def compile_chat_template(template: str) -> Any:
+    """Compile a chat template in the Jinja environment transformers renders templates with (raises
+    ``jinja2.TemplateSyntaxError`` on a syntax error)."""
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    return _compile_jinja_template(template)
+
+
 # ----- scikit-learn -----
 def validate_data(estimator: Any, *args: Any, **kwargs: Any) -> Any:
     """scikit-learn's input validation for estimators (``sklearn.utils.validation.validate_data``, 1.6+)."""

@@ -121,3 +121,12 @@ def test_quantizer_detached_restores_the_metadata_also_on_errors():
         assert not hasattr(hf.config, "quantization_config") and hf.hf_quantizer is None
         raise RuntimeError
     assert hf.config.quantization_config == {"quant_method": "gguf"} and hf.hf_quantizer is marker
+
+
+def test_compile_chat_template_uses_the_renderers_environment():
+    import jinja2
+
+    compiled = compat.compile_chat_template("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    assert compiled.render(messages=[{"content": "hi"}]) == "hi"
+    with pytest.raises(jinja2.TemplateSyntaxError):
+        compat.compile_chat_template("{% if %}")
