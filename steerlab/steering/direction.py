@@ -125,6 +125,8 @@ class Direction:
     def select(self, layers: int | Sequence[int]) -> Direction:
         """A direction restricted to some of its layers."""
         items = layer_tuple(layers)
+        if not items:
+            raise EmptyInputError("select() needs at least one layer; pass e.g. direction.select([3])")
         return replace(self, vectors=torch.stack([self.at(la) for la in items]), layers=items)
 
     def unit(self) -> Direction:

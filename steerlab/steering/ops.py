@@ -213,6 +213,8 @@ class AddVector:
         _check_width(self.direction, model)
         check_provenance(self.direction, model, sites=("resid_pre",), op=op, strict=self.strict)
         layers = model.layer_indices(list(self.layers) if self.layers is not None else list(self.direction.layers))
+        if not layers:
+            return []  # model.apply says that the op placed no hook
         rows = [_layer_of(self.direction, la, self.source_layer) for la in layers]
         check_nonzero(self.direction, rows, op, "adding it would do nothing")
         used = self.direction.select(list(dict.fromkeys(rows)))
@@ -321,6 +323,8 @@ class Clamp:
         _check_width(self.direction, model)
         check_provenance(self.direction, model, sites=("resid_pre",), op=op, strict=self.strict)
         layers = model.layer_indices(list(self.layers))
+        if not layers:
+            return []  # model.apply says that the op placed no hook
         rows = [_layer_of(self.direction, la, self.source_layer) for la in layers]
         check_nonzero(self.direction, rows, op, "it cannot be normalised to clamp the projection on it")
         unit = self.direction.select(list(dict.fromkeys(rows))).unit()
