@@ -610,10 +610,12 @@ def _refusal(args: argparse.Namespace) -> int:
             f"--n-eval {args.n_eval} is more than the {len(held_out)} AdvBench prompts; pass at most {len(held_out)}"
         )
     run_model = _open_model(args.model, args.eval_dtype)
-    fit_model = run_model if args.eval_dtype == "float32" else _open_model(args.model, "float32")
     print(
-        f"[{time.perf_counter() - t0:6.0f}s] loaded {run_model.name}: fit in float32, select and generate in {args.eval_dtype}"
+        f"[{time.perf_counter() - t0:6.0f}s] loaded {run_model.name}: select and generate in {args.eval_dtype}, "
+        "fit in float32"
     )
+    # the float32 copy is loaded only after the check that the model refuses (a model that does not fails sooner)
+    fit_model = run_model if args.eval_dtype == "float32" else (lambda: _open_model(args.model, "float32"))
     direction, report = refusal_direction(
         run_model, split.harmful_train, split.harmless_train, harmful_val=split.harmful_val,
         harmless_val=split.harmless_val, filter_train=args.filter, fit_model=fit_model, kl_max=args.kl_max,
@@ -646,9 +648,9 @@ def _refusal(args: argparse.Namespace) -> int:
     if args.export is not None:
         try:
             export_info = _export_refusal(args, direction, out)
-        except ParityError as exc:  # keep the report; the missing export is the non-zero exit
-            body["export"], status = {"error": str(exc)}, 1
-            print(f"steerlab: error: {exc}", file=sys.stderr)
+        except SteerlabError as exc:  # keep the reports; the missing export is the non-zero exit
+            body["export"] = {"error": str(exc)}
+            status = _error(exc, 1 if isinstance(exc, ParityError) else 2)
         else:
             body["export"] = export_info
             print(f"[{time.perf_counter() - t0:6.0f}s] exported the ablated model to {export_info['path']} "

@@ -44,15 +44,24 @@ def _one_error_line(err: str) -> str:
 
 
 @pytest.mark.parametrize("filter_", ["judge", "score"])
-def test_refusal_on_a_model_that_does_not_refuse_fails_fast_and_leaves_no_folder(filter_, capsys, tmp_path):
+def test_refusal_on_a_model_that_does_not_refuse_fails_fast_and_leaves_no_folder(
+    filter_, capsys, tmp_path, monkeypatch
+):
     # SmolLM2 refuses 1 of the 32 harmful validation prompts: the run used to select for ~9 minutes and save nothing
+    from steerlab import cli
+
+    loads = []
+    open_model = cli._open_model
+    monkeypatch.setattr(cli, "_open_model", lambda source, dtype: loads.append(dtype) or open_model(source, dtype))
     out = tmp_path / "run"
     t0 = time.perf_counter()
     status = main(["refusal", "--model", "smollm2-135m-instruct", "--out", str(out), "--filter", filter_])
     elapsed = time.perf_counter() - t0
     line = _one_error_line(capsys.readouterr().err)
-    assert status == 2 and "does not refuse harmful requests" in line and "of 32 harmful prompts" in line, line
-    assert "qwen2.5-coder-0.5b-instruct" in line and elapsed < 60, elapsed
+    assert status == 2 and "does not refuse harmful requests" in line, line
+    assert re.search(r"refused [0-4] of 32 harmful prompts", line), line
+    assert "qwen2.5-coder-0.5b-instruct" in line and elapsed < 60, elapsed  # ~10 s on an idle 2-core machine
+    assert loads == ["bfloat16"]  # the float32 copy for fitting is never loaded
     assert not out.exists()
 
 
@@ -289,7 +298,8 @@ def test_steer_rejects_bad_arguments(probe_run, capsys):
     assert main(["steer", "--direction", direction, "--ablate", "--layer", "7", "Hi"]) == 2
     assert "--layer 7 is not a layer of the direction" in capsys.readouterr().err
     assert main(["steer", "--direction", str(probe_run / "probe.safetensors"), "--coeff", "1", "Hi"]) == 2
-    assert "not a steerlab Direction file" in capsys.readouterr().err
+    line = _one_error_line(capsys.readouterr().err)
+    assert "probe.safetensors" in line and "Direction" in line
 
 
 def test_export_bakes_checks_parity_and_writes_a_loadable_directory(tiny_dir, probe_run, tmp_path, capsys):
@@ -477,9 +487,9 @@ def test_bad_files_are_one_line_errors_not_tracebacks(tiny_dir, probe_run, tmp_p
     a_file.write_text("x")
     good = str(probe_run / "direction.safetensors")
     cases = [
-        (["steer", "--model", tiny_dir, "--direction", str(corrupt), "--coeff", "1", "Hi"], "not a readable steerlab Direction"),
+        (["steer", "--model", tiny_dir, "--direction", str(corrupt), "--coeff", "1", "Hi"], "corrupt.safetensors"),
         (["export", "--model", tiny_dir, "--direction", str(corrupt), "--ablate", "--out", str(tmp_path / "e")],
-         "not a readable steerlab Direction"),
+         "corrupt.safetensors"),
         (["steer", "--direction", str(tmp_path), "--coeff", "1", "Hi"], "is a directory"),
         (["guard", "--model", tiny_dir, "--probe", str(corrupt), "Hi"], "not a safetensors file"),
         (["probe", "--harmful", str(binary), "--harmless", str(binary)], "is not UTF-8 text"),
@@ -511,3 +521,26 @@ def test_os_errors_from_the_commands_are_one_line(monkeypatch, capsys):
     assert main(["probe"]) == 2
     line = _one_error_line(capsys.readouterr().err)
     assert "Permission denied (/srv/runs/probe)" in line
+
+
+def test_refusal_export_failure_keeps_the_reports_and_says_why_in_one_line(tiny_dir, tmp_path, capsys):
+    argv = ["refusal", "--model", tiny_dir, "--out", str(tmp_path), "--filter", "none", "--kl-max", "1e9", "--induce-min=-1e9",
+            "--n-eval", "2", "--max-new-tokens", "2", "--eval-dtype", "float32", "--min-refusal-rate", "0", "--export",
+            "--tol", "0"]  # fmt: skip
+    assert main(argv) == 1
+    assert "nothing was exported" in _one_error_line(capsys.readouterr().err)
+    assert "nothing was exported" in json.loads((tmp_path / "report.json").read_text())["export"]["error"]
+    assert (tmp_path / "report.html").is_file() and (tmp_path / "selection.html").is_file()
+    assert not (tmp_path / "model").exists()
+
+
+def test_foreign_errors_from_reading_a_saved_file_are_one_line(probe_run, monkeypatch, capsys):
+    from steerlab.steering import Direction
+
+    def broken(path):
+        raise RuntimeError("unexpected dtype in 'vectors'")  # what torch or safetensors might raise
+
+    monkeypatch.setattr(Direction, "load", staticmethod(broken))
+    assert main(["steer", "--direction", str(probe_run / "direction.safetensors"), "--coeff", "1", "Hi"]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "direction.safetensors is not a readable steerlab Direction file (unexpected dtype in 'vectors')" in line

@@ -24,7 +24,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -251,7 +251,7 @@ def refusal_direction(
     harmful_val: Sequence[str],
     harmless_val: Sequence[str],
     filter_train: TrainFilter = "score",
-    fit_model: Model | None = None,
+    fit_model: Model | Callable[[], Model] | None = None,
     prune_last: float = 0.2,
     kl_max: float = 0.1,
     induce_min: float = 0.0,
@@ -266,7 +266,8 @@ def refusal_direction(
     prompts (cheap: 16 new tokens each) raises :class:`ModelDoesNotRefuseError` for a model that does not
     refuse. Training prompts and harmful validation prompts are filtered with ``filter_train`` (harmless
     validation prompts are kept as given). ``fit_model`` (e.g. a float32 copy of a bfloat16
-    ``model``) computes the candidates; filtering and selection run on ``model``.
+    ``model``, or a function that loads it, called only after the check and the filters) computes the
+    candidates; filtering and selection run on ``model``.
     """
     refused = None
     if min_refusal_rate > 0:
@@ -277,7 +278,11 @@ def refusal_direction(
         kept_val = filter_prompts(model, harmful_val, refuse=True, how=filter_train, batch_size=batch_size)
     kept_harmful = filter_prompts(model, harmful, refuse=True, how=filter_train, batch_size=batch_size)
     kept_harmless = filter_prompts(model, harmless, refuse=False, how=filter_train, batch_size=batch_size)
-    candidates, offsets = fit_candidates(fit_model or model, kept_harmful, kept_harmless, batch_size=batch_size, progress=progress)
+    from steerlab.model import Model  # at run time: the annotation import is for type checkers only
+
+    fitter = fit_model() if fit_model is not None and not isinstance(fit_model, Model) else fit_model or model
+    candidates, offsets = fit_candidates(fitter, kept_harmful, kept_harmless, batch_size=batch_size, progress=progress)
+    del fitter
     pi, chosen, scored, base_h, base_s = select_direction(
         model, candidates, offsets, kept_val, harmless_val, prune_last=prune_last, kl_max=kl_max,
         induce_min=induce_min, induce_coeff=induce_coeff, batch_size=batch_size, progress=progress,
