@@ -797,7 +797,12 @@ def _guard_parser(sub) -> None:
         default=None,
         help="fitted guard layers (probe: one layer; default: best by CV / all)",
     )
-    p.add_argument("--n-train", type=_positive_int, default=128, help="training prompts per class for --fit")
+    p.add_argument(
+        "--n-train",
+        type=_int_at_least(2),
+        default=128,
+        help="training prompts per class for --fit (at least 2: the probe guard picks its layer by cross-validation)",
+    )
     # dest is not "save": nnsight (when imported) gives every object a .save method, which argparse then
     # mistakes for an already-set value and never fills in the default
     p.add_argument("--save", dest="save_to", default=None, metavar="FILE", help="save the fitted guard here")

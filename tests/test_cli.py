@@ -439,7 +439,7 @@ NUMERIC_ERRORS = [
     ("probe", "--limit", "0"),
     ("probe", "--seed", "-3"),
     ("guard", "--batch-size", "-1"),
-    ("guard", "--n-train", "0"),
+    ("guard", "--n-train", "1"),
     ("guard", "--threshold", "nan"),
     ("guard", "--seed", "-1"),
     ("steer", "--max-new-tokens", "0"),
