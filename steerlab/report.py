@@ -95,6 +95,9 @@ GLOSSARY: dict[str, str] = {
     "header), one column per token, labelled post_inst:'<token>'.",
     "last": "The last prompt token (the same as offset -1).",
     "reasoning_end": "The end-of-reasoning marker of reasoning models.",
+    # run metadata
+    "model sha256": "For an embedded model, the sha256 of its GGUF file, which steerlab checks before loading; other "
+    "models have no recorded checksum and show 'unknown'.",
 }
 
 REFUSAL_TERMS = (
@@ -247,6 +250,7 @@ def write_page(
         f"</head><body><h1>{html.escape(title)}</h1>",
     ]
     parts += [b if isinstance(b, str) else _figure(b) for b in blocks]
+    terms = [*terms, "model sha256"] if info is not None else list(terms)
     if terms:
         parts.append(glossary(terms))
     if info is not None:

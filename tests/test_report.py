@@ -160,7 +160,7 @@ def test_refusal_report_defines_its_terms_and_names_the_run(tmp_path):
     rows = dict(re.findall(r"<tr><td>([^<]*)</td><td>([^<]*)</td></tr>", text))
     assert rows["command"] == html.escape("steerlab refusal --out 'runs/a b'")
     assert rows["model"] == "smollm2-135m-instruct" and rows["seed"] == "7" and rows["dtype"] == "bfloat16"
-    assert rows["model sha256"] == EMBEDDED["smollm2-135m-instruct"].sha256
+    assert rows["model sha256"] == EMBEDDED["smollm2-135m-instruct"].sha256 and "<dt>model sha256</dt>" in text
     assert rows["steerlab version"] == steerlab.__version__ and rows["torch version"] == torch.__version__
     assert rows["transformers version"] == transformers.__version__ and re.match(r"\d{4}-\d\d-\d\dT", rows["date"])
     assert text.count("Plotly.newPlot") == 3 and (tmp_path / PLOTLY_JS).is_file()
