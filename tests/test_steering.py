@@ -122,9 +122,11 @@ def test_generated_only_addition_leaves_the_prompt_alone():
     model = tiny_model("llama")
     d = _direction(model, layers=(1,), seed=4)
     plain = model.generate(PROMPTS, max_new_tokens=1)
-    with pytest.raises(InterventionNotFiredError, match="never fired"):  # one new token: no generated position
-        with model.apply(AddVector(d, coeff=50.0, positions="generated")):
-            model.generate(PROMPTS, max_new_tokens=1)
+    with (
+        pytest.raises(InterventionNotFiredError, match="never fired"),  # one new token: no generated position
+        model.apply(AddVector(d, coeff=50.0, positions="generated")),
+    ):
+        model.generate(PROMPTS, max_new_tokens=1)
     longer = model.generate(PROMPTS, max_new_tokens=4)
     with model.apply(AddVector(d, coeff=50.0, positions="generated")):
         steered = model.generate(PROMPTS, max_new_tokens=4)
@@ -133,25 +135,26 @@ def test_generated_only_addition_leaves_the_prompt_alone():
     assert all(s.startswith(p) for s, p in zip(steered, plain))  # the first new token sees prompt positions only
     assert steered != longer  # later tokens see the steered generated positions
     assert prompt_only != plain
-    with pytest.raises(UnknownPositionError, match="model.generate"):
-        with model.apply(AddVector(d, coeff=1.0, positions="prompt")):
-            model.hf(**model.encode(PROMPTS).model_inputs())
+    with (
+        pytest.raises(UnknownPositionError, match="model.generate"),
+        model.apply(AddVector(d, coeff=1.0, positions="prompt")),
+    ):
+        model.hf(**model.encode(PROMPTS).model_inputs())
 
 
 def test_bad_steering_inputs():
     model = tiny_model("llama")
-    with pytest.raises(ShapeError, match="d_model=64"):
-        with model.apply(AddVector(Direction(vectors=torch.randn(1, 10), layers=(0,)))):
-            pass
-    with pytest.raises(ShapeError, match="source_layer"):
-        with model.apply(Ablate(_direction(model, layers=(0, 1)))):
-            pass
-    with pytest.raises(EmptyInputError):
-        with model.apply():
-            pass
-    with pytest.raises(InterventionNotFiredError):
-        with model.apply(AddVector(_direction(model), coeff=1.0)):
-            pass  # never ran the model
+    with (
+        pytest.raises(ShapeError, match="d_model=64"),
+        model.apply(AddVector(Direction(vectors=torch.randn(1, 10), layers=(0,)))),
+    ):
+        pass
+    with pytest.raises(ShapeError, match="source_layer"), model.apply(Ablate(_direction(model, layers=(0, 1)))):
+        pass
+    with pytest.raises(EmptyInputError), model.apply():
+        pass
+    with pytest.raises(InterventionNotFiredError), model.apply(AddVector(_direction(model), coeff=1.0)):
+        pass  # never ran the model
 
 
 def test_probe_direction_matches_sklearn_and_separates():

@@ -57,7 +57,7 @@ def _with(t, index, value):
 def test_non_finite_numbers_are_rejected_at_construction(bad):
     d = Direction(_vectors(), layers=(0, 1))
     probe = Probe(weights=_vectors(1, 8), bias=torch.zeros(1), layers=(1,))
-    means = dict(mean_harmful=_vectors(2, 8), mean_harmless=_vectors(2, 8, seed=1), layers=(0, 1))
+    means = {"mean_harmful": _vectors(2, 8), "mean_harmless": _vectors(2, 8, seed=1), "layers": (0, 1)}
     with pytest.raises(NonFiniteError, match="non-finite"):
         Direction(_with(_vectors(), 5, bad), layers=(0, 1))
     with pytest.raises(NonFiniteError, match="coeff"):
@@ -82,7 +82,7 @@ def _rewrite(path: Path, *, tensors=None, meta=None, drop=()):
     """Rewrite a saved file as an older or hand-made one would be: new tensors / metadata, no checksum."""
     with safe_open(str(path), framework="pt") as fh:
         old_meta = dict(fh.metadata())
-        old = {k: fh.get_tensor(k) for k in fh.keys()}
+        old = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 -- safe_open is not iterable
     new_meta = {k: v for k, v in {**old_meta, **(meta or {})}.items() if k not in drop and k != "sha256"}
     save_file({**old, **(tensors or {})}, str(path), metadata=new_meta)
     return path
@@ -91,7 +91,11 @@ def _rewrite(path: Path, *, tensors=None, meta=None, drop=()):
 def test_non_finite_values_in_files_are_rejected_at_load(tmp_path):
     probe = Probe(weights=_vectors(1, 8), bias=torch.zeros(1), layers=(1,), model="tiny-m")
     cases = [
-        (Direction(_vectors(), layers=(0, 1)), Direction.load, {"tensors": {"vectors": _with(_vectors(), 1, float("nan"))}}),
+        (
+            Direction(_vectors(), layers=(0, 1)),
+            Direction.load,
+            {"tensors": {"vectors": _with(_vectors(), 1, float("nan"))}},
+        ),
         (probe, Probe.load, {"tensors": {"weights": _with(_vectors(1, 8), 1, float("inf"))}}),
         (
             LatentGuard(mean_harmful=_vectors(2, 8), mean_harmless=_vectors(2, 8, seed=1), layers=(0, 1)),
@@ -129,7 +133,9 @@ def _saved(kind: str, path: Path) -> tuple[Path, object]:
     if kind == "ProbeGuard":
         return ProbeGuard(probe=probe, threshold=0.4).save(path), ProbeGuard.load
     if kind == "LatentGuard":
-        guard = LatentGuard(mean_harmful=_vectors(2, 8), mean_harmless=_vectors(2, 8, seed=1), layers=(0, 1), model_name="tiny-m")
+        guard = LatentGuard(
+            mean_harmful=_vectors(2, 8), mean_harmless=_vectors(2, 8, seed=1), layers=(0, 1), model_name="tiny-m"
+        )
         return guard.save(path), LatentGuard.load
     x = np.random.default_rng(0).normal(size=(40, 4))
     labels = np.where(x[:, 0] > 0, "tiny-m", "other")
@@ -225,7 +231,9 @@ def test_files_from_before_the_checksum_and_provenance_still_load_and_apply_quie
 # ----- zero vectors ----------------------------------------------------------------------------------------------
 def test_zero_vectors_are_errors_that_name_the_fix():
     zero = Direction(torch.zeros(1, 64), layers=(1,))
-    with pytest.raises(ZeroVectorError, match=r"layer\(s\) \[1\] is zero, so adding it would do nothing.*leave those layers out"):
+    with pytest.raises(
+        ZeroVectorError, match=r"layer\(s\) \[1\] is zero, so adding it would do nothing.*leave those layers out"
+    ):
         AddVector(zero, coeff=3.0)
     for make in (lambda: Ablate(zero), lambda: Clamp(zero, value=1.0, layers=[1])):
         with pytest.raises(ShapeError, match=r"is zero.*leave those layers out .*refit the direction"):
@@ -238,9 +246,8 @@ def test_zero_vectors_found_only_at_apply_time_and_unused_zero_rows_are_fine():
     vectors[2] = 0.0
     d = Direction(vectors, layers=(0, 1, 2))
     op = AddVector(d, coeff=1.0, layers=[-1])  # -1 is layer 2 only once the model is known
-    with pytest.raises(ZeroVectorError, match=r"\[2\] is zero"):
-        with model.apply(op):
-            pass
+    with pytest.raises(ZeroVectorError, match=r"\[2\] is zero"), model.apply(op):
+        pass
     with model.apply(Ablate(d, source_layer=1)), model.apply(Clamp(d, value=0.5, layers=[1])):
         model.generate(PROMPTS[:1], max_new_tokens=2)  # the zero row of layer 2 is never used
     with model.apply(AddVector(d, coeff=1.0, layers=[0, 1], unit=True)):
@@ -261,7 +268,11 @@ def test_duplicate_and_non_integer_layers_are_rejected():
             AddVector(d, layers=[bad])
         with pytest.raises(LayerIndexError, match="integer layer index"):
             AddVector(d, source_layer=bad)
-    for op in (lambda: AddVector(d, layers="1"), lambda: Clamp(d, value=1.0, layers="1"), lambda: RankOneRedirect(d, d, layers="12")):
+    for op in (
+        lambda: AddVector(d, layers="1"),
+        lambda: Clamp(d, value=1.0, layers="1"),
+        lambda: RankOneRedirect(d, d, layers="12"),
+    ):
         with pytest.raises(LayerIndexError, match="not the string"):
             op()
 
@@ -270,7 +281,9 @@ def test_numpy_and_torch_integer_layers_work_everywhere():
     model = tiny_model("llama")
     d = Direction(_vectors(2, 64), layers=(np.int64(0), torch.tensor(1)))
     assert d.layers == (0, 1) and all(type(la) is int for la in d.layers)
-    assert torch.equal(d.select(np.int64(1)).vectors, d.at(1)[None]) and torch.equal(d.at(torch.tensor(0)), d.vectors[0])
+    assert torch.equal(d.select(np.int64(1)).vectors, d.at(1)[None]) and torch.equal(
+        d.at(torch.tensor(0)), d.vectors[0]
+    )
     plain = AddVector(d, coeff=4.0, layers=[1], source_layer=0)
     odd = AddVector(d, coeff=4.0, layers=[np.int32(1)], source_layer=torch.tensor(0))
     assert odd == plain
@@ -316,25 +329,32 @@ def test_directions_applied_to_another_model_or_site_warn_and_fail_when_strict()
     cases = {
         "name": (Direction(v, layers=(1,), model="other-model"), "'other-model' and is applied to 'tiny-llama'"),
         "depth": (Direction(v, layers=(1,), model="tiny-llama", info={"n_layers": 24}), "24 layers and this one has 3"),
-        "site": (Direction(v, layers=(1,), site="resid_post", model="tiny-llama"), "'resid_post' and AddVector acts on resid_pre"),
+        "site": (
+            Direction(v, layers=(1,), site="resid_post", model="tiny-llama"),
+            "'resid_post' and AddVector acts on resid_pre",
+        ),
     }
     for d, says in cases.values():
-        with pytest.warns(ProvenanceWarning, match=re.escape(says)):
-            with model.apply(AddVector(d, coeff=1.0)):
-                model.generate(PROMPTS[:1], max_new_tokens=1)
-        with pytest.raises(ProvenanceError, match=re.escape(says)):
-            with model.apply(AddVector(d, coeff=1.0, strict=True)):
-                pass
+        with pytest.warns(ProvenanceWarning, match=re.escape(says)), model.apply(AddVector(d, coeff=1.0)):
+            model.generate(PROMPTS[:1], max_new_tokens=1)
+        with pytest.raises(ProvenanceError, match=re.escape(says)), model.apply(AddVector(d, coeff=1.0, strict=True)):
+            pass
     post = cases["site"][0]
-    with pytest.raises(ProvenanceError, match="Clamp acts on resid_pre"):
-        with model.apply(Clamp(post, value=1.0, layers=[1], strict=True)):
-            pass
-    with pytest.raises(ProvenanceError, match="Ablate acts on resid_pre"):
-        with model.apply(Ablate(post, per_layer=True, strict=True)):
-            pass
-    with pytest.raises(ProvenanceError, match="fitted on 'other-model'"):
-        with model.apply(RankOneRedirect(cases["name"][0], _vectors(1, 64, seed=9)[0], layers=[1], strict=True)):
-            pass
+    with (
+        pytest.raises(ProvenanceError, match="Clamp acts on resid_pre"),
+        model.apply(Clamp(post, value=1.0, layers=[1], strict=True)),
+    ):
+        pass
+    with (
+        pytest.raises(ProvenanceError, match="Ablate acts on resid_pre"),
+        model.apply(Ablate(post, per_layer=True, strict=True)),
+    ):
+        pass
+    with (
+        pytest.raises(ProvenanceError, match="fitted on 'other-model'"),
+        model.apply(RankOneRedirect(cases["name"][0], _vectors(1, 64, seed=9)[0], layers=[1], strict=True)),
+    ):
+        pass
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with model.apply(Ablate(post, strict=True)):  # one vector projected out everywhere: any residual site is fine
@@ -343,27 +363,41 @@ def test_directions_applied_to_another_model_or_site_warn_and_fail_when_strict()
         assert same.model == "tiny-llama" and same.model_n_layers == 3
         with model.apply(AddVector(same, coeff=1.0, strict=True)):
             model.generate(PROMPTS[:1], max_new_tokens=1)
-    with pytest.raises(ShapeError, match="d_model=64"):  # another width stays an error
-        with model.apply(AddVector(Direction(_vectors(1, 32), layers=(1,), model="tiny-llama"))):
-            pass
+    with (
+        pytest.raises(ShapeError, match="d_model=64"),
+        model.apply(AddVector(Direction(_vectors(1, 32), layers=(1,), model="tiny-llama"))),
+    ):  # another width stays an error
+        pass
 
 
 def test_provenance_survives_save_and_load(tmp_path):
     model = _named()
-    d = mean_difference(torch.randn(4, 1, 64), torch.randn(4, 1, 64), layers=[2], site="resid_post", position=-2, model=model)
+    d = mean_difference(
+        torch.randn(4, 1, 64), torch.randn(4, 1, 64), layers=[2], site="resid_post", position=-2, model=model
+    )
     back = Direction.load(d.save(tmp_path / "d.safetensors"))
-    assert (back.model, back.model_n_layers, back.width, back.site, back.position) == ("tiny-llama", 3, 64, "resid_post", -2)
+    assert (back.model, back.model_n_layers, back.width, back.site, back.position) == (
+        "tiny-llama",
+        3,
+        64,
+        "resid_post",
+        -2,
+    )
 
 
 # ----- fitters record where the direction comes from -------------------------------------------------------------
 def test_fitters_take_the_model_and_the_collected_activations():
     model = _named("qwen2", "tiny-qwen2")
-    kw = dict(layers=[1], positions=[-2], progress=False)
+    kw = {"layers": [1], "positions": [-2], "progress": False}
     pos, neg = steerlab.collect(model, PROMPTS, **kw), steerlab.collect(model, OTHER, **kw)
     for fit in (mean_difference, pca_direction, probe_direction):
         d = fit(pos, neg, model=model)
-        assert (d.model, d.model_n_layers, d.layers, d.site, d.position) == ("tiny-qwen2", 3, (1,), "resid_pre", -2), fit
-        x = fit(pos.get("resid_pre", -2)[:, :, 0], neg.get("resid_pre", -2)[:, :, 0], layers=[1], position=-2, model=model)
+        assert (d.model, d.model_n_layers, d.layers, d.site, d.position) == ("tiny-qwen2", 3, (1,), "resid_pre", -2), (
+            fit
+        )
+        x = fit(
+            pos.get("resid_pre", -2)[:, :, 0], neg.get("resid_pre", -2)[:, :, 0], layers=[1], position=-2, model=model
+        )
         torch.testing.assert_close(x.vectors, d.vectors)
         assert (x.model, x.model_n_layers, x.position) == ("tiny-qwen2", 3, -2)
     assert mean_difference(torch.ones(2, 1, 4), torch.zeros(2, 1, 4), layers=[0], model="name").model == "name"
@@ -394,7 +428,7 @@ def test_readme_quick_start_records_the_model_and_the_fitted_position():
     split = SimpleNamespace(harmful_train=PROMPTS * 12, harmless_train=OTHER * 12)
     code = "\n".join(_quick_start()).replace("[17]", "[1]")
     scope = {"steerlab": steerlab, "model": model, "split": split, "mean_difference": mean_difference}
-    exec(code, scope)
+    exec(code, scope)  # noqa: S102 -- the README's own lines, on purpose
     r = scope["r"]
     assert r.model == "tiny-qwen2" and r.position == -2, (r.model, r.position)
     assert (r.layers, r.site, r.model_n_layers) == ((1,), "resid_pre", 3)
