@@ -86,7 +86,18 @@ class HookContext:
     step: StepInfo
 
 
-HookFn = Callable[[torch.Tensor, HookContext], "torch.Tensor | None"]
+class Unchanged:
+    """The type of :data:`UNCHANGED`."""
+
+    def __repr__(self) -> str:
+        return "UNCHANGED"
+
+
+UNCHANGED = Unchanged()
+"""Returned by an edit hook that chose not to act on this call (its token selection is empty): the
+activation stays as it is and the call does not count as a firing."""
+
+HookFn = Callable[[torch.Tensor, HookContext], "torch.Tensor | Unchanged | None"]
 
 
 @dataclass
@@ -188,14 +199,11 @@ class HookSession:
         step.past_length = past_length_of(args, kwargs, step)
 
     # ----- registration -----
-    def add(
-        self, site: str, layer: int, fn: HookFn, *, name: str | None = None, required: bool = True, writes: bool = False
-    ) -> HookHandle:
+    def add(self, site: str, layer: int, fn: HookFn, *, name: str | None = None, required: bool = True) -> HookHandle:
         """Register ``fn`` on ``site`` at ``layer``; returns a handle whose ``count`` tracks firings.
 
-        ``writes=True`` marks an edit: only calls that return a tensor (changed the activation) count as
-        firings, so an edit whose token selection leaves out every token of the scope is reported as
-        not fired.
+        A call that returns :data:`UNCHANGED` (an edit whose token selection leaves out every token of the
+        call) does not count, so such an edit is reported as not fired when no call of the scope acted.
         """
         if not self._open:
             raise HookSessionError("register hooks inside `with model.hooks() as hooks:`")
@@ -207,11 +215,11 @@ class HookSession:
         layer_mod = spec.decoder_layers(hf)[idx]
 
         def call(x: torch.Tensor) -> torch.Tensor | None:
-            if not writes:
-                handle.count += 1
+            handle.count += 1  # before the call: a hook that stops the forward pass has fired
             out = fn(x, ctx)
-            if writes and out is not None:
-                handle.count += 1
+            if out is UNCHANGED:
+                handle.count -= 1
+                return None
             if out is not None and out.shape != x.shape:
                 raise UnknownSiteError(
                     f"hook {handle.name} returned shape {tuple(out.shape)} for a {site} activation of shape "
@@ -259,21 +267,20 @@ class HookSession:
         pre: bool = False,
         with_kwargs: bool = False,
         required: bool = True,
-        writes: bool = False,
     ) -> HookHandle:
         """Register a raw torch hook on ``module`` with a counted handle (for edits with no named site).
 
-        The handle counts firings and is checked on exit like :meth:`add` (``writes=True``: only calls
-        that return a replacement count); the hook is removed on exit.
+        The handle counts firings and is checked on exit like :meth:`add` (a call returning
+        :data:`UNCHANGED` does not count); the hook is removed on exit.
         """
         handle = HookHandle(site=f"module {name}", layer=layer, name=name, required=required)
 
         def counted(*args, **kwargs):
-            if not writes:
-                handle.count += 1
+            handle.count += 1
             out = hook(*args, **kwargs)
-            if writes and out is not None:
-                handle.count += 1
+            if out is UNCHANGED:
+                handle.count -= 1
+                return None
             return out
 
         self.add_module_hook(module, counted, pre=pre, with_kwargs=with_kwargs)

@@ -190,7 +190,7 @@ class Model:
                     iv.install(session)
                 else:
                     for site, layer, fn in iv.hooks(self):
-                        session.add(site, layer, fn, name=f"{type(iv).__name__}.{site}.{layer}", writes=True)
+                        session.add(site, layer, fn, name=f"{type(iv).__name__}.{site}.{layer}")
                 if len(session.handles) == before:
                     raise EmptyInputError(
                         f"{type(iv).__name__} placed no hook on {self.name} (an empty layer list?); "

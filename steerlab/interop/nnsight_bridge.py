@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from steerlab.hooks import HookContext, StepInfo
+from steerlab.hooks import UNCHANGED, HookContext, StepInfo
 from steerlab.interop._common import Firing, Spec, as_model, hf_and_tokenizer, require, specs_for
 from steerlab.model import Model
 
@@ -73,7 +73,9 @@ def _run(group: list[tuple[Spec, Firing]], x: torch.Tensor) -> torch.Tensor | No
     for spec, firing in group:
         firing.count += 1
         out = spec.fn(x, ctx)
-        if out is not None:
+        if out is UNCHANGED:
+            firing.count -= 1
+        elif out is not None:
             x, changed = out, True
     return x if changed else None
 

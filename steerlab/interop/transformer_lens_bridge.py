@@ -32,7 +32,7 @@ from torch import nn
 from steerlab import compat
 from steerlab.arch import resolve_path
 from steerlab.errors import EmptyInputError, InterventionNotFiredError, LayerIndexError, ShapeError
-from steerlab.hooks import HookContext, StepInfo, check_site
+from steerlab.hooks import UNCHANGED, HookContext, StepInfo, check_site
 from steerlab.interop._common import Firing, InteropError, Spec, as_model, hf_and_tokenizer, require, specs_for
 from steerlab.model import Model
 from steerlab.steering.direction import Direction
@@ -158,6 +158,9 @@ class TLHook:
         flat = self.spec.site == "head" and x.dim() == 3  # a TL without the [.., H, dh] view of hook_z
         view = x.view(*x.shape[:-1], self.n_heads, -1) if flat else x
         out = self.spec.fn(view, self.ctx)
+        if out is UNCHANGED:
+            self.firing.count -= 1
+            return None
         if out is None:
             return None
         if out.shape != view.shape:

@@ -545,7 +545,7 @@ def _install_linear(session: HookSession, name: str, layer: int, module: str, po
             )
         return masked(output, new, position_mask(output, ctx, positions))
 
-    return session.add_module(linear, hook, name=f"{name}.{path}", layer=idx, with_kwargs=True, writes=True)
+    return session.add_module(linear, hook, name=f"{name}.{path}", layer=idx, with_kwargs=True)
 
 
 def _module_weight(model: Model, layer: int, module: str) -> tuple[str, torch.Tensor]:

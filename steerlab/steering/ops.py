@@ -36,7 +36,7 @@ from steerlab.errors import (
     UnknownPositionError,
     ZeroVectorError,
 )
-from steerlab.hooks import HookContext
+from steerlab.hooks import UNCHANGED, HookContext, Unchanged
 from steerlab.steering.direction import Direction
 
 if TYPE_CHECKING:
@@ -156,13 +156,13 @@ def position_mask(x: torch.Tensor, ctx: HookContext, positions: StepPositions) -
     return keep[None, :, None]
 
 
-def masked(x: torch.Tensor, new: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
-    """``new`` where ``mask`` selects a token, ``x`` elsewhere; ``None`` (nothing changed, the hook did not
-    act) when the mask selects no token of this call."""
+def masked(x: torch.Tensor, new: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | Unchanged:
+    """``new`` where ``mask`` selects a token, ``x`` elsewhere; :data:`~steerlab.hooks.UNCHANGED` (the hook
+    did not act, the call does not count as a firing) when the mask selects no token of this call."""
     if mask is None:
         return new
     if not bool(mask.any()):
-        return None
+        return UNCHANGED
     return torch.where(mask, new, x)
 
 
