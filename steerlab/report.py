@@ -214,7 +214,8 @@ def _figure(fig: Any) -> str:
 _STYLE = (
     "body{font-family:sans-serif;max-width:1100px;margin:auto;padding:0 1em}"
     "table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;"
-    "text-align:left;vertical-align:top}dt{font-weight:bold;margin-top:0.5em}pre{white-space:pre-wrap}"
+    "text-align:left;vertical-align:top;white-space:pre-wrap}dt{font-weight:bold;margin-top:0.5em}"
+    "pre{white-space:pre-wrap}"
 )
 
 
