@@ -176,6 +176,25 @@ def compile_chat_template(template: str) -> Any:
     return _compile_jinja_template(template)
 
 
+# ----- TransformerLens and nnsight -----
+INTEROP_MODEL_ATTRS = ("original_model", "_module", "_model", "model")
+"""Where the wrapped HF model lives: TransformerLens ``TransformerBridge.original_model``; nnsight
+``LanguageModel`` ``._module`` (``._model`` before nnsight 0.5)."""
+
+
+def unwrap_interop(obj: Any) -> tuple[nn.Module, Any] | None:
+    """(HF model, tokenizer) inside a TransformerLens bridge or an nnsight model; ``None`` for anything else."""
+    from transformers import PreTrainedModel
+
+    if isinstance(obj, (str, bytes)) or hasattr(obj, "__fspath__"):
+        return None
+    for attr in INTEROP_MODEL_ATTRS:
+        inner = getattr(obj, attr, None)
+        if isinstance(inner, PreTrainedModel):
+            return inner, getattr(obj, "tokenizer", None)
+    return None
+
+
 # ----- scikit-learn -----
 def validate_data(estimator: Any, *args: Any, **kwargs: Any) -> Any:
     """scikit-learn's input validation for estimators (``sklearn.utils.validation.validate_data``, 1.6+)."""

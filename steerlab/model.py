@@ -320,7 +320,7 @@ def _resolve(source, tokenizer, **kwargs):
         source = DEFAULT_MODEL
     if isinstance(source, PreTrainedModel):
         return source, tokenizer, getattr(source.config, "_name_or_path", type(source).__name__)
-    wrapped = _unwrap_interop(source)
+    wrapped = compat.unwrap_interop(source)
     if wrapped is not None:
         hf, tok = wrapped
         return hf, tokenizer or tok, getattr(hf.config, "_name_or_path", type(hf).__name__)
@@ -346,18 +346,3 @@ def _resolve(source, tokenizer, **kwargs):
         return hf, tokenizer or tok, path.name
     hf, tok = _from_pretrained(str(path), **kwargs)
     return hf, tokenizer or tok, text
-
-
-def _unwrap_interop(obj) -> tuple[nn.Module, Any] | None:
-    """(HF model, tokenizer) inside a TransformerLens ``TransformerBridge`` (``.original_model``) or an
-    nnsight ``LanguageModel`` / ``TransformersModel`` (``._module``; ``._model`` before nnsight 0.5);
-    ``None`` for anything else."""
-    from transformers import PreTrainedModel
-
-    if isinstance(obj, (str, Path)):
-        return None
-    for attr in ("original_model", "_module", "_model", "model"):
-        inner = getattr(obj, attr, None)
-        if isinstance(inner, PreTrainedModel):
-            return inner, getattr(obj, "tokenizer", None)
-    return None

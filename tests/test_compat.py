@@ -130,3 +130,15 @@ def test_compile_chat_template_uses_the_renderers_environment():
     assert compiled.render(messages=[{"content": "hi"}]) == "hi"
     with pytest.raises(jinja2.TemplateSyntaxError):
         compat.compile_chat_template("{% if %}")
+
+
+def test_unwrap_interop_finds_the_hf_model_where_each_wrapper_keeps_it():
+    hf = tiny_model("llama").hf
+
+    class NnsightLike:
+        def __init__(self):
+            self._module, self.tokenizer = hf, "tok"
+
+    assert compat.unwrap_interop(NnsightLike()) == (hf, "tok")
+    assert compat.unwrap_interop("some/path") is None
+    assert compat.unwrap_interop(object()) is None
