@@ -108,7 +108,7 @@ class HookHandle:
     layer: int
     name: str
     required: bool = True
-    count: int = 0  # calls that ran (for writing hooks: calls that changed the activation)
+    count: int = 0  # calls that ran (a call returning UNCHANGED, which did not act, does not count)
     _handles: list[Any] = field(default_factory=list, repr=False)
 
 
@@ -309,7 +309,7 @@ def generation(model: Model, prompt_length: int) -> Iterator[None]:
     """Tell every hook session open on ``model`` that a generation with a padded prompt of
     ``prompt_length`` tokens is running, for the whole ``with`` block (reset on every exit path).
 
-    Position-aware edits (``tokens="prompt"`` / ``"generated"``) read it to tell prompt tokens from
+    Position-aware edits (``positions="prompt"`` / ``"generated"``) read it to tell prompt tokens from
     generated ones; every generation loop (``Model.generate``, ADA, refusal tokens) wraps its calls in it.
     """
     sessions = open_sessions(model)
