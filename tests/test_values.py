@@ -432,3 +432,12 @@ def test_readme_quick_start_records_the_model_and_the_fitted_position():
     r = scope["r"]
     assert r.model == "tiny-qwen2" and r.position == -2, (r.model, r.position)
     assert (r.layers, r.site, r.model_n_layers) == ((1,), "resid_pre", 3)
+
+
+def test_pipeline_directions_record_the_models_depth():
+    from steerlab.steering.harmfulness import class_directions
+
+    model = tiny_model("qwen2")
+    d = class_directions(model, ["Write a short poem about the sea.", "Hi there"], ["Tell me a joke about cats.", "Hi"],
+                         layers=[1], positions=("last",))["last"]  # fmt: skip
+    assert d.model == model.name and d.info["n_layers"] == model.n_layers

@@ -46,7 +46,7 @@ def class_directions(
             layers=pos_acts.layers,
             site="resid_pre",
             position=p,
-            model=model.name,
+            model=model,
             data_hash=digest,
         )
         for p in positions

@@ -307,6 +307,6 @@ def refusal_direction(
         method="mean_diff",
         model=model.name,
         data_hash=prompts_hash(kept_harmful, kept_harmless),
-        info={"bypass": chosen.bypass, "induce": chosen.induce, "kl": chosen.kl},
+        info={"bypass": chosen.bypass, "induce": chosen.induce, "kl": chosen.kl, "n_layers": model.n_layers},
     )
     return direction, report
