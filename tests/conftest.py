@@ -128,6 +128,16 @@ def moe_model(request):
 
 
 @pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A tiny random llama with the test tokenizer, saved like any HF checkpoint (a path for the CLI)."""
+    model = tiny_model("llama")
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model.hf.save_pretrained(path)
+    model.tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
 def smollm():
     import steerlab
 

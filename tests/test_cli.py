@@ -96,18 +96,6 @@ def _one_thread_for_tiny_models(request):
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """A tiny random llama with the test tokenizer, saved like any HF checkpoint."""
-    from tests.conftest import tiny_model
-
-    model = tiny_model("llama")
-    path = tmp_path_factory.mktemp("tiny-llama")
-    model.hf.save_pretrained(path)
-    model.tokenizer.save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def probe_run(tiny_dir, tmp_path_factory):
     """One `steerlab probe` run from a text file and a JSONL file (the other tests read its outputs)."""
     root = tmp_path_factory.mktemp("probe")

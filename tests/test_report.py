@@ -53,18 +53,6 @@ def assert_offline(folder: Path) -> list[Path]:
     return pages
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """A tiny random llama with the test tokenizer, saved like any HF checkpoint."""
-    from tests.conftest import tiny_model
-
-    model = tiny_model("llama")
-    path = tmp_path_factory.mktemp("tiny-llama")
-    model.hf.save_pretrained(path)
-    model.tokenizer.save_pretrained(path)
-    return str(path)
-
-
 @pytest.fixture
 def one_thread():
     threads = torch.get_num_threads()
