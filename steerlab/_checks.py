@@ -1,7 +1,8 @@
 """Checks shared by the values (directions, steer ops, probes, guards): layer indices and finite numbers.
 
 * :func:`layer_index` — one layer index: an ``int``, or a numpy / torch integer scalar; not a float, bool or string.
-* :func:`layer_tuple` — a list of layer indices (or one index) as a tuple of ``int``, each listed once.
+* :func:`layer_list` — a list of layer indices (or one index) as a list of ``int``.
+* :func:`layer_tuple` — the same as a tuple of ``int``, each listed once.
 * :func:`finite_number` — a real, finite number (a coefficient, a threshold) as a ``float``.
 * :func:`check_finite` — a tensor without NaN or infinity.
 
@@ -51,13 +52,18 @@ def layer_index(value: object, what: str = "layer") -> int:
     return idx
 
 
-def layer_tuple(value: object, what: str = "layers") -> tuple[int, ...]:
-    """A list of layer indices (or a single one) as a tuple of ``int``; each layer may appear once."""
+def layer_list(value: object, what: str = "layers") -> list[int]:
+    """A list of layer indices (or a single one) as a list of ``int``, in the given order."""
     if isinstance(value, (str, bytes)):
         raise LayerIndexError(f"{what} must be a list of layer indices such as [3], not the string {value!r}")
     if _is_scalar(value):
-        return (layer_index(value, what),)
-    out = tuple(layer_index(v, f"{what}[{i}]") for i, v in enumerate(value))
+        return [layer_index(value, what)]
+    return [layer_index(v, f"{what}[{i}]") for i, v in enumerate(value)]
+
+
+def layer_tuple(value: object, what: str = "layers") -> tuple[int, ...]:
+    """:func:`layer_list` as a tuple in which each layer may appear once."""
+    out = tuple(layer_list(value, what))
     repeated = sorted({la for la in out if out.count(la) > 1})
     if repeated:
         raise LayerIndexError(f"{what} lists layer(s) {repeated} more than once ({list(out)}); list each layer once")

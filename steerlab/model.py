@@ -21,19 +21,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from steerlab import compat, sources
+from steerlab._checks import layer_list
 from steerlab.arch import ArchSpec, normalize_layer, spec_for
-from steerlab.chat import ChatFormat, EncodedBatch, as_index, check_batch_size, check_template
+from steerlab.chat import ChatFormat, EncodedBatch, check_batch_size, check_template
 from steerlab.embedded import DEFAULT_MODEL, EMBEDDED, cached_checkpoint
-from steerlab.errors import EmptyInputError, HookSessionError, LayerIndexError, ModelLoadError
+from steerlab.errors import EmptyInputError, HookSessionError, ModelLoadError
 from steerlab.hooks import HookSession, generation
-
-
-def _layer_int(value: Any) -> int:
-    """One layer index as an int; bools, floats and strings raise :class:`LayerIndexError`."""
-    idx = as_index(value)
-    if idx is None:
-        raise LayerIndexError(f"layer index must be an int, got {value!r} ({type(value).__name__})")
-    return idx
 
 
 class _OnceContext(AbstractContextManager):
@@ -130,19 +123,7 @@ class Model:
         """
         if layers is None:
             return list(range(self.n_layers))
-        if isinstance(layers, (str, bytes)):
-            raise LayerIndexError(
-                f"layers must be an int or a list of ints, got the string {layers!r}; e.g. layers=[3]"
-            )
-        one = as_index(layers)
-        if one is not None:
-            items = [one]
-        else:
-            try:
-                items = list(layers)
-            except TypeError:
-                raise LayerIndexError(f"layers must be an int or a list of ints, got {layers!r}") from None
-        return sorted({normalize_layer(_layer_int(i), self.n_layers) for i in items})
+        return sorted({normalize_layer(i, self.n_layers) for i in layer_list(layers)})
 
     # ----- chat and tokens -----
     def chat(self, *, system: str | None = None, chat: bool = True, reasoning_end: str | None = None) -> ChatFormat:

@@ -129,10 +129,10 @@ def test_layer_indices_take_integers_of_any_kind_and_nothing_else():
     assert model.layer_indices(torch.tensor(1)) == [1]
     assert model.layer_indices([np.int32(0), torch.tensor(2), 0, -1]) == [0, 2]  # duplicates collapse
     assert model.layer_indices(np.array([1, 0])) == [0, 1]
-    with pytest.raises(LayerIndexError, match=r"got the string '3'; e\.g\. layers=\[3\]"):
+    with pytest.raises(LayerIndexError, match=r"not the string .3."):
         model.layer_indices("3")
     for bad in (True, [True], [1.0], [np.float32(1)], [torch.tensor(1.0)], ["1"], [np.bool_(True)], 1.5):
-        with pytest.raises(LayerIndexError, match="must be an int"):
+        with pytest.raises(LayerIndexError, match="must be one integer layer index"):
             model.layer_indices(bad)
 
 
