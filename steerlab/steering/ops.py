@@ -141,6 +141,19 @@ def check_nonzero(direction: Direction, rows: Sequence[int], op: str, why: str) 
         )
 
 
+def _resid_pre_rows(op: AddVector | Clamp, model: Model, layers, why: str) -> tuple[list[int], list[int]]:
+    """For a ``resid_pre`` op: the model layers it hooks and, for each, the direction layer whose vector it
+    uses, after the width, provenance and non-zero checks (no layers: ``([], [])``, and ``model.apply``
+    reports that the op placed no hook)."""
+    name = type(op).__name__
+    _check_width(op.direction, model)
+    check_provenance(op.direction, model, sites=("resid_pre",), op=name, strict=op.strict)
+    hooked = model.layer_indices(list(layers))
+    rows = [_layer_of(op.direction, la, op.source_layer) for la in hooked]
+    check_nonzero(op.direction, rows, name, why)
+    return hooked, rows
+
+
 def position_mask(x: torch.Tensor, ctx: HookContext, positions: StepPositions) -> torch.Tensor | None:
     """[1, s, 1] mask of the tokens in this call that the op applies to (None = all)."""
     if positions == "all":
@@ -209,14 +222,10 @@ class AddVector:
 
     def hooks(self, model: Model) -> list[HookSpec]:
         """The (site, layer, fn) triples that implement this op on ``model``."""
-        op = type(self).__name__
-        _check_width(self.direction, model)
-        check_provenance(self.direction, model, sites=("resid_pre",), op=op, strict=self.strict)
-        layers = model.layer_indices(list(self.layers) if self.layers is not None else list(self.direction.layers))
+        chosen = self.layers if self.layers is not None else self.direction.layers
+        layers, rows = _resid_pre_rows(self, model, chosen, "adding it would do nothing")
         if not layers:
             return []  # model.apply says that the op placed no hook
-        rows = [_layer_of(self.direction, la, self.source_layer) for la in layers]
-        check_nonzero(self.direction, rows, op, "adding it would do nothing")
         used = self.direction.select(list(dict.fromkeys(rows)))
         used = used.unit() if self.unit else used
         specs = []
@@ -319,14 +328,9 @@ class Clamp:
 
     def hooks(self, model: Model) -> list[HookSpec]:
         """One resid_pre hook per layer."""
-        op = type(self).__name__
-        _check_width(self.direction, model)
-        check_provenance(self.direction, model, sites=("resid_pre",), op=op, strict=self.strict)
-        layers = model.layer_indices(list(self.layers))
+        layers, rows = _resid_pre_rows(self, model, self.layers, "it cannot be normalised to clamp the projection on it")
         if not layers:
-            return []  # model.apply says that the op placed no hook
-        rows = [_layer_of(self.direction, la, self.source_layer) for la in layers]
-        check_nonzero(self.direction, rows, op, "it cannot be normalised to clamp the projection on it")
+            return []
         unit = self.direction.select(list(dict.fromkeys(rows))).unit()
         return [
             ("resid_pre", la, _projector_fns(unit.at(row), self.positions, self.value))
