@@ -56,11 +56,16 @@ def with_cache(hf: nn.Module, cache: Any, **inputs: Any) -> dict[str, Any]:
     return {**inputs, cache_kwarg(hf): cache, "use_cache": True}
 
 
-def is_cache(obj: Any) -> bool:
-    """Whether ``obj`` is a transformers KV cache."""
+@functools.cache
+def _cache_class() -> type:
     from transformers.cache_utils import Cache
 
-    return isinstance(obj, Cache)
+    return Cache
+
+
+def is_cache(obj: Any) -> bool:
+    """Whether ``obj`` is a transformers KV cache (checked on every forward step: no import per call)."""
+    return isinstance(obj, _cache_class())
 
 
 def find_cache(args: tuple, kwargs: Mapping[str, Any]) -> Any | None:
