@@ -97,3 +97,10 @@ def test_evaluation_matches_generations_and_kl_computed_by_hand():
     kl = float(kl_divergence(last_token_logprobs(model, HARMLESS), ablated_lp).mean())
     assert result.kl_harmless_ablated == pytest.approx(kl, abs=1e-6) and kl > 0
     assert "harmful, direction ablated" in result.as_table()
+
+
+@pytest.mark.parametrize("rate", [float("nan"), -0.1, 1.5])
+def test_min_refusal_rate_must_be_a_fraction(rate):
+    model = tiny_model("llama")
+    with pytest.raises(SteerlabError, match="min_refusal_rate"):
+        refusal_direction(model, ["a"], ["b"], harmful_val=["a"], harmless_val=["b"], min_refusal_rate=rate)

@@ -31,8 +31,9 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from tqdm.auto import tqdm
 
+from steerlab._checks import finite_number
 from steerlab.activations import collect
-from steerlab.errors import EmptyInputError, SteerlabError
+from steerlab.errors import EmptyInputError, InvalidValueError, SteerlabError
 from steerlab.eval.logits import kl_divergence, last_token_logprobs
 from steerlab.eval.refusal import is_refusal, refusal_score
 from steerlab.steering.direction import Direction
@@ -269,6 +270,9 @@ def refusal_direction(
     ``model``, or a function that loads it, called only after the check and the filters) computes the
     candidates; filtering and selection run on ``model``.
     """
+    min_refusal_rate = finite_number(min_refusal_rate, "min_refusal_rate")
+    if not 0.0 <= min_refusal_rate <= 1.0:
+        raise InvalidValueError(f"min_refusal_rate is a fraction of prompts in [0, 1]; got {min_refusal_rate}")
     refused = None
     if min_refusal_rate > 0:
         refused = check_model_refuses(model, harmful_val, min_rate=min_refusal_rate, batch_size=batch_size)
