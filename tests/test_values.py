@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 import steerlab
 from steerlab.errors import (
+    InvalidValueError,
     LayerIndexError,
     NonFiniteError,
     ProvenanceError,
@@ -441,3 +442,10 @@ def test_pipeline_directions_record_the_models_depth():
     d = class_directions(model, ["Write a short poem about the sea.", "Hi there"], ["Tell me a joke about cats.", "Hi"],
                          layers=[1], positions=("last",))["last"]  # fmt: skip
     assert d.model == model.name and d.info["n_layers"] == model.n_layers
+
+
+def test_strict_must_be_a_bool():
+    model = tiny_model("llama")
+    d = Direction(vectors=torch.ones(1, model.d_model), layers=(1,))
+    with pytest.raises(InvalidValueError, match="strict must be True or False"), model.apply(AddVector(d, strict="no")):
+        pass

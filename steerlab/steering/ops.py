@@ -81,6 +81,8 @@ def check_provenance(direction: Direction, model: Model, *, sites: Sequence[str]
 
     Unknown provenance (no model name, no recorded depth) is not a mismatch.
     """
+    if not isinstance(strict, bool):
+        raise InvalidValueError(f"{op}: strict must be True or False, got {strict!r}")
     problems = []
     if direction.model and model.name and direction.model != model.name:
         problems.append(f"it was fitted on {direction.model!r} and is applied to {model.name!r}")
