@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 _O_PROJ = ("o_proj", "out_proj", "c_proj", "dense", "wo", "o")
@@ -64,8 +65,9 @@ def _describe(layer: nn.Module) -> str:
     return ", ".join(parts)
 
 
-def _moe(layers: nn.ModuleList, mlp: str | None) -> tuple[int, str, str, str] | None:
-    """(layer, block, router, experts) of the first layer whose MLP block has experts, or ``None``."""
+def _moe(layers: nn.ModuleList, mlp: str | None) -> tuple[int, str, str, str, bool] | None:
+    """(layer, block, router, experts, whether the router has a ``bias`` tensor) of the first layer whose MLP block
+    has experts, or ``None``."""
     for idx, layer in enumerate(layers):
         block = getattr(layer, mlp, None) if mlp else None
         if block is None:
@@ -73,7 +75,8 @@ def _moe(layers: nn.ModuleList, mlp: str | None) -> tuple[int, str, str, str] | 
         experts = _child(block, ("experts",), exact=True) or _child(block, ("expert",))
         router = _child(block, _ROUTER, exact=True)
         if experts is not None:
-            return idx, mlp, router or "?", experts
+            biased = router is not None and isinstance(getattr(getattr(block, router), "bias", None), torch.Tensor)
+            return idx, mlp, router or "?", experts, biased
     return None
 
 
@@ -124,17 +127,23 @@ def registration_hint(model: nn.Module) -> str:
             "(Gemma/OLMo-2 style), so attn_out and mlp_out name them."
         )
     if moe:
-        idx, block, router, experts = moe
-        spec += f", moe=steerlab.arch.MoESpec(block={block!r}, router={router!r}, experts={experts!r})"
+        idx, block, router, experts, biased = moe
+        bias = ", router_bias='bias'" if biased else ""
+        spec += f", moe=steerlab.arch.MoESpec(block={block!r}, router={router!r}, experts={experts!r}{bias})"
         params = ", ".join(
             f"{n} {tuple(p.shape)}" for n, p in getattr(getattr(layers[idx], block), experts).named_parameters()
         )
         lines.append(
             f"It looks like MoE: layer {idx}'s {block} has {experts} ({params or 'no parameters of its own'}) and "
-            f"router {router!r}; check MoESpec's routing and expert_layout against them."
+            f"router {router!r}; check MoESpec's routing, expert_layout and router_bias (the router's per-expert "
+            "bias tensor, if it has one) against them."
         )
     else:
         lines.append("It looks dense (no experts in its MLP blocks).")
+    lines.append(
+        "Optional: bias_routes=(steerlab.arch.BiasRoute(...),) tells bake how the family gets a loadable o_proj / "
+        "down_proj bias, and gguf=steerlab.arch.GGUFArch(...) how it is written as GGUF; without them both are refused."
+    )
     lines.append(
         "'?' marks what steerlab could not find. Check these guesses against print(model) and register before "
         f"loading:\n    steerlab.arch.register(steerlab.arch.ArchSpec({spec}))"

@@ -162,14 +162,14 @@ def test_unknown_dense_architecture_hint_is_a_spec_that_works(model_type, found,
     """The register hint names the modules found on this model, and registering it as shown gives a model whose
     sites are right: residual sites equal hidden_states, attention + MLP outputs recompose the residual stream."""
     import steerlab
-    from steerlab import arch
+    from steerlab.arch import registry
 
     hf, tok = _tiny_unregistered(model_type)
     msg = _load_error(hf, tok)
     assert f"architecture {model_type!r} is not in steerlab's registry" in msg and "qwen2" in msg
     assert f"(model.layers.0, {type(hf.model.layers[0]).__name__}) has: self_attn (" in msg
     assert found in msg and "It looks dense" in msg
-    monkeypatch.setattr(arch, "_REGISTRY", dict(arch._REGISTRY))  # registration ends with the test
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # registration ends with the test
     eval(msg.split("register before loading:\n")[1].strip(), {"steerlab": steerlab})
     model = steerlab.load(hf, tok)
     batch = model.encode(["Write a short poem about the sea.", "Hi"])
@@ -192,3 +192,125 @@ def test_unknown_moe_architecture_hint_says_moe_and_names_router_and_experts():
     assert "It looks like MoE: layer 0's mlp has experts (gate_up_proj (4, 192, 64), down_proj (4, 64, 96))" in msg
     assert "down_proj=None" in msg
     assert "moe=steerlab.arch.MoESpec(block='mlp', router='router', experts='experts')" in msg
+
+
+# ----- declarative per-family facts: bias routes, GGUF, router bias, grouped routing -----
+def _bias_route_cases() -> list[tuple[str, str]]:
+    from steerlab.arch import BIAS_ROLES
+
+    return [(f, role) for f in FAMILIES for role in BIAS_ROLES if get_spec(f).bias_route(role) is not None]
+
+
+def test_bias_routes_name_only_registered_families_and_roles():
+    from steerlab.arch import BIAS_ROLES, families_with_bias_route, registered_specs
+
+    known = set(known_model_types())
+    assert families_with_bias_route("down_proj") == ["llama", "mistral", "qwen2"]
+    assert len(families_with_bias_route("o_proj")) == 10
+    for spec in registered_specs():
+        for r in spec.bias_routes:
+            assert r.role in BIAS_ROLES and (r.model_type is None or r.model_type in known), spec.model_type
+            assert r.flags and all(isinstance(k, str) for k, _ in r.flags)
+
+
+@pytest.mark.parametrize(("family", "role"), _bias_route_cases())
+def test_every_bias_route_rebuilds_a_model_with_that_bias_and_the_same_logits(family, role):
+    """Each route's flags (under its model type) give every layer a zero ``role`` bias and change no logit."""
+    import steerlab
+    from steerlab.arch import mlp_down
+    from steerlab.training.restructure import rebuild
+
+    model = tiny_model(family)
+    route_ = model.spec.bias_route(role)
+    assert route_.check is None or route_.check(model.config) is None
+    new = steerlab.load(rebuild(model.hf, flags=dict(route_.flags), model_type=route_.model_type), model.tokenizer)
+    assert new.spec.model_type == (route_.model_type or family)
+    for layer in range(new.n_layers):
+        if role == "o_proj":
+            module = new.spec.layer_module(new.hf, layer, new.spec.o_proj)
+        else:
+            module = resolve_path(new.hf, mlp_down(new.spec, new.hf, layer).dense)
+        assert isinstance(module.bias, torch.Tensor) and float(module.bias.detach().abs().max()) == 0.0, (layer, role)
+    batch = model.encode(["Write a short poem about the sea.", "Hi there"])
+    with torch.inference_mode():
+        before = model.hf(**batch.model_inputs()).logits
+        after = new.hf(**batch.model_inputs()).logits
+    mask = batch.attention_mask.bool()
+    torch.testing.assert_close(after[mask], before[mask], atol=1e-6, rtol=0)
+
+
+def test_bias_routes_and_moe_specs_reject_inconsistent_values():
+    from steerlab.arch import BiasRoute, ExpertGroups, MoESpec
+
+    with pytest.raises(UnknownArchitectureError, match="role"):
+        BiasRoute("q_proj", (("attention_bias", True),))
+    with pytest.raises(UnknownArchitectureError, match="one bias route per role"):
+        ArchSpec("x", bias_routes=(BiasRoute("o_proj", ()), BiasRoute("o_proj", (("attention_bias", True),))))
+    with pytest.raises(UnknownArchitectureError, match="router_bias"):
+        MoESpec(routing="sigmoid_grouped")
+    with pytest.raises(UnknownArchitectureError, match="sigmoid_grouped"):
+        MoESpec(groups=ExpertGroups(count="num_group", kept="topk_group"))
+
+
+def test_gguf_families_name_llama_cpp_architectures():
+    import gguf
+
+    from steerlab.arch import gguf_families
+
+    assert gguf_families() == ["llama", "qwen2"]
+    for family in gguf_families():
+        assert get_spec(family).gguf.arch in gguf.MODEL_ARCH_NAMES.values()
+
+
+def _router(model):
+    spec, hf = model.spec, model.hf
+    layer = next(i for i in range(model.n_layers) if spec.moe_block(hf, i) is not None)
+    return resolve_path(spec.moe_block(hf, layer), spec.moe.router)
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_router_bias_is_the_routers_per_expert_bias_and_keeps_an_expert_out(family):
+    """``router_bias`` names an [E] tensor whose very negative entry keeps that expert out of the family's own top-k;
+    a family without one has no 1-d tensor on its router at all."""
+    import copy
+
+    model = tiny_model(family)
+    router = copy.deepcopy(_router(model))
+    x = torch.randn(40, model.d_model, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        n_experts = router(x)[0].shape[-1]
+        name = model.spec.moe.router_bias
+        if name is None:
+            assert not [k for k, t in router.state_dict().items() if t.dim() == 1]
+            return
+        bias = getattr(router, name)
+        assert isinstance(bias, torch.Tensor) and bias.shape == (n_experts,)
+        assert (router(x)[2] == 1).any()  # chosen somewhere before: the test is not vacuous
+        bias[1] = -1e9
+        idx = router(x)[2]
+    assert not (idx == 1).any()
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_selection_scores_rank_experts_as_the_family_router_does(family):
+    from steerlab.arch import selection_scores
+
+    model = tiny_model(family)
+    router = _router(model)
+    x = torch.randn(30, model.d_model, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits, _, idx = router(x)
+        scores = selection_scores(model.spec, router, logits)
+    assert model.spec.moe.limited_groups(router) is None  # the tiny DeepSeek keeps every group
+    mine = torch.topk(scores, idx.shape[-1], dim=-1)[1]
+    assert torch.equal(mine.sort(-1).values, idx.sort(-1).values)
+
+
+def test_limited_groups_reports_group_limited_routing_only():
+    import copy
+
+    for family in MOE_FAMILIES:
+        assert tiny_model(family).spec.moe.limited_groups(_router(tiny_model(family))) is None, family
+    router = copy.deepcopy(_router(tiny_model("deepseek_v3")))
+    router.topk_group = 1
+    assert get_spec("deepseek_v3").moe.limited_groups(router) == (1, 2)
