@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+from weakref import WeakKeyDictionary
 
 import torch
 from torch import nn
@@ -48,6 +49,8 @@ from steerlab.errors import GenerationStateError, HookSessionError, Intervention
 
 if TYPE_CHECKING:
     from steerlab.model import Model
+
+_OPEN: WeakKeyDictionary[nn.Module, list[HookSession]] = WeakKeyDictionary()  # hf model -> open sessions
 
 SITES: tuple[str, ...] = ("resid_pre", "resid_post", "attn_out", "mlp_out", "head", "router_logits", "expert_out")
 MOE_SITES = frozenset({"router_logits", "expert_out"})
@@ -151,7 +154,7 @@ class HookSession:
                 "`with model.apply(...)` / `with model.hooks()` instead of re-entering it"
             )
         self._open = self._entered = True
-        self.model._sessions.append(self)
+        _OPEN.setdefault(self.model.hf, []).append(self)
         base = resolve_path(self.model.hf, self.model.spec.layers.rsplit(".", 1)[0])
         self._torch_handles.append(base.register_forward_pre_hook(self._record_step, with_kwargs=True))
         return self
@@ -168,8 +171,9 @@ class HookSession:
         self._torch_handles.clear()
         for h in self.handles:
             h._handles.clear()
-        if self in self.model._sessions:
-            self.model._sessions.remove(self)
+        sessions = _OPEN.get(self.model.hf, [])
+        if self in sessions:
+            sessions.remove(self)
         self._open = False
 
     def raise_if_not_fired(self) -> None:
@@ -301,7 +305,7 @@ class HookSession:
 
 def open_sessions(model: Model) -> tuple[HookSession, ...]:
     """The hook sessions currently open on ``model`` (innermost last)."""
-    return tuple(model._sessions)
+    return tuple(_OPEN.get(model.hf, ()))
 
 
 @contextmanager
@@ -309,7 +313,7 @@ def generation(model: Model, prompt_length: int) -> Iterator[None]:
     """Tell every hook session open on ``model`` that a generation with a padded prompt of
     ``prompt_length`` tokens is running, for the whole ``with`` block (reset on every exit path).
 
-    Position-aware edits (``positions="prompt"`` / ``"generated"``) read it to tell prompt tokens from
+    Token-selecting edits (``tokens="prompt"`` / ``"generated"``) read it to tell prompt tokens from
     generated ones; every generation loop (``Model.generate``, ADA, refusal tokens) wraps its calls in it.
     """
     sessions = open_sessions(model)

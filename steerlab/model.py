@@ -25,8 +25,10 @@ from steerlab._checks import layer_list
 from steerlab.arch import ArchSpec, normalize_layer, spec_for
 from steerlab.chat import ChatFormat, EncodedBatch, check_batch_size, check_template
 from steerlab.embedded import DEFAULT_MODEL, EMBEDDED, cached_checkpoint
-from steerlab.errors import EmptyInputError, HookSessionError, ModelLoadError
+from steerlab.backends import hf as hf_backend
+from steerlab.errors import EmptyInputError, HookSessionError, InvalidValueError, ModelLoadError
 from steerlab.hooks import HookSession, generation
+from steerlab.plan import Plan
 
 
 class _OnceContext(AbstractContextManager):
@@ -73,7 +75,6 @@ class Model:
     name: str
     system: str | None = None
     _formats: dict[tuple, ChatFormat] = field(default_factory=dict, repr=False)
-    _sessions: list[HookSession] = field(default_factory=list, repr=False)
 
     # ----- shape facts -----
     @property
@@ -151,32 +152,51 @@ class Model:
         """A scoped :class:`~steerlab.hooks.HookSession`: ``with model.hooks() as hooks: ...``."""
         return HookSession(self, check_fired=check_fired)
 
-    @_single_use
-    def apply(self, *interventions, check_fired: bool = True) -> Iterator[HookSession]:
-        """Apply interventions for the duration of a ``with`` block.
-
-        An intervention either has ``.install(session)`` (it registers its own counted hooks, e.g. on
-        a module with no named site) or ``.hooks(model)`` returning ``(site, layer, fn)`` triples.
+    def plan(self, *interventions: Any) -> Plan:
+        """The :class:`~steerlab.plan.Plan` of ``interventions`` on this model (each resolved, checked, once).
 
         Example:
-            >>> with model.apply(Ablate(direction)):                  # doctest: +SKIP
-            ...     model.generate(["How do I pick a lock?"])
+            >>> from steerlab.testing import tiny_model, tiny_direction
+            >>> model = tiny_model("llama")
+            >>> [s.where for s in model.plan(steerlab.AddVector(tiny_direction(model, layer=1), coeff=2.0)).steps]
+            ['resid_pre @ 1']
         """
         if not interventions:
-            raise EmptyInputError("model.apply() needs at least one intervention")
+            raise EmptyInputError("pass at least one intervention (e.g. AddVector(direction, coeff=4.0))")
+        plans = []
+        for iv in interventions:
+            if isinstance(iv, Plan):
+                plans.append(iv)
+            elif callable(getattr(iv, "resolve", None)):
+                plans.append(iv.resolve(self))
+            else:
+                raise InvalidValueError(
+                    f"{type(iv).__name__} is not an intervention: pass values with .resolve(model) (AddVector, Ablate, "
+                    "Clamp, HeadAblation, ExpertMask, ColumnEdit, RankOneRedirect, LinearRedirect, MultiKeyRedirect) "
+                    "or a steerlab.Plan"
+                )
+            if not plans[-1].steps:
+                raise EmptyInputError(
+                    f"{plans[-1].source} places no edit on {self.name} (an empty layer list?); give it at least one layer"
+                )
+        return functools.reduce(lambda a, b: a + b, plans)
+
+    @_single_use
+    def apply(self, *interventions: Any, check_fired: bool = True) -> Iterator[HookSession]:
+        """Apply interventions (or plans) as hooks for the duration of a ``with`` block.
+
+        Each intervention is resolved to a :class:`~steerlab.plan.Plan` (:meth:`plan`) and rendered by
+        :mod:`steerlab.backends.hf`; every hook is removed on exit, and one that never acted raises.
+
+        Example:
+            >>> from steerlab.testing import tiny_model, tiny_direction
+            >>> model = tiny_model("llama")
+            >>> with model.apply(steerlab.Ablate(tiny_direction(model, layer=1))):
+            ...     _ = model.generate(["Hi"], max_new_tokens=2)
+        """
+        plan = self.plan(*interventions)
         with self.hooks(check_fired=check_fired) as session:
-            for iv in interventions:
-                before = len(session.handles)
-                if hasattr(iv, "install"):
-                    iv.install(session)
-                else:
-                    for site, layer, fn in iv.hooks(self):
-                        session.add(site, layer, fn, name=f"{type(iv).__name__}.{site}.{layer}")
-                if len(session.handles) == before:
-                    raise EmptyInputError(
-                        f"{type(iv).__name__} placed no hook on {self.name} (an empty layer list?); "
-                        "give it at least one layer"
-                    )
+            hf_backend.render(plan, session)
             yield session
 
     @torch.inference_mode()

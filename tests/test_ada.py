@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from steerlab.hooks import open_sessions
+
 from steerlab.errors import ShapeError
 from steerlab.interventions.ada import ADAGuard, ada_generate
 from steerlab.probes import Probe
@@ -91,7 +93,7 @@ def test_ada_composes_with_steering_and_cleans_up():
         steered = model.generate(PROMPTS[:2], max_new_tokens=5)
         outs = ada_generate(model, PROMPTS[:2], guard, max_new_tokens=5)
     assert [o.text for o in outs] == steered
-    assert not model._sessions
+    assert not open_sessions(model)
     layer = model.spec.decoder_layers(model.hf)[2]
     assert not layer._forward_pre_hooks
 

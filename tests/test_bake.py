@@ -17,7 +17,7 @@ from steerlab.interventions.heads import HeadAblation
 from steerlab.interventions.redirect import LinearRedirect, MultiKeyRedirect, RankOneRedirect
 from steerlab.steering import Direction
 from steerlab.steering.ops import Ablate, AddVector, Clamp
-from steerlab.training import ParityReport, bake, embedding_scale, history, parity, plan
+from steerlab.training import ParityReport, bake, embedding_scale, history, parity, weight_change
 from steerlab.training.restructure import BIAS_ROUTES, is_tied, rebuild
 
 PROMPTS = ["Write a short poem about the sea.", "Hi there", "Tell me a joke about cats."]
@@ -219,16 +219,16 @@ def test_refusals_name_the_reason_and_the_runtime_fix():
     model = tiny_model("llama")
     d = Direction(torch.randn(2, model.d_model, generator=_gen(3)), (1, 2))
     cases = {
-        "positions": (AddVector(d, layers=[1], positions="prompt"), "positions='all'"),
+        "tokens": (AddVector(d, layers=[1], tokens="prompt"), "tokens='all'"),
         "per_layer": (Ablate(d, per_layer=True), "per_layer"),
         "rescale": (HeadAblation([(1, 0)], rescale_norm=True), "not linear"),
         "clamp": (Clamp(d, value=1.0, layers=[1]), "Clamp"),
         "layers": (RankOneRedirect(d, d.vectors[1] + 1.0, source_layer=1, layers=[1]), "everywhere=True"),
-        "unknown": (object(), "no weight-edit form"),
+        "unknown": (object(), "no weight form"),
     }
     for name, (iv, needle) in cases.items():
         with pytest.raises(NotBakeableError, match=needle) as info:
-            plan(model, iv)
+            weight_change(model, iv)
         assert isinstance(info.value, SteerlabError) and "model.apply" in str(info.value), name
     with pytest.raises(NotBakeableError, match="force"):
         bake(tiny_model("gpt_oss"), ExpertMask([(1, 0)], mode="force"))

@@ -42,7 +42,7 @@ def test_generated_only_steering_changes_the_continuation_not_the_first_token():
     d = _direction(model, seed=3)
     plain = model.generate(PROMPTS, max_new_tokens=6, min_new_tokens=6)
     first = model.generate(PROMPTS, max_new_tokens=1, min_new_tokens=1)
-    with model.apply(AddVector(d, coeff=40.0, positions="generated")) as session:
+    with model.apply(AddVector(d, coeff=40.0, tokens="generated")) as session:
         steered = model.generate(PROMPTS, max_new_tokens=6, min_new_tokens=6)
     assert steered != plain
     assert all(s.startswith(f) for s, f in zip(steered, first))
@@ -51,7 +51,7 @@ def test_generated_only_steering_changes_the_continuation_not_the_first_token():
 
 def test_prompt_only_steering_acts_on_the_prefill_only():
     model = tiny_model("llama")
-    with model.apply(AddVector(_direction(model), coeff=40.0, positions="prompt")) as session:
+    with model.apply(AddVector(_direction(model), coeff=40.0, tokens="prompt")) as session:
         model.generate(PROMPTS, max_new_tokens=5, min_new_tokens=5)
     assert [h.count for h in session.handles] == [1]
 
@@ -120,7 +120,7 @@ def test_an_op_that_places_no_hook_or_never_acts_is_an_error():
     d = _direction(model)
     with pytest.raises(EmptyInputError, match="no hook"), model.apply(AddVector(d, layers=[])):
         pass
-    with pytest.raises(InterventionNotFiredError), model.apply(AddVector(d, coeff=2.0, positions="generated")):
+    with pytest.raises(InterventionNotFiredError), model.apply(AddVector(d, coeff=2.0, tokens="generated")):
         model.generate(PROMPTS, max_new_tokens=1)
 
 

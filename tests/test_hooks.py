@@ -3,6 +3,8 @@ always removed, and hooks that never fire are errors."""
 
 import pytest
 import torch
+
+from steerlab.hooks import open_sessions
 from conftest import tiny_model
 
 from steerlab.arch import resolve_path
@@ -227,7 +229,7 @@ def test_reentering_an_apply_scope_is_a_clear_error():
     assert session.handles[0].count == 1
     with pytest.raises(HookSessionError, match=r"already entered.*`with model\.apply\(op\):` again"), ctx:
         pass
-    assert _all_hooks_removed(model) and not model._sessions
+    assert _all_hooks_removed(model) and not open_sessions(model)
     with model.apply(op) as again:  # the value is reusable in a new scope
         _run(model, model.encode(PROMPTS))
     assert again.handles[0].count == 1

@@ -292,10 +292,10 @@ def test_unconvertible_interventions_raise_clear_errors():
 
     with pytest.raises(InteropError, match="steerlab.load"):
         tl_hooks(bridge, ModuleEdit())
-    with pytest.raises(InteropError, match="positions='all'"):
-        tl_hooks(bridge, AddVector(_direction(model), positions="generated"))
-    with pytest.raises(InteropError, match="positions='all'"):
-        nnsight_intervene(lm, AddVector(_direction(model), positions="prompt"))
+    with pytest.raises(InteropError, match="tokens='all'"):
+        tl_hooks(bridge, AddVector(_direction(model), tokens="generated"))
+    with pytest.raises(InteropError, match="tokens='all'"):
+        nnsight_intervene(lm, AddVector(_direction(model), tokens="prompt"))
 
 
 def test_missing_packages_name_the_extra(monkeypatch):

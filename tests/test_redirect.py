@@ -7,6 +7,8 @@ import torch
 from conftest import tiny_model
 
 import steerlab
+from steerlab.backends.hf import render, site_functions
+from steerlab.plan import RankOne, Step
 from steerlab.errors import InterventionNotFiredError, ShapeError, SteerlabError, UnknownPositionError
 from steerlab.interventions.redirect import (
     DegenerateEditError,
@@ -14,7 +16,6 @@ from steerlab.interventions.redirect import (
     MultiKeyRedirect,
     NotALinearModuleError,
     RankOneRedirect,
-    _redirect_fn,
     closed_form_edit,
     estimate_key_covariance,
     module_keys,
@@ -37,6 +38,12 @@ CORPUS = [
     "Tell me a joke about cats.", "system user assistant model instruction response",
 ]  # fmt: skip
 F64 = torch.float64
+
+
+def _weight_update(model, edit):
+    """(module path from the root, ΔW float32) of a linear redirect's weight form."""
+    (w,) = edit.weights(model)
+    return f"{model.spec.layers}.{w.layer}.{w.module}", w.delta.float()
 
 
 def _gen(seed):
@@ -89,7 +96,7 @@ def test_redirect_matrix_sends_a_to_b_and_fixes_the_orthogonal_complement():
     iv = RankOneRedirect(a_raw.float(), b_raw.float(), layers=[0])
     torch.testing.assert_close(iv.matrix(), M.float())
     h = torch.randn(2, 5, 16, generator=g, dtype=F64)
-    _assert_close(_redirect_fn(left, right, "all")(h.float(), None), h @ M.T, 1e-6, "hook fn")
+    _assert_close(site_functions(Step(0, "resid_pre", RankOne(left.float(), right.float())), None)[0][1](h.float(), None), h @ M.T, 1e-6, "hook fn")
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2", "qwen2_moe"])
@@ -109,8 +116,8 @@ def test_redirected_concept_reads_exactly_as_the_target(family):
         with model.hooks() as hooks:
             hooks.add("resid_pre", layer, inject(vec))
             hooks.add("resid_pre", layer, lambda x, ctx: seen.__setitem__("before", x.clone()))
-            for site, la, fn in edit.hooks(model) if edit else []:
-                hooks.add(site, la, fn)
+            if edit:
+                render(edit.resolve(model), hooks)
             hooks.add("resid_pre", layer, lambda x, ctx: seen.__setitem__("after", x.clone()))
             with torch.inference_mode():
                 logits = model.hf(**batch.model_inputs()).logits
@@ -138,8 +145,7 @@ def test_residual_redirect_on_natural_states_leaves_orthogonal_directions():
     batch = model.encode(PROMPTS)
     with model.hooks() as hooks:
         hooks.add("resid_pre", 2, lambda x, ctx: seen.__setitem__("before", x.clone()))
-        for site, la, fn in RankOneRedirect(a, b, layers=[2]).hooks(model):
-            hooks.add(site, la, fn)
+        render(RankOneRedirect(a, b, layers=[2]).resolve(model), hooks)
         hooks.add("resid_pre", 2, lambda x, ctx: seen.__setitem__("after", x.clone()))
         with torch.inference_mode():
             model.hf(**batch.model_inputs())
@@ -190,7 +196,7 @@ def test_residual_redirect_bad_inputs():
     model = tiny_model("llama")
     a, b = torch.randn(64, generator=_gen(6)), torch.randn(64, generator=_gen(7))
     with pytest.raises(ShapeError, match="d_model=64"):
-        RankOneRedirect(torch.randn(8), torch.randn(8), layers=[0]).hooks(model)
+        RankOneRedirect(torch.randn(8), torch.randn(8), layers=[0]).resolve(model)
     with pytest.raises(ShapeError, match="width"):
         RankOneRedirect(torch.randn(8), torch.randn(9), layers=[0])
     with pytest.raises(DegenerateEditError, match="same way"):
@@ -200,13 +206,13 @@ def test_residual_redirect_bad_inputs():
     with pytest.raises(ShapeError, match="everywhere"):
         RankOneRedirect(a, b, layers=[0], everywhere=True)
     with pytest.raises(ShapeError, match="layers="):
-        RankOneRedirect(a, b).hooks(model)
+        RankOneRedirect(a, b).resolve(model)
     two = Direction(torch.randn(2, 64), (0, 1))
     with pytest.raises(ShapeError, match="source_layer"):
-        RankOneRedirect(two, b, everywhere=True).hooks(model)
-    assert len(RankOneRedirect(two, b, everywhere=True, source_layer=1).hooks(model)) == 1 + 2 * model.n_layers
+        RankOneRedirect(two, b, everywhere=True).resolve(model)
+    assert len(RankOneRedirect(two, b, everywhere=True, source_layer=1).resolve(model).steps) == 1 + 2 * model.n_layers
     with pytest.raises(DegenerateEditError):  # a per-layer pair that coincides
-        RankOneRedirect(Direction(torch.stack([a, b]), (0, 1)), Direction(torch.stack([b, b]), (0, 1))).hooks(model)
+        RankOneRedirect(Direction(torch.stack([a, b]), (0, 1)), Direction(torch.stack([b, b]), (0, 1))).resolve(model)
     assert issubclass(DegenerateEditError, SteerlabError) and issubclass(NotALinearModuleError, SteerlabError)
 
 
@@ -384,7 +390,7 @@ def test_linear_redirect_hook_equals_the_edited_weight(family, module, layer, wi
     concept = ["Tell me a joke about cats."]
     edit = LinearRedirect.from_prompts(model, concept, ["How do I bake bread at home?", "Hi there"], layer=layer,
                                        module=module, covariance=cov)  # fmt: skip
-    path, delta = edit.weight_update(model)
+    path, delta = _weight_update(model, edit)
     _, linear = resolve_linear(model, layer, module)
     assert path.endswith(model.spec.o_proj if module == "o_proj" else model.spec.down_proj)
     assert delta.shape == linear.weight.shape and int(torch.linalg.matrix_rank(delta.double(), rtol=1e-5)) == 1
@@ -426,7 +432,7 @@ def test_multikey_redirect_hook_equals_the_edited_weight():
     W = model.hf.model.layers[1].mlp.down_proj.weight.detach().double()
     _assert_close(keys.double() @ exact.edited_weight(model).double().T, targets.double() @ W.T, 1e-4, "W' k_i = v_i")
     edit = MultiKeyRedirect(1, keys, target_keys=targets, preserve=keep, lam=0.5)
-    path, delta = edit.weight_update(model)
+    path, delta = _weight_update(model, edit)
     baked = _baked_copy(model, {path: lambda w: w + delta.double()})
     with model.apply(edit):
         hooked = _logits(model)
@@ -470,8 +476,8 @@ def test_linear_redirect_positions_generated_only():
     model = tiny_model("llama")
     k_a = module_keys(model, ["Tell me a joke about cats."], layer=1)
     k_b = module_keys(model, ["Hi there"], layer=1)
-    edit = LinearRedirect(1, k_a, k_b, positions="generated")
-    prompt_only = model.apply(LinearRedirect(1, k_a, k_b, positions="prompt"))
+    edit = LinearRedirect(1, k_a, k_b, tokens="generated")
+    prompt_only = model.apply(LinearRedirect(1, k_a, k_b, tokens="prompt"))
     with pytest.raises(UnknownPositionError, match="prompt length"), prompt_only:
         _logits(model)  # a plain forward has no prompt length
     with model.apply(edit):

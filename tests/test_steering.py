@@ -124,20 +124,20 @@ def test_generated_only_addition_leaves_the_prompt_alone():
     plain = model.generate(PROMPTS, max_new_tokens=1)
     with (
         pytest.raises(InterventionNotFiredError, match="never fired"),  # one new token: no generated position
-        model.apply(AddVector(d, coeff=50.0, positions="generated")),
+        model.apply(AddVector(d, coeff=50.0, tokens="generated")),
     ):
         model.generate(PROMPTS, max_new_tokens=1)
     longer = model.generate(PROMPTS, max_new_tokens=4)
-    with model.apply(AddVector(d, coeff=50.0, positions="generated")):
+    with model.apply(AddVector(d, coeff=50.0, tokens="generated")):
         steered = model.generate(PROMPTS, max_new_tokens=4)
-    with model.apply(AddVector(d, coeff=50.0, positions="prompt")):
+    with model.apply(AddVector(d, coeff=50.0, tokens="prompt")):
         prompt_only = model.generate(PROMPTS, max_new_tokens=1)
     assert all(s.startswith(p) for s, p in zip(steered, plain))  # the first new token sees prompt positions only
     assert steered != longer  # later tokens see the steered generated positions
     assert prompt_only != plain
     with (
         pytest.raises(UnknownPositionError, match="model.generate"),
-        model.apply(AddVector(d, coeff=1.0, positions="prompt")),
+        model.apply(AddVector(d, coeff=1.0, tokens="prompt")),
     ):
         model.hf(**model.encode(PROMPTS).model_inputs())
 
@@ -185,7 +185,7 @@ def test_class_directions_at_t_inst_and_last_and_prompt_only_steering():
     assert set(cos) == set(range(model.n_layers)) and all(-1 <= c <= 1 for c in cos.values())
     torch.testing.assert_close(harmfulness_direction(model, harmful, harmless, progress=False).vectors, dirs["t_inst"].vectors)
     op = steer_prompt(dirs["t_inst"], 1)
-    assert op.positions == "prompt" and op.coeff == 2.0
+    assert op.tokens == "prompt" and op.coeff == 2.0
     with model.apply(op):
         model.generate(harmless, max_new_tokens=2)
 

@@ -303,12 +303,12 @@ def test_numpy_and_torch_integer_layers_work_everywhere():
 
 # ----- token selections ------------------------------------------------------------------------------------------
 OPS = {
-    "AddVector": lambda d, p: AddVector(d, positions=p),
-    "Ablate": lambda d, p: Ablate(d, positions=p),
-    "Clamp": lambda d, p: Clamp(d, value=1.0, layers=[1], positions=p),
-    "RankOneRedirect": lambda d, p: RankOneRedirect(d, Direction(_vectors(1, 64, seed=5), layers=(1,)), positions=p),
-    "LinearRedirect": lambda d, p: LinearRedirect(1, torch.ones(8), torch.arange(8.0), positions=p),
-    "MultiKeyRedirect": lambda d, p: MultiKeyRedirect(1, torch.ones(2, 8), torch.ones(2, 8), positions=p),
+    "AddVector": lambda d, p: AddVector(d, tokens=p),
+    "Ablate": lambda d, p: Ablate(d, tokens=p),
+    "Clamp": lambda d, p: Clamp(d, value=1.0, layers=[1], tokens=p),
+    "RankOneRedirect": lambda d, p: RankOneRedirect(d, Direction(_vectors(1, 64, seed=5), layers=(1,)), tokens=p),
+    "LinearRedirect": lambda d, p: LinearRedirect(1, torch.ones(8), torch.arange(8.0), tokens=p),
+    "MultiKeyRedirect": lambda d, p: MultiKeyRedirect(1, torch.ones(2, 8), torch.ones(2, 8), tokens=p),
 }
 
 

@@ -10,9 +10,11 @@ from typing import Any
 
 import torch
 
+from steerlab.backends import hf as hf_backend
 from steerlab.errors import EmptyInputError, SteerlabError
 from steerlab.hooks import MOE_SITES, HookContext
 from steerlab.model import Model
+from steerlab.plan import Plan, Step
 
 # Order in which a decoder layer reaches each site: a pass that edits them must visit them in this order.
 SITE_ORDER = {"resid_pre": 0, "head": 1, "attn_out": 2, "mlp_out": 3, "resid_post": 4}
@@ -83,31 +85,41 @@ def hf_and_tokenizer(model: Any, tokenizer: Any, *, copy: bool, feature: str) ->
 def specs_for(model: Model, interventions: Sequence[Any]) -> list[Spec]:
     """The hook specs of ``interventions`` on ``model``, sorted into run order (layer, then site).
 
-    Only interventions that describe themselves as ``(site, layer, fn)`` triples (``.hooks(model)``)
-    on dense sites, for every token (``positions="all"``), can be carried across.
+    Each intervention is resolved to its :class:`~steerlab.plan.Plan`; steps on dense named sites, for every
+    token (``tokens="all"``), are carried across as the functions :mod:`steerlab.backends.hf` would hook.
     """
     if not interventions:
         raise EmptyInputError("pass at least one intervention (e.g. AddVector(direction, coeff=4.0))")
-    specs: list[Spec] = []
+    steps: list[tuple[str, Step]] = []
     for iv in interventions:
-        kind = type(iv).__name__
-        if not hasattr(iv, "hooks"):
+        if isinstance(iv, Plan):
+            plan = iv
+        elif callable(getattr(iv, "resolve", None)):
+            plan = iv.resolve(model)
+        else:
             raise InteropError(
-                f"{kind} installs its own module hooks and has no (site, layer, fn) form to carry across; "
-                "apply it through steerlab instead: `with steerlab.load(wrapper).apply(iv): ...`"
+                f"{type(iv).__name__} is not a steerlab intervention (it has no .resolve(model)); apply it through "
+                "steerlab instead: `with steerlab.load(wrapper).apply(iv): ...`"
             )
-        positions = getattr(iv, "positions", "all")
-        if positions != "all":
+        steps += [(plan.source, step) for step in plan.steps]
+    specs: list[Spec] = []
+    for kind, step in steps:
+        if step.tokens != "all":
             raise InteropError(
-                f"{kind}(positions={positions!r}) needs the prompt length, which only steerlab's own "
-                "model.generate records; use positions='all', or generate with steerlab.load(wrapper).generate(...)"
+                f"{kind}(tokens={step.tokens!r}) needs the prompt length, which only steerlab's own "
+                "model.generate records; use tokens='all', or generate with steerlab.load(wrapper).generate(...)"
             )
-        for site, layer, fn in iv.hooks(model):
+        if step.site == "module":
+            raise InteropError(
+                f"{kind} edits the module {step.module!r} inside layer {step.layer}, which has no TransformerLens / "
+                "nnsight hook point here; apply it through steerlab instead: `with steerlab.load(wrapper).apply(iv): ...`"
+            )
+        for site, fn in hf_backend.site_functions(step, model):
             if site in MOE_SITES:
                 raise InteropError(
                     f"{kind} edits the MoE site {site!r}, which has no TransformerLens / nnsight hook point here; "
                     "apply it through steerlab instead: `with steerlab.load(wrapper).apply(iv): ...`"
                 )
-            specs.append(Spec(site=site, layer=layer, fn=fn, name=f"{kind}.{site}.{layer}"))
+            specs.append(Spec(site=site, layer=step.layer, fn=fn, name=f"{kind}.{site}.{step.layer}"))
     specs.sort(key=lambda s: (s.layer, SITE_ORDER[s.site]))  # stable: same-site hooks keep their order
     return specs

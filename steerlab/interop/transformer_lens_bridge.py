@@ -3,8 +3,8 @@
 * :func:`to_bridge` — wrap a steerlab Model (or HF model) in a ``TransformerBridge``, offline.
 * :func:`tl_hook_name` / :func:`tl_site` — steerlab site names <-> TL hook names
   (``resid_pre`` <-> ``blocks.{l}.hook_resid_pre``, ``head`` <-> ``blocks.{l}.attn.hook_z``, ...).
-* :func:`tl_hooks` / :func:`apply_tl` — any ``.hooks(model)`` intervention (AddVector, Ablate, Clamp,
-  HeadAblation) as ``fwd_hooks`` for ``bridge.hooks(...)`` / ``run_with_hooks``, or applied in a scope.
+* :func:`tl_hooks` / :func:`apply_tl` — any intervention whose plan acts on dense named sites (AddVector, Ablate,
+  Clamp, HeadAblation, RankOneRedirect) as ``fwd_hooks`` for ``bridge.hooks(...)`` / ``run_with_hooks``, or applied in a scope.
 * :func:`direction_to_tl_hooks` / :func:`direction_from_tl` — a Direction to TL hook functions and
   back from per-layer vectors, a TL activation cache (or two: mean difference), or those hooks.
 

@@ -23,7 +23,6 @@ Example:
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -31,12 +30,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from steerlab import compat
-from steerlab.arch import FUSED_EXPERTS, mlp_down, normalize_layer, resolve_path
-from steerlab.errors import EmptyInputError, ShapeError, SteerlabError, UnknownArchitectureError
+from steerlab.arch import mlp_down, normalize_layer, resolve_path
+from steerlab.errors import EmptyInputError, ShapeError, SteerlabError
+from steerlab.moe import expert_activations, routing_inputs
+from steerlab.plan import ColumnDelta, ColumnsUpdate, Plan, Step, WeightEdit
 
 if TYPE_CHECKING:
-    from steerlab.hooks import HookHandle, HookSession
     from steerlab.model import Model
 
 SHARED = "shared"
@@ -248,105 +247,26 @@ class ColumnEdit:
             entry[2].append(self.add[i].double() if self.add is not None else torch.zeros(d, dtype=torch.float64))
         return [ColumnTarget(g, tuple(cols), torch.stack(adds)) for g, cols, adds in by_group.values()]
 
-    def install(self, session: HookSession) -> list[HookHandle]:
-        """Hook every touched down projection on an open session (counted; raises on exit if one never ran)."""
-        from steerlab.steering.ops import Cast  # here, not at import: steering imports this module
-
-        model = session.model
-        by_module: dict[str, list[tuple[ColumnTarget, torch.Tensor]]] = {}
+    def resolve(self, model: Model) -> Plan:
+        """``ColumnDelta`` on each touched down projection (the Linear, or the fused experts module)."""
+        steps = []
+        prefix = f"{model.spec.layers}."
         for target in self.targets(model):
-            v = target.group.vectors(model, target.columns).double()
+            group = target.group
+            v = group.vectors(model, target.columns).double()
             delta = (self.scale - 1.0) * v + target.add  # [n, d]: how each neuron's write changes
-            by_module.setdefault(target.group.module, []).append((target, delta))
-        handles = []
-        for path, items in by_module.items():
-            module = resolve_path(model.hf, path)
-            layer = items[0][0].group.layer
-            if items[0][0].group.expert is None or items[0][0].group.expert == SHARED:
-                hook = _linear_hook(torch.tensor(items[0][0].columns), Cast(items[0][1]))
-                handles.append(session.add_module(module, hook, name=f"ColumnEdit.{path}", layer=layer))
-            else:
-                hook = _experts_hook(model, module, [(t.group.expert, t.columns, d) for t, d in items], Cast)
-                handles.append(
-                    session.add_module(module, hook, name=f"ColumnEdit.{path}", layer=layer, with_kwargs=True)
-                )
-        return handles
+            expert = group.expert if isinstance(group.expert, int) else None
+            module = group.module[len(prefix):].split(".", 1)[1]  # the path inside the decoder layer
+            steps.append(Step(group.layer, "module", ColumnDelta(target.columns, delta, expert), module=module))
+        return Plan(type(self).__name__, tuple(steps))
 
-
-def _linear_hook(cols: torch.Tensor, delta):
-    def hook(module, args, output):
-        x = args[0]
-        return output + x[..., cols.to(x.device)] @ delta.like(output)
-
-    return hook
-
-
-def _routing_inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(hidden states, top-k expert indices, top-k weights) passed to a fused experts module, by position."""
-    bound = inspect.signature(module.forward).bind(*args, **kwargs)
-    values = list(bound.arguments.values())
-    if len(values) < 3 or not all(isinstance(v, torch.Tensor) for v in values[:3]):
-        raise UnknownArchitectureError(
-            f"{type(module).__name__}.forward does not take (hidden_states, top_k_index, top_k_weights); ColumnEdit "
-            "cannot recompute expert neurons for it. Register a spec whose experts follow the fused layout."
+    def weights(self, model: Model) -> tuple[WeightEdit, ...]:
+        """Each column becomes ``scale * v + add`` in its weight (dense, shared, or a routed expert's slice)."""
+        return tuple(
+            ColumnsUpdate(t.group.path, t.group.expert if isinstance(t.group.expert, int) else None,
+                          t.group.neuron_axis, t.columns, self.scale, t.add)  # fmt: skip
+            for t in self.targets(model)
         )
-    return values[0], values[1], values[2]
-
-
-def expert_activations(
-    model: Model, experts: nn.Module, expert: int, columns: Sequence[int], x: torch.Tensor
-) -> torch.Tensor:
-    """Neuron activations ``[n, len(columns)]`` of routed ``expert`` for inputs ``x`` ``[n, d]`` — the down
-    projection's input — from the fused ``gate_up`` parameter and the experts module's own gate.
-
-    Example:
-        >>> a = expert_activations(model, experts, 3, [7, 9], x)        # doctest: +SKIP
-    """
-    layout = FUSED_EXPERTS[model.spec.moe.expert_layout]
-    cols = torch.as_tensor(list(columns), dtype=torch.long, device=x.device)
-    gate_up = getattr(experts, layout.gate_up)[expert]
-    if layout.interleaved:  # [d, 2I]: gate column 2j, up column 2j + 1
-        sel = torch.stack([2 * cols, 2 * cols + 1], dim=-1).reshape(-1)
-        pre = x @ gate_up[:, sel]
-        if layout.gate_up_bias is not None and getattr(experts, layout.gate_up_bias, None) is not None:
-            pre = pre + getattr(experts, layout.gate_up_bias)[expert][sel]
-    else:  # [2I, d]: gate row j, up row I + j
-        half = gate_up.shape[0] // 2
-        pre = x @ gate_up[torch.cat([cols, half + cols])].T
-    gated = compat.expert_gate(experts, pre)
-    if gated is not None:
-        return gated
-    if layout.interleaved or not hasattr(experts, "act_fn"):
-        raise UnknownArchitectureError(
-            f"{type(experts).__name__} has neither _apply_gate nor act_fn; ColumnEdit cannot recompute its neurons"
-        )
-    gate, up = pre.chunk(2, dim=-1)
-    return experts.act_fn(gate) * up
-
-
-def _experts_hook(model: Model, experts: nn.Module, items: list[tuple[int, tuple[int, ...], torch.Tensor]], cast):
-    deltas = [(e, cols, cast(d)) for e, cols, d in items]
-
-    def hook(module, args, kwargs, output):
-        out, rebuild = (output, None) if isinstance(output, torch.Tensor) else (output[0], output)
-        hidden, index, weights = _routing_inputs(module, args, kwargs)
-        x = hidden.reshape(-1, hidden.shape[-1])
-        index = index.reshape(x.shape[0], -1)
-        weights = weights.reshape(x.shape[0], -1)
-        flat = out.reshape(-1, out.shape[-1])
-        for e, cols, delta in deltas:
-            chosen = index == e  # [T, k]
-            rows = torch.nonzero(chosen.any(-1)).flatten()
-            if rows.numel() == 0:
-                continue
-            w = (weights * chosen).sum(-1)[rows]
-            act = expert_activations(model, module, e, cols, x[rows])
-            change = (act * w[:, None].to(act.dtype)) @ delta.like(act)
-            flat = flat.index_add(0, rows, change.to(flat.dtype))
-        new = flat.reshape(out.shape)
-        return new if rebuild is None else (new, *rebuild[1:])
-
-    return hook
 
 
 def noise_edit(model: Model, columns: Sequence[Column], *, std: float = 0.1, seed: int = 0) -> ColumnEdit:
@@ -448,7 +368,7 @@ def _read_expert(model: Model, target: ColumnTarget, seen: dict, step):
     e = target.group.expert
 
     def hook(module, args, kwargs, output):
-        hidden, index, weights = _routing_inputs(module, args, kwargs)
+        hidden, index, weights = routing_inputs(module, args, kwargs)
         b = step.batch_size or 1
         x = hidden.reshape(b, -1, hidden.shape[-1])[:, -1]
         index = index.reshape(b, -1, index.shape[-1])[:, -1]

@@ -29,11 +29,21 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import nn
 
-from steerlab.arch import normalize_layer, resolve_path
+from steerlab.arch import normalize_layer
 from steerlab.chat import EncodedBatch
-from steerlab.errors import EmptyInputError, LayerIndexError, ShapeError, SteerlabError, UnknownSiteError
+from steerlab.errors import EmptyInputError, LayerIndexError, NotBakeableError, ShapeError, UnknownSiteError
 from steerlab.hooks import HookContext
-from steerlab.interventions.heads import HookSpec, Order, forward_prompts, how_many, rank_order, stop_forward
+from steerlab.interventions.heads import Order, forward_prompts, how_many, rank_order, stop_forward
+from steerlab.moe import (
+    ExpertIndexError,
+    experts_by_layer,
+    moe_layer_list,
+    moe_layers,
+    n_experts,
+    router_of,
+    selection_scores,
+)
+from steerlab.plan import DropShared, ExpertsOff, Plan, Route, SharedOff, Step, WeightEdit
 
 if TYPE_CHECKING:
     from steerlab.model import Model
@@ -41,63 +51,6 @@ if TYPE_CHECKING:
 MaskMode = Literal["off", "force"]
 Measure = Literal["probs", "weights"]
 Expert = tuple[int, int]
-
-
-class ExpertIndexError(SteerlabError, IndexError):
-    """An expert index is outside the layer's range of routed experts."""
-
-
-# ----- where the experts are -----
-def moe_layers(model: Model) -> list[int]:
-    """Indices of the layers that have an MoE block (empty for a dense model).
-
-    Example:
-        >>> moe_layers(model)                                         # doctest: +SKIP
-        [1, 2, 3]
-    """
-    return [i for i in range(model.n_layers) if model.spec.moe_block(model.hf, i) is not None]
-
-
-def router_of(model: Model, layer: int) -> nn.Module:
-    block = model.spec.moe_block(model.hf, layer)
-    if block is None:
-        raise LayerIndexError(
-            f"layer {layer} of this {model.spec.model_type} model has no MoE block; "
-            f"MoE layers: {moe_layers(model) or 'none (dense model)'}"
-        )
-    return resolve_path(block, model.spec.moe.router)
-
-
-def _n_experts(router: nn.Module) -> int:
-    n = getattr(router, "num_experts", None)
-    return int(n) if n is not None else int(router.weight.shape[0])
-
-
-def _moe_layer_list(model: Model, layers: Sequence[int] | int | None) -> list[int]:
-    if model.spec.moe is None:
-        raise UnknownSiteError(f"{model.name} ({model.spec.model_type}) is a dense model: it has no experts")
-    if layers is None:
-        return moe_layers(model)
-    out = model.layer_indices(layers)
-    for layer in out:
-        router_of(model, layer)  # raises for a dense layer, naming the MoE layers
-    return out
-
-
-def experts_by_layer(model: Model, experts: Sequence[Expert]) -> dict[int, list[int]]:
-    """{layer: sorted experts} with negative indices resolved and clear errors for bad pairs."""
-    out: dict[int, set[int]] = {}
-    for layer, expert in experts:
-        la = normalize_layer(layer, model.n_layers)
-        n = _n_experts(router_of(model, la))
-        e = expert + n if expert < 0 else expert
-        if not 0 <= e < n:
-            raise ExpertIndexError(
-                f"expert {expert} (layer {layer}) is out of range: layer {la} has {n} routed experts; "
-                f"use 0..{n - 1} (or -{n}..-1)"
-            )
-        out.setdefault(la, set()).add(e)
-    return {la: sorted(es) for la, es in sorted(out.items())}
 
 
 def _as_expert_tuple(experts: Collection[Expert]) -> tuple[Expert, ...]:
@@ -111,18 +64,6 @@ def _as_expert_tuple(experts: Collection[Expert]) -> tuple[Expert, ...]:
             raise ExpertIndexError(f"each expert must be a pair of ints (layer, expert), got {item!r}")
         items.append((int(layer), int(expert)))
     return tuple(sorted(set(items)))
-
-
-def _selection_scores(model: Model, router: nn.Module, logits: torch.Tensor) -> torch.Tensor:
-    """What the family's top-k ranks experts by, from (possibly edited) logits; ``-inf`` stays excluded.
-
-    Mirrors :func:`steerlab.arch.route`: logits (softmax is monotone) for the softmax routings,
-    ``sigmoid + e_score_correction_bias`` for DeepSeek's grouped sigmoid routing.
-    """
-    scores = logits.float()
-    if model.spec.moe.routing == "sigmoid_grouped":
-        scores = scores.sigmoid() + router.e_score_correction_bias.float().to(scores.device)
-    return scores.masked_fill(torch.isneginf(logits), float("-inf"))
 
 
 # ----- the intervention -----
@@ -163,34 +104,26 @@ class ExpertMask:
                 "off: ExpertMask(shared_off=[layer, ...])"
             )
 
-    def hooks(self, model: Model) -> list[HookSpec]:
-        """Router-logit hooks per layer, plus shared-expert hooks when asked."""
+    def _experts(self, model: Model) -> dict[int, list[int]]:
+        """{layer: experts}, checked against each layer's expert count and top-k."""
         if model.spec.moe is None:
-            raise UnknownSiteError(
-                f"{model.name} ({model.spec.model_type}) is a dense model: it has no experts to mask"
-            )
-        specs: list[HookSpec] = []
-        for layer, experts in experts_by_layer(model, self.experts).items():
+            raise UnknownSiteError(f"{model.name} ({model.spec.model_type}) is a dense model: it has no experts to mask")
+        chosen = experts_by_layer(model, self.experts)
+        for layer, experts in chosen.items():
             router = router_of(model, layer)
-            n, k = _n_experts(router), int(router.top_k)
-            if self.mode == "off":
-                if len(experts) > n - k:
-                    raise ExpertIndexError(
-                        f"switching off {len(experts)} of {n} experts at layer {layer} leaves fewer than top_k={k}; "
-                        f"switch off at most {n - k} per layer"
-                    )
-                specs.append(("router_logits", layer, _off_fn(experts)))
-            else:
+            n, k = n_experts(router), int(router.top_k)
+            if self.mode == "off" and len(experts) > n - k:
+                raise ExpertIndexError(
+                    f"switching off {len(experts)} of {n} experts at layer {layer} leaves fewer than top_k={k}; "
+                    f"switch off at most {n - k} per layer"
+                )
+            if self.mode == "force":
                 if len(experts) > k:
-                    raise ExpertIndexError(
-                        f"cannot force {len(experts)} experts on at layer {layer}: the router selects top_k={k}"
-                    )
+                    raise ExpertIndexError(f"cannot force {len(experts)} experts on at layer {layer}: the router selects top_k={k}")
                 _check_forceable(model, router, layer)
-                specs.append(("router_logits", layer, _force_fn(model, router, experts, k)))
-        specs.extend(self._shared_hooks(model))
-        return specs
+        return chosen
 
-    def _shared_hooks(self, model: Model) -> list[HookSpec]:
+    def _shared_layers(self, model: Model) -> list[int]:
         if self.shared_off is False:
             return []
         if self.shared_off is True:
@@ -205,30 +138,27 @@ class ExpertMask:
                 f"shared_off needs the mlp_out site on the MoE block ({spec.moe.block!r}); "
                 f"this spec puts it on {spec.mlp_out!r}"
             )
-        specs: list[HookSpec] = []
-        for layer in sorted(set(layers)):
+        for layer in layers:
             router_of(model, layer)  # dense layers have no shared expert either
-            state: dict[str, torch.Tensor] = {}
+        return sorted(set(layers))
 
-            def keep_routed(x: torch.Tensor, ctx: HookContext, state=state) -> None:
-                state["routed"] = x
+    def resolve(self, model: Model) -> Plan:
+        """``Route`` on ``router_logits`` per layer, plus ``DropShared`` on ``mlp_out`` when asked."""
+        steps = [Step(layer, "router_logits", Route(tuple(experts), self.mode)) for layer, experts in self._experts(model).items()]
+        steps += [Step(layer, "mlp_out", DropShared()) for layer in self._shared_layers(model)]
+        return Plan(type(self).__name__, tuple(steps))
 
-            def drop_shared(x: torch.Tensor, ctx: HookContext, state=state) -> torch.Tensor:
-                return state.pop("routed").reshape(x.shape).to(x.dtype)
-
-            specs += [("expert_out", layer, keep_routed), ("mlp_out", layer, drop_shared)]
-        return specs
-
-
-def _off_fn(experts: list[int]):
-    idx = torch.tensor(experts)
-
-    def fn(logits: torch.Tensor, ctx: HookContext) -> torch.Tensor:
-        out = logits.clone()
-        out[..., idx.to(logits.device)] = float("-inf")
-        return out
-
-    return fn
+    def weights(self, model: Model) -> tuple[WeightEdit, ...]:
+        """``mode="off"``: each expert's router row zeroed and its router bias very negative; ``shared_off``:
+        the shared expert's down projection zeroed."""
+        if self.experts and self.mode == "force":
+            raise NotBakeableError(
+                "ExpertMask(mode='force') keeps the router's own weighting of the forced experts among the chosen "
+                "ones; a router bias large enough to force selection would also take over that weighting, so it has "
+                "no exact weight form. Apply it at runtime instead: `with model.apply(iv): ...`"
+            )
+        edits: list[WeightEdit] = [ExpertsOff(layer, tuple(experts)) for layer, experts in self._experts(model).items()]
+        return tuple(edits + [SharedOff(layer) for layer in self._shared_layers(model)])
 
 
 def _check_forceable(model: Model, router: nn.Module, layer: int) -> None:
@@ -240,22 +170,6 @@ def _check_forceable(model: Model, router: nn.Module, layer: int) -> None:
                 "bias-corrected scores that router logits cannot override, so mode='force' cannot guarantee the "
                 "expert is selected; use mode='off' on the competing experts instead"
             )
-
-
-def _force_fn(model: Model, router: nn.Module, experts: list[int], k: int):
-    idx = torch.tensor(experts)
-    free = k - len(experts)
-
-    def fn(logits: torch.Tensor, ctx: HookContext) -> torch.Tensor:
-        forced = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
-        forced[idx.to(logits.device)] = True
-        keep = forced.expand_as(logits).clone()
-        if free > 0:
-            others = _selection_scores(model, router, logits).masked_fill(forced, float("-inf"))
-            keep.scatter_(-1, others.topk(free, dim=-1).indices, True)
-        return logits.masked_fill(~keep, float("-inf"))
-
-    return fn
 
 
 # ----- results -----
@@ -376,9 +290,9 @@ def expert_usage(
         >>> usage = expert_usage(model, harmful)                              # doctest: +SKIP
         >>> usage.frequency().table(5)                                        # doctest: +SKIP
     """
-    layer_list = _moe_layer_list(model, layers)
+    layer_list = moe_layer_list(model, layers)
     routers = {la: router_of(model, la) for la in layer_list}
-    n_exp = {la: _n_experts(r) for la, r in routers.items()}
+    n_exp = {la: n_experts(r) for la, r in routers.items()}
     if len(set(n_exp.values())) != 1:
         raise ShapeError(f"MoE layers have different expert counts {n_exp}; pass layers=... with one count")
     n = next(iter(n_exp.values()))

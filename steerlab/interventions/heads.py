@@ -29,17 +29,17 @@ from torch import nn
 
 from steerlab.arch import normalize_layer
 from steerlab.chat import EncodedBatch, Position
-from steerlab.errors import EmptyInputError, ShapeError, SteerlabError, UnknownPositionError
+from steerlab.errors import EmptyInputError, NotBakeableError, ShapeError, SteerlabError, UnknownPositionError
 from steerlab.hooks import HookContext, StopForward
 from steerlab.steering.direction import Direction
-from steerlab.steering.ops import Cast
+from steerlab.backends.hf import Cast
+from steerlab.plan import FillHeads, Plan, SetHeads, Step, WeightEdit
 
 if TYPE_CHECKING:
     from steerlab.model import Model
 
 HeadMode = Literal["zero", "mean"]
 Order = Literal["abs", "desc", "asc"]
-HookSpec = tuple[str, int, Callable[[torch.Tensor, HookContext], "torch.Tensor | None"]]
 Metric = Callable[["Model", Sequence[str]], float]
 
 
@@ -172,75 +172,44 @@ class HeadAblation:
                 raise ShapeError(f"means must be [n_layers, n_heads, head_dim], got {tuple(self.means.shape)}")
             object.__setattr__(self, "means", self.means.detach().to(torch.float32).cpu())
 
-    def hooks(self, model: Model) -> list[HookSpec]:
-        """The (site, layer, fn) triples that implement this ablation on ``model``."""
+    def _fills(self, model: Model) -> dict[int, tuple[list[int], torch.Tensor | None]]:
+        """{layer: (heads, their means or None)} after the range and shape checks."""
         by_layer = normalize_heads(model, self.heads)
-        if self.mode == "mean":
-            expected = (model.n_layers, model.n_heads, model.head_dim)
-            if tuple(self.means.shape) != expected:
-                raise ShapeError(
-                    f"means have shape {tuple(self.means.shape)} but {model.name} needs {expected} "
-                    "(n_layers, n_heads, head_dim): compute them with head_means(model, prompts) on this model"
-                )
-        specs: list[HookSpec] = []
+        if self.mode == "zero":
+            return {layer: (heads, None) for layer, heads in by_layer.items()}
+        expected = (model.n_layers, model.n_heads, model.head_dim)
+        if tuple(self.means.shape) != expected:
+            raise ShapeError(
+                f"means have shape {tuple(self.means.shape)} but {model.name} needs {expected} "
+                "(n_layers, n_heads, head_dim): compute them with head_means(model, prompts) on this model"
+            )
+        out = {}
         for layer, heads in by_layer.items():
-            specs.extend(self._layer_hooks(model, layer, heads))
-        return specs
-
-    def _layer_hooks(self, model: Model, layer: int, heads: list[int]) -> list[HookSpec]:
-        idx = torch.tensor(heads)
-        fill = None
-        if self.mode == "mean":
-            values = self.means[layer, idx]
+            values = self.means[layer, torch.tensor(heads)]
             if bool(torch.isnan(values).any()):
                 raise ShapeError(
                     f"the stored means have no values for layer {layer}: compute head_means(...) with this layer included"
                 )
-            fill = Cast(values)
+            out[layer] = (heads, values)
+        return out
 
-        def ablate(x: torch.Tensor) -> torch.Tensor:
-            out = x.clone()
-            out[..., idx.to(x.device), :] = 0.0 if fill is None else fill.like(x)
-            return out
+    def resolve(self, model: Model) -> Plan:
+        """``SetHeads`` on the ``head`` site of each layer."""
+        steps = tuple(
+            Step(layer, "head", SetHeads(tuple(heads), fill, self.rescale_norm))
+            for layer, (heads, fill) in self._fills(model).items()
+        )
+        return Plan(type(self).__name__, steps)
 
-        if not self.rescale_norm:
-            return [("head", layer, lambda x, ctx: ablate(x))]
-
-        o_proj = model.spec.layer_module(model.hf, layer, model.spec.o_proj)
-        weight, bias = _linear_parts(o_proj)
-        if bias is None:  # o_proj(c * x) == c * o_proj(x): rescale exactly on the head site
-
-            def rescaled(x: torch.Tensor, ctx: HookContext) -> torch.Tensor:
-                new = ablate(x)
-                w = weight.to(x.dtype)
-                before = nn.functional.linear(x.flatten(-2), w).norm(dim=-1, keepdim=True)
-                after = nn.functional.linear(new.flatten(-2), w).norm(dim=-1, keepdim=True)
-                return new * _ratio(before, after)[..., None]
-
-            return [("head", layer, rescaled)]
-
-        if model.spec.attn_out != model.spec.attn:
-            raise ShapeError(
-                f"rescale_norm on a {model.spec.model_type} model needs the o_proj output, but its o_proj has a bias "
-                f"and its attn_out site is {model.spec.attn_out!r} (not the attention output); use rescale_norm=False"
+    def weights(self, model: Model) -> tuple[WeightEdit, ...]:
+        """The heads' ``o_proj`` input columns zeroed (``mode="mean"``: their mean write folded into the bias)."""
+        if self.rescale_norm:
+            raise NotBakeableError(
+                "HeadAblation(rescale_norm=True) rescales each token's attention output by a ratio of norms, which is "
+                "not linear in the input, so no weight edit reproduces it. Bake rescale_norm=False instead. "
+                "Apply it at runtime instead: `with model.apply(iv): ...`"
             )
-        state: dict[str, torch.Tensor] = {}
-
-        def remember(x: torch.Tensor, ctx: HookContext) -> torch.Tensor:
-            y = nn.functional.linear(x.flatten(-2), weight.to(x.dtype), bias.to(x.dtype))
-            state["norm"] = y.norm(dim=-1, keepdim=True)
-            return ablate(x)
-
-        def rescale(y: torch.Tensor, ctx: HookContext) -> torch.Tensor:
-            return y * _ratio(state.pop("norm"), y.norm(dim=-1, keepdim=True))
-
-        return [("head", layer, remember), ("attn_out", layer, rescale)]
-
-
-def _ratio(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
-    """before / after, and 1 where there is nothing left to rescale."""
-    tiny = torch.finfo(after.dtype).tiny
-    return torch.where(after > tiny, before / after.clamp_min(tiny), torch.ones_like(after))
+        return tuple(FillHeads(layer, tuple(heads), fill) for layer, (heads, fill) in self._fills(model).items())
 
 
 # ----- per-head means -----

@@ -1,7 +1,7 @@
 """Rank-one concept redirection (METHODS 10): make the model read concept A as concept B.
 
-Three forms, all frozen values that become hooks inside ``with model.apply(...)`` and that say
-exactly which weight edit they equal (for ``training`` to bake):
+Three forms, all frozen values that resolve to a :class:`~steerlab.plan.Plan` (``with model.apply(...)``)
+and say exactly which weight edit they equal (``weights(model)``, for ``training.bake``):
 
 * :class:`RankOneRedirect` — residual stream, unit directions a (concept) and b (target):
   ``h <- h + (a·h)(b - a) = M h`` with ``M = I + (b - a) aᵀ``; so ``a -> b`` and every direction
@@ -14,9 +14,8 @@ exactly which weight edit they equal (for ``training`` to bake):
 * :class:`MultiKeyRedirect` — the TRCE/UCE closed form for many keys with preservation keys
   (:func:`closed_form_edit`).
 
-The linear forms hook the module itself (there is no named site for the input of a down
-projection): they register on the open :class:`~steerlab.hooks.HookSession` with a counted handle,
-so they are removed with the session and a redirect that never ran raises.
+The linear forms act on the module itself (``site="module"`` steps: there is no named site for the
+input of a down projection); a redirect that never ran raises like any other step.
 
 Example:
     >>> from steerlab.interventions.redirect import LinearRedirect, estimate_key_covariance
@@ -25,7 +24,8 @@ Example:
     ...                                    layer=6, covariance=C)             # doctest: +SKIP
     >>> with model.apply(edit):                                                # doctest: +SKIP
     ...     model.generate(["What do cats eat?"])
-    >>> path, delta_w = edit.weight_update(model)                              # doctest: +SKIP
+    >>> edit.weights(model)[0].module                                          # doctest: +SKIP
+    'mlp.down_proj'
 """
 
 from __future__ import annotations
@@ -41,19 +41,21 @@ from tqdm.auto import tqdm
 from steerlab._checks import check_finite, finite_number, layer_index, layer_tuple
 from steerlab.arch import normalize_layer, resolve_path
 from steerlab.chat import Position
-from steerlab.errors import EmptyInputError, InterventionNotFiredError, ShapeError, SteerlabError
-from steerlab.hooks import HookContext, HookHandle, HookSession
+from steerlab.errors import EmptyInputError, InterventionNotFiredError, NotBakeableError, ShapeError, SteerlabError
 from steerlab.steering.direction import Direction
-from steerlab.steering.ops import (
+from steerlab.plan import (
     RESIDUAL_SITES,
-    Cast,
-    HookSpec,
-    StepPositions,
-    check_provenance,
-    check_step_positions,
-    masked,
-    position_mask,
+    LinearDelta,
+    MapWriters,
+    ModuleDelta,
+    Plan,
+    RankOne,
+    Step,
+    Tokens,
+    WeightEdit,
+    check_tokens,
 )
+from steerlab.steering.ops import RUNTIME_ONLY, check_provenance, require_all_tokens
 
 if TYPE_CHECKING:
     from steerlab.model import Model
@@ -155,16 +157,6 @@ def _pick(vec: Direction | torch.Tensor, layer: int | None, source_layer: int | 
     )
 
 
-def _redirect_fn(left: torch.Tensor, right: torch.Tensor, positions: StepPositions):
-    lc, rc = Cast(left), Cast(right)
-
-    def fn(x: torch.Tensor, ctx: HookContext) -> torch.Tensor:
-        new = x + (x @ rc.like(x))[..., None] * lc.like(x)
-        return masked(x, new, position_mask(x, ctx, positions))
-
-    return fn
-
-
 @dataclass(frozen=True, eq=False)
 class RankOneRedirect:
     """Redirect concept direction a to target direction b in the residual stream: ``h <- h + (a·h)(b - a)``.
@@ -189,11 +181,11 @@ class RankOneRedirect:
     layers: Sequence[int] | None = None
     everywhere: bool = False
     source_layer: int | None = None
-    positions: StepPositions = "all"
+    tokens: Tokens = "all"
     strict: bool = False
 
     def __post_init__(self) -> None:
-        check_step_positions(self.positions, type(self).__name__)
+        check_tokens(self.tokens, type(self).__name__)
         if self.layers is not None:
             object.__setattr__(self, "layers", layer_tuple(self.layers, "layers"))
         if self.source_layer is not None:
@@ -214,26 +206,39 @@ class RankOneRedirect:
         left, right = self.factors(layer)
         return (torch.eye(left.shape[0], dtype=torch.float64) + torch.outer(left, right)).to(dtype)
 
-    def hooks(self, model: Model) -> list[HookSpec]:
-        """The (site, layer, fn) triples on ``model``."""
+    def resolve(self, model: Model) -> Plan:
+        """``RankOne`` on ``resid_pre`` of each layer, or (``everywhere``) on the embeddings and every write."""
         sites = RESIDUAL_SITES if self.everywhere else ("resid_pre",)
         for vec in (self.concept, self.target):
             if isinstance(vec, Direction) and vec.width == model.d_model:  # other widths: the error below
                 check_provenance(vec, model, sites=sites, op=type(self).__name__, strict=self.strict)
         if self.everywhere:
-            pair = self._checked(model, None)
+            op = RankOne(*self._checked(model, None))
             writes = [(site, la) for la in range(model.n_layers) for site in ("attn_out", "mlp_out")]
-            return [(site, la, _redirect_fn(*pair, self.positions)) for site, la in [("resid_pre", 0), *writes]]
+            steps = tuple(Step(la, site, op, self.tokens) for site, la in [("resid_pre", 0), *writes])
+            return Plan(type(self).__name__, steps)
         if self.layers is not None:
             chosen = self.layers
         elif isinstance(self.concept, Direction):
             chosen = list(self.concept.layers)
         else:
             raise ShapeError("raw vectors carry no layers: pass layers=[...] or everywhere=True")
-        return [
-            ("resid_pre", la, _redirect_fn(*self._checked(model, la), self.positions))
-            for la in model.layer_indices(chosen)
-        ]
+        steps = tuple(
+            Step(la, "resid_pre", RankOne(*self._checked(model, la)), self.tokens) for la in model.layer_indices(chosen)
+        )
+        return Plan(type(self).__name__, steps)
+
+    def weights(self, model: Model) -> tuple[WeightEdit, ...]:
+        """``everywhere=True``: ``W_out' = M W_out`` for every module writing the residual stream."""
+        require_all_tokens(self, "RankOneRedirect")
+        if not self.everywhere:
+            raise NotBakeableError(
+                "RankOneRedirect at chosen layers maps the whole residual stream at those layers' inputs, which no "
+                "weight edit reproduces; RankOneRedirect(..., everywhere=True) (every write) is the bakeable form. "
+                f"{RUNTIME_ONLY}"
+            )
+        self.resolve(model)  # widths and provenance
+        return (MapWriters(*self.factors(None)),)
 
     def _checked(self, model: Model, layer: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         left, right = self.factors(layer)
@@ -527,25 +532,21 @@ def closed_form_edit(
 # ----------------------------------------------------------------------------------------------
 # linear-layer forms: the values
 # ----------------------------------------------------------------------------------------------
-def _install_linear(session: HookSession, name: str, layer: int, module: str, positions: StepPositions,
-                    update: Callable[[torch.Tensor], torch.Tensor]) -> HookHandle:  # fmt: skip
-    """Register ``y <- y + update(x)`` on the linear module, with a counted, required handle."""
-    path, linear = resolve_linear(session.model, layer, module)
-    idx = normalize_layer(layer, session.model.n_layers)
-    ctx = HookContext(site=f"module {path}", layer=idx, step=session.step)
+def _inside_layer(model: Model, layer: int, module: str) -> tuple[int, str]:
+    """(layer index, the module's path inside the decoder layer) of a linear module."""
+    path, _ = resolve_linear(model, layer, module)
+    idx = normalize_layer(layer, model.n_layers)
+    return idx, path[len(f"{model.spec.layers}.{idx}."):]
 
-    def hook(mod, args, kwargs, output):
-        x = args[0] if args else kwargs["input"]
-        new = output + update(x)
-        if positions == "all":
-            return new
-        if output.dim() != 3:
-            raise ShapeError(
-                f"positions={positions!r} needs [batch, seq, width] outputs at {path}; use positions='all'"
-            )
-        return masked(output, new, position_mask(output, ctx, positions))
 
-    return session.add_module(linear, hook, name=f"{name}.{path}", layer=idx, with_kwargs=True)
+def _module_step(model: Model, layer: int, module: str, op: LinearDelta, tokens: Tokens) -> Step:
+    idx, inside = _inside_layer(model, layer, module)
+    return Step(idx, "module", op, tokens, module=inside)
+
+
+def _module_delta(model: Model, layer: int, module: str, delta: torch.Tensor) -> ModuleDelta:
+    idx, inside = _inside_layer(model, layer, module)
+    return ModuleDelta(idx, inside, delta.double())
 
 
 def _module_weight(model: Model, layer: int, module: str) -> tuple[str, torch.Tensor]:
@@ -561,7 +562,7 @@ class LinearRedirect:
     ``covariance`` is ``C = E[k kᵀ]`` (:func:`estimate_key_covariance`; ``None`` = identity), so
     only inputs along ``u = C⁻¹ k_A`` change. ``module`` is ``"down_proj"`` (default), ``"o_proj"``
     or a dotted path to a 2D ``nn.Linear`` in the layer. At runtime ``y <- y + (v_B - W k_A)(uᵀx)/(uᵀk_A)``;
-    :meth:`weight_update` gives the identical weight edit.
+    :meth:`weights` gives the identical weight edit.
 
     Example:
         >>> edit = LinearRedirect(6, k_cat, k_dog, covariance=C)              # doctest: +SKIP
@@ -576,10 +577,10 @@ class LinearRedirect:
     value: torch.Tensor | None = None
     module: str = "down_proj"
     covariance: torch.Tensor | None = None
-    positions: StepPositions = "all"
+    tokens: Tokens = "all"
 
     def __post_init__(self) -> None:
-        check_step_positions(self.positions, type(self).__name__)
+        check_tokens(self.tokens, type(self).__name__)
         object.__setattr__(self, "layer", layer_index(self.layer))
         if (self.target_key is None) == (self.value is None):
             raise ShapeError("pass exactly one of target_key (k_B; v_B = W k_B) or value (v_B)")
@@ -610,7 +611,7 @@ class LinearRedirect:
         module: str = "down_proj",
         covariance: torch.Tensor | None = None,
         position: Position = "last",
-        positions: StepPositions = "all",
+        tokens: Tokens = "all",
         chat: bool = True,
         batch_size: int = 16,
     ) -> LinearRedirect:
@@ -621,7 +622,7 @@ class LinearRedirect:
         """
         kw = {"layer": layer, "module": module, "position": position, "chat": chat, "batch_size": batch_size}
         k_a, k_b = module_keys(model, concept_prompts, **kw), module_keys(model, target_prompts, **kw)
-        return cls(layer, k_a, k_b, module=module, covariance=covariance, positions=positions)
+        return cls(layer, k_a, k_b, module=module, covariance=covariance, tokens=tokens)
 
     def target_value(self, model: Model) -> torch.Tensor:
         """``v_B`` (float64): ``value``, or ``W k_B`` with the model's current weight."""
@@ -645,22 +646,21 @@ class LinearRedirect:
         residual, u_hat = self.factors(model)
         return torch.outer(residual, u_hat).float()
 
-    def weight_update(self, model: Model) -> tuple[str, torch.Tensor]:
-        """``(module path from the model root, ΔW)``: bake as ``<path>.weight += ΔW``."""
-        path, _ = resolve_linear(model, self.layer, self.module)
-        return path, self.delta(model)
-
     def edited_weight(self, model: Model) -> torch.Tensor:
         """``W' = W + ΔW`` (float32, CPU); the model is not changed."""
         _, weight = _module_weight(model, self.layer, self.module)
         return weight.float().cpu() + self.delta(model)
 
-    def install(self, session: HookSession) -> HookHandle:
-        """Hook the module on an open session (removed with it; raises on exit if it never fired)."""
-        residual, u_hat = self.factors(session.model)
-        rc, uc = Cast(residual), Cast(u_hat)
-        return _install_linear(session, type(self).__name__, self.layer, self.module, self.positions,
-                               lambda x: (x @ uc.like(x))[..., None] * rc.like(x))  # fmt: skip
+    def resolve(self, model: Model) -> Plan:
+        """``LinearDelta`` (rank one: ``y + (v_B - W k_A)(uᵀx)/(uᵀk_A)``) on the module."""
+        residual, u_hat = self.factors(model)
+        op = LinearDelta(residual[:, None], u_hat[:, None])
+        return Plan(type(self).__name__, (_module_step(model, self.layer, self.module, op, self.tokens),))
+
+    def weights(self, model: Model) -> tuple[WeightEdit, ...]:
+        """``W += ΔW`` at the module."""
+        require_all_tokens(self, "LinearRedirect")
+        return (_module_delta(model, self.layer, self.module, self.delta(model)),)
 
 
 
@@ -686,10 +686,10 @@ class MultiKeyRedirect:
     lam: float = 1.0
     ridge: float = 0.0
     module: str = "down_proj"
-    positions: StepPositions = "all"
+    tokens: Tokens = "all"
 
     def __post_init__(self) -> None:
-        check_step_positions(self.positions, type(self).__name__)
+        check_tokens(self.tokens, type(self).__name__)
         object.__setattr__(self, "layer", layer_index(self.layer))
         object.__setattr__(self, "lam", finite_number(self.lam, "lam"))
         object.__setattr__(self, "ridge", finite_number(self.ridge, "ridge"))
@@ -726,14 +726,13 @@ class MultiKeyRedirect:
         """``W'`` (float32, CPU); the model is not changed."""
         return self.solve(model)[0].float()
 
-    def weight_update(self, model: Model) -> tuple[str, torch.Tensor]:
-        """``(module path from the model root, ΔW)``: bake as ``<path>.weight += ΔW``."""
-        path, _ = resolve_linear(model, self.layer, self.module)
-        return path, self.delta(model)
+    def resolve(self, model: Model) -> Plan:
+        """``LinearDelta`` (``y + ΔW x``) on the module."""
+        op = LinearDelta(self.solve(model)[1].float())
+        return Plan(type(self).__name__, (_module_step(model, self.layer, self.module, op, self.tokens),))
 
-    def install(self, session: HookSession) -> HookHandle:
-        """Hook the module on an open session (removed with it; raises on exit if it never fired)."""
-        dc = Cast(self.solve(session.model)[1].T.contiguous())  # [in, out]
-        return _install_linear(session, type(self).__name__, self.layer, self.module, self.positions,
-                               lambda x: x @ dc.like(x))  # fmt: skip
+    def weights(self, model: Model) -> tuple[WeightEdit, ...]:
+        """``W += ΔW`` at the module."""
+        require_all_tokens(self, "MultiKeyRedirect")
+        return (_module_delta(model, self.layer, self.module, self.solve(model)[1]),)
 

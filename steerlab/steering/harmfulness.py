@@ -60,4 +60,4 @@ def harmfulness_direction(model: Model, harmful: Sequence[str], harmless: Sequen
 
 def steer_prompt(direction: Direction, layer: int, *, coeff: float = 2.0) -> AddVector:
     """METHODS 2 steering: add ``coeff * v_layer`` at one layer, prompt tokens only."""
-    return AddVector(direction, coeff=coeff, layers=[layer], positions="prompt")
+    return AddVector(direction, coeff=coeff, layers=[layer], tokens="prompt")

@@ -1,13 +1,14 @@
-"""Steer ops: values that become hooks inside ``with model.apply(op): ...``.
+"""Steer ops: frozen values that resolve to a :class:`~steerlab.plan.Plan` (``with model.apply(op): ...``)
+and, where exact, to a weight edit (``training.bake``).
 
 * :class:`AddVector` — ``x <- x + coeff * v`` on ``resid_pre`` of chosen layers.
 * :class:`Ablate` — ``x <- x - (r̂·x) r̂`` at every layer's input and every attention and MLP output
   (METHODS 1, directional ablation), prompt and generated tokens alike.
 * :class:`Clamp` — ``x <- x + (value - r̂·x) r̂`` on ``resid_pre`` of chosen layers.
 
-``positions`` is ``"all"`` (default), ``"prompt"`` or ``"generated"``; the last two need the prompt
+``tokens`` is ``"all"`` (default), ``"prompt"`` or ``"generated"``; the last two need the prompt
 length, which :meth:`Model.generate` records. Options are checked when the op is built: finite
-numbers, integer layers (numpy and torch integers too), non-zero vectors, a known ``positions``.
+numbers, integer layers (numpy and torch integers too), non-zero vectors, a known ``tokens``.
 
 Provenance: applying a direction fitted on another model (name or depth) or at another site warns
 (:class:`~steerlab.errors.ProvenanceWarning`); ``strict=True`` makes that a
@@ -21,41 +22,50 @@ Example:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import KW_ONLY, dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import torch
 
 from steerlab._checks import finite_number, layer_index, layer_tuple
 from steerlab.errors import (
     InvalidValueError,
+    NotBakeableError,
     ProvenanceError,
     ProvenanceWarning,
     ShapeError,
-    UnknownPositionError,
     ZeroVectorError,
 )
-from steerlab.hooks import UNCHANGED, HookContext, Unchanged
+from steerlab.plan import (
+    RESIDUAL_SITES,
+    TOKENS,
+    Add,
+    AddToResidual,
+    MapWriters,
+    Plan,
+    Project,
+    Step,
+    Tokens,
+    WeightEdit,
+    check_tokens,
+)
 from steerlab.steering.direction import Direction
 
 if TYPE_CHECKING:
     from steerlab.model import Model
 
-StepPositions = Literal["all", "prompt", "generated"]
-STEP_POSITIONS: tuple[str, ...] = ("all", "prompt", "generated")
-RESIDUAL_SITES: tuple[str, ...] = ("resid_pre", "resid_post", "attn_out", "mlp_out")  # all write the residual stream
-HookSpec = tuple[str, int, Callable[[torch.Tensor, HookContext], torch.Tensor | None]]
+RUNTIME_ONLY = "Apply it at runtime instead: `with model.apply(iv): ...`"
 
 
-def check_step_positions(positions: object, op: str) -> StepPositions:
-    """``positions`` if it is one of :data:`STEP_POSITIONS`, else an :class:`UnknownPositionError` listing them."""
-    if not isinstance(positions, str) or positions not in STEP_POSITIONS:
-        raise UnknownPositionError(
-            f"{op}: unknown positions={positions!r}; use one of {', '.join(map(repr, STEP_POSITIONS))} "
-            "(the tokens the op acts on: every token, the prompt's, or the generated ones)"
+def require_all_tokens(iv: object, what: str) -> None:
+    """Raise :class:`NotBakeableError` unless ``iv`` acts on every token (weights act on every token)."""
+    tokens = getattr(iv, "tokens", "all")
+    if tokens != "all":
+        raise NotBakeableError(
+            f"{what} with tokens={tokens!r} acts on some tokens only, and weights act on every token; "
+            f"only tokens='all' can be baked. {RUNTIME_ONLY}"
         )
-    return positions  # type: ignore[return-value]
 
 
 def check_direction(direction: object, op: str) -> Direction:
@@ -107,11 +117,6 @@ def _optional_layer(layer: object, what: str = "source_layer") -> int | None:
     return None if layer is None else layer_index(layer, what)
 
 
-def vector_for(direction: Direction, layer: int, source_layer: int | None) -> torch.Tensor:
-    """The vector to use at ``layer``: ``source_layer``'s, the layer's own, or the only one there is."""
-    return direction.at(_layer_of(direction, layer, source_layer))
-
-
 def _layer_of(direction: Direction, layer: int, source_layer: int | None) -> int:
     """The direction layer whose vector is used at model ``layer``."""
     if source_layer is not None:
@@ -156,45 +161,6 @@ def _resid_pre_rows(op: AddVector | Clamp, model: Model, layers, why: str) -> tu
     return hooked, rows
 
 
-def position_mask(x: torch.Tensor, ctx: HookContext, positions: StepPositions) -> torch.Tensor | None:
-    """[1, s, 1] mask of the tokens in this call that the op applies to (None = all)."""
-    if positions == "all":
-        return None
-    prompt_len = ctx.step.prompt_length
-    if prompt_len is None:
-        raise UnknownPositionError(
-            f"positions={positions!r} needs the prompt length: generate through model.generate(...), "
-            "or use positions='all'"
-        )
-    absolute = ctx.step.past_length + torch.arange(x.shape[1], device=x.device)
-    keep = absolute < prompt_len if positions == "prompt" else absolute >= prompt_len
-    return keep[None, :, None]
-
-
-def masked(x: torch.Tensor, new: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | Unchanged:
-    """``new`` where ``mask`` selects a token, ``x`` elsewhere; :data:`~steerlab.hooks.UNCHANGED` (the hook
-    did not act, the call does not count as a firing) when the mask selects no token of this call."""
-    if mask is None:
-        return new
-    if not bool(mask.any()):
-        return UNCHANGED
-    return torch.where(mask, new, x)
-
-
-class Cast:
-    """A vector converted once per (dtype, device) instead of on every hook call."""
-
-    def __init__(self, vector: torch.Tensor) -> None:
-        self.vector = vector
-        self._cache: dict[tuple, torch.Tensor] = {}
-
-    def like(self, x: torch.Tensor) -> torch.Tensor:
-        key = (x.dtype, x.device)
-        if key not in self._cache:
-            self._cache[key] = self.vector.to(dtype=x.dtype, device=x.device)
-        return self._cache[key]
-
-
 @dataclass(frozen=True)
 class AddVector:
     """Add ``coeff`` times a direction vector at ``layers`` (default: the direction's own layers).
@@ -207,7 +173,7 @@ class AddVector:
     coeff: float = 1.0
     layers: Sequence[int] | None = None
     source_layer: int | None = None
-    positions: StepPositions = "all"
+    tokens: Tokens = "all"
     unit: bool = False
     _: KW_ONLY
     strict: bool = False
@@ -218,39 +184,28 @@ class AddVector:
         object.__setattr__(self, "coeff", finite_number(self.coeff, f"{op} coeff"))
         object.__setattr__(self, "layers", _optional_layers(self.layers))
         object.__setattr__(self, "source_layer", _optional_layer(self.source_layer))
-        check_step_positions(self.positions, op)
+        check_tokens(self.tokens, op)
         why = "it cannot be normalised (unit=True)" if self.unit else "adding it would do nothing"
         check_nonzero(self.direction, _known_rows(self.direction, self.layers, self.source_layer), op, why)
 
-    def hooks(self, model: Model) -> list[HookSpec]:
-        """The (site, layer, fn) triples that implement this op on ``model``."""
+    def _vectors(self, model: Model) -> list[tuple[int, torch.Tensor]]:
         chosen = self.layers if self.layers is not None else self.direction.layers
         layers, rows = _resid_pre_rows(self, model, chosen, "adding it would do nothing")
         if not layers:
-            return []  # model.apply says that the op placed no hook
+            return []
         used = self.direction.select(list(dict.fromkeys(rows)))
         used = used.unit() if self.unit else used
-        specs = []
-        for layer, row in zip(layers, rows):
-            vec = Cast(used.at(row) * self.coeff)
+        return [(layer, used.at(row) * self.coeff) for layer, row in zip(layers, rows)]
 
-            def fn(x, ctx, vec=vec):
-                return masked(x, x + vec.like(x), position_mask(x, ctx, self.positions))
+    def resolve(self, model: Model) -> Plan:
+        """``Add(coeff * v)`` on ``resid_pre`` of each layer."""
+        steps = tuple(Step(la, "resid_pre", Add(v), self.tokens) for la, v in self._vectors(model))
+        return Plan(type(self).__name__, steps)
 
-            specs.append(("resid_pre", layer, fn))
-        return specs
-
-
-def _projector_fns(r_hat: torch.Tensor, positions: StepPositions, value: float | None):
-    cast = Cast(r_hat)
-
-    def fn(x, ctx):
-        r = cast.like(x)
-        proj = x @ r
-        target = 0.0 if value is None else value
-        return masked(x, x + (target - proj)[..., None] * r, position_mask(x, ctx, positions))
-
-    return fn
+    def weights(self, model: Model) -> tuple[WeightEdit, ...]:
+        """A constant added to each layer's input: embedding rows at layer 0, a bias before any other layer."""
+        require_all_tokens(self, "AddVector")
+        return tuple(AddToResidual(la, v.double()) for la, v in self._vectors(model))
 
 
 @dataclass(frozen=True)
@@ -264,7 +219,7 @@ class Ablate:
     direction: Direction
     source_layer: int | None = None
     per_layer: bool = False
-    positions: StepPositions = "all"
+    tokens: Tokens = "all"
     _: KW_ONLY
     strict: bool = False
 
@@ -272,7 +227,7 @@ class Ablate:
         op = type(self).__name__
         check_direction(self.direction, op)
         object.__setattr__(self, "source_layer", _optional_layer(self.source_layer))
-        check_step_positions(self.positions, op)
+        check_tokens(self.tokens, op)
         check_nonzero(self.direction, self._rows(), op, "it has no direction to project out")
 
     def _rows(self) -> list[int]:
@@ -280,8 +235,8 @@ class Ablate:
             return list(self.direction.layers)
         return [self.source_layer if self.source_layer is not None else self.direction.layers[0]]
 
-    def hooks(self, model: Model) -> list[HookSpec]:
-        """Hooks on resid_pre, attn_out and mlp_out of every layer."""
+    def _units(self, model: Model) -> dict[int, torch.Tensor]:
+        """{model layer: the unit vector projected out there}, after the width and provenance checks."""
         _check_width(self.direction, model)
         # one vector everywhere: any residual-stream site is the same space; per layer: the layer inputs
         sites = ("resid_pre",) if self.per_layer else RESIDUAL_SITES
@@ -289,21 +244,37 @@ class Ablate:
         if self.per_layer:
             layers = model.layer_indices(list(self.direction.layers))
             unit = self.direction.select(layers).unit()
-            vectors = {la: unit.at(la) for la in layers}
-        else:
-            if self.source_layer is None and len(self.direction.layers) != 1:
-                raise ShapeError(
-                    f"the direction covers layers {list(self.direction.layers)}: pick one with source_layer=..., "
-                    "or pass per_layer=True"
-                )
-            source = self._rows()[0]
-            r_hat = self.direction.select([source]).unit().at(source)
-            vectors = {la: r_hat for la in range(model.n_layers)}
-        return [
-            (site, la, _projector_fns(vec, self.positions, None))
-            for la, vec in vectors.items()
+            return {la: unit.at(la) for la in layers}
+        if self.source_layer is None and len(self.direction.layers) != 1:
+            raise ShapeError(
+                f"the direction covers layers {list(self.direction.layers)}: pick one with source_layer=..., "
+                "or pass per_layer=True"
+            )
+        source = self._rows()[0]
+        r_hat = self.direction.select([source]).unit().at(source)
+        return {la: r_hat for la in range(model.n_layers)}
+
+    def resolve(self, model: Model) -> Plan:
+        """``Project(r̂)`` on ``resid_pre``, ``attn_out`` and ``mlp_out`` of every layer."""
+        steps = tuple(
+            Step(la, site, Project(vec), self.tokens)
+            for la, vec in self._units(model).items()
             for site in ("resid_pre", "attn_out", "mlp_out")
-        ]
+        )
+        return Plan(type(self).__name__, steps)
+
+    def weights(self, model: Model) -> tuple[WeightEdit, ...]:
+        """``W_out' = (I - r̂ r̂ᵀ) W_out`` for every module writing the residual stream."""
+        require_all_tokens(self, "Ablate")
+        if self.per_layer:
+            raise NotBakeableError(
+                "Ablate(per_layer=True) projects a different vector out of each layer's input, which no weight edit "
+                "reproduces (orthogonalising the writers removes one direction everywhere). Bake "
+                f"Ablate(direction, source_layer=...) instead. {RUNTIME_ONLY}"
+            )
+        r = next(iter(self._units(model).values())).double()
+        r = r / r.norm()
+        return (MapWriters(-r, r),)
 
 
 @dataclass(frozen=True)
@@ -314,7 +285,7 @@ class Clamp:
     value: float
     layers: Sequence[int]
     source_layer: int | None = None
-    positions: StepPositions = "all"
+    tokens: Tokens = "all"
     _: KW_ONLY
     strict: bool = False
 
@@ -324,17 +295,21 @@ class Clamp:
         object.__setattr__(self, "value", finite_number(self.value, f"{op} value"))
         object.__setattr__(self, "layers", layer_tuple(self.layers, "layers"))
         object.__setattr__(self, "source_layer", _optional_layer(self.source_layer))
-        check_step_positions(self.positions, op)
+        check_tokens(self.tokens, op)
         check_nonzero(self.direction, _known_rows(self.direction, self.layers, self.source_layer), op,
                       "it cannot be normalised to clamp the projection on it")  # fmt: skip
 
-    def hooks(self, model: Model) -> list[HookSpec]:
-        """One resid_pre hook per layer."""
+    def resolve(self, model: Model) -> Plan:
+        """``Project(r̂, value)`` on ``resid_pre`` of each layer."""
         layers, rows = _resid_pre_rows(self, model, self.layers, "it cannot be normalised to clamp the projection on it")
-        if not layers:
-            return []
-        unit = self.direction.select(list(dict.fromkeys(rows))).unit()
-        return [
-            ("resid_pre", la, _projector_fns(unit.at(row), self.positions, self.value))
-            for la, row in zip(layers, rows)
-        ]
+        unit = self.direction.select(list(dict.fromkeys(rows))).unit() if layers else None
+        steps = tuple(Step(la, "resid_pre", Project(unit.at(row), self.value), self.tokens) for la, row in zip(layers, rows))
+        return Plan(type(self).__name__, steps)
+
+    def weights(self, model: Model) -> tuple[WeightEdit, ...]:
+        """None: see the error."""
+        raise NotBakeableError(
+            "Clamp sets the projection on a direction at chosen layers' inputs to a constant: that replaces part of "
+            "the residual stream, which no weight edit of the writers reproduces without also changing what earlier "
+            f"layers read. {RUNTIME_ONLY}"
+        )

@@ -19,7 +19,7 @@ Example:
 """
 
 from steerlab.errors import NotBakeableError, NotExportableError
-from steerlab.training.bake import bake, embedding_scale, plan
+from steerlab.training.bake import bake, embedding_scale, weight_change
 from steerlab.training.data import SFTExample, derta_examples, read_jsonl, refusal_token_examples, write_jsonl
 from steerlab.training.export import export, read_manifest
 from steerlab.training.manifest import describe, history
@@ -43,7 +43,7 @@ __all__ = [
     "finetune",
     "history",
     "parity",
-    "plan",
+    "weight_change",
     "rank_by_direction",
     "rank_by_guard",
     "rank_by_probe",
