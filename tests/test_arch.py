@@ -239,6 +239,20 @@ def test_every_bias_route_rebuilds_a_model_with_that_bias_and_the_same_logits(fa
     torch.testing.assert_close(after[mask], before[mask], atol=1e-6, rtol=0)
 
 
+def test_a_missing_bias_route_lists_the_registered_families_that_have_one(monkeypatch):
+    from steerlab.arch import BiasRoute, registry
+    from steerlab.errors import NotBakeableError
+    from steerlab.training.restructure import bias_route
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    register(ArchSpec("steerlab_biased_family", bias_routes=(BiasRoute("down_proj", (("mlp_bias", True),)),)))
+    with pytest.raises(NotBakeableError) as err:
+        bias_route(tiny_model("phi3"), "down_proj", what="AddVector(...)")
+    msg = str(err.value)
+    assert "Families that can carry it: llama, mistral, qwen2, steerlab_biased_family." in msg
+    assert "model.apply" in msg
+
+
 def test_bias_routes_and_moe_specs_reject_inconsistent_values():
     from steerlab.arch import BiasRoute, ExpertGroups, MoESpec
 

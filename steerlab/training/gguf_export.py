@@ -2,8 +2,9 @@
 
 The file is read back by ``gguf.GGUFReader`` and by transformers' GGUF loader
 (``AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)``), which rebuilds the config from the
-metadata alone: so only models that loader reproduces exactly are written (:data:`GGUF_ARCHS`); anything
-else (biases the loader would drop, sliding windows, rope scaling, other families) raises
+metadata alone: so only models that loader reproduces exactly are written (families whose registry spec has
+:attr:`~steerlab.arch.ArchSpec.gguf`); anything else (biases the loader would drop, sliding windows, rope scaling,
+other families) raises
 :class:`~steerlab.errors.NotExportableError`. Tokenizer metadata is copied from the source GGUF when
 there is one, else built from the HF tokenizer (byte-level BPE) and checked by re-reading it.
 
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,27 +23,10 @@ import numpy as np
 import torch
 
 from steerlab import compat
+from steerlab.arch import GGUFArch, gguf_families
 from steerlab.errors import ChatTemplateError, NotExportableError
 from steerlab.model import Model
-from steerlab.training.restructure import is_tied, sliding_window_reason
-
-
-@dataclass(frozen=True)
-class GGUFArch:
-    """How one HF family is written: llama.cpp architecture name, whether q/k rows are permuted the way
-    llama.cpp's converter does (transformers undoes it on load), config flags that must be off (transformers'
-    GGUF loader builds the model without those tensors), and extra config checks."""
-
-    arch: str
-    permute_qk: bool
-    flags_off: tuple[str, ...] = ()
-    full_attention_only: bool = False
-
-
-GGUF_ARCHS: dict[str, GGUFArch] = {
-    "llama": GGUFArch("llama", permute_qk=True, flags_off=("attention_bias", "mlp_bias")),
-    "qwen2": GGUFArch("qwen2", permute_qk=False, full_attention_only=True),
-}
+from steerlab.training.restructure import is_tied
 
 
 def _refuse(model: Model, why: str) -> NotExportableError:
@@ -62,19 +45,20 @@ def _rope_theta(config) -> float:
 
 
 def check_writable(model: Model) -> GGUFArch:
-    """The :class:`GGUFArch` for ``model``, or :class:`NotExportableError` naming what stands in the way."""
+    """The :class:`~steerlab.arch.GGUFArch` of ``model``'s family, or :class:`NotExportableError` naming what stands
+    in the way."""
     config = model.config
-    spec = GGUF_ARCHS.get(model.spec.model_type)
+    spec = model.spec.gguf
     if spec is None:
         raise NotExportableError(
-            f"GGUF export supports {', '.join(sorted(GGUF_ARCHS))} models; this one is {model.spec.model_type}. "
+            f"GGUF export supports {', '.join(gguf_families())} models; this one is {model.spec.model_type}. "
             "Export it with format='safetensors' instead"
         )
     on = [f for f in spec.flags_off if getattr(config, f, False)]
     if on:
         raise _refuse(model, f"it has {', '.join(on)}=True, and transformers' GGUF loader builds {spec.arch} without "
                              "those biases (a baked bias needs the safetensors export)")  # fmt: skip
-    if spec.full_attention_only and (reason := sliding_window_reason(config)):
+    if spec.check is not None and (reason := spec.check(config)):
         raise _refuse(model, reason)
     params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     rope_type = params.get("rope_type", params.get("type", "default"))
@@ -269,7 +253,7 @@ def write_gguf(model: Model, path: Path, *, precision: str = "f32", source_gguf:
     writer.add_rope_freq_base(_rope_theta(config))
     writer.add_vocab_size(int(config.vocab_size))
     writer.add_rope_dimension_count(model.head_dim)
-    if model.head_dim * model.n_heads != model.d_model:  # llama only: check_writable refuses it for qwen2
+    if model.head_dim * model.n_heads != model.d_model:  # permute_qk families only (check_writable)
         writer.add_key_length(model.head_dim)
         writer.add_value_length(model.head_dim)
     if source is not None:

@@ -6,7 +6,8 @@ dropped when the export is loaded, so the model is rebuilt from a config that cr
 either a flag of the family's own config (``attention_bias``, ``mlp_bias``) or, where the family has
 none, a compatible architecture that has it (Qwen2 is Llama with q/k/v biases, so it loads as
 ``LlamaForCausalLM`` with ``attention_bias=True``). Every parameter the flag creates starts at zero,
-so the rebuilt model computes exactly what the old one did. :data:`BIAS_ROUTES` is the table.
+so the rebuilt model computes exactly what the old one did. Each family's routes are declared in the
+architecture registry (:attr:`steerlab.arch.ArchSpec.bias_routes`).
 
 Example:
     >>> route = bias_route(model, "o_proj", what="HeadAblation(mode='mean')")  # doctest: +SKIP
@@ -16,84 +17,50 @@ Example:
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from steerlab import compat
+from steerlab.arch import BiasRole, BiasRoute, families_with_bias_route, registered_specs
 from steerlab.errors import NotBakeableError
 
 if TYPE_CHECKING:
     from steerlab.model import Model
 
-BiasRole = str  # "o_proj" or "down_proj"
+
+class _RegistryBiasRoutes(Mapping[tuple[str, BiasRole], BiasRoute]):
+    """Compatibility view ``(model_type, role) -> BiasRoute``, read from the registry on every access; the routes
+    are declared in :attr:`steerlab.arch.ArchSpec.bias_routes` (use :meth:`~steerlab.arch.ArchSpec.bias_route`)."""
+
+    def _table(self) -> dict[tuple[str, BiasRole], BiasRoute]:
+        return {(s.model_type, r.role): r for s in registered_specs() for r in s.bias_routes}
+
+    def __getitem__(self, key: tuple[str, BiasRole]) -> BiasRoute:
+        return self._table()[key]
+
+    def __iter__(self) -> Iterator[tuple[str, BiasRole]]:
+        return iter(self._table())
+
+    def __len__(self) -> int:
+        return len(self._table())
 
 
-def sliding_window_reason(config) -> str | None:
-    """Why a config cannot be carried by one without sliding-window layers (Llama, a default Qwen2), or None."""
-    types = getattr(config, "layer_types", None)
-    if types is not None and any(t != "full_attention" for t in types):
-        return f"its layers use sliding-window attention ({sorted(set(types))})"
-    if types is None and getattr(config, "use_sliding_window", False):
-        return "it uses sliding-window attention"
-    return None
-
-
-def _window_covers_context(config) -> str | None:
-    """Mistral attends within ``sliding_window``; Llama matches it only when the window covers the context."""
-    window = getattr(config, "sliding_window", None)
-    if window is not None and window < getattr(config, "max_position_embeddings", 0):
-        return (
-            f"it attends within a sliding window of {window} tokens, shorter than its context "
-            f"({config.max_position_embeddings}), which Llama cannot express"
-        )
-    return None
-
-
-@dataclass(frozen=True)
-class BiasRoute:
-    """How a family gets a loadable bias on one role: config ``flags`` (each created parameter starts at zero),
-    optionally under another ``model_type`` whose modules have the same names, if ``check`` finds no difference."""
-
-    flags: Mapping[str, Any]
-    model_type: str | None = None
-    check: Callable[[Any], str | None] | None = field(default=None, compare=False)
-
-
-_ATTN = BiasRoute({"attention_bias": True})
-_AS_LLAMA_QWEN2 = {"attention_bias": True}  # keeps Qwen2's q/k/v biases; o_proj's starts at zero
-
-# (model_type, role) -> route. Families and roles not listed have no loadable bias there.
-BIAS_ROUTES: dict[tuple[str, BiasRole], BiasRoute] = {
-    ("llama", "o_proj"): _ATTN,
-    ("llama", "down_proj"): BiasRoute({"mlp_bias": True}),
-    ("qwen2", "o_proj"): BiasRoute(_AS_LLAMA_QWEN2, "llama", sliding_window_reason),
-    ("qwen2", "down_proj"): BiasRoute({**_AS_LLAMA_QWEN2, "mlp_bias": True}, "llama", sliding_window_reason),
-    ("mistral", "o_proj"): BiasRoute({"attention_bias": True}, "llama", _window_covers_context),
-    ("mistral", "down_proj"): BiasRoute({"mlp_bias": True}, "llama", _window_covers_context),
-    ("qwen3", "o_proj"): _ATTN,
-    ("gemma2", "o_proj"): _ATTN,
-    ("gemma3_text", "o_proj"): _ATTN,
-    ("qwen3_moe", "o_proj"): _ATTN,
-    ("olmoe", "o_proj"): _ATTN,
-    ("deepseek_v3", "o_proj"): _ATTN,
-    ("granitemoe", "o_proj"): _ATTN,
-}
+BIAS_ROUTES: Mapping[tuple[str, BiasRole], BiasRoute] = _RegistryBiasRoutes()
 
 
 def bias_route(model: Model, role: BiasRole, *, what: str) -> BiasRoute:
-    """The route that gives ``model`` a loadable ``role`` bias, or :class:`NotBakeableError` naming why not."""
+    """The route that gives ``model`` a loadable ``role`` bias (:meth:`ArchSpec.bias_route`), or
+    :class:`NotBakeableError` naming why not."""
     family = model.spec.model_type
-    route = BIAS_ROUTES.get((family, role))
+    route = model.spec.bias_route(role)
     if route is None:
-        having = sorted(f for f, r in BIAS_ROUTES if r == role)
         raise NotBakeableError(
             f"{what} needs a bias on {role} to be baked, and transformers has no {family} model with one (no config "
-            f"flag creates it, and no compatible architecture is registered in steerlab.training.restructure."
-            f"BIAS_ROUTES). Families that can carry it: {', '.join(having)}. Apply it at runtime instead: "
+            f"flag creates it, and its spec in steerlab.arch names no compatible architecture in bias_routes). "
+            f"Families that can carry it: {', '.join(families_with_bias_route(role))}. Apply it at runtime instead: "
             "`with model.apply(iv): ...`"
         )
     reason = route.check(model.config) if route.check is not None else None
