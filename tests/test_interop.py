@@ -18,7 +18,11 @@ import steerlab
 from steerlab import compat
 from steerlab.interop import InteropError
 from steerlab.errors import InterventionNotFiredError
+from steerlab.hooks import open_sessions
+from steerlab.interventions.columns import ColumnEdit
+from steerlab.interventions.experts import ExpertMask
 from steerlab.interventions.heads import HeadAblation
+from steerlab.interventions.redirect import LinearRedirect
 from steerlab.steering import Ablate, AddVector, Clamp, Direction
 
 tl = pytest.importorskip("transformer_lens")
@@ -327,3 +331,40 @@ def test_smollm_through_tl_and_nnsight(smollm):
     real = feed["attention_mask"].bool()  # padding rows differ between eager and sdpa and mean nothing
     assert (got_tl - ref)[real].abs().max() <= 2e-4  # TL's copy runs eager attention, steerlab's sdpa
     assert (got_nn - ref)[real].abs().max() <= ATOL
+
+
+# ----- every intervention crosses: steps without a hook point run as torch hooks on the same modules -----
+def _module_interventions(model) -> dict:
+    """Interventions whose plans hold module or MoE steps (no TransformerLens / nnsight hook point)."""
+    g = torch.Generator().manual_seed(5)
+    width = model.spec.layer_module(model.hf, 1, model.spec.o_proj).weight.shape[1]
+    return {
+        "experts_off": ExpertMask([(1, 0), (2, 3)], mode="off"),
+        "o_proj_redirect": LinearRedirect(1, torch.randn(width, generator=g), torch.randn(width, generator=g),
+                                          module="o_proj"),  # fmt: skip
+        "routed_columns": ColumnEdit([(1, 0, 3), (2, 1, 5)], scale=0.0),
+    }
+
+
+@pytest.mark.parametrize("name", ["experts_off", "o_proj_redirect", "routed_columns"])
+def test_module_and_moe_steps_cross_both_bridges(name):
+    model, bridge, lm = _setup("qwen2_moe")
+    iv = _module_interventions(model)[name]
+    inputs = _inputs(model)
+    ref, plain = _steerlab_logits(model, iv), _steerlab_logits(model)
+    assert (ref - plain).abs().max() > 1e-3  # the intervention does something
+    with torch.inference_mode(), apply_tl(bridge, iv):
+        got = bridge(inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    assert (got - ref).abs().max() <= ATOL
+    with pytest.raises(InteropError, match="apply_tl"):  # no scope to hold torch hooks
+        tl_hooks(bridge, iv)
+    with pytest.raises(InteropError, match=r"steerlab\.load\(lm\)\.apply"):
+        nnsight_intervene(lm, iv)
+    batch = model.encode(PROMPTS[:2])
+    ids = nnsight_generate(lm, {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}, iv,
+                           max_new_tokens=4)  # fmt: skip
+    with model.apply(iv):
+        expected = model.hf.generate(**batch.model_inputs(), max_new_tokens=4, do_sample=False,
+                                     pad_token_id=model.tokenizer.pad_token_id)  # fmt: skip
+    assert torch.equal(ids[:, -4:], expected[:, -4:])
+    assert not open_sessions(model) and not open_sessions(steerlab.load(lm))  # every torch hook removed

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -82,44 +83,72 @@ def hf_and_tokenizer(model: Any, tokenizer: Any, *, copy: bool, feature: str) ->
     return (copy_module.deepcopy(hf) if copy else hf), tok
 
 
-def specs_for(model: Model, interventions: Sequence[Any]) -> list[Spec]:
-    """The hook specs of ``interventions`` on ``model``, sorted into run order (layer, then site).
-
-    Each intervention is resolved to its :class:`~steerlab.plan.Plan`; steps on dense named sites, for every
-    token (``tokens="all"``), are carried across as the functions :mod:`steerlab.backends.hf` would hook.
-    """
+def _plans(model: Model, interventions: Sequence[Any]) -> list[Plan]:
     if not interventions:
         raise EmptyInputError("pass at least one intervention (e.g. AddVector(direction, coeff=4.0))")
-    steps: list[tuple[str, Step]] = []
+    plans = []
     for iv in interventions:
         if isinstance(iv, Plan):
-            plan = iv
+            plans.append(iv)
         elif callable(getattr(iv, "resolve", None)):
-            plan = iv.resolve(model)
+            plans.append(iv.resolve(model))
         else:
             raise InteropError(
                 f"{type(iv).__name__} is not a steerlab intervention (it has no .resolve(model)); apply it through "
                 "steerlab instead: `with steerlab.load(wrapper).apply(iv): ...`"
             )
-        steps += [(plan.source, step) for step in plan.steps]
+    return plans
+
+
+def split_plan(model: Model, interventions: Sequence[Any]) -> tuple[list[Spec], Plan]:
+    """The steps of ``interventions`` on ``model``, split into hook specs for the wrapper's own hook points
+    (dense named sites, in run order: layer, then site) and the plan of the rest (steps on a module or an MoE
+    site), which :func:`module_scope` renders as torch hooks on the same modules the wrapper runs.
+
+    Every step must act on every token (``tokens="all"``): only steerlab's own ``model.generate`` records the
+    prompt length.
+    """
     specs: list[Spec] = []
-    for kind, step in steps:
-        if step.tokens != "all":
-            raise InteropError(
-                f"{kind}(tokens={step.tokens!r}) needs the prompt length, which only steerlab's own "
-                "model.generate records; use tokens='all', or generate with steerlab.load(wrapper).generate(...)"
-            )
-        if step.site == "module":
-            raise InteropError(
-                f"{kind} edits the module {step.module!r} inside layer {step.layer}, which has no TransformerLens / "
-                "nnsight hook point here; apply it through steerlab instead: `with steerlab.load(wrapper).apply(iv): ...`"
-            )
-        for site, fn in hf_backend.site_functions(step, model):
-            if site in MOE_SITES:
+    rest: list[Step] = []
+    for plan in _plans(model, interventions):
+        for step in plan.steps:
+            if step.tokens != "all":
                 raise InteropError(
-                    f"{kind} edits the MoE site {site!r}, which has no TransformerLens / nnsight hook point here; "
-                    "apply it through steerlab instead: `with steerlab.load(wrapper).apply(iv): ...`"
+                    f"{plan.source}(tokens={step.tokens!r}) needs the prompt length, which only steerlab's own "
+                    "model.generate records; use tokens='all', or generate with steerlab.load(wrapper).generate(...)"
                 )
-            specs.append(Spec(site=site, layer=step.layer, fn=fn, name=f"{kind}.{site}.{step.layer}"))
+            if step.site == "module" or step.site in MOE_SITES or any(
+                site in MOE_SITES for site, _ in hf_backend.site_functions(step, model)
+            ):
+                rest.append(step)
+                continue
+            for site, fn in hf_backend.site_functions(step, model):
+                specs.append(Spec(site=site, layer=step.layer, fn=fn, name=f"{plan.source}.{site}.{step.layer}"))
     specs.sort(key=lambda s: (s.layer, SITE_ORDER[s.site]))  # stable: same-site hooks keep their order
+    return specs, Plan("module steps", tuple(rest))
+
+
+def specs_for(model: Model, interventions: Sequence[Any], *, where: str) -> list[Spec]:
+    """Like :func:`split_plan`, for a caller with no scope to hold torch hooks: steps on modules or MoE sites
+    raise :class:`InteropError` pointing to the scoped form ``where``."""
+    specs, rest = split_plan(model, interventions)
+    if rest.steps:
+        step = rest.steps[0]
+        raise InteropError(
+            f"{type(step.op).__name__} at {step.where} has no TransformerLens / nnsight hook point; apply it in a "
+            f"scope instead: {where} (torch hooks on the same modules, removed on exit)"
+        )
     return specs
+
+
+@contextmanager
+def module_scope(model: Model, plan: Plan, *, check_fired: bool) -> Iterator[None]:
+    """Render ``plan`` (steps without a wrapper hook point) as steerlab hooks on the wrapped HF modules, for a
+    ``with`` block; nothing is registered for an empty plan. The wrappers run these very modules, so the hooks
+    fire inside their forward passes."""
+    if not plan.steps:
+        yield
+        return
+    with model.hooks(check_fired=check_fired) as session:
+        hf_backend.render(plan, session)
+        yield

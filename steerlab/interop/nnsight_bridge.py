@@ -27,7 +27,16 @@ import torch
 from torch import nn
 
 from steerlab.hooks import UNCHANGED, HookContext, StepInfo
-from steerlab.interop._common import Firing, Spec, as_model, hf_and_tokenizer, require, specs_for
+from steerlab.interop._common import (
+    Firing,
+    Spec,
+    as_model,
+    hf_and_tokenizer,
+    module_scope,
+    require,
+    specs_for,
+    split_plan,
+)
 from steerlab.model import Model
 
 
@@ -96,8 +105,12 @@ def nnsight_intervene(lm: Any, *interventions: Any, model: Model | None = None) 
         ...     logits = lm.output.logits.save()
     """
     model = model or as_model(lm)
+    where = "`with steerlab.load(lm).apply(iv):` around the trace, or nnsight_generate(lm, inputs, iv)"
+    return _intervene(lm, model, specs_for(model, interventions, where=where))
+
+
+def _intervene(lm: Any, model: Model, specs: list[Spec]) -> list[Firing]:
     spec = model.spec
-    specs = specs_for(model, interventions)
     firings = [Firing(name=s.name, site=s.site, layer=s.layer) for s in specs]
     layers = _envoy(lm, spec.layers)
     for (layer, site), items in groupby(zip(specs, firings), key=lambda pair: (pair[0].layer, pair[0].site)):
@@ -141,13 +154,15 @@ def nnsight_generate(
         >>> ids = nnsight_generate(lm, batch, AddVector(d, coeff=4.0), max_new_tokens=32)   # doctest: +SKIP
     """
     model = as_model(lm)
+    specs, rest = split_plan(model, interventions)  # steps on modules / MoE sites: torch hooks on the same modules
     kwargs.setdefault("do_sample", False)
-    with warnings.catch_warnings():  # an open step loop ends with a "never reached" warning by design
-        warnings.filterwarnings("ignore", message=".*was never reached")
+    with warnings.catch_warnings(), module_scope(model, rest, check_fired=True):
+        warnings.filterwarnings("ignore", message=".*was never reached")  # an open step loop ends with it by design
         with lm.generate(max_new_tokens=max_new_tokens, **kwargs) as tracer:
             with tracer.invoke(inputs):
                 for _ in tracer.iter[:]:
-                    nnsight_intervene(lm, *interventions, model=model)
+                    if specs:
+                        _intervene(lm, model, specs)
             with tracer.invoke():
                 ids = tracer.result.save()
     return ids

@@ -33,7 +33,17 @@ from steerlab import compat
 from steerlab.arch import resolve_path
 from steerlab.errors import EmptyInputError, InterventionNotFiredError, LayerIndexError, ShapeError
 from steerlab.hooks import UNCHANGED, HookContext, StepInfo, check_site
-from steerlab.interop._common import Firing, InteropError, Spec, as_model, hf_and_tokenizer, require, specs_for
+from steerlab.interop._common import (
+    Firing,
+    InteropError,
+    Spec,
+    as_model,
+    hf_and_tokenizer,
+    module_scope,
+    require,
+    specs_for,
+    split_plan,
+)
 from steerlab.model import Model
 from steerlab.steering.direction import Direction
 from steerlab.steering.ops import Ablate, AddVector, Clamp
@@ -185,9 +195,13 @@ def tl_hooks(target: Any, *interventions: Any) -> TLHookList:
         >>> logits = bridge.run_with_hooks(tokens, fwd_hooks=hooks)              # doctest: +SKIP
     """
     model = as_model(target)
-    bridge = None if isinstance(target, Model) else target
+    specs = specs_for(model, interventions, where="`with apply_tl(bridge, iv):`")
+    return _tl_hook_list(model, None if isinstance(target, Model) else target, specs)
+
+
+def _tl_hook_list(model: Model, bridge: Any, specs: Sequence[Spec]) -> TLHookList:
     out: TLHookList = []
-    for spec in specs_for(model, interventions):
+    for spec in specs:
         name = TL_NAMES[spec.site].format(layer=spec.layer)
         if bridge is not None:
             point = _hook_point(bridge, model, spec.site, spec.layer)
@@ -222,12 +236,14 @@ def apply_tl(bridge: Any, *interventions: Any, check_fired: bool = True) -> Iter
         >>> with apply_tl(bridge, AddVector(direction, coeff=4.0)):              # doctest: +SKIP
         ...     bridge.generate(tokens, max_new_tokens=32, do_sample=False)
     """
-    hooks = tl_hooks(bridge, *interventions)
+    model = as_model(bridge)
+    specs, rest = split_plan(model, interventions)
+    hooks = _tl_hook_list(model, bridge, specs)
     guarded = compat.tl_cached_generate_is_broken()
     if guarded:  # for this scope only: a cached TL generate would be silently wrong
         bridge.generate = _refusing_cached_generate(bridge.generate)
     try:
-        with bridge.hooks(fwd_hooks=hooks):
+        with module_scope(model, rest, check_fired=check_fired), bridge.hooks(fwd_hooks=hooks):
             yield hooks
     finally:
         if guarded:
@@ -301,7 +317,7 @@ def direction_to_tl_hooks(
                    source_layer=source_layer)  # fmt: skip
     else:
         raise InteropError(f"op must be 'add', 'ablate' or 'clamp', got {op!r}")
-    specs = specs_for(target, [iv])  # type: ignore[arg-type]
+    specs = specs_for(target, [iv], where="steerlab.interop.apply_tl")  # type: ignore[arg-type]
     return [
         (
             TL_NAMES[s.site].format(layer=s.layer),
