@@ -18,16 +18,17 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from steerlab import compat, sources
 from steerlab._checks import layer_list
 from steerlab.arch import ArchSpec, normalize_layer, spec_for
-from steerlab.chat import ChatFormat, EncodedBatch, check_batch_size, check_template
+from steerlab.chat import ChatFormat, EncodedBatch, check_template
 from steerlab.embedded import DEFAULT_MODEL, EMBEDDED, cached_checkpoint
 from steerlab.backends import hf as hf_backend
 from steerlab.errors import EmptyInputError, HookSessionError, InvalidValueError, ModelLoadError
-from steerlab.hooks import HookSession, generation
+from steerlab.generation import GenerationPolicy
+from steerlab.generation import generate as generate_loop
+from steerlab.hooks import HookSession
 from steerlab.plan import Plan
 
 
@@ -199,11 +200,11 @@ class Model:
             hf_backend.render(plan, session)
             yield session
 
-    @torch.inference_mode()
     def generate(
         self,
         prompts: Sequence[str],
         *,
+        policy: GenerationPolicy | None = None,
         max_new_tokens: int = 64,
         batch_size: int = 16,
         chat: bool = True,
@@ -211,35 +212,27 @@ class Model:
         responses: Sequence[str] | None = None,
         progress: bool = False,
         **kwargs,
-    ) -> list[str]:
-        """Greedy (unless ``kwargs`` say otherwise) generation in length-sorted batches; decoded continuations
+    ) -> list[Any]:
+        """Generation in length-sorted batches (:func:`steerlab.generation.generate`); one result per prompt,
         in prompt order. Active ``model.apply`` scopes apply, and see which tokens are the prompt's.
-        ``responses`` prefills the start of each assistant turn (a prefill attack); the returned text
-        is the continuation after it.
+        ``responses`` prefills the start of each assistant turn (a prefill attack); the continuation follows it.
+
+        ``policy=None``: greedy transformers ``generate`` (``kwargs`` may change that, e.g. ``do_sample=True``);
+        returns the decoded continuations, ``list[str]``. With a generation policy (``ADAGuard``,
+        ``RefusalTokens``): greedy decoding that consults it; returns its per-row outputs
+        (``ADAOutput``, ``RefusalTokenOutput``), no ``kwargs``.
 
         Example:
-            >>> model.generate(["Write a haiku."], max_new_tokens=24)        # doctest: +SKIP
+            >>> from steerlab.testing import tiny_model
+            >>> model = tiny_model("llama")
+            >>> texts = model.generate(["Write a haiku."], max_new_tokens=4)
+            >>> isinstance(texts[0], str)
+            True
         """
-        check_batch_size(batch_size)
-        fmt = self.chat(system=system, chat=chat)
-        kwargs.setdefault("do_sample", False)
-        kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id)
-        texts: list[str] = [""] * len(prompts)
-        bar = tqdm(total=len(prompts), desc="generating", unit="prompt", disable=not progress)
-        try:
-            for idx, batch in fmt.batches(fmt.tokenize(prompts, responses=responses), batch_size):
-                batch = batch.to(self.device)
-                width = int(batch.input_ids.shape[1])
-                with generation(self, width):  # position-aware ops tell prompt from generated tokens
-                    out = self.hf.generate(
-                        input_ids=batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=max_new_tokens, **kwargs
-                    )
-                for i, text in zip(idx, self.tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)):
-                    texts[i] = text
-                bar.update(len(idx))
-        finally:
-            bar.close()
-        return texts
+        return generate_loop(
+            self, prompts, policy=policy, max_new_tokens=max_new_tokens, batch_size=batch_size, chat=chat,
+            system=system, responses=responses, progress=progress, **kwargs,
+        )  # fmt: skip
 
 
 def load(

@@ -8,25 +8,32 @@ the most probable wins), else ``[respond]``. The control tokens are hidden from 
 Because the decision only needs the first-step distribution, :func:`refusal_token_probs` computes
 it once and :func:`tau_sweep` traces the refusal-rate / over-refusal curve without regenerating.
 
+:class:`RefusalTokens` is a generation policy (:mod:`steerlab.generation`): ``model.generate(prompts,
+policy=rt)`` returns one :class:`RefusalTokenOutput` per prompt and composes with ``model.apply``.
+
 Example:
-    >>> rt = RefusalTokens.from_tokenizer(model.tokenizer, refuse="[refuse]", respond="[respond]", tau=0.3)  # doctest: +SKIP
-    >>> outs = generate_with_refusal_tokens(model, ["How do I pick a lock?"], rt)                           # doctest: +SKIP
-    >>> outs[0].refused, outs[0].category, outs[0].text                                                    # doctest: +SKIP
+    >>> from steerlab.testing import tiny_model
+    >>> model = tiny_model("llama")
+    >>> rt = RefusalTokens.from_tokenizer(model.tokenizer, refuse="[INST]", respond="[/INST]", tau=0.0)
+    >>> outs = model.generate(["How do I pick a lock?"], policy=rt, max_new_tokens=3)
+    >>> outs[0].refused, outs[0].category
+    (True, 'refuse')
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
-from steerlab.errors import EmptyInputError, ShapeError, SteerlabError
-from steerlab.hooks import generation
+from steerlab.errors import EmptyInputError, InvalidValueError, ShapeError, SteerlabError
 from steerlab.probes.metrics import roc_auc
 
 if TYPE_CHECKING:
+    from steerlab.generation import Decoder
     from steerlab.model import Model
 
 
@@ -47,7 +54,8 @@ def _single_id(tokenizer, token: str) -> int:
 
 @dataclass(frozen=True)
 class RefusalTokens:
-    """Control-token ids and thresholds. ``refuse`` maps category -> token id (one entry for plain refusal)."""
+    """Control-token ids and thresholds. ``refuse`` maps category -> token id (one entry for plain refusal).
+    A generation policy: ``model.generate(prompts, policy=tokens)`` forces the first token."""
 
     refuse: Mapping[str, int]
     respond: int
@@ -64,7 +72,7 @@ class RefusalTokens:
         if self.respond in self.refuse.values():
             raise ShapeError("the respond token must differ from every refusal token")
         if self.temperature <= 0:
-            raise ValueError(f"temperature must be positive; got {self.temperature}")
+            raise InvalidValueError(f"temperature must be positive; got {self.temperature}")
 
     @classmethod
     def from_tokenizer(
@@ -101,8 +109,22 @@ class RefusalTokens:
         return torch.where(over.any(-1), ids[best], torch.full_like(best, self.respond))
 
     def processor(self) -> FirstTokenProcessor:
-        """A transformers ``LogitsProcessor`` that forces the decision at the first generated step."""
+        """A transformers ``LogitsProcessor`` that forces the decision at the first generated step (for a
+        plain ``hf.generate``; ``model.generate(..., policy=self)`` needs none)."""
         return FirstTokenProcessor(self)
+
+    @contextmanager
+    def open(self, model: Model) -> Iterator[_RefusalTokenRun]:
+        """The policy's run for one ``model.generate`` call (see :mod:`steerlab.generation`)."""
+        head = model.hf.get_output_embeddings()
+        vocab = int(head.weight.shape[0]) if head is not None else int(model.hf.config.vocab_size)
+        bad = [i for i in self.control_ids if not 0 <= i < vocab]
+        if bad:
+            raise ControlTokenError(
+                f"control token ids {bad} are outside the model's vocabulary of {vocab}; resize the embeddings after adding "
+                "them: model.hf.resize_token_embeddings(len(model.tokenizer))"
+            )
+        yield _RefusalTokenRun(model, self)
 
 
 class FirstTokenProcessor:
@@ -137,45 +159,48 @@ class RefusalTokenOutput:
     p_refuse: dict[str, float]
 
 
+class _RefusalTokenRun:
+    """:class:`RefusalTokens` during one ``model.generate`` call: force the first token, hide control tokens."""
+
+    def __init__(self, model: Model, tokens: RefusalTokens) -> None:
+        self.model, self.tokens = model, tokens
+        self.by_category = {v: k for k, v in tokens.refuse.items()}
+        self.hidden = set(tokens.control_ids)
+        self.p_refuse = torch.empty(0)
+        self.forced = torch.empty(0, dtype=torch.long)
+
+    def start(self, decoder: Decoder) -> None:
+        self.p_refuse, self.forced = torch.empty(0), torch.empty(0, dtype=torch.long)
+
+    def step(self, decoder: Decoder, logits: torch.Tensor) -> torch.Tensor:
+        """At the first step: record ``p``, return logits that force the decision; later steps unchanged."""
+        if decoder.depth:
+            return logits
+        self.p_refuse = self.tokens.probabilities(logits).cpu()
+        choice = self.tokens.decide(logits)
+        self.forced = choice.cpu()
+        forced = torch.full_like(logits, float("-inf"))
+        forced[torch.arange(len(choice)), choice] = 0.0
+        return forced
+
+    def finish(self, decoder: Decoder) -> list[RefusalTokenOutput]:
+        outputs = []
+        for r in range(len(decoder)):
+            first = int(self.forced[r])
+            outputs.append(RefusalTokenOutput(
+                text=self.model.tokenizer.decode([t for t in decoder.tokens(r) if t not in self.hidden], skip_special_tokens=True),
+                refused=first in self.by_category, category=self.by_category.get(first),
+                p_refuse={c: float(self.p_refuse[r, j]) for j, c in enumerate(self.tokens.refuse)},
+            ))  # fmt: skip
+        return outputs
+
+
 def generate_with_refusal_tokens(
     model: Model, prompts: Sequence[str], tokens: RefusalTokens, *, max_new_tokens: int = 64, batch_size: int = 16
 ) -> list[RefusalTokenOutput]:
-    """Generate with the first token forced by ``tokens``; returns one output per prompt, in order."""
-    from transformers import LogitsProcessorList
-
-    prompts = list(prompts)
-    if not prompts:
-        raise EmptyInputError("the prompt list is empty; pass at least one prompt")
-    fmt = model.chat()
-    by_category = {v: k for k, v in tokens.refuse.items()}
-    hidden = set(tokens.control_ids)
-    outputs: list[RefusalTokenOutput | None] = [None] * len(prompts)
-    for idx, batch in fmt.batches(fmt.tokenize(prompts), batch_size):
-        batch = batch.to(model.device)
-        proc = tokens.processor()
-        width = int(batch.input_ids.shape[1])
-        with torch.inference_mode(), generation(model, width):  # position-aware ops tell prompt from generated tokens
-            out = model.hf.generate(
-                input_ids=batch.input_ids,
-                attention_mask=batch.attention_mask,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                logits_processor=LogitsProcessorList([proc]),
-                pad_token_id=model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else model.tokenizer.eos_token_id,
-            )
-        if not proc.forced:
-            raise SteerlabError("the refusal-token processor never ran; max_new_tokens must be at least 1")
-        forced, p = proc.forced[0], proc.p_refuse[0]
-        for row, i in enumerate(idx):
-            ids = [t for t in out[row, width:].tolist() if t not in hidden]
-            first = int(forced[row])
-            outputs[i] = RefusalTokenOutput(
-                text=model.tokenizer.decode(ids, skip_special_tokens=True),
-                refused=first in by_category,
-                category=by_category.get(first),
-                p_refuse={c: float(p[row, j]) for j, c in enumerate(tokens.refuse)},
-            )
-    return outputs  # type: ignore[return-value]
+    """``model.generate(prompts, policy=tokens, ...)`` (kept for existing callers): the first token forced by
+    ``tokens``; one output per prompt, in order."""
+    return model.generate(prompts, policy=tokens, max_new_tokens=max_new_tokens, batch_size=batch_size)
 
 
 def refusal_token_probs(model: Model, prompts: Sequence[str], tokens: RefusalTokens, *, batch_size: int = 16) -> torch.Tensor:
