@@ -24,7 +24,8 @@ import torch
 import steerlab
 from steerlab.data import concept_questions
 from steerlab.eval import QA, answer_probability, noise_validation
-from steerlab.interventions import ColumnEdit, random_columns
+from steerlab.interventions import ColumnEdit
+from steerlab.measure import random_columns
 from steerlab.steering import VocabProjection, find_concept_vectors
 from steerlab.training import bake, parity
 

@@ -38,7 +38,8 @@ import torch
 import steerlab
 from steerlab.data import load_split, load_statements
 from steerlab.errors import ShapeError
-from steerlab.interventions import noise_edit, random_columns
+from steerlab.interventions import noise_edit
+from steerlab.measure import random_columns
 from steerlab.steering import (
     Direction,
     SteeringEffect,

@@ -13,13 +13,12 @@ from steerlab.eval import QA, answer_probability, concept_effect, noise_validati
 from steerlab.interventions import (
     ColumnEdit,
     ColumnIndexError,
-    column_activations,
     column_groups,
     layer_groups,
     noise_edit,
-    random_columns,
     resolve_column,
 )
+from steerlab.measure import column_activations, random_columns
 from steerlab.steering import ConceptTokenError, VocabProjection, concept_token_ids, find_concept_vectors
 from steerlab.training import bake, history, parity
 

@@ -8,16 +8,14 @@ from conftest import MOE_FAMILIES, tiny_model
 
 from steerlab.arch import resolve_path
 from steerlab.errors import EmptyInputError, LayerIndexError, SteerlabError, UnknownSiteError
-from steerlab.interventions.experts import (
-    ExpertIndexError,
-    ExpertMask,
+from steerlab.interventions.experts import ExpertIndexError, ExpertMask, moe_layers
+from steerlab.measure import (
     ExpertScores,
     ExpertUsage,
     contrast,
     expert_attribution,
     expert_contrast,
     expert_usage,
-    moe_layers,
 )
 
 PROMPTS = ["Write a short poem about the sea.", "Hi", "How do I bake bread at home?", "Tell me a joke about cats."]
@@ -271,7 +269,7 @@ def test_contrastive_ranking_on_a_constructed_case():
     assert scores.top(3)[2] in [(1, 2), (1, 3)]
     assert scores.top(1, order="asc") == [(2, 3)]
     assert scores.top(1, order="abs") == [(2, 3)]
-    assert scores.top(0.25) == [(2, 0), (2, 1)]  # 25% of 8
+    assert scores.top(fraction=0.25) == [(2, 0), (2, 1)]  # 25% of 8
     rows = scores.rows(1)
     assert rows == [{"rank": 1, "layer": 2, "expert": 0, "score": 0.5}]
     assert len(scores.table(3).splitlines()) == 4

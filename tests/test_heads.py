@@ -8,12 +8,11 @@ import torch
 from conftest import FAMILIES, tiny_model
 
 import steerlab
-from steerlab.errors import EmptyInputError, LayerIndexError, ShapeError, SteerlabError
-from steerlab.interventions.heads import (
-    HeadAblation,
+from steerlab.errors import EmptyInputError, InvalidValueError, LayerIndexError, ShapeError, SteerlabError
+from steerlab.interventions.heads import HeadAblation, HeadIndexError
+from steerlab.measure import (
     HeadAblationEffect,
     HeadAttribution,
-    HeadIndexError,
     head_ablation_effect,
     head_attribution,
     head_means,
@@ -205,8 +204,8 @@ def test_attribution_ranking_table_and_figure():
     assert att.top(2) == [(0, 1), (1, 0)]
     assert att.top(1, order="desc") == [(1, 0)]
     assert att.top(2, order="asc") == [(0, 1), (1, 2)]
-    assert att.top(0.5) == [(0, 1), (1, 0), (0, 2)]  # 50% of 6 heads
-    assert len(att.top(0.01)) == 1
+    assert att.top(fraction=0.5) == [(0, 1), (1, 0), (0, 2)]  # 50% of 6 heads
+    assert len(att.top(fraction=0.01)) == 1
     rows = att.rows()
     assert [r["rank"] for r in rows] == list(range(1, 7)) and rows[0] == {
         "rank": 1,
@@ -218,8 +217,10 @@ def test_attribution_ranking_table_and_figure():
     assert len(table.splitlines()) == 4 and "-2" in table.splitlines()[1]
     fig = att.figure()
     assert fig.data[0].type == "heatmap" and len(fig.data[0].z) == 2
-    with pytest.raises(ShapeError):
-        att.top(1.5)
+    with pytest.raises(InvalidValueError, match="fraction"):
+        att.top(fraction=1.5)
+    with pytest.raises(InvalidValueError, match="exactly one"):
+        att.top()
 
 
 def test_attribution_accepts_a_direction_and_other_positions():
@@ -255,7 +256,7 @@ def test_top_versus_random_ablation_effect():
     assert "top 2 heads" in effect.table()
     # a caller-supplied metric
     calls = []
-    custom = head_ablation_effect(model, att, PROMPTS, k=0.1, metric=lambda m, p: calls.append(len(p)) or 1.0)
+    custom = head_ablation_effect(model, att, PROMPTS, fraction=0.1, metric=lambda m, p: calls.append(len(p)) or 1.0)
     assert custom.delta_top == 0.0 and calls == [3, 3, 3] and len(custom.top_heads) == 1
     assert _all_hooks_removed(model)
 

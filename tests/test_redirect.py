@@ -9,7 +9,7 @@ from conftest import tiny_model
 import steerlab
 from steerlab.backends.hf import render, site_functions
 from steerlab.plan import RankOne, Step
-from steerlab.errors import InterventionNotFiredError, ShapeError, SteerlabError, UnknownPositionError
+from steerlab.errors import InterventionNotFiredError, InvalidValueError, ShapeError, SteerlabError, UnknownPositionError
 from steerlab.interventions.redirect import (
     DegenerateEditError,
     LinearRedirect,
@@ -17,13 +17,12 @@ from steerlab.interventions.redirect import (
     NotALinearModuleError,
     RankOneRedirect,
     closed_form_edit,
-    estimate_key_covariance,
-    module_keys,
     rank_one_update,
     redirect_matrix,
     redirect_rank_one,
     resolve_linear,
 )
+from steerlab.measure import estimate_key_covariance, linear_redirect_from_prompts, module_keys
 from steerlab.steering import Direction
 
 PROMPTS = [
@@ -335,7 +334,7 @@ def test_linear_algebra_bad_inputs():
         closed_form_edit(W, torch.randn(2, 6, dtype=F64), torch.randn(2, 5, dtype=F64))
     with pytest.raises(ShapeError, match="one output per key"):
         closed_form_edit(W, torch.randn(2, 7, dtype=F64), torch.randn(3, 5, dtype=F64))
-    with pytest.raises(ShapeError, match=">= 0"):
+    with pytest.raises(InvalidValueError, match=">= 0"):
         closed_form_edit(W, torch.randn(2, 7, dtype=F64), torch.randn(2, 5, dtype=F64), lam=-1.0)
 
 
@@ -388,7 +387,7 @@ def test_linear_redirect_hook_equals_the_edited_weight(family, module, layer, wi
     model = tiny_model(family)
     cov = estimate_key_covariance(model, CORPUS, layer=layer, module=module, ridge=1e-2) if with_cov else None
     concept = ["Tell me a joke about cats."]
-    edit = LinearRedirect.from_prompts(model, concept, ["How do I bake bread at home?", "Hi there"], layer=layer,
+    edit = linear_redirect_from_prompts(model, concept, ["How do I bake bread at home?", "Hi there"], layer=layer,
                                        module=module, covariance=cov)  # fmt: skip
     path, delta = _weight_update(model, edit)
     _, linear = resolve_linear(model, layer, module)
@@ -415,7 +414,7 @@ def test_linear_redirect_hook_equals_the_edited_weight(family, module, layer, wi
 
 def test_linear_redirect_generation_is_the_same_with_and_without_cache():
     model = tiny_model("llama")
-    edit = LinearRedirect.from_prompts(model, ["Tell me a joke about cats."], ["Hi there"], layer=1)
+    edit = linear_redirect_from_prompts(model, ["Tell me a joke about cats."], ["Hi there"], layer=1)
     with model.apply(edit):
         cached = model.generate(PROMPTS[:2], max_new_tokens=6)
         uncached = model.generate(PROMPTS[:2], max_new_tokens=6, use_cache=False)

@@ -1,6 +1,7 @@
-"""Runtime interventions: attention heads, MoE experts, rank-one concept redirection, down-projection columns.
+"""Runtime interventions as values: attention heads, MoE experts, concept redirection, down-projection columns.
 
-Every intervention is a frozen value applied with ``with model.apply(iv): ...``.
+Every intervention is a frozen value applied with ``with model.apply(iv): ...`` (or baked with
+``training.bake``). What to act on is measured in :mod:`steerlab.measure`.
 
 Example:
     >>> from steerlab.interventions import HeadAblation, ExpertMask                  # doctest: +SKIP
@@ -12,44 +13,19 @@ from steerlab.interventions.columns import (
     ColumnEdit,
     ColumnGroup,
     ColumnIndexError,
-    column_activations,
     column_groups,
     expert_activations,
     layer_groups,
     noise_edit,
-    random_columns,
     resolve_column,
 )
-from steerlab.interventions.experts import (
-    ExpertIndexError,
-    ExpertMask,
-    ExpertScores,
-    ExpertUsage,
-    contrast,
-    expert_attribution,
-    expert_contrast,
-    expert_usage,
-    moe_layers,
-)
-from steerlab.interventions.heads import (
-    HeadAblation,
-    HeadAblationEffect,
-    HeadAttribution,
-    HeadIndexError,
-    head_ablation_effect,
-    head_attribution,
-    head_means,
-    projection_metric,
-)
-from steerlab.interventions.redirect import (
+from steerlab.interventions.experts import ExpertIndexError, ExpertMask, moe_layers
+from steerlab.interventions.heads import HeadAblation, HeadIndexError
+from steerlab.interventions.linear_redirect import LinearRedirect, MultiKeyRedirect, NotALinearModuleError
+from steerlab.interventions.redirect import RankOneRedirect
+from steerlab.interventions.redirect_math import (
     DegenerateEditError,
-    LinearRedirect,
-    MultiKeyRedirect,
-    NotALinearModuleError,
-    RankOneRedirect,
     closed_form_edit,
-    estimate_key_covariance,
-    module_keys,
     rank_one_update,
     redirect_matrix,
 )
@@ -61,34 +37,18 @@ __all__ = [
     "DegenerateEditError",
     "ExpertIndexError",
     "ExpertMask",
-    "ExpertScores",
-    "ExpertUsage",
     "HeadAblation",
-    "HeadAblationEffect",
-    "HeadAttribution",
     "HeadIndexError",
     "LinearRedirect",
     "MultiKeyRedirect",
     "NotALinearModuleError",
     "RankOneRedirect",
     "closed_form_edit",
-    "column_activations",
     "column_groups",
-    "contrast",
-    "estimate_key_covariance",
     "expert_activations",
-    "expert_attribution",
-    "expert_contrast",
-    "expert_usage",
-    "head_ablation_effect",
-    "head_attribution",
-    "head_means",
     "layer_groups",
-    "module_keys",
     "moe_layers",
     "noise_edit",
-    "projection_metric",
-    "random_columns",
     "rank_one_update",
     "redirect_matrix",
     "resolve_column",

@@ -14,6 +14,8 @@ down projection's *output* and adds ``a_j · ((scale - 1) v + add_j)``, where ``
 ``j``'s activation (the down projection's input for a dense MLP; for a routed expert it is recomputed
 from the fused ``gate_up`` parameter with the experts module's own gate, only for the tokens routed to
 it, times their routing weight). The weight form (``training.bake``) writes the new columns.
+Reading columns (:func:`~steerlab.measure.column_activations`) and drawing random baselines
+(:func:`~steerlab.measure.random_columns`) are measurements, in :mod:`steerlab.measure.columns`.
 
 Example:
     >>> edit = ColumnEdit([(17, 1234), (2, 5, 40)], scale=0.0)          # doctest: +SKIP
@@ -28,11 +30,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
 from steerlab.arch import mlp_down, normalize_layer, resolve_path
-from steerlab.errors import EmptyInputError, ShapeError, SteerlabError
-from steerlab.moe import expert_activations, routing_inputs
+from steerlab.errors import EmptyInputError, InvalidValueError, ShapeError, SteerlabError
+from steerlab.moe import expert_activations  # noqa: F401  (re-exported: the neuron activations of a routed expert)
 from steerlab.plan import ColumnDelta, ColumnsUpdate, Plan, Step, WeightEdit
 
 if TYPE_CHECKING:
@@ -281,101 +282,6 @@ def noise_edit(model: Model, columns: Sequence[Column], *, std: float = 0.1, see
     if not columns:
         raise EmptyInputError("noise_edit needs at least one column address")
     if std < 0:
-        raise ShapeError(f"std must be >= 0; got {std}")
+        raise InvalidValueError(f"std must be >= 0 (the noise's standard deviation); got {std}")
     noise = torch.randn(len(columns), model.d_model, generator=torch.Generator().manual_seed(seed)) * std
     return ColumnEdit(columns, scale=1.0, add=noise)
-
-
-def random_columns(model: Model, n: int, *, layers: Sequence[int] | int | None = None, seed: int = 0,
-                   exclude: Sequence[Column] = ()) -> list[Column]:  # fmt: skip
-    """``n`` distinct column addresses drawn uniformly from the chosen layers' groups (a baseline for ablations).
-
-    Example:
-        >>> ColumnEdit(random_columns(model, 10, seed=1))                # doctest: +SKIP
-    """
-    groups = column_groups(model, layers=layers)
-    sizes = torch.tensor([g.n_columns for g in groups])
-    total = int(sizes.sum())
-    skip = {_as_address(c) for c in exclude}
-    if n > total - len(skip):
-        raise ColumnIndexError(f"asked for {n} random columns but only {total - len(skip)} are available")
-    gen = torch.Generator().manual_seed(seed)
-    starts = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)])
-    out: list[Column] = []
-    chosen: set[Column] = set()
-    while len(out) < n:
-        flat = int(torch.randint(total, (1,), generator=gen))
-        g = int(torch.searchsorted(starts, flat, right=True)) - 1
-        address = groups[g].address(flat - int(starts[g]))
-        if address not in skip and address not in chosen:
-            chosen.add(address)
-            out.append(address)
-    return out
-
-
-@torch.inference_mode()
-def column_activations(
-    model: Model, prompts: Sequence[str], columns: Sequence[Column], *, chat: bool = True, batch_size: int = 16
-) -> torch.Tensor:
-    """How strongly each column is written at each prompt's last token: ``[n_prompts, n_columns]`` (float32, CPU).
-    A column listed twice is read once and reported twice.
-
-    The coefficient ``a`` in the residual write ``a · v``: the neuron's activation (the down projection's input) for
-    a dense MLP or shared expert (a shared expert's own output gate is not included), and routing weight times
-    activation for a routed expert (0 where the token is not routed to it). Its sign says whether the column
-    writes ``+v`` or ``-v`` in these contexts.
-
-    Example:
-        >>> acts = column_activations(model, ["Which language has pip?"], [(21, 1701)])   # doctest: +SKIP
-    """
-    prompts = list(prompts)
-    if not prompts:
-        raise EmptyInputError("no prompts given")
-    resolved = [resolve_column(model, c) for c in columns]
-    order = [(g.layer, g.expert, j) for g, j in resolved]
-    unique = list(dict.fromkeys((g.address(j), key) for (g, j), key in zip(resolved, order)))
-    targets = ColumnEdit([address for address, _ in unique], scale=1.0).targets(model)  # grouped per module
-    fmt = model.chat(chat=chat)
-    out = torch.zeros(len(prompts), len(order))
-    for idx, batch in fmt.batches(fmt.tokenize(prompts), batch_size):
-        batch = batch.to(model.device)
-        seen: dict[tuple, torch.Tensor] = {}
-        with model.hooks() as session:
-            for t in targets:
-                module = resolve_path(model.hf, t.group.module)
-                name = f"column_activations.{t.group.module}.{t.group.expert}"
-                if isinstance(t.group.expert, int):
-                    hook = _read_expert(model, t, seen, session.step)
-                    session.add_module(module, hook, name=name, layer=t.group.layer, with_kwargs=True)
-                else:
-                    session.add_module(module, _read_linear(t, seen), name=name, layer=t.group.layer, pre=True)
-            model.hf(**batch.model_inputs(), use_cache=False, logits_to_keep=1)
-        for k, key in enumerate(order):
-            out[idx, k] = seen[key].float().cpu()
-    return out
-
-
-def _read_linear(target: ColumnTarget, seen: dict):
-    def hook(module, args):
-        x = args[0][:, -1]  # left-padded batches: the last position is every row's last prompt token
-        for j in target.columns:
-            seen[(target.group.layer, target.group.expert, j)] = x[:, j]
-
-    return hook
-
-
-def _read_expert(model: Model, target: ColumnTarget, seen: dict, step):
-    e = target.group.expert
-
-    def hook(module, args, kwargs, output):
-        hidden, index, weights = routing_inputs(module, args, kwargs)
-        b = step.batch_size or 1
-        x = hidden.reshape(b, -1, hidden.shape[-1])[:, -1]
-        index = index.reshape(b, -1, index.shape[-1])[:, -1]
-        weights = weights.reshape(b, -1, weights.shape[-1])[:, -1]
-        w = (weights * (index == e)).sum(-1)  # [b]: 0 where not routed
-        act = expert_activations(model, module, e, target.columns, x) * w[:, None].to(x.dtype)
-        for n, j in enumerate(target.columns):
-            seen[(target.group.layer, e, j)] = act[:, n]
-
-    return hook

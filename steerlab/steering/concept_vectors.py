@@ -217,7 +217,7 @@ class ConceptSearch:
             >>> promoting = search.in_context(model, ["Write hello world in Python."], n=100)   # doctest: +SKIP
             >>> promoting.edit(20, scale=0.0)                                                     # doctest: +SKIP
         """
-        from steerlab.interventions.columns import column_activations
+        from steerlab.measure.columns import column_activations
 
         hits = self.hits[:n]
         if not hits:
