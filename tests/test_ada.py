@@ -163,3 +163,41 @@ def test_a_probe_over_several_layers_scores_the_mean_probability():
     for out, a, b in zip(outs, *singles):
         for c, ca, cb in zip(out.checks, a.checks, b.checks):
             assert c.score == pytest.approx((ca.score + cb.score) / 2, abs=1e-5)
+
+
+def _hook_counts(model):
+    """Hooks on every module of the HF model (transformers may keep recorder hooks of its own)."""
+    return [len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.hf.modules()]
+
+
+def test_ada_is_a_policy_of_model_generate_and_composes_with_generated_token_steering():
+    from steerlab.testing import tiny_direction
+
+    model = tiny_model("qwen2")
+    before = _hook_counts(model)
+    guard = ADAGuard(probe=_probe(model, 2), every=2, threshold=2.0)
+    plain = model.generate(PROMPTS[:3], policy=guard, max_new_tokens=6)
+    assert [(o.text, o.checks) for o in plain] == [(o.text, o.checks) for o in ada_generate(model, PROMPTS[:3], guard, max_new_tokens=6)]
+    steer = AddVector(tiny_direction(model, layer=1), coeff=8.0, tokens="generated")
+    with model.apply(steer) as session:
+        steered = model.generate(PROMPTS[:3], policy=guard, max_new_tokens=6)
+        fired = dict(session.counts)
+        reference = model.generate(PROMPTS[:3], max_new_tokens=6)
+    assert fired and all(n > 0 for n in fired.values())  # the edit fired during the ADA generation
+    assert [o.text for o in steered] == reference != [o.text for o in plain]
+    assert not open_sessions(model)
+    assert _hook_counts(model) == before  # every hook the scope and the policy added is gone
+
+
+def test_a_policy_rejects_sampling_options_and_non_policies():
+    from steerlab.errors import InvalidValueError
+
+    model = tiny_model("llama")
+    guard = ADAGuard(probe=_probe(model, 1))
+    with pytest.raises(InvalidValueError, match="policy=None"):
+        model.generate(PROMPTS, policy=guard, do_sample=True)
+    with pytest.raises(InvalidValueError, match="ADAGuard"):
+        model.generate(PROMPTS, policy="ada")
+    with pytest.raises(InvalidValueError, match="max_new_tokens"):
+        model.generate(PROMPTS, policy=guard, max_new_tokens=0)
+    assert not open_sessions(model)

@@ -83,3 +83,28 @@ def test_bad_control_tokens_are_reported():
         RefusalTokens.from_tokenizer(model.tokenizer, refuse="[never-seen-token]", respond="[/INST]")
     with pytest.raises(Exception, match="unknown categories"):
         RefusalTokens(refuse={"a": 1}, respond=2, tau={"b": 0.5})
+
+
+def _hook_counts(model):
+    """Hooks on every module of the HF model (transformers may keep recorder hooks of its own)."""
+    return [len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.hf.modules()]
+
+
+def test_refusal_tokens_are_a_policy_of_model_generate_and_compose_with_generated_token_steering():
+    from steerlab.hooks import open_sessions
+    from steerlab.steering import AddVector
+    from steerlab.testing import tiny_direction
+
+    model = tiny_model("llama")
+    before = _hook_counts(model)
+    rt = RefusalTokens.from_tokenizer(model.tokenizer, refuse="[INST]", respond="[/INST]", tau=1.01)  # always respond
+    plain = model.generate(PROMPTS, policy=rt, max_new_tokens=6)
+    assert plain == generate_with_refusal_tokens(model, PROMPTS, rt, max_new_tokens=6)
+    with model.apply(AddVector(tiny_direction(model, layer=1), coeff=8.0, tokens="generated")) as session:
+        steered = model.generate(PROMPTS, policy=rt, max_new_tokens=6)
+    assert session.counts and all(n > 0 for n in session.counts.values())  # the edit fired during refusal-token generation
+    assert [o.text for o in steered] != [o.text for o in plain]
+    for s, p in zip(steered, plain):  # the decision reads the prompt only, which the edit leaves alone
+        assert s.refused == p.refused and s.p_refuse == pytest.approx(p.p_refuse, abs=1e-6)
+    assert not open_sessions(model)
+    assert _hook_counts(model) == before  # every hook the scope and the policy added is gone
