@@ -29,8 +29,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from steerlab.errors import EmptyInputError, InvalidValueError, ShapeError, SteerlabError
+from steerlab.errors import EmptyInputError, InvalidValueError, SteerlabError
 from steerlab.probes.metrics import roc_auc
+from steerlab.reader import PerPrompt, Tap, read
 
 if TYPE_CHECKING:
     from steerlab.generation import Decoder
@@ -68,9 +69,11 @@ class RefusalTokens:
             raise EmptyInputError("name at least one refusal token")
         unknown = set(self.tau) - set(self.refuse)
         if unknown:
-            raise ShapeError(f"thresholds for unknown categories {sorted(unknown)}; categories are {sorted(self.refuse)}")
+            raise InvalidValueError(
+                f"thresholds for unknown categories {sorted(unknown)}; give thresholds only for {sorted(self.refuse)}"
+            )
         if self.respond in self.refuse.values():
-            raise ShapeError("the respond token must differ from every refusal token")
+            raise InvalidValueError("the respond token must differ from every refusal token; pick another respond token")
         if self.temperature <= 0:
             raise InvalidValueError(f"temperature must be positive; got {self.temperature}")
 
@@ -205,17 +208,8 @@ def generate_with_refusal_tokens(
 
 def refusal_token_probs(model: Model, prompts: Sequence[str], tokens: RefusalTokens, *, batch_size: int = 16) -> torch.Tensor:
     """First-step refusal-token probabilities ``[n, n_categories]`` (one forward pass per batch, no generation)."""
-    prompts = list(prompts)
-    if not prompts:
-        raise EmptyInputError("the prompt list is empty; pass at least one prompt")
-    fmt = model.chat()
-    out = torch.empty(len(prompts), len(tokens.refuse))
-    for idx, batch in fmt.batches(fmt.tokenize(prompts), batch_size):
-        batch = batch.to(model.device)
-        with torch.inference_mode():
-            logits = model.hf(**batch.model_inputs(), use_cache=False, logits_to_keep=1).logits[:, -1]
-        out[torch.tensor(idx)] = tokens.probabilities(logits).cpu()
-    return out
+    first_step = PerPrompt("last", fn=tokens.probabilities)
+    return read(model, list(prompts), taps=[Tap("logits", None, first_step)], batch_size=batch_size)[0].float()
 
 
 @dataclass(frozen=True)

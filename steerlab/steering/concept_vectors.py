@@ -209,7 +209,7 @@ class ConceptSearch:
 
         A column's vocabulary reading says what ``+v`` (``sign=+1``) or ``-v`` (``sign=-1``) promotes, but the
         neuron's activation decides which one is written: at the prompts' last token, the mean write coefficient
-        (:func:`~steerlab.interventions.column_activations`) must have the hit's sign, otherwise the column
+        (:func:`~steerlab.measure.column_activations`) must have the hit's sign, otherwise the column
         suppresses the concept there and ablating it raises the concept's probability. Use prompts that are not
         your evaluation set. Each kept hit records its mean coefficient in ``activation``.
 

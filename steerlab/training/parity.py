@@ -16,6 +16,7 @@ import torch
 
 from steerlab.errors import EmptyInputError, ShapeError
 from steerlab.model import Model
+from steerlab.reader import Rows, Tap, read
 from steerlab.training.manifest import attach_parity
 
 
@@ -47,17 +48,25 @@ class ParityReport:
         return asdict(self)
 
 
+class _TokenLogits:
+    """Every non-pad token's id and logits (float32, CPU), per prompt; ``result()`` concatenates in prompt order."""
+
+    def __init__(self) -> None:
+        self.rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def update(self, x: torch.Tensor, rows: Rows, layer: int) -> None:
+        mask = rows.mask(x.device)
+        for i, prompt in enumerate(rows.idx):
+            self.rows[prompt] = (rows.batch.input_ids[i][mask[i]].cpu(), x[i][mask[i]].float().cpu())
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        order = [self.rows[i] for i in range(len(self.rows))]
+        return torch.cat([ids for ids, _ in order]), torch.cat([logits for _, logits in order])
+
+
 def _logits(model: Model, prompts: Sequence[str], *, chat: bool, system: str | None, batch_size: int):
-    fmt = model.chat(chat=chat, system=system)
-    out = []
-    for _, batch in fmt.batches(fmt.tokenize(list(prompts)), batch_size):
-        batch = batch.to(model.device)
-        with torch.inference_mode():
-            logits = model.hf(**batch.model_inputs(), use_cache=False).logits
-        out.append(
-            (batch.input_ids[batch.attention_mask.bool()].cpu(), logits[batch.attention_mask.bool()].float().cpu())
-        )
-    return torch.cat([i for i, _ in out]), torch.cat([x for _, x in out])
+    tap = Tap("logits", None, _TokenLogits())
+    return read(model, list(prompts), taps=[tap], batch_size=batch_size, chat=chat, system=system, all_logits=True)[0]
 
 
 def parity(
