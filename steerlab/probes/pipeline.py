@@ -1,0 +1,184 @@
+"""The probe-sweep pipeline: two prompt sets -> a cross-validated sweep over layers x positions -> the best cell's
+probe and difference-of-means direction -> files (what ``steerlab probe`` runs).
+
+* :func:`probe_data` — the two prompt sets: two prompt files, or the project's training split.
+* :func:`check_sweep_positions` — reject positions that cannot be swept (``"all"``) before loading a model.
+* :func:`probe_sweep` — collect, sweep, pick the best cell, fit its probe and direction: a :class:`ProbeRun`.
+* :func:`save_probe_run` — ``probe.safetensors``, ``direction.safetensors``, ``sweep.json`` and ``sweep.html``.
+
+Example:
+    >>> data = probe_data(files=None, seed=0, limit=None, n_folds=5)                        # doctest: +SKIP
+    >>> run = probe_sweep(model, data, site="resid_pre", positions=["t_inst", "last"], layers=None,
+    ...                   n_folds=5, C=1.0, metric="accuracy", seed=0, batch_size=16)      # doctest: +SKIP
+    >>> info = RunInfo.collect(model=model.name, dtype="float32")                           # doctest: +SKIP
+    >>> save_probe_run(run, Path("runs/probe"), info=info)                                  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+
+from steerlab.activations import collect
+from steerlab.chat import Position
+from steerlab.errors import InvalidValueError
+from steerlab.probes.probe import Probe, fit_probes
+from steerlab.probes.sweep import SweepResult, position_columns, sweep
+
+if TYPE_CHECKING:
+    from steerlab.model import Model
+    from steerlab.report import RunInfo
+    from steerlab.steering import Direction
+
+SWEEP_SITES = ("resid_pre", "resid_post", "attn_out", "mlp_out")
+SPLIT_SOURCE = "steerlab.data.load_split() train parts"
+Metric = Literal["accuracy", "auc"]
+
+
+@dataclass(frozen=True)
+class ProbeData:
+    """The positive (e.g. harmful) and negative prompts of a sweep, and a line saying where they came from."""
+
+    positive: list[str]
+    negative: list[str]
+    source: str
+
+
+@dataclass(frozen=True)
+class ProbeRun:
+    """A finished sweep: its result, the best cell (``layer``, ``column``, the ``position`` it reads, ``value`` of
+    ``metric``), the probe and direction fitted there, and the settings that produced it."""
+
+    model: str
+    data: str
+    site: str
+    positions: list[Position]
+    C: float
+    metric: Metric
+    result: SweepResult
+    layer: int
+    column: str
+    position: Position
+    value: float
+    probe: Probe
+    direction: Direction
+
+    def best(self) -> dict[str, Any]:
+        """The best cell as plain data (``layer``, ``column``, ``position``, ``metric``, ``value``)."""
+        return {"layer": self.layer, "column": self.column, "position": self.position, "metric": self.metric,
+                "value": self.value}  # fmt: skip
+
+
+def probe_data(*, files: tuple[str | Path, str | Path] | None, seed: int, limit: int | None, n_folds: int) -> ProbeData:
+    """The two prompt sets of a sweep: ``files`` (positive, negative; see :func:`steerlab.data.files.read_prompts`),
+    or with ``files=None`` the training part of :func:`steerlab.data.load_split` (``seed``).
+
+    ``limit`` keeps at most that many prompts per class (``None``: all). Raises
+    :class:`~steerlab.errors.InvalidValueError` when a class has fewer prompts than ``n_folds``.
+    """
+    if files is not None:
+        from steerlab.data.files import read_prompts
+
+        pos, neg, source = read_prompts(files[0]), read_prompts(files[1]), f"{files[0]} vs {files[1]}"
+    else:
+        from steerlab.data import load_split
+
+        split = load_split(seed=seed)
+        pos, neg, source = split.harmful_train, split.harmless_train, SPLIT_SOURCE
+    if limit is not None:
+        pos, neg = pos[:limit], neg[:limit]
+    if min(len(pos), len(neg)) < n_folds:
+        raise InvalidValueError(
+            f"{n_folds}-fold cross-validation needs at least {n_folds} prompts per class; got {len(pos)} and {len(neg)}"
+        )
+    return ProbeData(positive=pos, negative=neg, source=source)
+
+
+def check_sweep_positions(positions: Sequence[Position]) -> None:
+    """Raise :class:`~steerlab.errors.InvalidValueError` for ``"all"``, which no sweep can use."""
+    if "all" in positions:
+        raise InvalidValueError(
+            "'all' has a different length per prompt and cannot be swept; "
+            "use fixed positions such as t_inst, last, post_inst"
+        )
+
+
+def column_position(positions: Sequence[Position], widths: Sequence[int], column: int) -> Position:
+    """The position (name or negative offset) that sweep column ``column`` reads, given each position's width."""
+    for p, k in zip(positions, widths):
+        if column < k:
+            if k == 1:
+                return p
+            if p == "post_inst":
+                return column - k  # the post-instruction span ends at the last prompt token
+            raise InvalidValueError(f"position {p!r} spans {k} tokens; pass a single-token position")
+        column -= k
+    raise IndexError(column)
+
+
+def probe_sweep(
+    model: Model,
+    data: ProbeData,
+    *,
+    site: str,
+    positions: Sequence[Position],
+    layers: Sequence[int] | None,
+    n_folds: int,
+    C: float,
+    metric: Metric,
+    seed: int,
+    batch_size: int,
+    log: Callable[[str], None] | None = None,
+) -> ProbeRun:
+    """Collect ``site`` activations of both prompt sets at ``positions`` and ``layers`` (``None``: all), cross-validate
+    a logistic probe (inverse L2 strength ``C``) per cell, and fit the best cell's probe and difference of means.
+
+    ``log`` receives one line before collecting.
+    """
+    from steerlab.steering.fit import mean_difference, prompts_hash
+
+    check_sweep_positions(positions)
+    positions = list(positions)
+    pos, neg = data.positive, data.negative
+    if log is not None:
+        log(f"sweeping {len(pos)} + {len(neg)} prompts ({data.source}) at {site}, positions {positions}")
+    acts = collect(model, pos + neg, sites=[site], layers=layers, positions=positions, batch_size=batch_size)
+    parts = [acts.get(site, p) for p in positions]
+    widths = [t.shape[2] for t in parts]
+    x, y = torch.cat(parts, dim=2), torch.tensor([1] * len(pos) + [0] * len(neg))
+    columns = position_columns(model, positions, widths)
+    result = sweep(x, y, layers=acts.layers, columns=columns, n_folds=n_folds, C=C, seed=seed)
+    layer, column, value = result.best(metric)
+    i, j = acts.layers.index(layer), columns.index(column)
+    position = column_position(positions, widths, j)
+    meta = {"site": site, "position": position, "model": model.name}
+    probe = fit_probes(x[:, i : i + 1, j], y, layers=[layer], C=C, labels=("harmless", "harmful"), **meta)
+    direction = mean_difference(
+        x[y == 1][:, i : i + 1, j], x[y == 0][:, i : i + 1, j], layers=[layer], data_hash=prompts_hash(pos, neg), **meta
+    )
+    return ProbeRun(model=model.name, data=data.source, site=site, positions=positions, C=C, metric=metric,
+                    result=result, layer=layer, column=column, position=position, value=value, probe=probe,
+                    direction=direction)  # fmt: skip
+
+
+def save_probe_run(run: ProbeRun, out: Path, *, info: RunInfo) -> Path:
+    """Write ``probe.safetensors``, ``direction.safetensors``, ``sweep.json`` (settings, best cell, sweep, ``info``)
+    and ``sweep.html`` (heatmaps, with ``plotly.min.js``) into ``out`` (created if needed); return ``out``."""
+    from steerlab.report import write_sweep_report
+
+    out.mkdir(parents=True, exist_ok=True)
+    run.probe.save(out / "probe.safetensors")
+    run.direction.save(out / "direction.safetensors")
+    best = run.best()
+    summary = {"model": run.model, "data": run.data, "site": run.site, "positions": run.positions, "C": run.C,
+               "best": best,
+               "files": {"probe": "probe.safetensors", "direction": "direction.safetensors", "heatmap": "sweep.html"},
+               "sweep": run.result.to_dict(), "run": info.to_dict()}  # fmt: skip
+    (out / "sweep.json").write_text(json.dumps(summary, indent=1))
+    write_sweep_report(out, run.result, metric=run.metric, info=info, data=run.data, site=run.site, best=best)
+    return out
