@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from steerlab.cli import UsageError, build_parser, main, read_prompts
+from steerlab.cli import build_parser, main
+from steerlab.data.files import PromptFileError, read_prompts
 
 
 def test_demo_prints_a_row_per_layer(capsys):
@@ -48,11 +49,11 @@ def test_refusal_on_a_model_that_does_not_refuse_fails_fast_and_leaves_no_folder
     filter_, capsys, tmp_path, monkeypatch
 ):
     # SmolLM2 refuses 1 of the 32 harmful validation prompts: the run used to select for ~9 minutes and save nothing
-    from steerlab import cli
+    from steerlab.cli import inputs
 
     loads = []
-    open_model = cli._open_model
-    monkeypatch.setattr(cli, "_open_model", lambda source, dtype: loads.append(dtype) or open_model(source, dtype))
+    open_model = inputs.open_model
+    monkeypatch.setattr(inputs, "open_model", lambda source, dtype: loads.append(dtype) or open_model(source, dtype))
     out = tmp_path / "run"
     t0 = time.perf_counter()
     status = main(["refusal", "--model", "smollm2-135m-instruct", "--out", str(out), "--filter", filter_])
@@ -120,7 +121,7 @@ def test_read_prompts_takes_text_and_jsonl(tmp_path):
     (tmp_path / "c.jsonl").write_text('{"text": "x"}\n')
     assert read_prompts(tmp_path / "a.txt") == ["first", "second"]
     assert read_prompts(tmp_path / "b.jsonl") == ["x", "y"]
-    with pytest.raises(UsageError, match="c.jsonl:1 has no string 'prompt'"):
+    with pytest.raises(PromptFileError, match="c.jsonl:1 has no string 'prompt'"):
         read_prompts(tmp_path / "c.jsonl")
 
 
@@ -500,12 +501,12 @@ def test_bad_files_are_one_line_errors_not_tracebacks(tiny_dir, probe_run, tmp_p
 
 
 def test_os_errors_from_the_commands_are_one_line(monkeypatch, capsys):
-    from steerlab import cli
+    from steerlab.cli import probe
 
     def denied(args):
         raise PermissionError(13, "Permission denied", "/srv/runs/probe")
 
-    monkeypatch.setattr(cli, "_probe", denied)
+    monkeypatch.setattr(probe, "_probe", denied)
     assert main(["probe"]) == 2
     line = _one_error_line(capsys.readouterr().err)
     assert "Permission denied (/srv/runs/probe)" in line
@@ -532,3 +533,132 @@ def test_foreign_errors_from_reading_a_saved_file_are_one_line(probe_run, monkey
     assert main(["steer", "--direction", str(probe_run / "direction.safetensors"), "--coeff", "1", "Hi"]) == 2
     line = _one_error_line(capsys.readouterr().err)
     assert "direction.safetensors is not a readable steerlab Direction file (unexpected dtype in 'vectors')" in line
+
+
+# ----- issue 16: the library workflows the commands call, used directly -----
+def test_read_prompts_names_the_file_and_the_fix(tmp_path):
+    from steerlab.errors import SteerlabError
+
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "x"}\n{oops\n')
+    cases = [(tmp_path, "is a directory; pass the file itself"), (tmp_path / "none.txt", "does not exist"),
+             (tmp_path / "empty.txt", "holds no prompts"), (tmp_path / "bad.jsonl", "bad.jsonl:2 is not valid JSON")]  # fmt: skip
+    for path, message in cases:
+        with pytest.raises(PromptFileError, match=message) as exc:
+            read_prompts(path)
+        assert isinstance(exc.value, SteerlabError)
+
+
+def test_probe_data_and_sweep_positions_need_no_model(tmp_path):
+    from steerlab.errors import InvalidValueError
+    from steerlab.probes.pipeline import SPLIT_SOURCE, check_sweep_positions, column_position, probe_data
+
+    (tmp_path / "a.txt").write_text("\n".join(HARMFUL))
+    (tmp_path / "b.txt").write_text("\n".join(HARMLESS))
+    files = (str(tmp_path / "a.txt"), str(tmp_path / "b.txt"))
+    data = probe_data(files=files, seed=0, limit=3, n_folds=2)
+    assert (data.positive, data.negative) == (HARMFUL[:3], HARMLESS[:3]) and data.source == f"{files[0]} vs {files[1]}"
+    split = probe_data(files=None, seed=0, limit=6, n_folds=3)
+    assert len(split.positive) == len(split.negative) == 6 and split.source == SPLIT_SOURCE
+    with pytest.raises(InvalidValueError, match="5-fold cross-validation needs at least 5 prompts per class"):
+        probe_data(files=files, seed=0, limit=None, n_folds=5)
+    with pytest.raises(InvalidValueError, match="cannot be swept"):
+        check_sweep_positions(["t_inst", "all"])
+    assert column_position(["t_inst", "post_inst"], [1, 3], 2) == -2 and column_position([-2], [1], 0) == -2
+    with pytest.raises(InvalidValueError, match="spans 2 tokens"):
+        column_position(["t_inst"], [2], 1)
+
+
+def test_probe_sweep_and_save_probe_run(tiny_dir, tmp_path):
+    import steerlab
+    from steerlab.probes.pipeline import ProbeData, probe_sweep, save_probe_run
+    from steerlab.report import RunInfo
+
+    model = steerlab.load(tiny_dir)
+    lines: list[str] = []
+    data = ProbeData(positive=HARMFUL, negative=HARMLESS, source="test prompts")
+    run = probe_sweep(model, data, site="resid_pre", positions=["t_inst", "last"], layers=None, n_folds=2, C=1.0,
+                      metric="auc", seed=0, batch_size=8, log=lines.append)  # fmt: skip
+    assert lines == ["sweeping 4 + 4 prompts (test prompts) at resid_pre, positions ['t_inst', 'last']"]
+    assert run.result.layers == (0, 1, 2) and run.probe.layers == run.direction.layers == (run.layer,)
+    out = save_probe_run(run, tmp_path / "run", info=RunInfo.collect(model=model.name, dtype="float32", argv=["x"]))
+    summary = json.loads((out / "sweep.json").read_text())
+    assert summary["best"] == run.best() and summary["data"] == "test prompts" and summary["run"]["command"] == "x"
+    assert {p.name for p in out.iterdir()} >= {"probe.safetensors", "direction.safetensors", "sweep.html"}
+
+
+def test_fit_guard_describe_guard_and_saved_guard_kind(tiny_dir, tmp_path):
+    import steerlab
+    from steerlab.errors import InvalidValueError, ValueFileError
+    from steerlab.probes import LatentGuard
+    from steerlab.probes.fitting import describe_guard, fit_guard, saved_guard_kind
+
+    model = steerlab.load(tiny_dir)
+    lines: list[str] = []
+    guard = fit_guard(model, mode="latent", position="t_inst", layers=None, n_train=6, seed=0, batch_size=8,
+                      calibrate=True, log=lines.append)  # fmt: skip
+    assert isinstance(guard, LatentGuard) and describe_guard(guard).startswith("LatentGuard: cosine score over 3 layers")
+    assert lines[0] == "fitting a latent guard on 6 + 6 training prompts" and lines[1].startswith("threshold calibrated")
+    assert saved_guard_kind(guard.save(tmp_path / "g.safetensors")) == "latent"
+    (tmp_path / "x.txt").write_text("not safetensors")
+    with pytest.raises(ValueFileError, match="is not a safetensors file"):
+        saved_guard_kind(tmp_path / "x.txt")
+    with pytest.raises(InvalidValueError, match="reads one layer"):
+        fit_guard(model, mode="probe", position="t_inst", layers=[0, 1], n_train=6, seed=0, batch_size=8, calibrate=False)
+
+
+def test_direction_edit_and_bake_and_export(tiny_dir, probe_run, tmp_path):
+    import steerlab
+    from steerlab.errors import InvalidValueError
+    from steerlab.steering import Ablate, AddVector, Direction
+    from steerlab.training.deploy import ParityError, bake_and_export, direction_edit, parity_prompts
+
+    direction = Direction.load(probe_run / "direction.safetensors")
+    assert isinstance(direction_edit(direction, ablate=True, coeff=None, layer=None, unit=False), Ablate)
+    add = direction_edit(direction, ablate=False, coeff=2.0, layer=0, unit=True)
+    assert isinstance(add, AddVector) and (add.coeff, list(add.layers), add.unit) == (2.0, [0], True)
+    for bad in ({"ablate": True, "coeff": 1.0}, {"ablate": False, "coeff": None}):
+        with pytest.raises(InvalidValueError):
+            direction_edit(direction, layer=None, unit=False, **bad)
+    assert len(parity_prompts(n=2)) == 4
+
+    model = steerlab.load(tiny_dir)
+    edit = Ablate(direction)
+    with pytest.raises(ParityError, match="nothing was exported"):
+        bake_and_export(model, edit, tmp_path / "no", format="safetensors", precision="f32", tol=0.0, prompts=["Hi"])
+    assert not (tmp_path / "no").exists()
+    lines: list[str] = []
+    info = bake_and_export(model, edit, tmp_path / "yes", format="safetensors", precision="f32", tol=1e-2,
+                           prompts=HARMFUL[:2], manifest={"note": "test"}, log=lines.append)  # fmt: skip
+    assert list(info) == ["path", "format", "tolerance", "parity"] and info["parity"]["n_prompts"] == 2
+    assert [line.split()[0] for line in lines] == ["baked", "parity", "exported"]
+    assert json.loads((tmp_path / "yes" / "steerlab_manifest.json").read_text())["extra"]["note"] == "test"
+
+
+def test_class_separation_rows_per_layer(tiny_dir):
+    import steerlab
+    from steerlab.errors import EmptyInputError
+    from steerlab.probes.separation import class_separation
+
+    model = steerlab.load(tiny_dir)
+    acts = steerlab.collect(model, HARMFUL + HARMLESS, positions=["t_inst", "last"], progress=False)
+    rows = class_separation(acts, n_positive=len(HARMFUL), site="resid_pre", positions=("t_inst", "last"))
+    assert [r.layer for r in rows] == [0, 1, 2] and all(s >= 0 for r in rows for s in r.separation)
+    assert all(-1.0 - 1e-6 <= r.cosine <= 1.0 + 1e-6 for r in rows)
+    with pytest.raises(EmptyInputError, match="both classes"):
+        class_separation(acts, n_positive=0, site="resid_pre", positions=("t_inst", "last"))
+
+
+def test_run_refusal_checks_n_eval_before_loading_a_model(tmp_path):
+    from steerlab.errors import InvalidValueError
+    from steerlab.eval.refusal_run import run_refusal
+
+    def never(dtype):
+        raise AssertionError("no model should be loaded")
+
+    with pytest.raises(InvalidValueError, match="n_eval must be between 1 and the 3 held-out prompts"):
+        run_refusal(load=never, out=tmp_path / "r", held_out=HARMFUL[:3], n_eval=4, eval_dtype="float32",
+                    filter_train="none", kl_max=1.0, induce_min=0.0, coeff=1.0, min_refusal_rate=0.0,
+                    max_new_tokens=2, batch_size=4, seed=0, argv=["x"], export_to=None, export_format="safetensors",
+                    tol=1e-2, manifest={})  # fmt: skip
+    assert not (tmp_path / "r").exists()

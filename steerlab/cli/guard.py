@@ -1,0 +1,118 @@
+"""``steerlab guard``: score prompts with a saved or freshly fitted latent-space guard and flag harmful ones."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from steerlab.cli import inputs
+from steerlab.cli.args import (
+    UsageError,
+    add_model_args,
+    add_prompt_args,
+    finite_float,
+    int_at_least,
+    non_negative_int,
+    position,
+)
+
+
+def _check_options(args: argparse.Namespace, path: Path | None) -> str:
+    """The guard mode (``probe`` or ``latent``) after checking the options against each other and the file."""
+    from steerlab.probes.fitting import saved_guard_kind
+
+    if path is not None:
+        mode = saved_guard_kind(path)
+        if args.mode is not None and args.mode != mode:
+            raise UsageError(
+                f"{path} holds a {mode} guard but --mode {args.mode} was given; drop --mode or pass another file"
+            )
+    else:
+        mode = args.mode or "probe"
+    if args.save_to and path is not None:
+        raise UsageError("--save writes a freshly fitted guard; it cannot be combined with --probe")
+    if args.save_to and Path(args.save_to).expanduser().is_dir():
+        raise UsageError(f"--save {args.save_to} is a directory; pass a file name such as guard.safetensors")
+    if args.save_to:
+        inputs.check_parent(Path(args.save_to).expanduser(), "--save file")
+    if mode == "probe" and args.layers is not None and len(args.layers) > 1:
+        raise UsageError(f"a probe guard reads one layer; got --layers {' '.join(map(str, args.layers))}")
+    return mode
+
+
+def _guard(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from steerlab.probes import LatentGuard, ProbeGuard
+    from steerlab.probes.fitting import describe_guard, fit_guard
+
+    prompts = inputs.gather_prompts(args)
+    path = inputs.existing_file(args.probe, "guard")
+    mode = _check_options(args, path)
+    model = inputs.load(args)
+    if path is not None:
+        kind = ProbeGuard if mode == "probe" else LatentGuard
+        guard = inputs.read_saved(path, f"steerlab {kind.__name__}", lambda f: kind.load(f, model=model))
+    else:
+        guard = fit_guard(model, mode=mode, position=args.position, layers=args.layers, n_train=args.n_train,
+                          seed=args.seed, batch_size=args.batch_size, calibrate=args.threshold is None, progress=True,
+                          log=inputs.log)  # fmt: skip
+    if args.threshold is not None:
+        guard = replace(guard, threshold=args.threshold)
+    if args.save_to:
+        Path(args.save_to).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        guard.save(args.save_to)
+        inputs.log(f"saved the guard to {args.save_to}")
+    scores = guard.score(prompts, batch_size=args.batch_size, progress=True)
+    print(describe_guard(guard))
+    print(f"{'score':>8}  {'flag':<4}  prompt")
+    for prompt, score in zip(prompts, scores.tolist()):
+        print(f"{score:>8.4f}  {'yes' if score >= guard.threshold else 'no':<4}  {inputs.short(prompt)}")
+    print(f"flagged {int((scores >= guard.threshold).sum())} of {len(prompts)}")
+    return 0
+
+
+def add_parser(sub) -> None:
+    """The ``guard`` subcommand."""
+    p = sub.add_parser("guard", help="score prompts with a latent-space guard and flag harmful ones",
+                       description="Score prompts with a saved guard (--probe FILE: a probe from `steerlab probe` or a saved "
+                                   "ProbeGuard/LatentGuard), or fit one on the project's training prompts (--fit, the default) "
+                                   "and calibrate its threshold on the validation prompts.")  # fmt: skip
+    add_model_args(p)
+    add_prompt_args(p)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument(
+        "--probe", default=None, metavar="FILE", help="a saved Probe, ProbeGuard or LatentGuard (.safetensors)"
+    )
+    src.add_argument("--fit", action="store_true", help="fit a guard on the project's training prompts (the default)")
+    p.add_argument(
+        "--mode",
+        choices=["latent", "probe"],
+        default=None,
+        help="LatentGuard (cosine rule) or ProbeGuard (default: probe)",
+    )
+    p.add_argument(
+        "--threshold",
+        type=finite_float,
+        default=None,
+        help="flag when score >= this (default: the saved or calibrated one)",
+    )
+    p.add_argument("--position", type=position, default="t_inst", help="where a fitted guard reads (default t_inst)")
+    p.add_argument(
+        "--layers",
+        nargs="+",
+        type=int,
+        default=None,
+        help="fitted guard layers (probe: one layer; default: best by CV / all)",
+    )
+    p.add_argument(
+        "--n-train",
+        type=int_at_least(2),
+        default=128,
+        help="training prompts per class for --fit (at least 2: the probe guard picks its layer by cross-validation)",
+    )
+    # dest is not "save": nnsight (when imported) gives every object a .save method, which argparse then
+    # mistakes for an already-set value and never fills in the default
+    p.add_argument("--save", dest="save_to", default=None, metavar="FILE", help="save the fitted guard here")
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.set_defaults(func=_guard)

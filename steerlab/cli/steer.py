@@ -1,0 +1,102 @@
+"""``steerlab steer`` and ``steerlab export``: a saved direction added or ablated, as a hook or baked into weights."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from steerlab.cli import inputs
+from steerlab.cli.args import add_model_args, add_prompt_args, finite_float, non_negative_float, positive_int
+
+
+def _edit(args: argparse.Namespace, direction):
+    """The Ablate (``--ablate``) or AddVector (``--coeff``, ``--layer``, ``--unit``) edit of the direction."""
+    from steerlab.training.deploy import direction_edit
+
+    if args.ablate:  # --unit only scales an added vector: an ablation projects out the unit direction anyway
+        return direction_edit(direction, ablate=True, coeff=None, layer=args.layer, unit=False)
+    return direction_edit(direction, ablate=False, coeff=args.coeff, layer=args.layer, unit=args.unit)
+
+
+def _label(args: argparse.Namespace, direction) -> str:
+    """What the edit does, for the first output line."""
+    if args.ablate:
+        layer = args.layer if args.layer is not None else direction.layers[0]
+        return f"direction ablated (vector of layer {layer}, every layer)"
+    shown = list(direction.layers) if args.layer is None else [args.layer]
+    return f"direction added x{args.coeff:g}{' (unit)' if args.unit else ''} at layer(s) {shown}"
+
+
+def _steer(args: argparse.Namespace) -> int:
+    prompts = inputs.gather_prompts(args)
+    direction = inputs.load_direction(args.direction, args.layer, ablate=args.ablate)
+    model = inputs.load(args)
+    op = _edit(args, direction)
+    gen = {"max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "progress": True}
+    before = model.generate(prompts, **gen)
+    with model.apply(op):
+        after = model.generate(prompts, **gen)
+    print(f"steering: {_label(args, direction)}\n")
+    for prompt, a, b in zip(prompts, before, after):
+        print(f"prompt: {prompt}\n  before: {inputs.short(a, 200)}\n  after:  {inputs.short(b, 200)}\n")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from steerlab.training.deploy import bake_and_export
+
+    inputs.output_dir(args.out)
+    direction = inputs.load_direction(args.direction, args.layer, ablate=args.ablate)
+    model = inputs.load(args)
+    manifest = {"command": "steerlab export", "direction_file": str(Path(args.direction).resolve())}
+    info = bake_and_export(model, _edit(args, direction), Path(args.out), format=args.format, precision=args.precision,
+                           tol=args.tol, manifest=manifest, log=inputs.log)  # fmt: skip
+    rep = info["parity"]
+    print(f"max |logit diff| (hooked vs baked, {rep['n_prompts']} prompts): {rep['max_abs_logit_diff']:.3g}")
+    print(f"greedy {rep['max_new_tokens']}-token generations identical: {rep['generation_match']:.0%}")
+    print(f"wrote {info['path']} ({args.format}); load it with transformers' AutoModelForCausalLM.from_pretrained")
+    return 0
+
+
+def add_steer_parser(sub) -> None:
+    """The ``steer`` subcommand."""
+    p = sub.add_parser("steer", help="generate with a saved direction added or ablated; print before and after")
+    add_model_args(p, batch_size=8)
+    add_prompt_args(p)
+    p.add_argument("--direction", required=True, help="a saved Direction (.safetensors)")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--coeff", type=finite_float, help="add coeff x the direction (AddVector)")
+    how.add_argument("--ablate", action="store_true", help="project the direction out everywhere (Ablate)")
+    p.add_argument(
+        "--layer",
+        type=int,
+        default=None,
+        help="AddVector: the layer to add at; Ablate: whose vector (default: the direction's)",
+    )
+    p.add_argument("--unit", action="store_true", help="AddVector: scale the vector to norm 1 first")
+    p.add_argument("--max-new-tokens", type=positive_int, default=48)
+    p.set_defaults(func=_steer)
+
+
+def add_export_parser(sub) -> None:
+    """The ``export`` subcommand."""
+    p = sub.add_parser("export", help="bake a direction into the weights, check parity with the hook, export",
+                       description="Bake Ablate (--ablate) or AddVector (--coeff X [--layer L]) of a saved direction into a copy "
+                                   "of the weights, compare its logits with the runtime hook on a few prompts, and export a "
+                                   "directory plain transformers loads (safetensors or GGUF) with steerlab_manifest.json.")  # fmt: skip
+    add_model_args(p, dtype=True, batch_size=16)
+    p.add_argument("--direction", required=True, help="a saved Direction (.safetensors)")
+    p.add_argument("--out", required=True, help="export directory")
+    p.add_argument("--format", choices=["safetensors", "gguf"], default="safetensors")
+    p.add_argument("--precision", choices=["f32", "f16"], default="f32", help="GGUF tensor precision")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--ablate", action="store_true", help="bake the direction's ablation (Ablate)")
+    how.add_argument("--coeff", type=finite_float, help="bake coeff x the direction added at --layer (AddVector)")
+    p.add_argument(
+        "--layer", type=int, default=None, help="AddVector: the layer; Ablate: whose vector (default: the direction's)"
+    )
+    p.add_argument("--unit", action="store_true", help="AddVector: scale the vector to norm 1 first")
+    p.add_argument(
+        "--tol", type=non_negative_float, default=1e-2, help="largest allowed logit difference, baked vs hooked"
+    )
+    p.set_defaults(func=_export)
