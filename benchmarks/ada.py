@@ -3,7 +3,8 @@
 Rows (greedy, same prompts, same number of new tokens; medians of interleaved repetitions):
 
 * baseline: ``model.generate`` (transformers ``generate`` on length-sorted batches);
-* ADA loop, no checks: steerlab's cached decoding loop alone (``every`` larger than the generation);
+* ADA loop, no checks: the generation loop's policy path alone (``model.generate(..., policy=guard)``
+  with ``every`` larger than the generation: steerlab's cached step-by-step decoder);
 * ADA-LP, check every N tokens (and at depth 0) with a probe at a middle layer that never fires, so
   every row generates the same tokens as the baseline (asserted).
 
@@ -22,7 +23,7 @@ import torch
 
 import steerlab
 from steerlab.data import DEMO_HARMFUL, DEMO_HARMLESS
-from steerlab.interventions.ada import ADAGuard, ada_generate
+from steerlab.interventions.ada import ADAGuard
 from steerlab.probes import Probe
 
 
@@ -43,9 +44,9 @@ def main() -> None:
     kw = dict(max_new_tokens=args.new_tokens, batch_size=args.batch_size)
     runs = {
         "baseline: transformers generate": lambda: model.generate(prompts, **kw),
-        "ADA loop, no checks": lambda: [o.text for o in ada_generate(model, prompts, ADAGuard(probe=probe, every=10**9), **kw)],
-        "ADA-LP, N=25": lambda: [o.text for o in ada_generate(model, prompts, ADAGuard(probe=probe, every=25), **kw)],
-        "ADA-LP, N=5": lambda: [o.text for o in ada_generate(model, prompts, ADAGuard(probe=probe, every=5), **kw)],
+        "ADA loop, no checks": lambda: [o.text for o in model.generate(prompts, policy=ADAGuard(probe=probe, every=10**9), **kw)],
+        "ADA-LP, N=25": lambda: [o.text for o in model.generate(prompts, policy=ADAGuard(probe=probe, every=25), **kw)],
+        "ADA-LP, N=5": lambda: [o.text for o in model.generate(prompts, policy=ADAGuard(probe=probe, every=5), **kw)],
     }
     times: dict[str, list[float]] = {k: [] for k in runs}
     reference = None
