@@ -31,7 +31,7 @@ from sklearn.preprocessing import StandardScaler
 
 import steerlab
 from steerlab.data import load_split
-from steerlab.probes import fit_logistic, fit_standardized
+from steerlab.probes.fast import fit_logistic, fit_standardized
 
 
 def _sklearn_fit(x: torch.Tensor, y: torch.Tensor, *, standardize: bool) -> list:

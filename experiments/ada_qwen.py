@@ -36,7 +36,8 @@ import steerlab
 from steerlab.data import advbench, load_split, past_tense_harmless
 from steerlab.eval import is_refusal
 from steerlab.interventions.ada import ADAGuard, ada_generate, checkpoint_states
-from steerlab.probes import Probe, fit_probes, roc_auc
+from steerlab.probes import Probe, fit_probes
+from steerlab.probes.metrics import roc_auc
 from steerlab.steering import Ablate, mean_difference
 
 parser = argparse.ArgumentParser()

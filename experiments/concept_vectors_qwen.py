@@ -23,10 +23,13 @@ import torch
 
 import steerlab
 from steerlab.data import concept_questions
-from steerlab.eval import QA, answer_probability, noise_validation
+from steerlab.eval import answer_probability
+from steerlab.eval.answers import QA
+from steerlab.eval.concepts import noise_validation
 from steerlab.interventions import ColumnEdit
 from steerlab.measure import random_columns
-from steerlab.steering import VocabProjection, find_concept_vectors
+from steerlab.steering import find_concept_vectors
+from steerlab.steering.concept_vectors import VocabProjection
 from steerlab.training import bake, parity
 
 CONCEPTS = {"python": ["Python"], "red": ["red"]}

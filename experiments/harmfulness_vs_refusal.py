@@ -10,7 +10,7 @@ import torch
 import steerlab
 from steerlab.data import load_split
 from steerlab.eval import refusal_rate
-from steerlab.steering import class_directions, steer_prompt
+from steerlab.steering.harmfulness import class_directions, steer_prompt
 
 split = load_split()
 fit_model = steerlab.load(dtype=torch.float32)

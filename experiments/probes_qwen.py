@@ -30,16 +30,10 @@ from steerlab.data import (
     past_tense_harmful_own,
     past_tense_harmless,
 )
-from steerlab.probes import (
-    LatentGuard,
-    ProbeGuard,
-    best_threshold,
-    fit_probes,
-    guard_metrics,
-    refusal_labels,
-    roc_auc,
-    sweep,
-)
+from steerlab.probes import LatentGuard, ProbeGuard, fit_probes, sweep
+from steerlab.probes.guard import guard_metrics
+from steerlab.probes.metrics import best_threshold, roc_auc
+from steerlab.probes.refusal import refusal_labels
 
 out = Path("runs/probes")
 out.mkdir(parents=True, exist_ok=True)

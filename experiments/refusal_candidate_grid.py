@@ -10,7 +10,8 @@ import torch
 
 import steerlab
 from steerlab.data import load_split
-from steerlab.eval import kl_divergence, last_token_logprobs, refusal_score
+from steerlab.eval import kl_divergence, refusal_score
+from steerlab.eval.logits import last_token_logprobs
 from steerlab.steering import Ablate, AddVector, Direction
 from steerlab.steering.refusal import filter_prompts, fit_candidates
 

@@ -32,7 +32,7 @@ from steerlab.interventions.refusal_tokens import (
     refusal_token_probs,
     tau_sweep,
 )
-from steerlab.probes import roc_auc
+from steerlab.probes.metrics import roc_auc
 from steerlab.training.data import control_tokens, refusal_token_examples
 from steerlab.training.sft import SFTConfig, finetune
 

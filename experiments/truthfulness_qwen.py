@@ -40,17 +40,9 @@ from steerlab.data import load_split, load_statements
 from steerlab.errors import ShapeError
 from steerlab.interventions import noise_edit
 from steerlab.measure import random_columns
-from steerlab.steering import (
-    Direction,
-    SteeringEffect,
-    class_directions,
-    compare_directions,
-    steering_effect,
-    transfer_direction,
-    truth_judgement,
-    truthfulness_direction,
-    truthfulness_report,
-)
+from steerlab.steering import Direction, compare_directions, transfer_direction, truthfulness_direction
+from steerlab.steering.harmfulness import class_directions
+from steerlab.steering.truthfulness import SteeringEffect, steering_effect, truth_judgement, truthfulness_report
 from steerlab.training import bake
 
 OUT = Path("runs/truthfulness_qwen")

@@ -17,7 +17,10 @@ from steerlab.interventions.heads import HeadAblation
 from steerlab.interventions.redirect import LinearRedirect, MultiKeyRedirect, RankOneRedirect
 from steerlab.steering import Direction
 from steerlab.steering.ops import Ablate, AddVector, Clamp
-from steerlab.training import ParityReport, bake, embedding_scale, history, parity, weight_change
+from steerlab.training import bake, parity
+from steerlab.training.bake import embedding_scale, weight_change
+from steerlab.training.manifest import history
+from steerlab.training.parity import ParityReport
 from steerlab.training.restructure import BIAS_ROUTES, is_tied, rebuild
 
 PROMPTS = ["Write a short poem about the sea.", "Hi there", "Tell me a joke about cats."]
@@ -110,7 +113,7 @@ def test_baked_weights_match_the_hooks_on_every_family(family):
 
 
 def test_bias_routes_name_only_registered_families():
-    known = set(steerlab.known_model_types())
+    known = set(steerlab.arch.known_model_types())
     for (family, role), route in BIAS_ROUTES.items():
         assert family in known and role in ("o_proj", "down_proj")
         assert route.model_type is None or route.model_type in known

@@ -9,7 +9,9 @@ from conftest import FAMILIES, tiny_model
 
 from steerlab.arch import resolve_path
 from steerlab.errors import EmptyInputError, SteerlabError
-from steerlab.eval import QA, answer_probability, concept_effect, noise_validation
+from steerlab.eval import answer_probability, concept_effect
+from steerlab.eval.answers import QA
+from steerlab.eval.concepts import noise_validation
 from steerlab.interventions import (
     ColumnEdit,
     ColumnIndexError,
@@ -19,8 +21,10 @@ from steerlab.interventions import (
     resolve_column,
 )
 from steerlab.measure import column_activations, random_columns
-from steerlab.steering import ConceptTokenError, VocabProjection, concept_token_ids, find_concept_vectors
-from steerlab.training import bake, history, parity
+from steerlab.steering import find_concept_vectors
+from steerlab.steering.concept_vectors import ConceptTokenError, VocabProjection, concept_token_ids
+from steerlab.training import bake, parity
+from steerlab.training.manifest import history
 
 PROMPTS = ["Write a short poem about the sea.", "Hi there", "Tell me a joke about cats."]
 TOL = 1e-4
@@ -281,7 +285,7 @@ def test_in_context_keeps_the_columns_that_write_toward_the_concept():
 
 
 def test_answer_probability_is_the_next_token_mass_on_every_answer_variant():
-    from steerlab.eval import answer_token_ids
+    from steerlab.eval.answers import answer_token_ids
 
     model = tiny_model("llama")
     tok = model.tokenizer

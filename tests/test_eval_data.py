@@ -5,7 +5,9 @@ import torch
 from conftest import tiny_model
 
 from steerlab.data import advbench, harmbench, load_split, paired_instructions
-from steerlab.eval import is_refusal, kl_divergence, last_token_logprobs, refusal_rate, refusal_score, refusal_token_ids
+from steerlab.eval import is_refusal, kl_divergence, refusal_rate, refusal_score
+from steerlab.eval.logits import last_token_logprobs
+from steerlab.eval.refusal import refusal_token_ids
 
 PROMPTS = ["Write a short poem about the sea.", "Hi there", "Tell me a joke about cats."]
 

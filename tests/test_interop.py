@@ -33,15 +33,12 @@ from steerlab.interop import (
     InteropUnavailableError,
     apply_tl,
     direction_from_tl,
-    direction_to_tl_hooks,
-    nnsight_generate,
     nnsight_intervene,
-    tl_hook_name,
-    tl_hooks,
-    tl_site,
     to_bridge,
     to_language_model,
 )
+from steerlab.interop.nnsight_bridge import nnsight_generate
+from steerlab.interop.transformer_lens_bridge import direction_to_tl_hooks, tl_hook_name, tl_hooks, tl_site
 
 FAMILIES = ["llama", "qwen2"]  # both GQA in the tiny configs (4 query heads, 2 kv heads)
 PROMPTS = ["Write a short poem about the sea.", "Hi!", "Explain how vaccines work in two sentences."]

@@ -13,22 +13,19 @@ from sklearn.preprocessing import StandardScaler
 import steerlab
 from steerlab.errors import EmptyInputError, ShapeError
 from steerlab.probes import (
-    GuardNotBoundError,
     LatentGuard,
     LinearProbe,
     Probe,
     ProbeGuard,
-    best_threshold,
-    fit_logistic,
     fit_probes,
-    fit_standardized,
     refusal_probe,
-    roc_auc,
-    stratified_folds,
     sweep,
     sweep_prompts,
     trace,
 )
+from steerlab.probes.fast import fit_logistic, fit_standardized
+from steerlab.probes.guard import GuardNotBoundError
+from steerlab.probes.metrics import best_threshold, roc_auc, stratified_folds
 from tests.conftest import tiny_model
 
 

@@ -8,7 +8,9 @@ import torch
 
 import steerlab
 from steerlab.data import load_split, past_tense_harmful, past_tense_harmless
-from steerlab.probes import LatentGuard, ProbeGuard, best_threshold, fit_probes, guard_metrics
+from steerlab.probes import LatentGuard, ProbeGuard, fit_probes
+from steerlab.probes.guard import guard_metrics
+from steerlab.probes.metrics import best_threshold
 
 pytestmark = pytest.mark.slow
 

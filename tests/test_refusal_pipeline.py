@@ -5,7 +5,8 @@ import torch
 from conftest import tiny_model
 
 from steerlab.errors import SteerlabError
-from steerlab.eval import kl_divergence, last_token_logprobs, refusal_score
+from steerlab.eval import kl_divergence, refusal_score
+from steerlab.eval.logits import last_token_logprobs
 from steerlab.steering import Ablate, AddVector, Direction
 from steerlab.steering.refusal import fit_candidates, refusal_direction, select_direction
 

@@ -175,7 +175,8 @@ def test_probe_direction_matches_sklearn_and_separates():
 
 
 def test_class_directions_at_t_inst_and_last_and_prompt_only_steering():
-    from steerlab.steering import class_directions, harmfulness_direction, steer_prompt
+    from steerlab.steering import harmfulness_direction
+    from steerlab.steering.harmfulness import class_directions, steer_prompt
 
     model = tiny_model("qwen3")
     harmful, harmless = PROMPTS, ["Give me three tips for studying.", "What is the capital of France?", "Explain tides."]

@@ -13,17 +13,13 @@ from conftest import tiny_model, tiny_tokenizer
 import steerlab
 from steerlab.data import load_statements, true_false_statements
 from steerlab.errors import LayerIndexError, ShapeError, SteerlabError
-from steerlab.steering import (
-    AddVector,
-    Direction,
+from steerlab.steering import AddVector, Direction, compare_directions, transfer_direction, truthfulness_direction
+from steerlab.steering.compare import map_layer
+from steerlab.steering.truthfulness import (
     SteeringEffect,
-    compare_directions,
-    map_layer,
     statement_activations,
     steering_effect,
-    transfer_direction,
     truth_judgement,
-    truthfulness_direction,
     truthfulness_report,
 )
 from steerlab.steering.truthfulness import projection_accuracy

@@ -1,5 +1,6 @@
 """Prompt sets: the project's own paired instructions, and loaders for public sets shipped in packages.
 
+* ``DEMO_HARMFUL`` / ``DEMO_HARMLESS`` — 12 style-matched harmful / harmless instructions for quick demos.
 * :func:`paired_instructions` — 240 harmful / harmless pairs written for steerlab, style-matched
   (same form and length, 8 categories), so a difference of means isolates harmfulness.
 * :func:`load_split` — a seeded split of those pairs: 128 train, 32 validation, 80 test.
@@ -30,7 +31,19 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from steerlab.errors import EmptyInputError, ModelLoadError
+from steerlab.errors import EmptyInputError, InvalidValueError, ModelLoadError
+
+__all__ = [
+    "DEMO_HARMFUL",
+    "DEMO_HARMLESS",
+    "PromptSetNotInstalledError",
+    "advbench",
+    "concept_questions",
+    "harmbench",
+    "load_split",
+    "load_statements",
+    "past_tense_harmful",
+]
 
 _HERE = Path(__file__).parent
 
@@ -93,7 +106,7 @@ def load_split(*, seed: int = 0, n_train: int = 128, n_val: int = 32) -> Split:
     """A seeded split of :func:`paired_instructions` (the rest is test)."""
     pairs = list(paired_instructions())
     if n_train + n_val > len(pairs):
-        raise ValueError(f"n_train + n_val = {n_train + n_val} exceeds the {len(pairs)} pairs available")
+        raise InvalidValueError(f"n_train + n_val = {n_train + n_val} exceeds the {len(pairs)} pairs available")
     random.Random(seed).shuffle(pairs)
     parts = (pairs[:n_train], pairs[n_train : n_train + n_val], pairs[n_train + n_val :])
     h = [[p["harmful"] for p in part] for part in parts]

@@ -3,40 +3,27 @@
 The optional packages are imported only when a function needs them
 (``pip install steerlab[interop]``). Both wrappers run the HF model's own modules, so an
 intervention gives the same outputs through their hook points as through steerlab's hooks, and
-``steerlab.load(bridge_or_lm)`` unwraps either one back into a steerlab Model.
+``steerlab.load(bridge_or_lm)`` unwraps either one back into a steerlab Model. Hook names, raw hook
+functions and directions as TransformerLens hooks stay in :mod:`~steerlab.interop.transformer_lens_bridge`;
+generation with interventions through nnsight in :mod:`~steerlab.interop.nnsight_bridge`.
 
-Example:
-    >>> from steerlab.interop import to_bridge, apply_tl, to_language_model, nnsight_intervene   # doctest: +SKIP
+Example (needs ``transformer_lens``):
+    >>> from steerlab.interop import to_bridge, apply_tl                  # doctest: +SKIP
+    >>> bridge = to_bridge(model)                                         # doctest: +SKIP
+    >>> with apply_tl(bridge, steerlab.Ablate(direction)):                # doctest: +SKIP
+    ...     logits = bridge(tokens)
 """
 
-from steerlab.interop._common import Firing, InteropError, InteropUnavailableError
-from steerlab.interop.nnsight_bridge import nnsight_generate, nnsight_intervene, to_language_model
-from steerlab.interop.transformer_lens_bridge import (
-    TL_NAMES,
-    TLHook,
-    apply_tl,
-    direction_from_tl,
-    direction_to_tl_hooks,
-    tl_hook_name,
-    tl_hooks,
-    tl_site,
-    to_bridge,
-)
+from steerlab.interop._common import InteropError, InteropUnavailableError
+from steerlab.interop.nnsight_bridge import nnsight_intervene, to_language_model
+from steerlab.interop.transformer_lens_bridge import apply_tl, direction_from_tl, to_bridge
 
 __all__ = [
-    "TL_NAMES",
-    "Firing",
     "InteropError",
     "InteropUnavailableError",
-    "TLHook",
     "apply_tl",
     "direction_from_tl",
-    "direction_to_tl_hooks",
-    "nnsight_generate",
     "nnsight_intervene",
-    "tl_hook_name",
-    "tl_hooks",
-    "tl_site",
     "to_bridge",
     "to_language_model",
 ]
