@@ -24,11 +24,12 @@ site                      what the function sees                                
 
 Example:
     >>> import steerlab, torch
-    >>> model = steerlab.load("smollm2-135m-instruct")          # doctest: +SKIP
-    >>> with model.hooks() as hooks:                             # doctest: +SKIP
-    ...     h = hooks.add("resid_post", 3, lambda x, ctx: x * 0.5)
-    ...     model.hf(**model.encode(["Hi"]).model_inputs())
-    >>> h.count                                                  # doctest: +SKIP
+    >>> from steerlab.testing import tiny_model
+    >>> model = tiny_model("llama")
+    >>> with model.hooks() as hooks:
+    ...     h = hooks.add("resid_post", 1, lambda x, ctx: x * 0.5)
+    ...     _ = model.hf(**model.encode(["Hi"]).model_inputs())
+    >>> h.count
     1
 """
 

@@ -1,9 +1,11 @@
 """Next-token distributions at the last prompt position, and KL between two of them.
 
 Example:
-    >>> lp = last_token_logprobs(model, ["Say hi."])            # doctest: +SKIP
-    >>> lp.shape                                                 # doctest: +SKIP
-    torch.Size([1, 151936])
+    >>> from steerlab.testing import tiny_model
+    >>> model = tiny_model("llama")
+    >>> lp = last_token_logprobs(model, ["Say hi.", "Write a poem."])
+    >>> lp.shape == (2, model.hf.config.vocab_size), bool(abs(lp.exp().sum(-1) - 1).max() < 1e-4)
+    (True, True)
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ from collections.abc import Callable
 
 import torch
 
-from steerlab.errors import EmptyInputError, ShapeError
+from steerlab.errors import EmptyInputError, InvalidValueError, ShapeError
 
 
 def _loss(z, y, C, s):
@@ -321,9 +321,9 @@ def _fit_logistic(x, y, *, C, fit_intercept, sample_weight, max_iter, tol, dtype
     if x.shape[1] == 0:
         raise EmptyInputError("no training samples")
     if C <= 0:
-        raise ValueError(f"C must be positive (inverse regularisation strength); got {C}")
+        raise InvalidValueError(f"C must be positive (inverse regularisation strength); got {C}")
     if dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"dtype must be torch.float32 or torch.float64; got {dtype}")
+        raise InvalidValueError(f"dtype must be torch.float32 or torch.float64; got {dtype}")
     if tol is None:
         tol = 1e-12 if dtype == torch.float64 else 1e-4
     x = x.to(dtype)

@@ -7,10 +7,13 @@ probe at one layer and position, flag when ``P(harmful) >= threshold``. Both cal
 threshold on a validation split (best balanced accuracy) and report accuracy, TPR and FPR.
 
 Example:
-    >>> guard = LatentGuard.fit(model, harmful_train, harmless_train)           # doctest: +SKIP
-    >>> guard = guard.calibrate(harmful_val, harmless_val)                     # doctest: +SKIP
-    >>> guard.flag(["How do I pick a lock?", "Write a haiku."])                # doctest: +SKIP
-    tensor([ True, False])
+    >>> from steerlab.data import DEMO_HARMFUL, DEMO_HARMLESS
+    >>> from steerlab.testing import tiny_model
+    >>> model = tiny_model("llama")        # random weights: the flags mean nothing, the shapes do
+    >>> guard = LatentGuard.fit(model, DEMO_HARMFUL[:8], DEMO_HARMLESS[:8], layers=[1, 2])
+    >>> guard = guard.calibrate(DEMO_HARMFUL[8:], DEMO_HARMLESS[8:])
+    >>> guard.flag(["How do I pick a lock?", "Write a haiku."]).shape
+    torch.Size([2])
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -29,9 +30,13 @@ from sklearn.utils.validation import check_is_fitted
 
 from steerlab import _valuefiles, compat
 from steerlab._checks import check_finite, layer_index
-from steerlab.errors import ShapeError, ZeroVectorError
+from steerlab.errors import InvalidValueError, ShapeError, ZeroVectorError
+from steerlab.hooks import check_site
 from steerlab.probes.fast import fit_standardized
-from steerlab.steering.direction import Direction
+from steerlab.steering.direction import Direction, check_position
+
+if TYPE_CHECKING:
+    from steerlab.model import Model
 
 FORMAT = "steerlab.LinearProbe/1"
 
@@ -62,10 +67,10 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         self.classes_, encoded = np.unique(y, return_inverse=True)
         n_classes = len(self.classes_)
         if n_classes < 2:
-            raise ValueError(f"LinearProbe needs at least two classes in y, got 1 class: {self.classes_.tolist()}")
+            raise InvalidValueError(f"LinearProbe needs at least two classes in y, got 1 class: {self.classes_.tolist()}")
         weight = compat.check_sample_weight(sample_weight, X, dtype=np.float64)
         if not weight.any():
-            raise ValueError("all sample weights are zero; at least one sample needs a positive weight")
+            raise InvalidValueError("all sample weights are zero; at least one sample needs a positive weight")
         targets = np.stack([encoded == c for c in range(n_classes)]).astype(np.float64)  # [K, n]
         if n_classes == 2:
             targets = targets[1:]
@@ -111,15 +116,31 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         idx = (scores > 0).astype(int) if scores.ndim == 1 else scores.argmax(1)
         return self.classes_[idx]
 
-    def to_direction(self, *, layer: int, site: str = "resid_pre", position: str | int = "last", model: str = "") -> Direction:
-        """The unit weight vector (towards the second class) as a one-layer steering Direction."""
+    def to_direction(
+        self, *, layer: int, site: str = "resid_pre", position: str | int = "last", model: str | Model = ""
+    ) -> Direction:
+        """The unit weight vector (towards the second class) as a one-layer steering Direction.
+
+        An estimator fitted on feature vectors does not know where they came from, so say it: the ``layer``, the
+        ``site`` and ``position`` they were collected at, and the ``model`` (a steerlab Model or its name).
+        :meth:`Probe.to_direction <steerlab.probes.probe.Probe.to_direction>` takes the same ``layer=`` and reads
+        the rest from the probe.
+
+        Example:
+            >>> import numpy as np
+            >>> x = np.random.default_rng(0).normal(size=(100, 6)); y = (x[:, 0] > 0).astype(int)
+            >>> d = LinearProbe().fit(x, y).to_direction(layer=4, position="t_inst")
+            >>> d.layers, d.position, bool(d.at(4)[0] > 0.9)
+            ((4,), 't_inst', True)
+        """
         check_is_fitted(self)
         if self.coef_.shape[0] != 1:
             raise ShapeError(f"to_direction needs a two-class probe; this one has {len(self.classes_)} classes")
         w = torch.from_numpy(self.coef_[0]).float()
         if float(w.norm()) == 0.0:
             raise ZeroVectorError("the probe's weights are zero (it learned nothing), so they give no direction; refit it")
-        return Direction(vectors=(w / w.norm())[None], layers=(layer_index(layer),), site=site, position=position, method="probe", model=model)
+        return Direction(vectors=(w / w.norm())[None], layers=(layer_index(layer),), site=check_site(site),
+                         position=check_position(position), method="probe", model=model)  # fmt: skip
 
     def save(self, path: str | Path) -> Path:
         """Write a ``.safetensors`` file with the weights, classes and parameters (atomically, with a checksum)."""

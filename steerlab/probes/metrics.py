@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from steerlab.errors import EmptyInputError
+from steerlab.errors import EmptyInputError, InvalidValueError
 
 
 def roc_auc(scores: Sequence[float] | torch.Tensor, labels: Sequence[int] | torch.Tensor) -> float:
@@ -34,7 +34,7 @@ def stratified_folds(labels: Sequence[int] | torch.Tensor, *, n_folds: int = 5, 
     y = torch.as_tensor(labels).long()
     counts = torch.bincount(y)
     if n_folds < 2:
-        raise ValueError(f"n_folds must be at least 2; got {n_folds}")
+        raise InvalidValueError(f"n_folds must be at least 2; got {n_folds}")
     if int(counts[counts > 0].min()) < n_folds:
         raise EmptyInputError(f"every class needs at least {n_folds} samples for {n_folds}-fold CV; class counts {counts.tolist()}")
     gen = torch.Generator().manual_seed(seed)

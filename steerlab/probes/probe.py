@@ -6,10 +6,15 @@ can be applied to activations straight from :func:`steerlab.collect` or inside a
 weight vector exported as a steering :class:`~steerlab.steering.Direction`.
 
 Example:
-    >>> acts = steerlab.collect(model, harmful + harmless, positions=["last"])   # doctest: +SKIP
-    >>> probe = fit_probes(acts.get("resid_pre", "last")[:, :, -1], labels,     # doctest: +SKIP
-    ...                    layers=acts.layers, position="last")
-    >>> probe.score(test_x, test_y)        # accuracy per layer                   # doctest: +SKIP
+    >>> import steerlab
+    >>> from steerlab.data import DEMO_HARMFUL, DEMO_HARMLESS
+    >>> from steerlab.testing import tiny_model
+    >>> model = tiny_model("llama")
+    >>> acts = steerlab.collect(model, DEMO_HARMFUL + DEMO_HARMLESS, positions=["last"])
+    >>> x, labels = acts.get("resid_pre", "last")[:, :, -1], [1] * 12 + [0] * 12
+    >>> probe = fit_probes(x, labels, layers=acts.layers, position="last", model=model)
+    >>> probe.layers, probe.score(x, labels).shape         # accuracy per layer
+    ((0, 1, 2), torch.Size([3]))
 """
 
 from __future__ import annotations
@@ -120,6 +125,8 @@ class Probe:
 
     def best_layer(self, x: torch.Tensor, y: Sequence[int] | torch.Tensor, *, metric: str = "accuracy") -> int:
         """The layer with the highest held-out ``metric`` ("accuracy" or "auc"); ties go to the earlier layer."""
+        if metric not in ("accuracy", "auc"):
+            raise InvalidValueError(f"metric must be 'accuracy' or 'auc'; got {metric!r}")
         values = self.score(x, y) if metric == "accuracy" else self.auc(x, y)
         return self.layers[int(torch.argmax(values))]
 
@@ -143,16 +150,31 @@ class Probe:
             raise ShapeError(f"the probe has width {one.width} but the model's residual stream is {width} wide")
         return one
 
-    def to_direction(self) -> Direction:
-        """The weight vectors as a steering Direction (unit norm per layer, pointing to ``positive``)."""
-        norms = self.weights.norm(dim=-1, keepdim=True)
-        zero = [la for la, n in zip(self.layers, norms[:, 0].tolist()) if n == 0]
+    def to_direction(self, *, layer: int | Sequence[int] | None = None) -> Direction:
+        """The weight vectors as a steering Direction (unit norm per layer, pointing to ``positive``).
+
+        ``layer`` picks one or some of the probe's layers (default: all of them). The site, position and model
+        are the probe's own, recorded when it was fitted; :meth:`LinearProbe.to_direction
+        <steerlab.probes.linear.LinearProbe.to_direction>` takes the same ``layer=`` and is told the rest,
+        because a scikit-learn estimator does not know where its features came from.
+
+        Example:
+            >>> import torch
+            >>> _ = torch.manual_seed(0); x = torch.randn(64, 2, 8); y = (x[:, 1, 0] > 0).long()
+            >>> d = fit_probes(x, y, layers=[3, 7], position="last").to_direction(layer=7)
+            >>> d.layers, d.position, round(float(d.at(7).norm()), 4)
+            ((7,), 'last', 1.0)
+        """
+        probe = self if layer is None else self.select(layer)
+        norms = probe.weights.norm(dim=-1, keepdim=True)
+        zero = [la for la, n in zip(probe.layers, norms[:, 0].tolist()) if n == 0]
         if zero:
             raise ZeroVectorError(
                 f"the probe's weights at layer(s) {zero} are zero (it learned nothing there), so they give no "
-                "direction; select other layers with probe.select([...])"
+                "direction; pick other layers with to_direction(layer=...)"
             )
-        return Direction(vectors=self.weights / norms, layers=self.layers, site=self.site, position=self.position, method="probe", model=self.model, info=dict(self.info))
+        return Direction(vectors=probe.weights / norms, layers=probe.layers, site=probe.site, position=probe.position,
+                         method="probe", model=probe.model, info=dict(probe.info))  # fmt: skip
 
     def save(self, path: str | Path) -> Path:
         """Write a ``.safetensors`` file (weights, bias, metadata), atomically and with a checksum."""

@@ -5,10 +5,15 @@ one batched Newton solve (chunked to bound memory), and scored on the held-out f
 accuracy and ROC AUC.
 
 Example:
-    >>> result = sweep_prompts(model, harmful, harmless, positions=["t_inst", "post_inst"])  # doctest: +SKIP
-    >>> result.best("accuracy")                                                             # doctest: +SKIP
-    (14, 'post_inst:<|im_start|>', 0.99)
-    >>> result.figure().show()                                                              # doctest: +SKIP
+    >>> from steerlab.data import DEMO_HARMFUL, DEMO_HARMLESS
+    >>> from steerlab.testing import tiny_model
+    >>> model = tiny_model("llama")
+    >>> result = sweep_prompts(model, DEMO_HARMFUL, DEMO_HARMLESS, positions=["last"], n_folds=3, progress=False)
+    >>> result.accuracy.shape                  # [layers, columns]
+    torch.Size([3, 1])
+    >>> layer, column, accuracy = result.best("accuracy")
+    >>> column, 0.0 <= accuracy <= 1.0
+    ('last', True)
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import torch
 
 from steerlab.activations import collect
 from steerlab.chat import Position
-from steerlab.errors import EmptyInputError, ShapeError
+from steerlab.errors import EmptyInputError, InvalidValueError, ShapeError
 from steerlab.probes.fast import fit_standardized
 from steerlab.probes.metrics import roc_auc, stratified_folds
 
@@ -46,7 +51,7 @@ class SweepResult:
 
     def _metric(self, metric: str) -> torch.Tensor:
         if metric not in ("accuracy", "auc"):
-            raise ValueError(f"metric must be 'accuracy' or 'auc'; got {metric!r}")
+            raise InvalidValueError(f"metric must be 'accuracy' or 'auc'; got {metric!r}")
         return self.accuracy if metric == "accuracy" else self.auc
 
     def best(self, metric: str = "accuracy") -> tuple[int, str, float]:

@@ -5,9 +5,18 @@ response with a probe at one layer, align the sequences at their end and average
 a drop of the score over the last few tokens before the model's own output.
 
 Example:
-    >>> tr = trace(model, probe.select(12), harmful, max_new_tokens=32)     # doctest: +SKIP
-    >>> offsets, mean, std = tr.aligned(align="end", window=40)            # doctest: +SKIP
-    >>> tr.figure().show()                                                  # doctest: +SKIP
+    >>> import torch
+    >>> from steerlab.probes import fit_probes
+    >>> from steerlab.testing import tiny_model
+    >>> model = tiny_model("llama")
+    >>> _ = torch.manual_seed(0); x = torch.randn(32, 1, model.d_model); y = (x[:, 0, 0] > 0).long()
+    >>> probe = fit_probes(x, y, layers=[2])
+    >>> tr = trace(model, probe, ["Write a poem.", "Hi"], responses=["Sure.", "Hello!"], progress=False)
+    >>> len(tr.scores), bool(all(((s >= 0) & (s <= 1)).all() for s in tr.scores))
+    (2, True)
+    >>> offsets, mean, std = tr.aligned(align="prompt_end")
+    >>> mean.shape == offsets.shape
+    True
 """
 
 from __future__ import annotations
@@ -19,7 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from steerlab.activations import collect
-from steerlab.errors import EmptyInputError, ShapeError
+from steerlab.errors import EmptyInputError, InvalidValueError, ShapeError
 from steerlab.probes.probe import Probe
 
 if TYPE_CHECKING:
@@ -44,7 +53,7 @@ class PositionTrace:
         Rows too short for an offset are left out of that offset's mean.
         """
         if align not in ("end", "prompt_end"):
-            raise ValueError(f"align must be 'end' or 'prompt_end'; got {align!r}")
+            raise InvalidValueError(f"align must be 'end' or 'prompt_end'; got {align!r}")
         anchors = [len(s) - 1 for s in self.scores] if align == "end" else list(self.prompt_lengths)
         lo = -max(anchors)
         hi = max(len(s) - 1 - a for s, a in zip(self.scores, anchors))

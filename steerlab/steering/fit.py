@@ -15,10 +15,14 @@ Example:
     >>> fit.update(torch.ones(3, 2, 4), positive=True); fit.update(torch.zeros(5, 2, 4), positive=False)
     >>> fit.result().at(1).tolist()
     [1.0, 1.0, 1.0, 1.0]
-    >>> pos = steerlab.collect(model, harmful, layers=[17], positions=[-2])         # doctest: +SKIP
-    >>> neg = steerlab.collect(model, harmless, layers=[17], positions=[-2])        # doctest: +SKIP
-    >>> mean_difference(pos, neg, model=model).position                             # doctest: +SKIP
-    -2
+    >>> import steerlab
+    >>> from steerlab.testing import tiny_model
+    >>> model = tiny_model("llama")
+    >>> pos = steerlab.collect(model, ["Write a poem.", "Tell a joke."], layers=[2], positions=[-2])
+    >>> neg = steerlab.collect(model, ["Hi.", "Hello there."], layers=[2], positions=[-2])
+    >>> d = mean_difference(pos, neg, model=model)
+    >>> d.layers, d.position, d.info["n_layers"]
+    ((2,), -2, 3)
 """
 
 from __future__ import annotations
