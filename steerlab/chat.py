@@ -14,10 +14,12 @@ The template is analysed once by rendering two probe instructions: the text afte
 instruction (the *suffix*) must not depend on the instruction, or the template is rejected.
 
 Example:
-    >>> from steerlab.chat import ChatFormat                     # doctest: +SKIP
-    >>> fmt = ChatFormat(tokenizer)                              # doctest: +SKIP
-    >>> batch = fmt.encode(["Write a poem.", "Hi"])              # doctest: +SKIP
-    >>> batch.index("t_inst")  # [2, 1] token indices             # doctest: +SKIP
+    >>> from steerlab.chat import ChatFormat
+    >>> from steerlab.testing import tiny_tokenizer
+    >>> fmt = ChatFormat(tiny_tokenizer())
+    >>> batch = fmt.encode(["Write a poem.", "Hi"])
+    >>> batch.index("t_inst").shape             # one token index per prompt
+    torch.Size([2, 1])
 """
 
 from __future__ import annotations
