@@ -178,7 +178,8 @@ class Model:
                 )
             if not plans[-1].steps:
                 raise EmptyInputError(
-                    f"{plans[-1].source} places no edit on {self.name} (an empty layer list?); give it at least one layer"
+                    f"{plans[-1].source} places no hook and no edit on {self.name or 'this model'} "
+                    "(an empty layer list?); give it at least one layer"
                 )
         return functools.reduce(lambda a, b: a + b, plans)
 

@@ -6,7 +6,7 @@ Example:
     >>> from steerlab.testing import tiny_model
     >>> model = tiny_model("mixtral")
     >>> moe_layers(model)
-    [0, 1]
+    [0, 1, 2]
 """
 
 from __future__ import annotations
