@@ -82,18 +82,6 @@ def experts_by_layer(model: Model, experts: Sequence[Expert]) -> dict[int, list[
     return {la: sorted(es) for la, es in sorted(out.items())}
 
 
-def selection_scores(model: Model, router: nn.Module, logits: torch.Tensor) -> torch.Tensor:
-    """What the family's top-k ranks experts by, from (possibly edited) logits; ``-inf`` stays excluded.
-
-    Mirrors :func:`steerlab.arch.route`: logits (softmax is monotone) for the softmax routings,
-    ``sigmoid + e_score_correction_bias`` for DeepSeek's grouped sigmoid routing.
-    """
-    scores = logits.float()
-    if model.spec.moe.routing == "sigmoid_grouped":
-        scores = scores.sigmoid() + router.e_score_correction_bias.float().to(scores.device)
-    return scores.masked_fill(torch.isneginf(logits), float("-inf"))
-
-
 def routing_inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(hidden states, top-k expert indices, top-k weights) passed to a fused experts module, by position."""
     bound = inspect.signature(module.forward).bind(*args, **kwargs)

@@ -3,24 +3,19 @@ of every registered architecture, and the embedded real-weight models (loaded on
 
 from __future__ import annotations
 
-import functools
 import os
 
 import pytest
-import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from steerlab.testing import (  # noqa: E402  (after the environment is set)
     FAMILIES,
-    MOE_EXTRA,
     MOE_FAMILIES,
-    TEMPLATES,
-    tiny_direction,
     tiny_model,
-    tiny_tokenizer,
 )
+
 
 @pytest.fixture(params=FAMILIES)
 def family_model(request):

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from conftest import tiny_model
 
 import steerlab
 from steerlab.activations import Activations
 from steerlab.errors import EmptyInputError, LayerIndexError, UnknownPositionError, UnknownSiteError
+from steerlab.testing import tiny_model
 
 PROMPTS = [
     "Write a short poem about the sea.",

@@ -3,13 +3,12 @@
 import pytest
 import torch
 
-from steerlab.hooks import open_sessions
-
 from steerlab.errors import ShapeError
+from steerlab.hooks import open_sessions
 from steerlab.interventions.ada import ADAGuard, ada_generate
 from steerlab.probes import Probe
 from steerlab.steering import AddVector, Direction
-from tests.conftest import tiny_model
+from steerlab.testing import tiny_model
 
 PROMPTS = ["Write a short poem about the sea.", "Hi", "Explain how vaccines work.", "Tell me a joke about cats."]
 

@@ -3,10 +3,10 @@ and the registry's routing functions reproduce each family's own router."""
 
 import pytest
 import torch
-from conftest import FAMILIES, MOE_FAMILIES, tiny_model
 
 from steerlab.arch import ArchSpec, get_spec, known_model_types, normalize_layer, register, resolve_path, route
 from steerlab.errors import LayerIndexError, UnknownArchitectureError
+from steerlab.testing import FAMILIES, MOE_FAMILIES, tiny_model
 
 
 def test_registry_covers_every_required_family():
@@ -106,10 +106,10 @@ def test_register_new_family_and_refuse_silent_overwrite():
 
 
 def test_loading_an_unregistered_model_type_fails_clearly():
-    from conftest import tiny_tokenizer
     from transformers import GPT2Config, GPT2LMHeadModel
 
     import steerlab
+    from steerlab.testing import tiny_tokenizer
 
     hf = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=len(tiny_tokenizer())))
     with pytest.raises(UnknownArchitectureError, match="'gpt2' is not in steerlab's registry"):
@@ -129,8 +129,9 @@ def test_layer_out_of_range_names_the_valid_range(layer):
 
 def _tiny_unregistered(model_type: str, **extra):
     """A seeded tiny model of a transformers architecture steerlab does not register."""
-    from conftest import tiny_tokenizer
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from steerlab.testing import tiny_tokenizer
 
     tok = tiny_tokenizer()
     config = AutoConfig.for_model(

@@ -8,7 +8,6 @@ import hashlib
 
 import pytest
 import torch
-from conftest import FAMILIES, tiny_model, tiny_tokenizer
 
 import steerlab
 from steerlab.errors import NotBakeableError, SteerlabError
@@ -17,11 +16,12 @@ from steerlab.interventions.heads import HeadAblation
 from steerlab.interventions.redirect import LinearRedirect, MultiKeyRedirect, RankOneRedirect
 from steerlab.steering import Direction
 from steerlab.steering.ops import Ablate, AddVector, Clamp
+from steerlab.testing import FAMILIES, tiny_model, tiny_tokenizer
 from steerlab.training import bake, parity
 from steerlab.training.bake import embedding_scale, weight_change
 from steerlab.training.manifest import history
 from steerlab.training.parity import ParityReport
-from steerlab.training.restructure import BIAS_ROUTES, is_tied, rebuild
+from steerlab.training.restructure import is_tied, rebuild
 
 PROMPTS = ["Write a short poem about the sea.", "Hi there", "Tell me a joke about cats."]
 TOL = 1e-4  # float32, max |logit difference|, hooked original vs baked
@@ -114,8 +114,10 @@ def test_baked_weights_match_the_hooks_on_every_family(family):
 
 def test_bias_routes_name_only_registered_families():
     known = set(steerlab.arch.known_model_types())
-    for (family, role), route in BIAS_ROUTES.items():
-        assert family in known and role in ("o_proj", "down_proj")
+    routes = [(spec.model_type, route) for spec in steerlab.arch.registered_specs() for route in spec.bias_routes]
+    assert routes, "no family declares a bias route: the test would be vacuous"
+    for family, route in routes:
+        assert family in known and route.role in ("o_proj", "down_proj")
         assert route.model_type is None or route.model_type in known
 
 

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from conftest import TEMPLATES, tiny_tokenizer
 
 from steerlab.chat import ChatFormat
 from steerlab.errors import ChatTemplateError, EmptyInputError, InvalidValueError, UnknownPositionError
+from steerlab.testing import TEMPLATES, tiny_tokenizer
 
 PROMPTS = ["Write a short poem about the sea.", "Hi there", "Tell me a joke about cats, please!"]
 SUFFIX = {

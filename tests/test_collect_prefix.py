@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FAMILIES, tiny_model
 
 import steerlab
 from steerlab import compat
 from steerlab.prefix_cache import MIN_SHARED, new_cache, shared_prefix_length, take_prefix
 from steerlab.steering import AddVector, Direction
+from steerlab.testing import FAMILIES, tiny_model
 
 PROMPTS = ["Write a short poem about the sea.", "Hi!", "Explain how vaccines work.", "Tell me a joke about cats."]
 

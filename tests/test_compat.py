@@ -7,9 +7,9 @@ import inspect
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_model
 
 from steerlab import compat
+from steerlab.testing import tiny_model
 
 
 def test_cache_kwarg_is_the_name_the_installed_forward_takes():

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FAMILIES, tiny_model
 
 from steerlab.arch import resolve_path
 from steerlab.errors import EmptyInputError, SteerlabError
@@ -23,6 +22,7 @@ from steerlab.interventions import (
 from steerlab.measure import column_activations, random_columns
 from steerlab.steering import find_concept_vectors
 from steerlab.steering.concept_vectors import ConceptTokenError, VocabProjection, concept_token_ids
+from steerlab.testing import FAMILIES, tiny_model
 from steerlab.training import bake, parity
 from steerlab.training.manifest import history
 

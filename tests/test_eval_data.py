@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-from conftest import tiny_model
 
 from steerlab.data import advbench, harmbench, load_split, paired_instructions
 from steerlab.eval import is_refusal, kl_divergence, refusal_rate, refusal_score
 from steerlab.eval.logits import last_token_logprobs
 from steerlab.eval.refusal import refusal_token_ids
+from steerlab.testing import tiny_model
 
 PROMPTS = ["Write a short poem about the sea.", "Hi there", "Tell me a joke about cats."]
 

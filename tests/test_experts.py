@@ -4,7 +4,6 @@ padding; contrastive ranking and router-probability attribution are right; on ev
 
 import pytest
 import torch
-from conftest import MOE_FAMILIES, tiny_model
 
 from steerlab.arch import resolve_path
 from steerlab.errors import EmptyInputError, LayerIndexError, SteerlabError, UnknownSiteError
@@ -17,6 +16,7 @@ from steerlab.measure import (
     expert_contrast,
     expert_usage,
 )
+from steerlab.testing import MOE_FAMILIES, tiny_model
 
 PROMPTS = ["Write a short poem about the sea.", "Hi", "How do I bake bread at home?", "Tell me a joke about cats."]
 

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model
 
 import steerlab
 from steerlab.errors import NotExportableError
@@ -18,6 +17,7 @@ from steerlab.interventions.experts import ExpertMask
 from steerlab.interventions.heads import HeadAblation
 from steerlab.steering import Direction
 from steerlab.steering.ops import Ablate, AddVector
+from steerlab.testing import tiny_model
 from steerlab.training import bake, export, parity, read_manifest
 
 PROMPTS = ["Write a short poem about the sea.", "Hi there"]

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FAMILIES, tiny_model
 
 from steerlab import compat
 from steerlab.errors import EmptyInputError, GenerationStateError, HookSessionError, InterventionNotFiredError
 from steerlab.hooks import generation, open_sessions
 from steerlab.interventions.ada import ADAGuard, ada_generate
 from steerlab.steering import AddVector, Direction
+from steerlab.testing import FAMILIES, tiny_model
 
 PROMPTS = ["Write a short poem about the sea.", "Hi there", "Tell me a joke about cats."]
 

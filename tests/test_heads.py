@@ -5,7 +5,6 @@ import copy
 
 import pytest
 import torch
-from conftest import FAMILIES, tiny_model
 
 import steerlab
 from steerlab.errors import EmptyInputError, InvalidValueError, LayerIndexError, ShapeError, SteerlabError
@@ -19,6 +18,7 @@ from steerlab.measure import (
     projection_metric,
 )
 from steerlab.steering import Direction
+from steerlab.testing import FAMILIES, tiny_model
 
 PROMPTS = ["Write a short poem about the sea.", "Hi", "How do I bake bread at home?"]
 

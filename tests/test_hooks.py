@@ -4,12 +4,10 @@ always removed, and hooks that never fire are errors."""
 import pytest
 import torch
 
-from steerlab.hooks import open_sessions
-from conftest import tiny_model
-
 from steerlab.arch import resolve_path
 from steerlab.errors import InterventionNotFiredError, LayerIndexError, UnknownSiteError
-from steerlab.hooks import SITES
+from steerlab.hooks import SITES, open_sessions
+from steerlab.testing import tiny_model
 
 PROMPTS = ["Write a short poem about the sea.", "Hi"]
 

@@ -12,24 +12,23 @@ import warnings
 
 import pytest
 import torch
-from conftest import tiny_model
 
 import steerlab
 from steerlab import compat
-from steerlab.interop import InteropError
 from steerlab.errors import InterventionNotFiredError
 from steerlab.hooks import open_sessions
+from steerlab.interop import InteropError
 from steerlab.interventions.columns import ColumnEdit
 from steerlab.interventions.experts import ExpertMask
 from steerlab.interventions.heads import HeadAblation
 from steerlab.interventions.redirect import LinearRedirect
 from steerlab.steering import Ablate, AddVector, Clamp, Direction
+from steerlab.testing import tiny_model
 
 tl = pytest.importorskip("transformer_lens")
 nnsight = pytest.importorskip("nnsight")
 
 from steerlab.interop import (
-    InteropError,
     InteropUnavailableError,
     apply_tl,
     direction_from_tl,

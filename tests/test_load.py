@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model, tiny_tokenizer
 
 import steerlab
 from steerlab import embedded
 from steerlab.errors import ChatTemplateError, ModelLoadError
+from steerlab.testing import tiny_model, tiny_tokenizer
 
 
 def test_smollm_real_weights_plumbing(smollm):

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model
+
+from steerlab.testing import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 

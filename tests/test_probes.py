@@ -26,7 +26,7 @@ from steerlab.probes import (
 from steerlab.probes.fast import fit_logistic, fit_standardized
 from steerlab.probes.guard import GuardNotBoundError
 from steerlab.probes.metrics import best_threshold, roc_auc, stratified_folds
-from tests.conftest import tiny_model
+from steerlab.testing import tiny_model
 
 
 def _data(n, d, *, separable, seed=0):

@@ -3,11 +3,11 @@ order, and the forward pass stops after the last layer a tap needs."""
 
 import pytest
 import torch
-from conftest import tiny_model
 
 import steerlab
 from steerlab.errors import EmptyInputError, InvalidValueError
 from steerlab.reader import PerPrompt, Tap, TokenMean, read
+from steerlab.testing import tiny_model
 
 PROMPTS = ["Write a short poem about the sea.", "Hi there", "Tell me a joke about cats.", "Say hi."]
 

@@ -4,12 +4,16 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_model
 
 import steerlab
 from steerlab.backends.hf import render, site_functions
-from steerlab.plan import RankOne, Step
-from steerlab.errors import InterventionNotFiredError, InvalidValueError, ShapeError, SteerlabError, UnknownPositionError
+from steerlab.errors import (
+    InterventionNotFiredError,
+    InvalidValueError,
+    ShapeError,
+    SteerlabError,
+    UnknownPositionError,
+)
 from steerlab.interventions.redirect import (
     DegenerateEditError,
     LinearRedirect,
@@ -23,7 +27,9 @@ from steerlab.interventions.redirect import (
     resolve_linear,
 )
 from steerlab.measure import estimate_key_covariance, linear_redirect_from_prompts, module_keys
+from steerlab.plan import RankOne, Step
 from steerlab.steering import Direction
+from steerlab.testing import tiny_model
 
 PROMPTS = [
     "Write a short poem about the sea.",

@@ -2,13 +2,13 @@
 
 import pytest
 import torch
-from conftest import tiny_model
 
 from steerlab.errors import SteerlabError
 from steerlab.eval import kl_divergence, refusal_score
 from steerlab.eval.logits import last_token_logprobs
 from steerlab.steering import Ablate, AddVector, Direction
 from steerlab.steering.refusal import fit_candidates, refusal_direction, select_direction
+from steerlab.testing import tiny_model
 
 HARMFUL = ["Tell me a joke about cats.", "Write a short poem about the sea.", "How do I bake bread at home?"]
 HARMLESS = ["Give me three tips for studying.", "What is the capital of France?", "Explain how vaccines work."]

@@ -10,7 +10,7 @@ from steerlab.interventions.refusal_tokens import (
     refusal_token_probs,
     tau_sweep,
 )
-from tests.conftest import tiny_model
+from steerlab.testing import tiny_model
 
 PROMPTS = ["Write a short poem about the sea.", "Hi", "Explain how vaccines work.", "Tell me a joke about cats."]
 

@@ -5,9 +5,9 @@ import torch
 
 import steerlab
 from steerlab.interventions.refusal_tokens import RefusalTokens, generate_with_refusal_tokens, refusal_token_probs
+from steerlab.testing import tiny_model, tiny_tokenizer
 from steerlab.training.data import control_tokens, encode_examples, refusal_token_examples
 from steerlab.training.sft import FineTuneError, SFTConfig, add_tokens, collate, finetune, weighted_lm_loss
-from tests.conftest import tiny_model, tiny_tokenizer
 
 HARMFUL = ["Tell me a joke about cats.", "How do I bake bread at home?"]  # "refusal-labelled" stand-ins
 HARMLESS = ["What is the capital of France?", "Write a short poem about the sea."]

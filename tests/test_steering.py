@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from conftest import tiny_model
 
 from steerlab.errors import (
     EmptyInputError,
@@ -12,6 +11,7 @@ from steerlab.errors import (
     UnknownPositionError,
 )
 from steerlab.steering import Ablate, AddVector, Clamp, Direction, MeanDifference, mean_difference, pca_direction
+from steerlab.testing import tiny_model
 
 PROMPTS = ["Write a short poem about the sea.", "Hi there", "Tell me a joke about cats."]
 

@@ -10,6 +10,7 @@ from steerlab.chat import ChatFormat
 from steerlab.errors import EmptyInputError, ShapeError
 from steerlab.probes import LatentGuard, Probe, trace
 from steerlab.steering import Direction
+from steerlab.testing import tiny_model, tiny_tokenizer
 from steerlab.training.data import (
     IGNORE_INDEX,
     SFTExample,
@@ -23,7 +24,6 @@ from steerlab.training.data import (
     write_jsonl,
 )
 from steerlab.training.selection import Ranking, SelectionError, rank_by_direction, rank_by_guard, rank_by_probe
-from tests.conftest import tiny_model, tiny_tokenizer
 
 PROMPTS = ["Write a short poem about the sea.", "Hi", "Explain how vaccines work.", "Tell me a joke about cats.", "What is the capital of France?"]
 RESPONSES = ["The sea is blue.", "Hello there!", "They train the immune system.", "Cats jump.", "Paris."]

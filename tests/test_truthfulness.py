@@ -8,7 +8,6 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_model, tiny_tokenizer
 
 import steerlab
 from steerlab.data import load_statements, true_false_statements
@@ -17,12 +16,13 @@ from steerlab.steering import AddVector, Direction, compare_directions, transfer
 from steerlab.steering.compare import map_layer
 from steerlab.steering.truthfulness import (
     SteeringEffect,
+    projection_accuracy,
     statement_activations,
     steering_effect,
     truth_judgement,
     truthfulness_report,
 )
-from steerlab.steering.truthfulness import projection_accuracy
+from steerlab.testing import tiny_model, tiny_tokenizer
 
 TRUE = ["Paris is the capital of France.", "Cats are animals.", "The sea is salty."]
 FALSE = ["Paris is the capital of Spain.", "Cats are plants.", "The sea is sweet."]

@@ -10,7 +10,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_model
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -31,6 +30,7 @@ from steerlab.errors import (
 from steerlab.interventions.redirect import LinearRedirect, MultiKeyRedirect, RankOneRedirect
 from steerlab.probes import LatentGuard, LinearProbe, Probe, ProbeGuard
 from steerlab.steering import Ablate, AddVector, Clamp, Direction, mean_difference, pca_direction, probe_direction
+from steerlab.testing import tiny_model
 
 PROMPTS = ["Write a short poem about the sea.", "Hi there", "Tell me a joke about cats.", "Explain how vaccines work."]
 OTHER = ["What is the capital of France?", "How do I bake bread at home?", "Give me three tips for studying.", "Hi!"]

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from steerlab import moe
-from steerlab.arch import resolve_path
+from steerlab.arch import resolve_path, selection_scores
 from steerlab.errors import ShapeError, UnknownPositionError, UnknownSiteError
 from steerlab.hooks import UNCHANGED, HookContext, HookHandle, HookSession, Unchanged
 from steerlab.plan import (
@@ -203,7 +203,7 @@ def _route(step: Step, model: Model) -> Callable[[torch.Tensor], torch.Tensor]:
         forced[idx.to(logits.device)] = True
         keep = forced.expand_as(logits).clone()
         if free > 0:
-            others = moe.selection_scores(model, router, logits).masked_fill(forced, float("-inf"))
+            others = selection_scores(model.spec, router, logits).masked_fill(forced, float("-inf"))
             keep.scatter_(-1, others.topk(free, dim=-1).indices, True)
         return logits.masked_fill(~keep, float("-inf"))
 

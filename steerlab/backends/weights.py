@@ -215,34 +215,28 @@ def _very_negative(dtype: torch.dtype) -> float:
     return max(-1e9, float(torch.finfo(dtype).min))
 
 
-ROUTER_BIAS: dict[str, str] = {  # the constant a router adds to a logit, per routing kind
-    "softmax_topk": "bias",
-    "topk_softmax": "bias",
-    "sigmoid_grouped": "e_score_correction_bias",
-}
-
-
 def _experts_off(model: Model, edit: ExpertsOff, change: WeightChange) -> None:
     spec, layer = model.spec, edit.layer
-    kind = spec.moe.routing
     router = moe.router_of(model, layer)
-    bias = getattr(router, ROUTER_BIAS[kind], None)
+    bias_name = spec.moe.router_bias
+    bias = getattr(router, bias_name, None) if bias_name else None
     if not isinstance(bias, torch.Tensor):
         raise NotBakeableError(
             f"switching experts off at layer {layer} needs a router bias to push their logits below every other, "
             f"and {spec.model_type}'s router ({type(router).__name__}) has none: a weight row alone cannot keep an "
             f"expert out of the top-k for every input. {RUNTIME_ONLY}"
         )
-    if kind == "sigmoid_grouped" and int(router.topk_group) < int(router.num_group):
+    groups = spec.moe.limited_groups(router)
+    if groups is not None:
         raise NotBakeableError(
-            f"layer {layer} keeps the best {router.topk_group} of {router.num_group} expert groups, ranked with the "
+            f"layer {layer} keeps the best {groups[0]} of {groups[1]} expert groups, ranked with the "
             f"switched-off experts' scores; a bias that keeps them out would also change which groups are kept. "
             f"{RUNTIME_ONLY}"
         )
     router_path = _layer_path(model, layer, f"{spec.moe.block}.{spec.moe.router}")
     index = torch.tensor(edit.experts)
     change.edits.append(_set(f"{router_path}.weight", index, 0.0))
-    change.edits.append(_set(f"{router_path}.{ROUTER_BIAS[kind]}", index, _very_negative(bias.dtype)))
+    change.edits.append(_set(f"{router_path}.{bias_name}", index, _very_negative(bias.dtype)))
 
 
 def _shared_off(model: Model, edit: SharedOff, change: WeightChange) -> None:

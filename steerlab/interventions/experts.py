@@ -22,7 +22,6 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-import torch
 from torch import nn
 
 from steerlab.arch import normalize_layer
@@ -152,11 +151,10 @@ class ExpertMask:
 
 
 def _check_forceable(model: Model, router: nn.Module, layer: int) -> None:
-    if model.spec.moe.routing == "sigmoid_grouped":
-        n_group, topk_group = int(router.num_group), int(router.topk_group)
-        if topk_group < n_group:
-            raise UnknownSiteError(
-                f"layer {layer} routes within the best {topk_group} of {n_group} expert groups, chosen from "
-                "bias-corrected scores that router logits cannot override, so mode='force' cannot guarantee the "
-                "expert is selected; use mode='off' on the competing experts instead"
-            )
+    groups = model.spec.moe.limited_groups(router)
+    if groups is not None:
+        raise UnknownSiteError(
+            f"layer {layer} routes within the best {groups[0]} of {groups[1]} expert groups, chosen from "
+            "bias-corrected scores that router logits cannot override, so mode='force' cannot guarantee the "
+            "expert is selected; use mode='off' on the competing experts instead"
+        )

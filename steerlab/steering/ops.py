@@ -39,7 +39,6 @@ from steerlab.errors import (
 )
 from steerlab.plan import (
     RESIDUAL_SITES,
-    TOKENS,
     Add,
     AddToResidual,
     MapWriters,

@@ -17,38 +17,18 @@ Example:
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from steerlab import compat
-from steerlab.arch import BiasRole, BiasRoute, families_with_bias_route, registered_specs
+from steerlab.arch import BiasRole, BiasRoute, families_with_bias_route
 from steerlab.errors import NotBakeableError
 
 if TYPE_CHECKING:
     from steerlab.model import Model
-
-
-class _RegistryBiasRoutes(Mapping[tuple[str, BiasRole], BiasRoute]):
-    """Compatibility view ``(model_type, role) -> BiasRoute``, read from the registry on every access; the routes
-    are declared in :attr:`steerlab.arch.ArchSpec.bias_routes` (use :meth:`~steerlab.arch.ArchSpec.bias_route`)."""
-
-    def _table(self) -> dict[tuple[str, BiasRole], BiasRoute]:
-        return {(s.model_type, r.role): r for s in registered_specs() for r in s.bias_routes}
-
-    def __getitem__(self, key: tuple[str, BiasRole]) -> BiasRoute:
-        return self._table()[key]
-
-    def __iter__(self) -> Iterator[tuple[str, BiasRole]]:
-        return iter(self._table())
-
-    def __len__(self) -> int:
-        return len(self._table())
-
-
-BIAS_ROUTES: Mapping[tuple[str, BiasRole], BiasRoute] = _RegistryBiasRoutes()
 
 
 def bias_route(model: Model, role: BiasRole, *, what: str) -> BiasRoute:
