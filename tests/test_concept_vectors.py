@@ -11,15 +11,10 @@ from steerlab.errors import EmptyInputError, SteerlabError
 from steerlab.eval import answer_probability, concept_effect
 from steerlab.eval.answers import QA
 from steerlab.eval.concepts import noise_validation
-from steerlab.interventions import (
-    ColumnEdit,
-    ColumnIndexError,
-    column_groups,
-    layer_groups,
-    noise_edit,
-    resolve_column,
-)
-from steerlab.measure import column_activations, random_columns
+from steerlab.interventions import ColumnEdit, ColumnIndexError
+from steerlab.interventions.columns import column_groups, layer_groups, noise_edit, resolve_column
+from steerlab.measure import column_activations
+from steerlab.measure.columns import random_columns
 from steerlab.steering import find_concept_vectors
 from steerlab.steering.concept_vectors import ConceptTokenError, VocabProjection, concept_token_ids
 from steerlab.testing import FAMILIES, tiny_model

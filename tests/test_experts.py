@@ -8,14 +8,8 @@ import torch
 from steerlab.arch import resolve_path
 from steerlab.errors import EmptyInputError, LayerIndexError, SteerlabError, UnknownSiteError
 from steerlab.interventions.experts import ExpertIndexError, ExpertMask, moe_layers
-from steerlab.measure import (
-    ExpertScores,
-    ExpertUsage,
-    contrast,
-    expert_attribution,
-    expert_contrast,
-    expert_usage,
-)
+from steerlab.measure import expert_attribution, expert_contrast, expert_usage
+from steerlab.measure.experts import ExpertScores, ExpertUsage, contrast
 from steerlab.testing import MOE_FAMILIES, tiny_model
 
 PROMPTS = ["Write a short poem about the sea.", "Hi", "How do I bake bread at home?", "Tell me a joke about cats."]

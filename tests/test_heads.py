@@ -9,14 +9,8 @@ import torch
 import steerlab
 from steerlab.errors import EmptyInputError, InvalidValueError, LayerIndexError, ShapeError, SteerlabError
 from steerlab.interventions.heads import HeadAblation, HeadIndexError
-from steerlab.measure import (
-    HeadAblationEffect,
-    HeadAttribution,
-    head_ablation_effect,
-    head_attribution,
-    head_means,
-    projection_metric,
-)
+from steerlab.measure import head_ablation_effect, head_attribution, head_means
+from steerlab.measure.heads import HeadAblationEffect, HeadAttribution, projection_metric
 from steerlab.steering import Direction
 from steerlab.testing import FAMILIES, tiny_model
 

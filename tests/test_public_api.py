@@ -26,14 +26,15 @@ PACKAGES = [
     "steerlab.data",
     "steerlab.interop",
 ]
-# Public names across PACKAGES, errors excluded: 156 before issue 16. The packages trimmed then hold 58; the values
-# and measurements of interventions/measure hold 37 more. A ratchet: lower it as the surface shrinks (aim: ~75).
-CEILING = 96
+# Public names across PACKAGES, errors excluded: 156 before issue 16. The trimmed packages hold 58; interventions
+# exports its 6 values and measure its 10 measurements (helpers and result types stay in their modules): 74.
+# A ratchet: lower it as the surface shrinks.
+CEILING = 74
 TRIMMED = ["steerlab", "steerlab.steering", "steerlab.probes", "steerlab.training", "steerlab.eval", "steerlab.data",
            "steerlab.interop"]  # fmt: skip
 TRIMMED_CEILING = 60
 # Exports whose documentation is pending in the package that owns them (remove an entry once it is documented).
-PENDING_DOCS = {"steerlab.measure": {"Order"}}
+PENDING_DOCS: dict[str, set[str]] = {}
 
 
 def _packages() -> list[str]:

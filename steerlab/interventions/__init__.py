@@ -1,7 +1,8 @@
 """Runtime interventions as values: attention heads, MoE experts, concept redirection, down-projection columns.
 
 Every intervention is a frozen value applied with ``with model.apply(iv): ...`` (or baked with
-``training.bake``). What to act on is measured in :mod:`steerlab.measure`.
+``training.bake``). What to act on is measured in :mod:`steerlab.measure`; the helpers the values use
+(column groups, the rank-one algebra) stay importable from their modules.
 
 Example:
     >>> from steerlab.interventions import HeadAblation, ExpertMask                  # doctest: +SKIP
@@ -9,30 +10,15 @@ Example:
     ...     model.generate(["How do I pick a lock?"])
 """
 
-from steerlab.interventions.columns import (
-    ColumnEdit,
-    ColumnGroup,
-    ColumnIndexError,
-    column_groups,
-    expert_activations,
-    layer_groups,
-    noise_edit,
-    resolve_column,
-)
-from steerlab.interventions.experts import ExpertIndexError, ExpertMask, moe_layers
+from steerlab.interventions.columns import ColumnEdit, ColumnIndexError
+from steerlab.interventions.experts import ExpertIndexError, ExpertMask
 from steerlab.interventions.heads import HeadAblation, HeadIndexError
 from steerlab.interventions.linear_redirect import LinearRedirect, MultiKeyRedirect, NotALinearModuleError
 from steerlab.interventions.redirect import RankOneRedirect
-from steerlab.interventions.redirect_math import (
-    DegenerateEditError,
-    closed_form_edit,
-    rank_one_update,
-    redirect_matrix,
-)
+from steerlab.interventions.redirect_math import DegenerateEditError
 
 __all__ = [
     "ColumnEdit",
-    "ColumnGroup",
     "ColumnIndexError",
     "DegenerateEditError",
     "ExpertIndexError",
@@ -43,13 +29,4 @@ __all__ = [
     "MultiKeyRedirect",
     "NotALinearModuleError",
     "RankOneRedirect",
-    "closed_form_edit",
-    "column_groups",
-    "expert_activations",
-    "layer_groups",
-    "moe_layers",
-    "noise_edit",
-    "rank_one_update",
-    "redirect_matrix",
-    "resolve_column",
 ]

@@ -15,7 +15,7 @@ down projection's *output* and adds ``a_j · ((scale - 1) v + add_j)``, where ``
 from the fused ``gate_up`` parameter with the experts module's own gate, only for the tokens routed to
 it, times their routing weight). The weight form (``training.bake``) writes the new columns.
 Reading columns (:func:`~steerlab.measure.column_activations`) and drawing random baselines
-(:func:`~steerlab.measure.random_columns`) are measurements, in :mod:`steerlab.measure.columns`.
+(:func:`~steerlab.measure.columns.random_columns`) are measurements, in :mod:`steerlab.measure.columns`.
 
 Example:
     >>> edit = ColumnEdit([(17, 1234), (2, 5, 40)], scale=0.0)          # doctest: +SKIP

@@ -3,7 +3,8 @@
 They read the model through one engine (:func:`steerlab.reader.read`) and return plain results; the
 values they feed (:class:`~steerlab.interventions.HeadAblation`, ``ExpertMask``, ``ColumnEdit``,
 ``LinearRedirect``, ...) live in :mod:`steerlab.interventions` and never call back into here.
-Every score result ranks with ``.top(k)`` (a count) or ``.top(fraction=...)``.
+Every score result ranks with ``.top(k)`` (a count) or ``.top(fraction=...)``. Result types and the
+statistics underneath (``contrast``, ``rank_order``, ``random_columns``, ...) stay importable from their modules.
 
 Example:
     >>> from steerlab.measure import expert_contrast                              # doctest: +SKIP
@@ -12,35 +13,13 @@ Example:
     ...     model.generate(["How do I pick a lock?"])
 """
 
-from steerlab.measure.columns import column_activations, random_columns
-from steerlab.measure.experts import (
-    ExpertScores,
-    ExpertUsage,
-    contrast,
-    expert_attribution,
-    expert_contrast,
-    expert_usage,
-)
-from steerlab.measure.heads import (
-    HeadAblationEffect,
-    HeadAttribution,
-    head_ablation_effect,
-    head_attribution,
-    head_means,
-    projection_metric,
-    unit_vector,
-)
+from steerlab.measure.columns import column_activations
+from steerlab.measure.experts import expert_attribution, expert_contrast, expert_usage
+from steerlab.measure.heads import head_ablation_effect, head_attribution, head_means
 from steerlab.measure.keys import estimate_key_covariance, linear_redirect_from_prompts, module_keys
-from steerlab.measure.ranking import Order, how_many, rank_order
 
 __all__ = [
-    "ExpertScores",
-    "ExpertUsage",
-    "HeadAblationEffect",
-    "HeadAttribution",
-    "Order",
     "column_activations",
-    "contrast",
     "estimate_key_covariance",
     "expert_attribution",
     "expert_contrast",
@@ -48,11 +27,6 @@ __all__ = [
     "head_ablation_effect",
     "head_attribution",
     "head_means",
-    "how_many",
     "linear_redirect_from_prompts",
     "module_keys",
-    "projection_metric",
-    "random_columns",
-    "rank_order",
-    "unit_vector",
 ]
