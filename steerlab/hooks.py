@@ -44,9 +44,10 @@ from weakref import WeakKeyDictionary
 import torch
 from torch import nn
 
-from steerlab import compat
-from steerlab.arch import normalize_layer, resolve_path, route
+from steerlab.arch import normalize_layer, resolve_path
 from steerlab.errors import GenerationStateError, HookSessionError, InterventionNotFiredError, UnknownSiteError
+from steerlab.site_hooks import head_hook, post_hook, pre_hook, router_hook, tokens_hook
+from steerlab.step import StepInfo, past_length_of
 
 if TYPE_CHECKING:
     from steerlab.model import Model
@@ -60,25 +61,6 @@ MOE_SITES = frozenset({"router_logits", "expert_out"})
 class StopForward(Exception):
     """Raised by a hook after the last layer a measurement needs: the caller catches it and skips the
     rest of the forward pass."""
-
-
-@dataclass
-class StepInfo:
-    """What the current forward call is: how many tokens the cache held before it, how many it adds.
-
-    ``past_length`` is read from the KV cache the call receives (under whichever keyword the installed
-    transformers passes it) and checked against the attention mask's width; a call whose past length
-    cannot be determined raises :class:`~steerlab.errors.GenerationStateError` instead of guessing 0.
-    ``prompt_length`` is the padded prompt width of the generation in progress (``None`` outside one),
-    set by :func:`generation` for the whole call.
-    """
-
-    batch_size: int = 0
-    seq_len: int = 0
-    past_length: int = 0
-    attention_mask: torch.Tensor | None = None  # [b, past_length + seq_len] when given
-    calls: int = 0
-    prompt_length: int | None = None
 
 
 @dataclass
@@ -121,15 +103,6 @@ def check_site(site: str) -> str:
     if site not in SITES:
         raise UnknownSiteError(f"unknown site {site!r}; valid sites: {', '.join(SITES)}")
     return site
-
-
-def _split_output(output):
-    """(tensor, rebuild) for a module output that is a tensor or a tuple whose first item is one."""
-    if isinstance(output, torch.Tensor):
-        return output, lambda t: t
-    if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
-        return output[0], lambda t: (t, *output[1:])
-    raise UnknownSiteError(f"cannot hook a module whose output is {type(output).__name__}")
 
 
 class HookSession:
@@ -233,16 +206,16 @@ class HookSession:
             return out
 
         if site == "resid_pre":
-            torch_handle = layer_mod.register_forward_pre_hook(_pre_hook(call), with_kwargs=True)
+            torch_handle = layer_mod.register_forward_pre_hook(pre_hook(call), with_kwargs=True)
         elif site == "resid_post":
-            torch_handle = layer_mod.register_forward_hook(_post_hook(call))
+            torch_handle = layer_mod.register_forward_hook(post_hook(call))
         elif site in ("attn_out", "mlp_out"):
             module = resolve_path(layer_mod, spec.attn_out if site == "attn_out" else spec.mlp_out)
-            torch_handle = module.register_forward_hook(_post_hook(call))
+            torch_handle = module.register_forward_hook(post_hook(call))
         elif site == "head":
             o_proj = resolve_path(layer_mod, spec.o_proj)
             n_heads = spec.num_heads(hf.config)
-            torch_handle = o_proj.register_forward_pre_hook(_head_hook(call, n_heads), with_kwargs=True)
+            torch_handle = o_proj.register_forward_pre_hook(head_hook(call, n_heads), with_kwargs=True)
         else:
             block = spec.moe_block(hf, idx)
             if block is None:
@@ -253,10 +226,10 @@ class HookSession:
                 )
             if site == "router_logits":
                 router = resolve_path(block, spec.moe.router)
-                torch_handle = router.register_forward_hook(_router_hook(call, self.step, spec, router, hf.config))
+                torch_handle = router.register_forward_hook(router_hook(call, self.step, spec, router, hf.config))
             else:
                 experts = resolve_path(block, spec.moe.experts)
-                torch_handle = experts.register_forward_hook(_tokens_hook(call, self.step))
+                torch_handle = experts.register_forward_hook(tokens_hook(call, self.step))
         handle._handles.append(torch_handle)
         self._torch_handles.append(torch_handle)
         self.handles.append(handle)
@@ -329,99 +302,3 @@ def generation(model: Model, prompt_length: int) -> Iterator[None]:
     finally:
         for session in sessions:
             session.step.prompt_length = None
-
-
-def past_length_of(args: tuple, kwargs: dict, step: StepInfo) -> int:
-    """How many tokens the KV cache held before this forward call.
-
-    Read from the cache (whatever keyword the installed transformers passes it under) and checked
-    against the attention mask, which spans cache + new tokens. With no cache, a mask wider than the
-    new tokens, or a step inside a generation that is shorter than the prompt, means a cache this code
-    cannot see: that raises :class:`~steerlab.errors.GenerationStateError` rather than report 0.
-    """
-    cache = compat.find_cache(args, kwargs)
-    mask = step.attention_mask
-    width = int(mask.shape[-1]) if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-    if cache is not None:
-        past = int(cache.get_seq_length())
-        if width is not None and width != past + step.seq_len:
-            raise GenerationStateError(
-                f"the KV cache holds {past} tokens and this call adds {step.seq_len}, but the attention mask spans "
-                f"{width}: steerlab cannot tell which tokens are new. Pass a mask covering cache + new tokens."
-            )
-        return past
-    if width is not None and width != step.seq_len:
-        raise GenerationStateError(
-            f"this forward call adds {step.seq_len} tokens under an attention mask of {width}, but steerlab finds no "
-            f"KV cache among its arguments ({', '.join(sorted(kwargs))}); the installed transformers passes the cache "
-            "in a way steerlab.compat does not know — use a transformers version in steerlab's tested range"
-        )
-    if width is None and step.prompt_length is not None and step.seq_len < step.prompt_length:
-        raise GenerationStateError(
-            f"a generation step of {step.seq_len} tokens (prompt: {step.prompt_length}) came without a KV cache or "
-            "attention mask steerlab can read, so the tokens' positions are unknown"
-        )
-    return 0
-
-
-def _pre_hook(call):
-    def hook(module, args, kwargs):
-        if args:
-            out = call(args[0])
-            return None if out is None else ((out, *args[1:]), kwargs)
-        out = call(kwargs["hidden_states"])
-        return None if out is None else (args, {**kwargs, "hidden_states": out})
-
-    return hook
-
-
-def _post_hook(call):
-    def hook(module, args, output):
-        tensor, rebuild = _split_output(output)
-        out = call(tensor)
-        return None if out is None else rebuild(out)
-
-    return hook
-
-
-def _head_hook(call, n_heads: int):
-    def hook(module, args, kwargs):
-        x = args[0] if args else kwargs["input"]
-        heads = x.view(*x.shape[:-1], n_heads, x.shape[-1] // n_heads)
-        out = call(heads)
-        if out is None:
-            return None
-        flat = out.reshape(x.shape)
-        return ((flat, *args[1:]), kwargs) if args else (args, {**kwargs, "input": flat})
-
-    return hook
-
-
-def _as_tokens(flat: torch.Tensor, step: StepInfo) -> torch.Tensor:
-    """View a flattened [b*s, ...] MoE tensor as [b, s, ...] using the current step's shape."""
-    if flat.dim() == 3:
-        return flat
-    b = step.batch_size or 1
-    return flat.view(b, flat.shape[0] // b, *flat.shape[1:])
-
-
-def _tokens_hook(call, step: StepInfo):
-    def hook(module, args, output):
-        tensor, rebuild = _split_output(output)
-        out = call(_as_tokens(tensor, step))
-        return None if out is None else rebuild(out.reshape(tensor.shape))
-
-    return hook
-
-
-def _router_hook(call, step: StepInfo, spec, router: nn.Module, config):
-    def hook(module, args, output):
-        logits = output[0]
-        out = call(_as_tokens(logits, step))
-        if out is None:
-            return None
-        new_logits = out.reshape(logits.shape)
-        weights, idx = route(spec, router, new_logits, config)
-        return (new_logits, weights.to(output[1].dtype), idx)
-
-    return hook

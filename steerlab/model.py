@@ -22,9 +22,9 @@ from torch import nn
 from steerlab import compat, sources
 from steerlab._checks import layer_list
 from steerlab.arch import ArchSpec, normalize_layer, spec_for
+from steerlab.backends import hf as hf_backend
 from steerlab.chat import ChatFormat, EncodedBatch, check_template
 from steerlab.embedded import DEFAULT_MODEL, EMBEDDED, cached_checkpoint
-from steerlab.backends import hf as hf_backend
 from steerlab.errors import EmptyInputError, HookSessionError, InvalidValueError, ModelLoadError
 from steerlab.generation import GenerationPolicy
 from steerlab.generation import generate as generate_loop

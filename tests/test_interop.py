@@ -37,7 +37,8 @@ from steerlab.interop import (
     to_language_model,
 )
 from steerlab.interop.nnsight_bridge import nnsight_generate
-from steerlab.interop.transformer_lens_bridge import direction_to_tl_hooks, tl_hook_name, tl_hooks, tl_site
+from steerlab.interop.tl_directions import direction_to_tl_hooks
+from steerlab.interop.transformer_lens_bridge import tl_hook_name, tl_hooks, tl_site
 
 FAMILIES = ["llama", "qwen2"]  # both GQA in the tiny configs (4 query heads, 2 kv heads)
 PROMPTS = ["Write a short poem about the sea.", "Hi!", "Explain how vaccines work in two sentences."]

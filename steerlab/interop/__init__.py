@@ -4,7 +4,7 @@ The optional packages are imported only when a function needs them
 (``pip install steerlab[interop]``). Both wrappers run the HF model's own modules, so an
 intervention gives the same outputs through their hook points as through steerlab's hooks, and
 ``steerlab.load(bridge_or_lm)`` unwraps either one back into a steerlab Model. Hook names, raw hook
-functions and directions as TransformerLens hooks stay in :mod:`~steerlab.interop.transformer_lens_bridge`;
+functions and directions as TransformerLens hooks stay in :mod:`~steerlab.interop.tl_directions`;
 generation with interventions through nnsight in :mod:`~steerlab.interop.nnsight_bridge`.
 
 Example (needs ``transformer_lens``):
@@ -16,7 +16,8 @@ Example (needs ``transformer_lens``):
 
 from steerlab.interop._common import InteropError, InteropUnavailableError
 from steerlab.interop.nnsight_bridge import nnsight_intervene, to_language_model
-from steerlab.interop.transformer_lens_bridge import apply_tl, direction_from_tl, to_bridge
+from steerlab.interop.tl_directions import direction_from_tl
+from steerlab.interop.transformer_lens_bridge import apply_tl, to_bridge
 
 __all__ = [
     "InteropError",

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from steerlab.hooks import UNCHANGED, HookContext, StepInfo
+from steerlab.hooks import UNCHANGED, HookContext
 from steerlab.interop._common import (
     Firing,
     Spec,
@@ -38,6 +38,7 @@ from steerlab.interop._common import (
     split_plan,
 )
 from steerlab.model import Model
+from steerlab.step import StepInfo
 
 
 def to_language_model(model: Model | nn.Module, tokenizer: Any = None, *, copy: bool = False) -> Any:
