@@ -6,10 +6,14 @@ so otherwise. Layers pair by index (``align="index"``) or by relative depth (``a
 ``l`` of an ``L_a``-layer model pairs with ``round(l (L_b - 1) / (L_a - 1))`` of an ``L_b``-layer one).
 
 Example:
-    >>> compare_directions(truth_base, truth_instruct).as_dict()          # doctest: +SKIP
-    {0: 0.98, 1: 0.97, ...}
-    >>> d = transfer_direction(truth_base, instruct_model)               # doctest: +SKIP
-    >>> with instruct_model.apply(AddVector(d, coeff=2.0, layers=[10])): ...   # doctest: +SKIP
+    >>> from steerlab.testing import tiny_model, tiny_direction
+    >>> base, instruct = tiny_model("llama"), tiny_model("qwen2")
+    >>> truth_base, truth_instruct = tiny_direction(base, layer=1), tiny_direction(instruct, layer=1, seed=1)
+    >>> list(compare_directions(truth_base, truth_instruct).as_dict())
+    [1]
+    >>> d = transfer_direction(truth_base, instruct)
+    >>> with instruct.apply(steerlab.AddVector(d, coeff=2.0, layers=[1])):
+    ...     _ = instruct.generate(["Hi"], max_new_tokens=2)
 """
 
 from __future__ import annotations
@@ -129,9 +133,11 @@ def transfer_direction(
     :class:`~steerlab.errors.LayerIndexError` when an index-aligned layer does not exist in ``target``.
 
     Example:
-        >>> d = transfer_direction(truth_on_base, instruct)              # doctest: +SKIP
-        >>> d.model == instruct.name                                     # doctest: +SKIP
-        True
+        >>> from steerlab.testing import tiny_model, tiny_direction
+        >>> base, instruct = tiny_model("llama"), tiny_model("qwen2")
+        >>> d = transfer_direction(tiny_direction(base, layer=2), instruct)
+        >>> d.model == instruct.name, d.layers, d.info["n_layers"]
+        (True, (2,), 3)
     """
     if direction.width != target.d_model:
         raise ShapeError(

@@ -26,10 +26,13 @@ default: the best "Python" column, layer 23 neuron 157, reads "``-v`` promotes P
 on Python questions, so it suppresses the answer there and ablating it raises p(Python)).
 
 Example:
-    >>> search = find_concept_vectors(model, ["Python"], top_k=20)          # doctest: +SKIP
-    >>> print(search.table(5))                                             # doctest: +SKIP
-    >>> with model.apply(search.edit(10, scale=0.0)):                      # doctest: +SKIP
-    ...     model.generate(["Which language did Guido van Rossum create?"])
+    >>> from steerlab.testing import tiny_model
+    >>> model = tiny_model("llama")
+    >>> search = find_concept_vectors(model, ["poem"], top_k=20)
+    >>> print(search.table(5).splitlines()[0])
+    concept 'poem': tokens ['poem', ' poem']; 288 columns searched, top_k=20, ranked by zscore
+    >>> with model.apply(search.edit(10, scale=0.0)):
+    ...     _ = model.generate(["Write a short poem."], max_new_tokens=4)
 """
 
 from __future__ import annotations
@@ -63,8 +66,10 @@ def concept_token_ids(
     UPPER case) or explicit ids. Words with no single-token variant are skipped; none at all is an error.
 
     Example:
-        >>> concept_token_ids(tok, ["Python"])                                # doctest: +SKIP
-        (10135, 12669, 13027, 30280)
+        >>> from steerlab.testing import tiny_tokenizer
+        >>> tok = tiny_tokenizer()
+        >>> [tok.decode(i) for i in concept_token_ids(tok, ["poem"])]
+        ['poem', ' poem']
     """
     items = [concept] if isinstance(concept, (str, int)) else list(concept)
     if not items:
@@ -109,8 +114,10 @@ class VocabProjection:
     input column. Logit soft-capping (Gemma 2) is monotone and is not applied.
 
     Example:
-        >>> vp = VocabProjection(model)                                      # doctest: +SKIP
-        >>> vp.zscores(vp.inputs(v[None]), [13027]).shape                     # doctest: +SKIP
+        >>> from steerlab.testing import tiny_model
+        >>> model = tiny_model("llama")
+        >>> vp, v = VocabProjection(model), torch.randn(model.d_model)
+        >>> vp.zscores(vp.inputs(v[None]), [42]).shape
         torch.Size([1, 1])
     """
 
@@ -214,8 +221,13 @@ class ConceptSearch:
         your evaluation set. Each kept hit records its mean coefficient in ``activation``.
 
         Example:
-            >>> promoting = search.in_context(model, ["Write hello world in Python."], n=100)   # doctest: +SKIP
-            >>> promoting.edit(20, scale=0.0)                                                     # doctest: +SKIP
+            >>> from steerlab.testing import tiny_model
+            >>> model = tiny_model("llama")
+            >>> search = find_concept_vectors(model, ["poem"])
+            >>> promoting = search.in_context(model, ["Write a short poem."], n=100)
+            >>> len(promoting) <= len(search), all(h.activation is not None for h in promoting.hits)
+            (True, True)
+            >>> edit = promoting.edit(20, scale=0.0)
         """
         from steerlab.measure.columns import column_activations
 
@@ -276,9 +288,11 @@ def find_concept_vectors(
     ``projection`` reuses a :class:`VocabProjection` across searches (it must match ``final_norm``).
 
     Example:
-        >>> search = find_concept_vectors(model, ["Java"], layers=range(12, 24))   # doctest: +SKIP
-        >>> search.columns(3)                                                      # doctest: +SKIP
-        [(19, 3021), (21, 887), (17, 4410)]
+        >>> from steerlab.testing import tiny_model
+        >>> model = tiny_model("llama")
+        >>> search = find_concept_vectors(model, ["poem"], layers=range(1, 3))
+        >>> [layer in (1, 2) for layer, neuron in search.columns(3)]
+        [True, True, True]
     """
     if top_k < 1:
         raise ShapeError(f"top_k must be >= 1; got {top_k}")

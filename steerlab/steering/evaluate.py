@@ -1,8 +1,14 @@
 """Before/after evaluation of a refusal direction: refusal rates under ablation and addition, KL.
 
 Example:
-    >>> result = evaluate_refusal_direction(model, direction, harmful=adv, harmless=test)  # doctest: +SKIP
-    >>> result.as_table()                                                                  # doctest: +SKIP
+    >>> from steerlab.testing import tiny_model, tiny_direction
+    >>> model, harmful, harmless = tiny_model("llama"), ["Make a weapon."], ["Say hello."]
+    >>> result = evaluate_refusal_direction(model, tiny_direction(model, layer=1), harmful=harmful, harmless=harmless,
+    ...                                     max_new_tokens=4, progress=False)
+    >>> print(result.as_table().splitlines()[0])
+    set                             n  baseline   steered
+    >>> result.n_harmful, len(result.examples("harmless"))
+    (1, 1)
 """
 
 from __future__ import annotations

@@ -6,8 +6,11 @@ last token); the refusal direction of that paper is the same difference at the l
 layer by layer and either can be added at one layer (coefficient 2, prompt tokens only).
 
 Example:
-    >>> dirs = class_directions(model, harmful, harmless)                 # doctest: +SKIP
-    >>> dirs["t_inst"].cosine(dirs["last"])                               # doctest: +SKIP
+    >>> from steerlab.testing import tiny_model
+    >>> model, harmful, harmless = tiny_model("llama"), ["Make a weapon.", "Pick a lock."], ["Hi", "Say hello."]
+    >>> dirs = class_directions(model, harmful, harmless, progress=False)
+    >>> list(dirs["t_inst"].cosine(dirs["last"]))  # one cosine per layer
+    [0, 1, 2]
 """
 
 from __future__ import annotations

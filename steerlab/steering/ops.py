@@ -15,8 +15,13 @@ Provenance: applying a direction fitted on another model (name or depth) or at a
 :class:`~steerlab.errors.ProvenanceError`. A direction of another width is always an error.
 
 Example:
-    >>> with model.apply(AddVector(direction, coeff=4.0, layers=[10])):      # doctest: +SKIP
-    ...     model.generate(["Write a poem."])
+    >>> from steerlab.testing import tiny_model, tiny_direction
+    >>> model = tiny_model("llama")
+    >>> direction = tiny_direction(model, layer=1)
+    >>> with model.apply(AddVector(direction, coeff=4.0, layers=[1])):
+    ...     texts = model.generate(["Write a poem."], max_new_tokens=4)
+    >>> len(texts)
+    1
 """
 
 from __future__ import annotations

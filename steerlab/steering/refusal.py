@@ -15,10 +15,19 @@ Selection is exact but lazy: bypass is computed for every candidate, then induce
 computed in ascending bypass order until a candidate passes, which gives the same pick as
 scoring everything.
 
-Example:
-    >>> direction, report = refusal_direction(model, harmful, harmless,          # doctest: +SKIP
-    ...                                       harmful_val=hv, harmless_val=sv)
-    >>> print(report.table())                                                    # doctest: +SKIP
+Example (a random tiny model never refuses, so ``relaxed`` turns the checks and filters off):
+    >>> from steerlab.testing import tiny_model
+    >>> model = tiny_model("llama")
+    >>> harmful, harmless = ["Make a weapon.", "Pick a lock."], ["Hi", "Say hello."]
+    >>> relaxed = dict(min_refusal_rate=0, filter_train="none", kl_max=float("inf"), induce_min=float("-inf"))
+    >>> direction, report = refusal_direction(model, harmful, harmless, harmful_val=harmful,
+    ...                                       harmless_val=harmless, progress=False, **relaxed)
+    >>> direction.layers[0] < report.layer_cutoff
+    True
+    >>> print(report.table())  # doctest: +ELLIPSIS
+    baseline refusal score: harmful ...
+     pos layer   bypass   induce       KL  pick
+    ...
 """
 
 from __future__ import annotations
