@@ -14,10 +14,15 @@
   toward the true baseline, as a fraction of the baseline gap).
 
 Example:
-    >>> split = steerlab.data.load_statements()                                  # doctest: +SKIP
-    >>> report = truthfulness_report(model, split)                               # doctest: +SKIP
-    >>> print(report.table())                                                    # doctest: +SKIP
-    >>> eff = steering_effect(model, report.direction, split.true_test, split.false_test, layers=[8])  # doctest: +SKIP
+    >>> from steerlab.data import load_statements
+    >>> from steerlab.testing import tiny_model
+    >>> model, split = tiny_model("llama"), load_statements()
+    >>> report = truthfulness_report(model, split)
+    >>> report.n_train, report.n_test, report.best_layer() in report.direction.layers
+    (220, 100, True)
+    >>> eff = steering_effect(model, report.direction, split.true_test, split.false_test, layers=[1])
+    >>> sorted(eff.steered_true)  # the coefficients
+    [-1.0, 1.0]
 """
 
 from __future__ import annotations
@@ -57,7 +62,10 @@ def statement_activations(
     """``resid_pre`` at one position of each statement: ``([n, n_layers, d], layers)``.
 
     Example:
-        >>> acts, layers = statement_activations(model, ["Paris is in France."])   # doctest: +SKIP
+        >>> from steerlab.testing import tiny_model
+        >>> acts, layers = statement_activations(tiny_model("llama"), ["Paris is in France."])
+        >>> acts.shape, layers
+        (torch.Size([1, 3, 64]), [0, 1, 2])
     """
     if not statements:
         raise EmptyInputError("no statements given")
@@ -82,7 +90,11 @@ def truthfulness_direction(
     ``info`` records ``n_layers`` (for depth alignment in :func:`~steerlab.steering.compare.compare_directions`).
 
     Example:
-        >>> d = truthfulness_direction(model, ["Paris is in France."], ["Paris is in Spain."])   # doctest: +SKIP
+        >>> from steerlab.testing import tiny_model
+        >>> model = tiny_model("llama")
+        >>> d = truthfulness_direction(model, ["Paris is in France."], ["Paris is in Spain."])
+        >>> d.layers, d.info["n_layers"]
+        ((0, 1, 2), 3)
     """
     kw = {"layers": layers, "position": position, "chat": chat, "batch_size": batch_size, "progress": progress}
     pos, layer_list = statement_activations(model, true, **kw)
@@ -106,7 +118,13 @@ def projection_accuracy(direction: Direction, pos_tr, neg_tr, pos_te, neg_te) ->
     A zero vector (layer 0 when every statement ends in the same token) scores 50% and AUC 0.5.
 
     Example:
-        >>> thr, acc_train, acc_test, auc = projection_accuracy(d, t_tr, f_tr, t_te, f_te)   # doctest: +SKIP
+        >>> _ = torch.manual_seed(0)
+        >>> t_tr, t_te = torch.randn(8, 2, 16) + 2, torch.randn(4, 2, 16) + 2  # true statements sit at +2
+        >>> f_tr, f_te = torch.randn(8, 2, 16), torch.randn(4, 2, 16)
+        >>> d = mean_difference(t_tr, f_tr, layers=[3, 4])
+        >>> thr, acc_train, acc_test, auc = projection_accuracy(d, t_tr, f_tr, t_te, f_te)
+        >>> acc_test, auc
+        ({3: 1.0, 4: 1.0}, {3: 1.0, 4: 1.0})
     """
     from steerlab.probes.metrics import best_threshold, roc_auc
 
@@ -171,8 +189,11 @@ def truthfulness_report(
     """Fit the direction on ``split``'s training statements; accuracy per layer on its test statements.
 
     Example:
-        >>> rep = truthfulness_report(model, load_statements())                   # doctest: +SKIP
-        >>> rep.best_layer(), rep.test_accuracy[rep.best_layer()]                 # doctest: +SKIP
+        >>> from steerlab.data import load_statements
+        >>> from steerlab.testing import tiny_model
+        >>> rep = truthfulness_report(tiny_model("llama"), load_statements(n_test=10))
+        >>> rep.n_test, list(rep.test_accuracy), rep.best_layer() in rep.test_accuracy
+        (20, [0, 1, 2], True)
     """
     kw = {"layers": layers, "position": position, "chat": chat, "batch_size": batch_size, "progress": progress}
     parts = [
@@ -205,8 +226,10 @@ def truth_judgement(
     ``"... This statement is:"`` prompt); measures active ``model.apply`` scopes.
 
     Example:
-        >>> truth_judgement(model, ["Paris is the capital of France."])            # doctest: +SKIP
-        tensor([0.93])
+        >>> from steerlab.testing import tiny_model
+        >>> judged = truth_judgement(tiny_model("llama"), ["Paris is the capital of France."])
+        >>> judged.shape, bool(-1 <= judged[0] <= 1)  # p(True) - p(False) per statement
+        (torch.Size([1]), True)
     """
     if "{statement}" not in template:
         raise ShapeError("template must contain '{statement}' where the statement goes")
@@ -298,8 +321,12 @@ def steering_effect(
     already measured unsteered judgements ``(true, false)`` (e.g. from another ``SteeringEffect``).
 
     Example:
-        >>> eff = steering_effect(model, d, split.true_test, split.false_test, layers=[10], coeffs=(-2, 2))  # doctest: +SKIP
-        >>> eff.normalized_effect(2)                                                                        # doctest: +SKIP
+        >>> from steerlab.testing import tiny_model, tiny_direction
+        >>> model = tiny_model("llama")
+        >>> true, false = ["Paris is in France."], ["Paris is in Spain."]
+        >>> eff = steering_effect(model, tiny_direction(model, layer=1), true, false, layers=[1], coeffs=(-2, 2))
+        >>> eff.layers, sorted(eff.steered_true), isinstance(eff.normalized_effect(2), float)
+        ((1,), [-2.0, 2.0], True)
     """
     kw = {"template": template, "chat": chat, "batch_size": batch_size}
     if baseline is None:
