@@ -82,8 +82,12 @@ def bake(model: Model, intervention: Any, *, inplace: bool = False) -> Model:
     weight form on this model. Each bake is recorded for :func:`~steerlab.training.export`'s manifest.
 
     Example:
-        >>> baked = bake(model, AddVector(direction, coeff=4.0, layers=[6]))   # doctest: +SKIP
-        >>> baked.generate(["Write a poem."])                                  # doctest: +SKIP
+        >>> from steerlab.testing import tiny_model, tiny_direction
+        >>> model = tiny_model("llama")
+        >>> baked = bake(model, steerlab.AddVector(tiny_direction(model, layer=1), coeff=4.0, layers=[1]))
+        >>> texts = baked.generate(["Write a poem."], max_new_tokens=4)
+        >>> baked is model, len(texts)
+        (False, 1)
     """
     if open_sessions(model):
         raise NotBakeableError("bake() inside an open `with model.apply(...)` / `model.hooks()` scope; bake outside it")

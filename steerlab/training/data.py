@@ -94,7 +94,8 @@ def end_of_turn_text(fmt: ChatFormat) -> str:
     (``chat=False``) use the EOS token too.
 
     Example:
-        >>> end_of_turn_text(model.chat())          # doctest: +SKIP
+        >>> from steerlab.testing import tiny_model
+        >>> end_of_turn_text(tiny_model("llama").chat())
         '<|im_end|>\\n'
     """
     tok = fmt.tokenizer
@@ -125,8 +126,11 @@ def encode_examples(fmt: ChatFormat, examples: Sequence[SFTExample], *, max_leng
     and context alone leave no room for a target token raises :class:`TrainingDataError`.
 
     Example:
-        >>> enc = encode_examples(model.chat(), [SFTExample("Hi", "[respond]Hello!")])   # doctest: +SKIP
-        >>> [enc[0].input_ids[i] for i in enc[0].supervised]                            # doctest: +SKIP
+        >>> from steerlab.testing import tiny_model
+        >>> model = tiny_model("llama")
+        >>> enc = encode_examples(model.chat(), [SFTExample("Hi", "[respond]Hello!")])
+        >>> model.tokenizer.decode([enc[0].input_ids[i] for i in enc[0].supervised])
+        '[respond]Hello!<|im_end|>\\n'
     """
     examples = list(examples)
     if not examples:
@@ -308,7 +312,11 @@ def write_jsonl(path: str | Path, records: Sequence[dict[str, Any] | SFTExample]
     """Write records (dicts, or SFTExamples turned into messages + kind + meta) one JSON object per line.
 
     Example:
-        >>> write_jsonl("runs/sft.jsonl", examples)        # doctest: +SKIP
+        >>> import tempfile
+        >>> examples = [SFTExample("Hi", "Hello!", kind="respond")]
+        >>> path = write_jsonl(Path(tempfile.mkdtemp()) / "sft.jsonl", examples)
+        >>> read_jsonl(path) == examples
+        True
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -326,7 +334,11 @@ def read_jsonl(path: str | Path) -> list[SFTExample]:
     Extra keys of each record land in ``meta`` (``kind`` in ``kind``).
 
     Example:
-        >>> examples = read_jsonl("runs/selected.jsonl")   # doctest: +SKIP
+        >>> import tempfile
+        >>> path = write_jsonl(Path(tempfile.mkdtemp()) / "selected.jsonl", [example_record("Hi", "Hello!", score=0.5)])
+        >>> examples = read_jsonl(path)
+        >>> examples[0].target, examples[0].meta
+        ('Hello!', {'score': 0.5})
     """
     out = []
     for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):

@@ -7,10 +7,13 @@
 * :func:`parity_prompts` — the held-out project prompts that parity check runs on by default.
 
 Example:
-    >>> edit = direction_edit(direction, ablate=True, coeff=None, layer=None, unit=False)   # doctest: +SKIP
-    >>> info = bake_and_export(model, edit, Path("out/ablated"), format="safetensors",      # doctest: +SKIP
-    ...                        precision="f32", tol=1e-2)
-    >>> info["parity"]["max_abs_logit_diff"] <= 1e-2                                         # doctest: +SKIP
+    >>> import tempfile
+    >>> from steerlab.testing import tiny_model, tiny_direction
+    >>> model = tiny_model("llama")
+    >>> edit = direction_edit(tiny_direction(model), ablate=True, coeff=None, layer=None, unit=False)
+    >>> info = bake_and_export(model, edit, Path(tempfile.mkdtemp()) / "ablated", format="safetensors",
+    ...                        precision="f32", tol=1e-2, prompts=["Hi", "Say hello."])
+    >>> info["parity"]["max_abs_logit_diff"] <= 1e-2
     True
 """
 
