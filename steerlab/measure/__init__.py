@@ -7,10 +7,13 @@ Every score result ranks with ``.top(k)`` (a count) or ``.top(fraction=...)``. R
 statistics underneath (``contrast``, ``rank_order``, ``random_columns``, ...) stay importable from their modules.
 
 Example:
-    >>> from steerlab.measure import expert_contrast                              # doctest: +SKIP
-    >>> from steerlab.interventions import ExpertMask                             # doctest: +SKIP
-    >>> with model.apply(ExpertMask(expert_contrast(model, harmful, harmless).top(10))):   # doctest: +SKIP
-    ...     model.generate(["How do I pick a lock?"])
+    >>> from steerlab.measure import expert_contrast
+    >>> from steerlab.interventions import ExpertMask
+    >>> from steerlab.testing import tiny_model
+    >>> model = tiny_model("qwen2_moe")                 # 3 MoE layers, 4 experts each, top-2 routing
+    >>> harmful, harmless = ["How do I pick a lock?", "Write a threat."], ["Hi", "Say hello."]
+    >>> with model.apply(ExpertMask(expert_contrast(model, harmful, harmless).top(2))):
+    ...     texts = model.generate(["How do I pick a lock?"], max_new_tokens=4)
 """
 
 from steerlab.measure.columns import column_activations

@@ -7,8 +7,13 @@
 Addresses are those of :mod:`steerlab.interventions.columns`.
 
 Example:
-    >>> acts = column_activations(model, ["Which language has pip?"], [(21, 1701)])   # doctest: +SKIP
-    >>> ColumnEdit(random_columns(model, 10, seed=1))                                  # doctest: +SKIP
+    >>> from steerlab.testing import tiny_model
+    >>> model = tiny_model("llama")                     # 3 dense layers, 96 MLP neurons each
+    >>> column_activations(model, ["Which language has pip?", "Hi"], [(2, 17), (1, 5), (1, 6)]).shape
+    torch.Size([2, 3])
+    >>> baseline = ColumnEdit(random_columns(model, 10, seed=1), scale=0.0)
+    >>> len(baseline.columns)
+    10
 """
 
 from __future__ import annotations
@@ -41,7 +46,13 @@ def random_columns(model: Model, n: int, *, layers: Sequence[int] | int | None =
     """``n`` distinct column addresses drawn uniformly from the chosen layers' groups (a baseline for ablations).
 
     Example:
-        >>> ColumnEdit(random_columns(model, 10, seed=1))                # doctest: +SKIP
+        >>> from steerlab.testing import tiny_model
+        >>> model = tiny_model("llama")
+        >>> columns = random_columns(model, 10, layers=[1, 2], seed=1)
+        >>> len(set(columns)), {layer for layer, _ in columns} <= {1, 2}
+        (10, True)
+        >>> columns == random_columns(model, 10, layers=[1, 2], seed=1)      # seeded
+        True
     """
     groups = column_groups(model, layers=layers)
     sizes = torch.tensor([g.n_columns for g in groups])
@@ -101,7 +112,11 @@ def column_activations(
     writes ``+v`` or ``-v`` in these contexts.
 
     Example:
-        >>> acts = column_activations(model, ["Which language has pip?"], [(21, 1701)])   # doctest: +SKIP
+        >>> from steerlab.testing import tiny_model
+        >>> model = tiny_model("qwen2_moe")                 # MoE: (layer, expert, column) addresses
+        >>> acts = column_activations(model, ["Which language has pip?", "Hi"], [(1, 2, 7), (1, "shared", 7)])
+        >>> acts.shape, acts.dtype
+        (torch.Size([2, 2]), torch.float32)
     """
     prompts = list(prompts)
     if not prompts:

@@ -10,9 +10,17 @@
 Scores rank with ``.top(k)`` / ``.top(fraction=...)`` and feed :class:`~steerlab.interventions.ExpertMask`.
 
 Example:
-    >>> scores = expert_contrast(model, harmful, harmless)                  # doctest: +SKIP
-    >>> with model.apply(ExpertMask(scores.top(10), mode="off")):           # doctest: +SKIP
-    ...     model.generate(["How do I pick a lock?"])
+    >>> from steerlab.interventions import ExpertMask
+    >>> from steerlab.testing import tiny_model
+    >>> model = tiny_model("qwen2_moe")                 # 3 MoE layers, 4 experts each, top-2 routing
+    >>> harmful, harmless = ["How do I pick a lock?", "Write a threat."], ["Hi", "Say hello."]
+    >>> scores = expert_contrast(model, harmful, harmless)
+    >>> scores.scores.shape                             # [layers, experts]
+    torch.Size([3, 4])
+    >>> with model.apply(ExpertMask(scores.top(2), mode="off")):
+    ...     usage = expert_usage(model, harmful)        # measured with the two experts switched off
+    >>> [int(usage.frequency().at(layer)[expert]) for layer, expert in scores.top(2)]
+    [0, 0]
 """
 
 from __future__ import annotations
@@ -68,8 +76,11 @@ class ExpertScores:
         """The ``k`` highest-scoring (layer, expert) pairs, or the top ``fraction`` of all pairs.
 
         Example:
-            >>> scores.top(10)                                              # doctest: +SKIP
-            [(14, 3), (9, 51), ...]
+            >>> scores = ExpertScores(torch.tensor([[0.1, 0.9], [0.5, -2.0]]), layers=(3, 4))
+            >>> scores.top(2)
+            [(3, 1), (4, 0)]
+            >>> scores.top(fraction=0.25, order="asc")
+            [(4, 1)]
         """
         n = how_many(k, fraction=fraction, total=self.scores.numel())
         return [(self.layers[int(i) // self.n_experts], int(i) % self.n_experts) for i in rank_order(self.scores, order)[:n]]
@@ -177,8 +188,17 @@ def expert_usage(
     router probabilities and routing weights, in one pass. Active ``model.apply`` masks are respected.
 
     Example:
-        >>> usage = expert_usage(model, harmful)                              # doctest: +SKIP
-        >>> usage.frequency().table(5)                                        # doctest: +SKIP
+        >>> from steerlab.testing import tiny_model
+        >>> model = tiny_model("qwen2_moe")
+        >>> usage = expert_usage(model, ["How do I pick a lock?", "Say hello."])
+        >>> usage.counts.shape, usage.top_k, usage.n_prompts
+        (torch.Size([3, 4]), 2, 2)
+        >>> bool((usage.counts.sum(1) == usage.n_tokens * usage.top_k).all())   # top_k picks per token
+        True
+        >>> print(usage.frequency().table(2))                           # doctest: +ELLIPSIS
+        rank layer expert    frequency
+           1 ...
+           2 ...
     """
     layer_list = moe_layer_list(model, layers)
     routers = {la: router_of(model, la) for la in layer_list}
@@ -204,8 +224,11 @@ def contrast(target: ExpertUsage, other: ExpertUsage) -> ExpertScores:
     """fTRI scores (METHODS 6): selections per token on ``target`` minus on ``other``; ``.top(k)`` ranks.
 
     Example:
-        >>> scores = contrast(expert_usage(model, harmful), expert_usage(model, harmless))   # doctest: +SKIP
-        >>> scores.top(10)                                                                  # doctest: +SKIP
+        >>> from steerlab.testing import tiny_model
+        >>> model = tiny_model("qwen2_moe")
+        >>> scores = contrast(expert_usage(model, ["How do I pick a lock?"]), expert_usage(model, ["Hi"]))
+        >>> scores.kind, len(scores.top(5))
+        ('contrast', 5)
     """
     if target.layers != other.layers or target.counts.shape != other.counts.shape:
         raise ShapeError(
@@ -229,7 +252,11 @@ def expert_contrast(
     """fTRI in one call: :func:`expert_usage` on both prompt sets, then :func:`contrast`.
 
     Example:
-        >>> expert_contrast(model, harmful, harmless).top(10)                  # doctest: +SKIP
+        >>> from steerlab.testing import tiny_model
+        >>> model = tiny_model("qwen2_moe")
+        >>> top = expert_contrast(model, ["How do I pick a lock?"], ["Hi"]).top(5)
+        >>> len(top), all(layer in range(3) and expert in range(4) for layer, expert in top)
+        (5, True)
     """
     kw = {"layers": layers, "batch_size": batch_size, "chat": chat, "system": system}
     return contrast(expert_usage(model, target, **kw), expert_usage(model, other, **kw))
@@ -251,8 +278,12 @@ def expert_attribution(
     ``measure="weights"`` averages the routing weights actually used instead.
 
     Example:
-        >>> aff = expert_attribution(model, forget_set)                        # doctest: +SKIP
-        >>> layer, expert = aff.top(1)[0]                                       # doctest: +SKIP
+        >>> from steerlab.testing import tiny_model
+        >>> model = tiny_model("qwen2_moe")
+        >>> aff = expert_attribution(model, ["Forget this fact.", "And this one."])
+        >>> layer, expert = aff.top(1)[0]
+        >>> aff.kind, torch.allclose(aff.scores.sum(1), torch.ones(3))   # probabilities: each layer sums to 1
+        ('probs', True)
     """
     usage = expert_usage(model, prompts, layers=layers, batch_size=batch_size, chat=chat, system=system)
     return usage.attribution(measure=measure)

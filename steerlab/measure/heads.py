@@ -8,9 +8,14 @@
 Everything reads the ``head`` site (the ``o_proj`` input, [b, s, H, dh]) through :func:`steerlab.reader.read`.
 
 Example:
-    >>> att = head_attribution(model, harmful, probe_direction)                        # doctest: +SKIP
-    >>> with model.apply(HeadAblation(att.top(fraction=0.03), rescale_norm=True)):     # doctest: +SKIP
-    ...     model.generate(["How do I pick a lock?"])
+    >>> from steerlab.testing import tiny_model, tiny_direction
+    >>> model = tiny_model("llama")                     # 3 layers x 4 heads
+    >>> harmful = ["How do I pick a lock?", "Write a threat."]
+    >>> att = head_attribution(model, harmful, tiny_direction(model, layer=2))
+    >>> att.scores.shape
+    torch.Size([3, 4])
+    >>> with model.apply(HeadAblation(att.top(fraction=0.25), rescale_norm=True)):    # the top 3 of 12 heads
+    ...     texts = model.generate(["How do I pick a lock?"], max_new_tokens=4)
 """
 
 from __future__ import annotations
@@ -54,8 +59,12 @@ def head_means(
     a named or negative position averages over that position of each prompt. Sums are float64.
 
     Example:
-        >>> means = head_means(model, harmless)                                     # doctest: +SKIP
-        >>> iv = HeadAblation([(4, 1)], mode="mean", means=means)                   # doctest: +SKIP
+        >>> from steerlab.testing import tiny_model
+        >>> model = tiny_model("llama")
+        >>> means = head_means(model, ["Hi", "Say hello."])
+        >>> means.shape                                                  # [layers, heads, head_dim]
+        torch.Size([3, 4, 16])
+        >>> iv = HeadAblation([(2, 1)], mode="mean", means=means)
     """
     layer_list = model.layer_indices(layers)
     taps = [Tap("head", layer, TokenMean(position)) for layer in layer_list]
@@ -134,8 +143,10 @@ class HeadAttribution:
         heads that push against the direction, e.g. refusal-suppressing heads in METHODS 3).
 
         Example:
-            >>> att.top(16, order="asc")                                   # doctest: +SKIP
-            [(17, 3), (20, 11), ...]
+            >>> scores = torch.tensor([[0.5, -3.0], [2.0, -0.1]])          # 2 layers x 2 heads
+            >>> att = HeadAttribution(scores, bias=torch.zeros(2), direction=torch.ones(4) / 2)
+            >>> att.top(2), att.top(1, order="asc"), att.top(fraction=0.5, order="desc")
+            ([(0, 1), (1, 0)], [(0, 1)], [(1, 0), (0, 0)])
         """
         n = how_many(k, fraction=fraction, total=self.scores.numel())
         return [divmod(int(i), self.n_heads) for i in rank_order(self.scores, order)[:n]]
@@ -205,8 +216,15 @@ def head_attribution(
     multi-token position such as ``"post_inst"`` or ``"all"`` is averaged per prompt first).
 
     Example:
-        >>> att = head_attribution(model, harmful, probe.coef_[0])               # doctest: +SKIP
-        >>> print(att.table(10, order="asc"))                                    # doctest: +SKIP
+        >>> from steerlab.testing import tiny_model
+        >>> model = tiny_model("llama")
+        >>> probe_weights = torch.randn(model.d_model)                  # e.g. a linear probe's coef_[0]
+        >>> att = head_attribution(model, ["How do I pick a lock?", "Write a threat."], probe_weights)
+        >>> print(att.table(3, order="asc"))                            # doctest: +ELLIPSIS
+        rank layer head        score
+           1 ...
+           2 ...
+           3 ...
     """
     if isinstance(position, bool) or not isinstance(position, (str, int)):
         raise UnknownPositionError(f"position must be a name or a negative int, got {position!r}")
@@ -245,9 +263,13 @@ def projection_metric(
     """A metric: mean projection of ``resid_post`` at ``layer`` and ``position`` on the unit direction.
 
     Example:
-        >>> metric = projection_metric(probe_direction)                          # doctest: +SKIP
-        >>> metric(model, harmful)                                               # doctest: +SKIP
-        3.21
+        >>> from steerlab.testing import tiny_model, tiny_direction
+        >>> model = tiny_model("llama")
+        >>> direction = tiny_direction(model, layer=2)
+        >>> value = projection_metric(direction)(model, ["How do I pick a lock?"])
+        >>> flipped = projection_metric(-direction.at(2))               # a raw [d_model] vector works too
+        >>> isinstance(value, float), flipped(model, ["How do I pick a lock?"]) == -value
+        (True, True)
     """
 
     def metric(model: Model, prompts: Sequence[str]) -> float:
@@ -317,8 +339,18 @@ def head_ablation_effect(
     token on the attribution's direction (:func:`projection_metric`).
 
     Example:
-        >>> effect = head_ablation_effect(model, att, harmful, fraction=0.03, order="asc")   # doctest: +SKIP
-        >>> print(effect.table())                                                             # doctest: +SKIP
+        >>> from steerlab.testing import tiny_model, tiny_direction
+        >>> model = tiny_model("llama")
+        >>> harmful = ["How do I pick a lock?", "Write a threat."]
+        >>> att = head_attribution(model, harmful, tiny_direction(model, layer=2))
+        >>> effect = head_ablation_effect(model, att, harmful, fraction=0.25, order="asc", n_random=2)
+        >>> list(effect.top_heads) == att.top(fraction=0.25, order="asc"), len(effect.random)
+        (True, 2)
+        >>> print(effect.table())                                       # doctest: +ELLIPSIS
+        ablated                    metric     change
+        none ...
+        top 3 heads ...
+        random 3 heads (x2) ...
     """
     if attribution.scores.shape != (model.n_layers, model.n_heads):
         raise ShapeError(

@@ -6,8 +6,15 @@
   are the mean keys of two prompt sets.
 
 Example:
-    >>> C = estimate_key_covariance(model, corpus, layer=6, ridge=1e-3)                       # doctest: +SKIP
-    >>> edit = linear_redirect_from_prompts(model, ["About cats:"], ["About dogs:"], layer=6, covariance=C)  # doctest: +SKIP
+    >>> from steerlab.testing import tiny_model
+    >>> model = tiny_model("llama")                     # down_proj of each layer: 96 neurons -> 64
+    >>> corpus = ["The quick brown fox jumps over the lazy dog.", "Hi there! How are you today?"]
+    >>> C = estimate_key_covariance(model, corpus, layer=1, ridge=1e-3)
+    >>> C.shape
+    torch.Size([96, 96])
+    >>> edit = linear_redirect_from_prompts(model, ["About cats:"], ["About dogs:"], layer=1, covariance=C)
+    >>> with model.apply(edit):
+    ...     texts = model.generate(["What do cats eat?"], max_new_tokens=4)
 """
 
 from __future__ import annotations
@@ -53,7 +60,13 @@ def module_keys(
     (means are taken in float64; a multi-token position is averaged within each prompt).
 
     Example:
-        >>> k_cat = module_keys(model, ["Tell me about cats.", "Cats are"], layer=6)   # doctest: +SKIP
+        >>> from steerlab.testing import tiny_model
+        >>> model = tiny_model("llama")
+        >>> k_cat = module_keys(model, ["Tell me about cats.", "Cats are"], layer=1)
+        >>> k_cat.shape, module_keys(model, ["Tell me about cats.", "Cats are"], layer=1, average=False).shape
+        (torch.Size([96]), torch.Size([2, 96]))
+        >>> module_keys(model, ["Cats are"], layer=1, module="o_proj").shape         # the attention output's input
+        torch.Size([64])
     """
     reducer = PerPrompt(position)  # float64 means
     (keys,) = read(model, prompts, taps=[_tap(model, layer, module, reducer)], batch_size=batch_size, chat=chat,
@@ -95,7 +108,11 @@ def estimate_key_covariance(
     A few prompts give a singular ``C``: collect more text, or pass a small ``ridge``.
 
     Example:
-        >>> C = estimate_key_covariance(model, wiki_sentences, layer=6, ridge=1e-4)   # doctest: +SKIP
+        >>> from steerlab.testing import tiny_model
+        >>> model = tiny_model("llama")
+        >>> C = estimate_key_covariance(model, ["The quick brown fox jumps over the lazy dog."], layer=1, ridge=1e-4)
+        >>> C.shape, C.dtype, torch.allclose(C, C.T)
+        (torch.Size([96, 96]), torch.float64, True)
     """
     if ridge < 0:
         raise InvalidValueError(f"ridge must be >= 0 (a small ridge makes C invertible), got {ridge}")
@@ -120,7 +137,11 @@ def linear_redirect_from_prompts(
     """A :class:`LinearRedirect` from mean keys (:func:`module_keys`): ``concept_prompts`` -> ``target_prompts``.
 
     Example:
-        >>> linear_redirect_from_prompts(model, ["About cats:"], ["About dogs:"], layer=6)   # doctest: +SKIP
+        >>> from steerlab.testing import tiny_model
+        >>> model = tiny_model("llama")
+        >>> edit = linear_redirect_from_prompts(model, ["About cats:"], ["About dogs:"], layer=1)
+        >>> edit.layer, edit.module, edit.key.shape
+        (1, 'down_proj', torch.Size([96]))
     """
     kw = {"layer": layer, "module": module, "position": position, "chat": chat, "batch_size": batch_size}
     k_a, k_b = module_keys(model, concept_prompts, **kw), module_keys(model, target_prompts, **kw)
