@@ -10,8 +10,14 @@ directions and tensors), parity figures, the source model, file hashes and libra
 Every file written gets the mode a plain ``open()`` gives (``0644`` under umask 022), weights included.
 
 Example:
-    >>> path = export(bake(model, Ablate(direction)), "out/ablated")             # doctest: +SKIP
-    >>> AutoModelForCausalLM.from_pretrained(path)                               # doctest: +SKIP
+    >>> import tempfile
+    >>> from transformers import AutoModelForCausalLM
+    >>> from steerlab.testing import tiny_model, tiny_direction
+    >>> from steerlab.training import bake
+    >>> model = tiny_model("llama")
+    >>> path = export(bake(model, steerlab.Ablate(tiny_direction(model))), Path(tempfile.mkdtemp()) / "ablated")
+    >>> type(AutoModelForCausalLM.from_pretrained(path)).__name__
+    'LlamaForCausalLM'
 """
 
 from __future__ import annotations
@@ -73,8 +79,15 @@ def export(
     tokenizer. Unsupported combinations raise :class:`~steerlab.errors.NotExportableError`.
 
     Example:
-        >>> export(baked, "out/qwen-ablated")                                   # doctest: +SKIP
-        >>> export(baked, "out/qwen-ablated-gguf", format="gguf", precision="f16")   # doctest: +SKIP
+        >>> import tempfile
+        >>> from steerlab.testing import tiny_model, tiny_direction
+        >>> from steerlab.training import bake
+        >>> model, out = tiny_model("llama"), Path(tempfile.mkdtemp())
+        >>> baked = bake(model, steerlab.Ablate(tiny_direction(model)))
+        >>> export(baked, out / "llama-ablated").name
+        'llama-ablated'
+        >>> sorted(f.name for f in export(baked, out / "llama-ablated-gguf", format="gguf", precision="f16").iterdir())
+        ['model.gguf', 'steerlab_manifest.json']
     """
     if format not in ("safetensors", "gguf"):
         raise NotExportableError(f"format must be 'safetensors' or 'gguf', got {format!r}")
@@ -119,7 +132,12 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     """The ``steerlab_manifest.json`` of an export directory.
 
     Example:
-        >>> read_manifest("out/ablated")["edits"][0]["intervention"]["type"]   # doctest: +SKIP
+        >>> import tempfile
+        >>> from steerlab.testing import tiny_model, tiny_direction
+        >>> from steerlab.training import bake
+        >>> model = tiny_model("llama")
+        >>> path = export(bake(model, steerlab.Ablate(tiny_direction(model))), Path(tempfile.mkdtemp()) / "ablated")
+        >>> read_manifest(path)["edits"][0]["intervention"]["type"]
         'Ablate'
     """
     file = Path(path) / MANIFEST_NAME

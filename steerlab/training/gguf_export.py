@@ -9,7 +9,10 @@ other families) raises
 there is one, else built from the HF tokenizer (byte-level BPE) and checked by re-reading it.
 
 Example:
-    >>> write_gguf(model, Path("out/model.gguf"), precision="f32")            # doctest: +SKIP
+    >>> import tempfile
+    >>> from steerlab.testing import tiny_model
+    >>> write_gguf(tiny_model("llama"), Path(tempfile.mkdtemp()) / "model.gguf", precision="f32").name
+    'model.gguf'
 """
 
 from __future__ import annotations
@@ -230,7 +233,11 @@ def write_gguf(model: Model, path: Path, *, precision: str = "f32", source_gguf:
     """Write ``model`` to the GGUF file ``path`` and check that transformers would rebuild the same model from it.
 
     Example:
-        >>> write_gguf(model, Path("out/model.gguf"))                          # doctest: +SKIP
+        >>> import tempfile
+        >>> from steerlab.testing import tiny_model
+        >>> path = write_gguf(tiny_model("qwen2"), Path(tempfile.mkdtemp()) / "model.gguf")
+        >>> path.is_file()
+        True
     """
     import gguf
 
@@ -285,7 +292,10 @@ def gguf_summary(path: str | Path) -> dict[str, Any]:
     """Architecture, tensor count and tensor types of a GGUF file (via ``gguf.GGUFReader``).
 
     Example:
-        >>> gguf_summary("out/model.gguf")["architecture"]                      # doctest: +SKIP
+        >>> import tempfile
+        >>> from steerlab.testing import tiny_model
+        >>> path = write_gguf(tiny_model("llama"), Path(tempfile.mkdtemp()) / "model.gguf")
+        >>> gguf_summary(path)["architecture"]
         'llama'
     """
     import gguf

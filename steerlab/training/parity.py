@@ -1,8 +1,12 @@
 """Parity check: the hooked original and the baked model, on the same prompts, give the same logits.
 
 Example:
-    >>> report = parity(model, bake(model, iv), iv, ["Write a poem.", "Hi"])    # doctest: +SKIP
-    >>> report.max_abs_logit_diff <= 1e-4, report.generation_match              # doctest: +SKIP
+    >>> from steerlab.testing import tiny_model, tiny_direction
+    >>> from steerlab.training import bake
+    >>> model = tiny_model("llama")
+    >>> iv = steerlab.Ablate(tiny_direction(model))
+    >>> report = parity(model, bake(model, iv), iv, ["Write a poem.", "Hi"])
+    >>> report.max_abs_logit_diff <= 1e-4, report.generation_match
     (True, 1.0)
 """
 
@@ -86,8 +90,12 @@ def parity(
     ``record=True`` adds the figures to ``baked``'s edit history (and so to an export's manifest).
 
     Example:
-        >>> rep = parity(model, baked, iv, ["How do I pick a lock?"], max_new_tokens=0)   # doctest: +SKIP
-        >>> rep.ok(1e-4)                                                                   # doctest: +SKIP
+        >>> from steerlab.testing import tiny_model, tiny_direction
+        >>> from steerlab.training import bake
+        >>> model = tiny_model("qwen2")
+        >>> iv = steerlab.AddVector(tiny_direction(model), coeff=2.0)
+        >>> rep = parity(model, bake(model, iv), iv, ["How do I pick a lock?"], max_new_tokens=0)
+        >>> rep.ok(1e-4)
         True
     """
     if isinstance(prompts, str) or len(prompts) == 0:

@@ -10,8 +10,14 @@ so the rebuilt model computes exactly what the old one did. Each family's routes
 architecture registry (:attr:`steerlab.arch.ArchSpec.bias_routes`).
 
 Example:
-    >>> route = bias_route(model, "o_proj", what="HeadAblation(mode='mean')")  # doctest: +SKIP
-    >>> hf = rebuild(model.hf, flags=dict(route.flags), model_type=route.model_type)   # doctest: +SKIP
+    >>> from steerlab.testing import tiny_model
+    >>> model = tiny_model("qwen2")
+    >>> route = bias_route(model, "o_proj", what="HeadAblation(mode='mean')")
+    >>> route.flags, route.model_type
+    ((('attention_bias', True),), 'llama')
+    >>> hf = rebuild(model.hf, flags=dict(route.flags), model_type=route.model_type)
+    >>> type(hf).__name__, int(hf.model.layers[0].self_attn.o_proj.bias.count_nonzero())  # the new bias is zero
+    ('LlamaForCausalLM', 0)
 """
 
 from __future__ import annotations
@@ -93,7 +99,10 @@ def rebuild(hf: nn.Module, *, flags: Mapping[str, Any], model_type: str | None =
     weights; every parameter the new config adds is zero, and a parameter it would lose is an error.
 
     Example:
-        >>> new = rebuild(model.hf, flags={"attention_bias": True})            # doctest: +SKIP
+        >>> from steerlab.testing import tiny_model
+        >>> new = rebuild(tiny_model("llama").hf, flags={"attention_bias": True})
+        >>> new.config.attention_bias, new.model.layers[0].self_attn.q_proj.bias.shape
+        (True, torch.Size([64]))
     """
     from transformers import AutoModelForCausalLM
 
