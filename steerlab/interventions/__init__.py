@@ -5,9 +5,11 @@ Every intervention is a frozen value applied with ``with model.apply(iv): ...`` 
 (column groups, the rank-one algebra) stay importable from their modules.
 
 Example:
-    >>> from steerlab.interventions import HeadAblation, ExpertMask                  # doctest: +SKIP
-    >>> with model.apply(HeadAblation([(12, 3)], rescale_norm=True)):                # doctest: +SKIP
-    ...     model.generate(["How do I pick a lock?"])
+    >>> from steerlab.interventions import HeadAblation, ExpertMask
+    >>> from steerlab.testing import tiny_model
+    >>> model = tiny_model("qwen2_moe")                 # 3 layers, 4 heads and 4 experts each
+    >>> with model.apply(HeadAblation([(2, 3)], rescale_norm=True), ExpertMask([(1, 0)])):
+    ...     texts = model.generate(["How do I pick a lock?"], max_new_tokens=4)
 """
 
 from steerlab.interventions.columns import ColumnEdit, ColumnIndexError

@@ -18,9 +18,13 @@ Reading columns (:func:`~steerlab.measure.column_activations`) and drawing rando
 (:func:`~steerlab.measure.columns.random_columns`) are measurements, in :mod:`steerlab.measure.columns`.
 
 Example:
-    >>> edit = ColumnEdit([(17, 1234), (2, 5, 40)], scale=0.0)          # doctest: +SKIP
-    >>> with model.apply(edit):                                         # doctest: +SKIP
-    ...     model.generate(["Which language did Guido van Rossum create?"])
+    >>> from steerlab.testing import tiny_model
+    >>> model = tiny_model("deepseek_v3")       # layer 0: dense MLP; layers 1-2: 4 routed experts + a shared one
+    >>> edit = ColumnEdit([(0, 40), (2, 1, 5), (2, "shared", 3)], scale=0.0)
+    >>> [step.where for step in model.plan(edit).steps]
+    ['mlp.down_proj @ 0', 'mlp.experts @ 2', 'mlp.shared_experts.down_proj @ 2']
+    >>> with model.apply(edit):
+    ...     texts = model.generate(["Which language did Guido van Rossum create?"], max_new_tokens=4)
 """
 
 from __future__ import annotations
@@ -90,8 +94,10 @@ def layer_groups(model: Model, layer: int) -> list[ColumnGroup]:
     """The column groups of one layer: its dense MLP, or every routed expert plus any shared expert.
 
     Example:
-        >>> [g.expert for g in layer_groups(model, 1)]                 # doctest: +SKIP
-        [0, 1, 2, 3, 'shared']
+        >>> from steerlab.testing import tiny_model
+        >>> model = tiny_model("qwen2_moe")
+        >>> [(g.expert, g.n_columns) for g in layer_groups(model, 1)]
+        [(0, 32), (1, 32), (2, 32), (3, 32), ('shared', 48)]
     """
     down = mlp_down(model.spec, model.hf, layer)
     idx = down.layer
@@ -115,8 +121,10 @@ def column_groups(model: Model, *, layers: Sequence[int] | int | None = None) ->
     """Every column group of the chosen layers (default: all), layer by layer.
 
     Example:
-        >>> sum(g.n_columns for g in column_groups(model))             # doctest: +SKIP
-        116736
+        >>> from steerlab.testing import tiny_model
+        >>> model = tiny_model("llama")                 # 3 dense MLPs of 96 neurons
+        >>> sum(g.n_columns for g in column_groups(model)), len(column_groups(model, layers=[1, 2]))
+        (288, 2)
     """
     return [g for layer in model.layer_indices(layers) for g in layer_groups(model, layer)]
 
@@ -144,7 +152,11 @@ def resolve_column(model: Model, column: Column) -> tuple[ColumnGroup, int]:
     """The group that holds ``column`` and the neuron index in it (negative indices resolved), or a clear error.
 
     Example:
-        >>> group, j = resolve_column(model, (-1, 7))                  # doctest: +SKIP
+        >>> from steerlab.testing import tiny_model
+        >>> model = tiny_model("llama")
+        >>> group, j = resolve_column(model, (-1, -1))
+        >>> group.path, j
+        ('model.layers.2.mlp.down_proj.weight', 95)
     """
     address = _as_address(column)
     layer = normalize_layer(address[0], model.n_layers)
@@ -208,8 +220,12 @@ class ColumnEdit:
     or ``None``. Applies to every token (prompt and generated); exact weight form via ``training.bake``.
 
     Example:
-        >>> with model.apply(ColumnEdit(search.columns(10), scale=0.0)):      # doctest: +SKIP
-        ...     model.generate(["What language is pandas written for?"])
+        >>> from steerlab.steering.concept_vectors import find_concept_vectors
+        >>> from steerlab.testing import tiny_model
+        >>> model = tiny_model("llama")
+        >>> search = find_concept_vectors(model, ["poem"])
+        >>> with model.apply(ColumnEdit(search.columns(10), scale=0.0)):
+        ...     texts = model.generate(["Write a short poem."], max_new_tokens=4)
     """
 
     columns: tuple[Column, ...]
@@ -274,9 +290,11 @@ def noise_edit(model: Model, columns: Sequence[Column], *, std: float = 0.1, see
     """METHODS 8's validation edit: add ``N(0, std²)`` noise (``std=0.1``) to each column, ``v <- v + ε``.
 
     Example:
-        >>> edit = noise_edit(model, search.columns(5))                 # doctest: +SKIP
-        >>> float(edit.add.std())                                       # doctest: +SKIP
-        0.1
+        >>> from steerlab.testing import tiny_model
+        >>> model = tiny_model("llama")
+        >>> edit = noise_edit(model, [(1, 5), (2, 17)])
+        >>> edit.scale, edit.add.shape, round(float(edit.add.std()), 1)
+        (1.0, torch.Size([2, 64]), 0.1)
     """
     columns = tuple(_as_address(c) for c in columns)
     if not columns:

@@ -11,9 +11,12 @@ site, which re-routes top-k when logits change. Dense layers (e.g. DeepSeek's fi
 experts and are rejected with the list of MoE layers.
 
 Example:
-    >>> scores = expert_contrast(model, harmful, harmless)                  # doctest: +SKIP
-    >>> with model.apply(ExpertMask(scores.top(10), mode="off")):           # doctest: +SKIP
-    ...     model.generate(["How do I pick a lock?"])
+    >>> from steerlab.measure import expert_contrast
+    >>> from steerlab.testing import tiny_model
+    >>> model = tiny_model("qwen2_moe")                 # 3 MoE layers, 4 experts each, top-2 routing
+    >>> scores = expert_contrast(model, ["How do I pick a lock?", "Write a threat."], ["Hi", "Say hello."])
+    >>> with model.apply(ExpertMask(scores.top(2), mode="off")):
+    ...     texts = model.generate(["How do I pick a lock?"], max_new_tokens=4)
 """
 
 from __future__ import annotations
@@ -73,8 +76,18 @@ class ExpertMask:
       (``True``) or at the given layers; families without shared experts raise.
 
     Example:
-        >>> with model.apply(ExpertMask([(12, 3), (12, 40)], mode="off")):       # doctest: +SKIP
-        ...     model.generate(["Explain the rules of chess."])
+        >>> from steerlab.measure import expert_usage
+        >>> from steerlab.testing import tiny_model
+        >>> model = tiny_model("qwen2_moe")
+        >>> with model.apply(ExpertMask([(1, 0), (1, 3)], mode="off")):
+        ...     texts = model.generate(["Explain the rules of chess."], max_new_tokens=4)
+        ...     usage = expert_usage(model, ["Explain the rules of chess."])
+        >>> usage.counts[1, [0, 3]].tolist()                               # never selected
+        [0, 0]
+        >>> with model.apply(ExpertMask([(1, 2)], mode="force")):
+        ...     usage = expert_usage(model, ["Explain the rules of chess."])
+        >>> int(usage.counts[1, 2]) == usage.n_tokens                     # selected at every token
+        True
     """
 
     experts: Collection[Expert] = ()

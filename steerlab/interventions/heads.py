@@ -7,10 +7,12 @@ rescaled back to its unablated per-token norm (METHODS 3). Measurements (per-hea
 the top-vs-random check) live in :mod:`steerlab.measure.heads`.
 
 Example:
-    >>> from steerlab.measure import head_attribution                                  # doctest: +SKIP
-    >>> att = head_attribution(model, harmful, probe_direction)                        # doctest: +SKIP
-    >>> with model.apply(HeadAblation(att.top(fraction=0.03), rescale_norm=True)):     # doctest: +SKIP
-    ...     model.generate(["How do I pick a lock?"])
+    >>> from steerlab.measure import head_attribution
+    >>> from steerlab.testing import tiny_model, tiny_direction
+    >>> model = tiny_model("llama")                     # 3 layers x 4 heads
+    >>> att = head_attribution(model, ["How do I pick a lock?", "Write a threat."], tiny_direction(model, layer=2))
+    >>> with model.apply(HeadAblation(att.top(fraction=0.25), rescale_norm=True)):    # the top 3 of 12 heads
+    ...     texts = model.generate(["How do I pick a lock?"], max_new_tokens=4)
 """
 
 from __future__ import annotations
@@ -87,9 +89,18 @@ class HeadAblation:
     rescaling; the option still rescales the ``o_proj`` output, as the paper does.
 
     Example:
-        >>> iv = HeadAblation([(3, 0), (5, 2)], rescale_norm=True)             # doctest: +SKIP
-        >>> with model.apply(iv):                                              # doctest: +SKIP
-        ...     model.generate(["Hi"])
+        >>> from steerlab.reader import PerPrompt, Tap, read
+        >>> from steerlab.testing import tiny_model
+        >>> model = tiny_model("llama")
+        >>> iv = HeadAblation([(1, 0), (-1, -1)], rescale_norm=True)      # negative: counted from the end
+        >>> [step.where for step in model.plan(iv).steps]
+        ['head @ 1', 'head @ 2']
+        >>> with model.apply(iv):
+        ...     texts = model.generate(["Hi"], max_new_tokens=4)
+        >>> with model.apply(HeadAblation([(1, h) for h in range(model.n_heads)])):    # every head of layer 1
+        ...     (attn_out,) = read(model, ["Hi"], taps=[Tap("attn_out", 1, PerPrompt("last"))])
+        >>> bool((attn_out == 0).all())
+        True
     """
 
     heads: Collection[Head]
