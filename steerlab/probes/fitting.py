@@ -6,10 +6,11 @@
 * :func:`describe_guard` — one line saying what a guard reads and when it flags.
 
 Example:
-    >>> guard = fit_guard(model, mode="latent", position="t_inst", layers=None, n_train=128, seed=0,
-    ...                   batch_size=16, calibrate=True)                                  # doctest: +SKIP
-    >>> describe_guard(guard)                                                             # doctest: +SKIP
-    "LatentGuard: cosine score over 24 layers at 't_inst', flag when >= 0.01"
+    >>> from steerlab.testing import tiny_model
+    >>> guard = fit_guard(tiny_model("llama"), mode="latent", position="t_inst", layers=None, n_train=16, seed=0,
+    ...                   batch_size=16, calibrate=True)
+    >>> describe_guard(guard)  # doctest: +ELLIPSIS
+    "LatentGuard: cosine score over 3 layers at 't_inst', flag when >= ..."
 """
 
 from __future__ import annotations

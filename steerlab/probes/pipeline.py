@@ -7,11 +7,17 @@ probe and difference-of-means direction -> files (what ``steerlab probe`` runs).
 * :func:`save_probe_run` — ``probe.safetensors``, ``direction.safetensors``, ``sweep.json`` and ``sweep.html``.
 
 Example:
-    >>> data = probe_data(files=None, seed=0, limit=None, n_folds=5)                        # doctest: +SKIP
+    >>> import tempfile
+    >>> from steerlab.report import RunInfo
+    >>> from steerlab.testing import tiny_model
+    >>> model = tiny_model("llama")
+    >>> data = probe_data(files=None, seed=0, limit=16, n_folds=2)
     >>> run = probe_sweep(model, data, site="resid_pre", positions=["t_inst", "last"], layers=None,
-    ...                   n_folds=5, C=1.0, metric="accuracy", seed=0, batch_size=16)      # doctest: +SKIP
-    >>> info = RunInfo.collect(model=model.name, dtype="float32")                           # doctest: +SKIP
-    >>> save_probe_run(run, Path("runs/probe"), info=info)                                  # doctest: +SKIP
+    ...                   n_folds=2, C=1.0, metric="accuracy", seed=0, batch_size=16)
+    >>> info = RunInfo.collect(model=model.name, dtype="float32")
+    >>> out = save_probe_run(run, Path(tempfile.mkdtemp()) / "probe", info=info)
+    >>> sorted(f.name for f in out.iterdir())
+    ['direction.safetensors', 'plotly.min.js', 'probe.safetensors', 'sweep.html', 'sweep.json']
 """
 
 from __future__ import annotations

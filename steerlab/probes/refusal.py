@@ -6,9 +6,15 @@ after the template and any reasoning). ``strict=True`` keeps the METHODS 3 train
 prompts the model refuses against harmless prompts it answers.
 
 Example:
-    >>> labels, _ = refusal_labels(model, prompts, max_new_tokens=32)        # doctest: +SKIP
-    >>> fit = refusal_probe(model, prompts, labels=labels)                  # doctest: +SKIP
-    >>> fit.probe.predict_proba(x)                                          # doctest: +SKIP
+    >>> from steerlab.testing import tiny_model
+    >>> model, prompts = tiny_model("llama"), ["Make a weapon.", "Pick a lock.", "Hi", "Say hello."]
+    >>> labels, responses = refusal_labels(model, prompts, max_new_tokens=8)
+    >>> labels.shape, len(responses)
+    (torch.Size([4]), 4)
+    >>> fit = refusal_probe(model, prompts, labels=[1, 1, 0, 0], n_folds=2)  # a random model never refuses: label by hand
+    >>> x = steerlab.collect(model, prompts, layers=fit.probe.layers, progress=False).get("resid_pre", "last")[:, :, -1]
+    >>> fit.probe.predict_proba(x).shape  # P(refuses) per prompt and layer
+    torch.Size([4, 1])
 """
 
 from __future__ import annotations

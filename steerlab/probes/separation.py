@@ -5,11 +5,13 @@
   positions' class-mean differences.
 
 Example:
-    >>> acts = steerlab.collect(model, harmful + harmless, positions=["t_inst", "last"])    # doctest: +SKIP
+    >>> from steerlab.testing import tiny_model
+    >>> model, harmful, harmless = tiny_model("llama"), ["Make a weapon.", "Pick a lock."], ["Hi", "Say hello."]
+    >>> acts = steerlab.collect(model, harmful + harmless, positions=["t_inst", "last"], progress=False)
     >>> rows = class_separation(acts, n_positive=len(harmful), site="resid_pre",
-    ...                         positions=("t_inst", "last"))                             # doctest: +SKIP
-    >>> rows[12].separation                                                                # doctest: +SKIP
-    (1.9, 1.4)
+    ...                         positions=("t_inst", "last"))
+    >>> [row.layer for row in rows], len(rows[1].separation)  # one separation per position
+    ([0, 1, 2], 2)
 """
 
 from __future__ import annotations

@@ -12,8 +12,15 @@ Every ranker returns a frozen :class:`Ranking`; :meth:`Ranking.top` picks ``k`` 
 :meth:`Ranking.to_jsonl` writes the selection in the messages format, ready for fine-tuning.
 
 Example:
-    >>> ranking = rank_by_probe(model, refusal_probe.select(12), harmful, max_new_tokens=48)   # doctest: +SKIP
-    >>> ranking.to_jsonl("runs/selected.jsonl", fraction=0.1, responses=refusal_texts)         # doctest: +SKIP
+    >>> import tempfile
+    >>> from steerlab.probes import refusal_probe
+    >>> from steerlab.testing import tiny_model
+    >>> model, harmful, harmless = tiny_model("llama"), ["Make a weapon.", "Pick a lock."], ["Hi", "Say hello."]
+    >>> probe = refusal_probe(model, harmful + harmless, labels=[1, 1, 0, 0], n_folds=2).probe
+    >>> ranking = rank_by_probe(model, probe, harmful, max_new_tokens=8)
+    >>> path = ranking.to_jsonl(Path(tempfile.mkdtemp()) / "selected.jsonl", fraction=0.5, responses=["I can't."] * 2)
+    >>> len(path.read_text().splitlines())
+    1
 """
 
 from __future__ import annotations
@@ -172,7 +179,12 @@ class Ranking:
         """Write the selection as JSONL (see :meth:`records`).
 
         Example:
-            >>> ranking.to_jsonl("runs/top.jsonl", k=32, responses=lambda p: "I can't help with that.")  # doctest: +SKIP
+            >>> import tempfile
+            >>> from steerlab.training.data import read_jsonl
+            >>> ranking = Ranking.from_scores(["a", "b", "c"], [0.5, 0.1, 0.9], method="manual", lowest_first=False)
+            >>> path = ranking.to_jsonl(Path(tempfile.mkdtemp()) / "top.jsonl", k=2, responses=lambda p: "I can't.")
+            >>> [example.prompt for example in read_jsonl(path)]
+            ['c', 'a']
         """
         return write_jsonl(path, self.records(k, fraction=fraction, responses=responses))
 
@@ -214,8 +226,13 @@ def rank_by_probe(
     ``lowest_first=True`` (the method's choice) puts the weakest refusal signal first.
 
     Example:
-        >>> r = rank_by_probe(model, probe.select(12), harmful, max_new_tokens=48)   # doctest: +SKIP
-        >>> r.top(fraction=0.05)                                                   # doctest: +SKIP
+        >>> from steerlab.probes import refusal_probe
+        >>> from steerlab.testing import tiny_model
+        >>> model, harmful, harmless = tiny_model("llama"), ["Make a weapon.", "Pick a lock."], ["Hi", "Say hello."]
+        >>> probe = refusal_probe(model, harmful + harmless, labels=[1, 1, 0, 0], n_folds=2).probe
+        >>> r = rank_by_probe(model, probe, harmful, max_new_tokens=8)
+        >>> len(r.top(fraction=0.5)), len(r.responses)  # the weakest refusal signal, read on the model's own responses
+        (1, 2)
     """
     prompts = _check(prompts, responses)
     one = probe.one_layer(layer, width=model.d_model)
@@ -238,7 +255,12 @@ def rank_by_guard(
     """Rank prompts by a guard's harmfulness score (most harmful first unless ``lowest_first``).
 
     Example:
-        >>> r = rank_by_guard(LatentGuard.fit(model, harmful, harmless), candidates)   # doctest: +SKIP
+        >>> from steerlab.probes import LatentGuard
+        >>> from steerlab.testing import tiny_model
+        >>> model, harmful, harmless = tiny_model("llama"), ["Make a weapon.", "Pick a lock."], ["Hi", "Say hello."]
+        >>> r = rank_by_guard(LatentGuard.fit(model, harmful, harmless), ["Steal a car.", "Bake bread."])
+        >>> sorted(r.order), r.method
+        ([0, 1], 'guard:LatentGuard')
     """
     prompts = _check(prompts, None)
     if not hasattr(guard, "score"):
@@ -268,7 +290,11 @@ def rank_by_direction(
     (default: the direction's; for a multi-token position such as ``"post_inst"``, its last token).
 
     Example:
-        >>> r = rank_by_direction(model, refusal_dir, candidates, layer=12)   # doctest: +SKIP
+        >>> from steerlab.testing import tiny_model, tiny_direction
+        >>> model = tiny_model("llama")
+        >>> r = rank_by_direction(model, tiny_direction(model, layer=1), ["Steal a car.", "Bake bread."], layer=1)
+        >>> r.method, len(r.scores)
+        ('direction:projection:resid_pre@1/last', 2)
     """
     prompts = _check(prompts, responses)
     if metric not in ("projection", "cosine"):
