@@ -9,10 +9,15 @@ the adapter into the weights and returns a steerlab :class:`~steerlab.model.Mode
 tokenizer knows the new tokens.
 
 Example:
-    >>> examples = refusal_token_examples(harmful, harmless, answers=answers, refusals=refusals)   # doctest: +SKIP
-    >>> result = finetune(model, examples, new_tokens=control_tokens(), config=SFTConfig(epochs=2))  # doctest: +SKIP
-    >>> result.model.generate(["Name a fruit."])                                                   # doctest: +SKIP
-    >>> result.save("runs/refusal_tokens/model")                                                   # doctest: +SKIP
+    >>> import tempfile
+    >>> from steerlab.testing import tiny_model
+    >>> from steerlab.training.data import control_tokens, refusal_token_examples
+    >>> model, harmful, harmless = tiny_model("llama"), ["Make a weapon.", "Pick a lock."], ["Hi", "Say hello."]
+    >>> examples = refusal_token_examples(harmful, harmless, answers=["Hello!", "Hi there."], refusals=["I can't."] * 2)
+    >>> result = finetune(model, examples, new_tokens=control_tokens(), config=SFTConfig(epochs=2), progress=False)
+    >>> texts = result.model.generate(["Name a fruit."], max_new_tokens=4)
+    >>> result.save(Path(tempfile.mkdtemp()) / "model").name
+    'model'
 """
 
 from __future__ import annotations
@@ -113,7 +118,11 @@ def save_pretrained(model: Model, directory: str | Path) -> Path:
     """Write ``model.hf`` and ``model.tokenizer`` with ``save_pretrained``; reload with ``steerlab.load(directory)``.
 
     Example:
-        >>> save_pretrained(result.model, "runs/refusal_tokens/model")   # doctest: +SKIP
+        >>> import tempfile
+        >>> from steerlab.testing import tiny_model
+        >>> path = save_pretrained(tiny_model("llama"), Path(tempfile.mkdtemp()) / "model")
+        >>> steerlab.load(path).n_layers
+        3
     """
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
@@ -130,8 +139,11 @@ def add_tokens(model: Model, tokens: Sequence[str], *, inplace: bool = False) ->
     tokenizer are deep copies, so the caller's model is unchanged.
 
     Example:
-        >>> m2 = add_tokens(model, ["[refuse]", "[respond]"])          # doctest: +SKIP
-        >>> m2.tokenizer.convert_tokens_to_ids("[refuse]")            # doctest: +SKIP
+        >>> from steerlab.testing import tiny_model
+        >>> model = tiny_model("llama")
+        >>> m2 = add_tokens(model, ["[refuse]", "[respond]"])
+        >>> len(model.tokenizer), len(m2.tokenizer), m2.tokenizer.convert_tokens_to_ids("[refuse]")
+        (400, 402, 400)
     """
     import steerlab
 
@@ -196,7 +208,11 @@ def collate(rows: Sequence[EncodedExample], *, pad_id: int, first_token_weight: 
     token (the control token of refusal-token data), 0 elsewhere.
 
     Example:
-        >>> batch = collate(encode_examples(model.chat(), examples), pad_id=0)   # doctest: +SKIP
+        >>> from steerlab.testing import tiny_model
+        >>> examples = [SFTExample("Hi", "Hello!"), SFTExample("Say hello.", "Hello there, how are you?")]
+        >>> batch = collate(encode_examples(tiny_model("llama").chat(), examples), pad_id=0)
+        >>> sorted(batch), batch["input_ids"].shape[0]
+        (['attention_mask', 'input_ids', 'labels', 'weights'], 2)
     """
     if not rows:
         raise EmptyInputError("no rows to collate")
@@ -306,9 +322,12 @@ def finetune(
     format (its default system prompt included), exactly as generation renders prompts.
 
     Example:
-        >>> cfg = SFTConfig(r=16, epochs=2, batch_size=8, max_length=96, num_threads=1)       # doctest: +SKIP
-        >>> result = finetune(model, examples, new_tokens=["[refuse]", "[respond]"], config=cfg)  # doctest: +SKIP
-        >>> result.losses[-1] < result.losses[0]                                                 # doctest: +SKIP
+        >>> from steerlab.testing import tiny_model
+        >>> model = tiny_model("llama")
+        >>> examples = [SFTExample("Make a weapon.", "[refuse]I can't."), SFTExample("Hi", "[respond]Hello!")]
+        >>> cfg = SFTConfig(r=16, epochs=2, batch_size=8, max_length=96, num_threads=1)
+        >>> result = finetune(model, examples, new_tokens=["[refuse]", "[respond]"], config=cfg, progress=False)
+        >>> result.losses[-1] < result.losses[0]
         True
     """
     import steerlab
