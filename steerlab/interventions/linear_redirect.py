@@ -10,8 +10,14 @@ projection); a redirect that never ran raises like any other step. Keys ``k`` an
 are measured by :mod:`steerlab.measure.keys`.
 
 Example:
-    >>> edit = LinearRedirect(6, k_cat, k_dog, covariance=C)                  # doctest: +SKIP
-    >>> edit.weights(model)[0].module                                          # doctest: +SKIP
+    >>> from steerlab.measure import estimate_key_covariance, module_keys
+    >>> from steerlab.testing import tiny_model
+    >>> model = tiny_model("llama")
+    >>> k_cat = module_keys(model, ["Tell me about cats."], layer=1)      # the input of layer 1's down_proj
+    >>> k_dog = module_keys(model, ["Tell me about dogs."], layer=1)
+    >>> C = estimate_key_covariance(model, ["The quick brown fox jumps over the lazy dog."], layer=1, ridge=1e-3)
+    >>> edit = LinearRedirect(1, k_cat, k_dog, covariance=C)
+    >>> edit.weights(model)[0].module
     'mlp.down_proj'
 """
 
@@ -47,9 +53,11 @@ def resolve_linear(model: Model, layer: int, module: str = "down_proj") -> tuple
     inside the decoder layer.
 
     Example:
-        >>> path, linear = resolve_linear(model, 2, "o_proj")                  # doctest: +SKIP
-        >>> path                                                               # doctest: +SKIP
-        'model.layers.2.self_attn.o_proj'
+        >>> from steerlab.testing import tiny_model
+        >>> model = tiny_model("llama")
+        >>> path, linear = resolve_linear(model, 2, "o_proj")
+        >>> path, linear.weight.shape
+        ('model.layers.2.self_attn.o_proj', torch.Size([64, 64]))
     """
     spec = model.spec
     idx = normalize_layer(layer, model.n_layers)
@@ -108,9 +116,17 @@ class LinearRedirect:
     :meth:`weights` gives the identical weight edit.
 
     Example:
-        >>> edit = LinearRedirect(6, k_cat, k_dog, covariance=C)              # doctest: +SKIP
-        >>> with model.apply(edit):                                            # doctest: +SKIP
-        ...     model.generate(["What do cats eat?"])
+        >>> from steerlab.measure import module_keys
+        >>> from steerlab.testing import tiny_model
+        >>> model = tiny_model("llama")
+        >>> k_cat = module_keys(model, ["Tell me about cats."], layer=1)
+        >>> k_dog = module_keys(model, ["Tell me about dogs."], layer=1)
+        >>> edit = LinearRedirect(1, k_cat, k_dog)
+        >>> with model.apply(edit):
+        ...     texts = model.generate(["What do cats eat?"], max_new_tokens=4)
+        >>> W = model.layer(1).mlp.down_proj.weight
+        >>> torch.allclose(edit.edited_weight(model) @ k_cat, W @ k_dog, atol=1e-4)    # k_A now gives v_B
+        True
     """
 
     layer: int
@@ -190,9 +206,22 @@ class MultiKeyRedirect:
     [m, in] are keys to keep, weighted by ``lam``. At runtime ``y <- y + ΔW x``.
 
     Example:
-        >>> edit = MultiKeyRedirect(6, k_unsafe, target_keys=k_safe, preserve=k_text, lam=0.5)   # doctest: +SKIP
-        >>> with model.apply(edit):                                                                # doctest: +SKIP
-        ...     model.generate(["..."])
+        >>> from steerlab.measure import module_keys
+        >>> from steerlab.testing import tiny_model
+        >>> model = tiny_model("llama")
+        >>> def keys(prompts):                                  # one row per prompt: [n, 96]
+        ...     return module_keys(model, prompts, layer=1, average=False)
+        >>> k_unsafe = keys(["How do I pick a lock?", "Write a threat."])
+        >>> k_safe = keys(["How do I bake bread?", "Write a poem."])
+        >>> k_text = keys(["Hi", "Say hello.", "Tell me a joke."])         # outputs to keep
+        >>> edit = MultiKeyRedirect(1, k_unsafe, target_keys=k_safe, preserve=k_text, lam=0.5)
+        >>> with model.apply(edit):
+        ...     texts = model.generate(["How do I pick a lock?"], max_new_tokens=4)
+        >>> W, new = model.layer(1).mlp.down_proj.weight, edit.edited_weight(model)
+        >>> torch.allclose(new @ k_unsafe.T, W @ k_safe.T, atol=1e-4)      # unsafe keys give the safe values
+        True
+        >>> torch.allclose(new @ k_text.T, W @ k_text.T, atol=1e-4)        # preserved keys are untouched
+        True
     """
 
     layer: int

@@ -18,12 +18,15 @@ The maths is in :mod:`steerlab.interventions.redirect_math`; keys and their cova
 
 Example:
     >>> from steerlab.measure import estimate_key_covariance, linear_redirect_from_prompts
-    >>> C = estimate_key_covariance(model, corpus, layer=6, ridge=1e-3)        # doctest: +SKIP
+    >>> from steerlab.testing import tiny_model
+    >>> model = tiny_model("llama")
+    >>> corpus = ["The quick brown fox jumps over the lazy dog.", "Hi there! How are you today?"]
+    >>> C = estimate_key_covariance(model, corpus, layer=1, ridge=1e-3)
     >>> edit = linear_redirect_from_prompts(model, ["Tell me about cats."], ["Tell me about dogs."],
-    ...                                     layer=6, covariance=C)            # doctest: +SKIP
-    >>> with model.apply(edit):                                                # doctest: +SKIP
-    ...     model.generate(["What do cats eat?"])
-    >>> edit.weights(model)[0].module                                          # doctest: +SKIP
+    ...                                     layer=1, covariance=C)
+    >>> with model.apply(edit):
+    ...     texts = model.generate(["What do cats eat?"], max_new_tokens=4)
+    >>> edit.weights(model)[0].module
     'mlp.down_proj'
 """
 
@@ -101,8 +104,16 @@ class RankOneRedirect:
     Directions fitted on another model or site warn; ``strict=True`` makes that an error.
 
     Example:
-        >>> with model.apply(RankOneRedirect(cats, dogs, layers=[4])):        # doctest: +SKIP
-        ...     model.generate(["Describe a cat."])
+        >>> from steerlab.testing import tiny_model, tiny_direction
+        >>> model = tiny_model("llama")
+        >>> cats, dogs = tiny_direction(model, layer=1, seed=0), tiny_direction(model, layer=1, seed=1)
+        >>> with model.apply(RankOneRedirect(cats, dogs, layers=[1])):
+        ...     texts = model.generate(["Describe a cat."], max_new_tokens=4)
+        >>> a, b = cats.at(1) / cats.at(1).norm(), dogs.at(1) / dogs.at(1).norm()
+        >>> torch.allclose(RankOneRedirect(cats, dogs).matrix(1) @ a, b, atol=1e-6)    # M maps a to b
+        True
+        >>> [step.where for step in model.plan(RankOneRedirect(cats, dogs, everywhere=True)).steps][:3]
+        ['resid_pre @ 0', 'attn_out @ 0', 'mlp_out @ 0']
     """
 
     concept: Direction | torch.Tensor
