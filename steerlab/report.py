@@ -6,9 +6,16 @@ network. Each page ends with the run's metadata (:class:`RunInfo`) and the defin
 shows (:data:`GLOSSARY`).
 
 Example:
-    >>> info = RunInfo.collect(model="smollm2-135m-instruct", dtype="float32", seed=0)   # doctest: +SKIP
-    >>> write_sweep_report("runs/probe", result, metric="accuracy", info=info,             # doctest: +SKIP
-    ...                    data="my prompts", site="resid_pre", best={"layer": 14})
+    >>> import tempfile, torch
+    >>> from steerlab.probes import sweep
+    >>> x = torch.randn(40, 2, 1, 8)
+    >>> result = sweep(x, (x[:, 1, 0, 0] > 0).long(), layers=[13, 14], columns=["last"], n_folds=2)
+    >>> layer, column, value = result.best()
+    >>> info = RunInfo.collect(model="smollm2-135m-instruct", dtype="float32", seed=0)
+    >>> page = write_sweep_report(tempfile.mkdtemp(), result, metric="accuracy", info=info, data="my prompts",
+    ...                           site="resid_pre", best={"layer": layer, "column": column, "value": value})
+    >>> page.name, (page.parent / "plotly.min.js").is_file()
+    ('sweep.html', True)
 """
 
 from __future__ import annotations

@@ -7,9 +7,12 @@ chat reply ``"Python"`` and a completion ``" python"`` both count. It runs insid
 ``model.apply(...)`` scope is active, so it measures interventions.
 
 Example:
+    >>> from steerlab.testing import tiny_model
+    >>> model = tiny_model("llama")
     >>> qa = [QA("Which language did Guido van Rossum create? Answer with one word.", ("Python",))]
-    >>> answer_probability(model, qa)                                  # doctest: +SKIP
-    tensor([0.93])
+    >>> p = answer_probability(model, qa)
+    >>> p.shape, bool(0 < p[0] < 1)
+    (torch.Size([1]), True)
 """
 
 from __future__ import annotations
@@ -58,8 +61,10 @@ def answer_token_ids(tokenizer, answers: Sequence[str]) -> tuple[int, ...]:
     """First token ids of the answers' variants (leading space or not; as written, lower, Title case).
 
     Example:
-        >>> answer_token_ids(tok, ["Python"])                          # doctest: +SKIP
-        (10135, 12669, 13027, 30280)
+        >>> from steerlab.testing import tiny_tokenizer
+        >>> tok = tiny_tokenizer()
+        >>> [tok.decode(i) for i in answer_token_ids(tok, ["poem"])]  # "POEM" starts with "P", " POEM" with " "
+        ['P', ' ', 'poem', ' poem']
     """
     blank = [a for a in answers if not a.strip()]
     if blank:
@@ -79,8 +84,14 @@ def answer_probability(model: Model, items: Sequence[QA], *, chat: bool = True, 
     """Per question, the next-token probability mass on its answers' first tokens ``[n]`` (float32, CPU).
 
     Example:
-        >>> with model.apply(edit):                                      # doctest: +SKIP
+        >>> from steerlab.testing import tiny_model, tiny_direction
+        >>> model = tiny_model("llama")
+        >>> questions, edit = [QA("Write a short poem.", ("poem",))], steerlab.Ablate(tiny_direction(model))
+        >>> before = answer_probability(model, questions)
+        >>> with model.apply(edit):
         ...     after = answer_probability(model, questions)
+        >>> bool(after[0] != before[0])
+        True
     """
     items = list(items)
     if not items:

@@ -7,9 +7,13 @@ METHODS 8's check of candidate concept vectors: add ``N(0, 0.1²)`` noise to eac
 coordinate, ``v <- v + ε``) and see that the concept questions degrade while the controls do not.
 
 Example:
-    >>> effect = noise_validation(model, search.columns(5), concept_qs, control_qs)   # doctest: +SKIP
-    >>> effect.concept_drop, effect.control_drop                                      # doctest: +SKIP
-    (0.41, 0.02)
+    >>> from steerlab.testing import tiny_model
+    >>> model, columns = tiny_model("llama"), [(1, 3), (2, 7)]  # (layer, neuron), e.g. search.columns(5)
+    >>> concept_qs = [QA("Write a short poem.", ("poem",))]
+    >>> control_qs = [QA("What is the capital of France?", ("Paris",)), QA("How do I bake bread?", ("bread",))]
+    >>> effect = noise_validation(model, columns, concept_qs, control_qs)
+    >>> effect.concept_after.shape, effect.control_after.shape
+    (torch.Size([1]), torch.Size([2]))
 """
 
 from __future__ import annotations
@@ -106,7 +110,15 @@ def concept_effect(
     ``before`` reuses already measured ``(concept, control)`` baselines (e.g. across many edits).
 
     Example:
-        >>> concept_effect(model, ColumnEdit(cols, scale=0.0), python_qs, control_qs).summary()   # doctest: +SKIP
+        >>> from steerlab.interventions import ColumnEdit
+        >>> from steerlab.testing import tiny_model
+        >>> model, cols = tiny_model("llama"), [(1, 3), (2, 7)]
+        >>> poem_qs, control_qs = [QA("Write a short poem.", ("poem",))], [QA("Bake bread?", ("bread",))]
+        >>> summary = concept_effect(model, ColumnEdit(cols, scale=0.0), poem_qs, control_qs).summary()
+        >>> summary["concept_p_after"] != summary["concept_p_before"]
+        True
+        >>> concept_effect(model, ColumnEdit(cols, scale=1.0), poem_qs, control_qs).concept_drop  # scale 1 changes nothing
+        0.0
     """
     kw = {"chat": chat, "batch_size": batch_size}
     if before is None:
@@ -134,7 +146,11 @@ def noise_validation(
     the "after" probabilities are averaged over that many noise draws (seeds ``seed, seed + 1, ...``).
 
     Example:
-        >>> noise_validation(model, [(21, 1701)], python_qs, control_qs, draws=3).selectivity   # doctest: +SKIP
+        >>> from steerlab.testing import tiny_model
+        >>> poem_qs, control_qs = [QA("Write a short poem.", ("poem",))], [QA("Bake bread?", ("bread",))]
+        >>> effect = noise_validation(tiny_model("llama"), [(1, 3)], poem_qs, control_qs, draws=3)
+        >>> isinstance(effect.selectivity, float)
+        True
     """
     if draws < 1:
         raise EmptyInputError(f"draws must be >= 1; got {draws}")

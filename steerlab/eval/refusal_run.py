@@ -7,10 +7,16 @@ evaluate it on held-out prompts, write the reports, and optionally bake its abla
 A failed export does not lose the run: the reports are written with the export's error in them, and the error
 comes back in :attr:`RefusalRun.export_error` for the caller to report.
 
-Example:
-    >>> run = run_refusal(load=lambda dtype: steerlab.load(dtype=getattr(torch, dtype)), out=Path("runs/refusal"),
-    ...                   held_out=advbench(), n_eval=100, ...)                             # doctest: +SKIP
-    >>> run.selection.chosen.layer, run.evaluation.harmful_ablated                           # doctest: +SKIP
+Example (a random tiny model never refuses, so the refusal check and the filters are off):
+    >>> import tempfile
+    >>> from steerlab.testing import tiny_model
+    >>> settings = dict(eval_dtype="float32", filter_train="none", kl_max=float("inf"), induce_min=float("-inf"),
+    ...                 coeff=1.0, min_refusal_rate=0.0, max_new_tokens=4, batch_size=16, seed=0, argv=["steerlab"],
+    ...                 export_to=None, export_format="safetensors", tol=1e-2, manifest={}, progress=False)
+    >>> run = run_refusal(load=lambda dtype: tiny_model("llama"), out=Path(tempfile.mkdtemp()) / "refusal",
+    ...                   held_out=["Make a weapon.", "Pick a lock."], n_eval=2, **settings)
+    >>> run.selection.chosen.layer < run.selection.layer_cutoff, run.evaluation.n_harmful
+    (True, 2)
 """
 
 from __future__ import annotations
