@@ -2,9 +2,18 @@
 
 Example:
     >>> import steerlab
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> from steerlab.testing import tiny_tokenizer
+    >>> config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
+    >>> hf = LlamaForCausalLM(config)
+    >>> model = steerlab.load(hf, tiny_tokenizer())             # a transformers model and its tokenizer
+    >>> model.n_layers, model.d_model, model.n_heads
+    (2, 64, 4)
+
+    An embedded model loads by name, without network (SmolLM2: 30 layers, d_model 576; the first load
+    converts its GGUF, later loads take seconds):
+
     >>> model = steerlab.load("smollm2-135m-instruct")           # doctest: +SKIP
-    >>> model.n_layers, model.d_model                             # doctest: +SKIP
-    (30, 576)
 """
 
 from __future__ import annotations
@@ -259,6 +268,14 @@ def load(
     template that is not valid Jinja raises :class:`~steerlab.errors.ChatTemplateError` here.
 
     Example:
+        >>> from steerlab.testing import tiny_model, tiny_tokenizer
+        >>> hf = tiny_model("llama").hf                         # a transformers model already in memory
+        >>> model = steerlab.load(hf, tiny_tokenizer("llama3"), system="Be brief.")
+        >>> model.spec.model_type, "Be brief." in model.tokenizer.decode(model.encode(["Hi"]).input_ids[0])
+        ('llama', True)
+
+        An embedded model by name (its GGUF is converted on first use, then cached):
+
         >>> model = steerlab.load("smollm2-135m-instruct", dtype=torch.bfloat16)   # doctest: +SKIP
     """
     hf, tok, name = _resolve(source, tokenizer, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code)

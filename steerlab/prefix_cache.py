@@ -12,11 +12,21 @@ Only plain full-attention KV caches qualify; other models (sliding windows, ...)
 A call with one batch runs exactly as before.
 
 Example:
-    >>> p = shared_prefix_length(rows, batches, ["last"])                 # doctest: +SKIP
-    >>> cache = new_cache(model)                                          # doctest: +SKIP
-    >>> model.hf(**compat.with_cache(model.hf, cache, **first.model_inputs()))   # doctest: +SKIP
-    >>> kv = take_prefix(cache, first, p)                                 # doctest: +SKIP
-    >>> model.hf(**suffix_inputs(batch, kv, model))                       # doctest: +SKIP
+    >>> from steerlab.testing import tiny_model
+    >>> model = tiny_model("llama")
+    >>> fmt = model.chat()
+    >>> rows = fmt.tokenize(["Hi", "Say hello."])
+    >>> first, batch = [b for _, b in fmt.batches(rows, 1)]            # two batches of one row
+    >>> p = shared_prefix_length(rows, [first, batch], ["last"])
+    >>> p                                                               # the system turn and "<|im_start|>user\\n"
+    18
+    >>> cache = new_cache(model)
+    >>> _ = model.hf(**compat.with_cache(model.hf, cache, **first.model_inputs()))
+    >>> kv = take_prefix(cache, first, p)
+    >>> short = model.hf(**suffix_inputs(batch, kv, model)).logits      # runs only the tokens after the prefix
+    >>> full = model.hf(**batch.model_inputs()).logits
+    >>> short.shape[1] == full.shape[1] - p, torch.allclose(short[:, -1], full[:, -1], atol=1e-5)
+    (True, True)
 """
 
 from __future__ import annotations

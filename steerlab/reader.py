@@ -19,11 +19,17 @@ A reducer has ``update(x, rows, layer)`` and ``result()``; :class:`Rows` says wh
 holds and where their tokens are. :class:`PerPrompt` and :class:`TokenMean` cover the common cases.
 
 Example:
-    >>> from steerlab.reader import PerPrompt, Tap, read
-    >>> last = PerPrompt("last")                                                  # doctest: +SKIP
-    >>> (acts,) = read(model, ["Hi", "Say hello."], taps=[Tap("resid_post", 3, last)])   # doctest: +SKIP
-    >>> acts.shape                                                                # doctest: +SKIP
-    torch.Size([2, 576])
+    >>> from steerlab.reader import PerPrompt, Tap, TokenMean, read
+    >>> from steerlab.testing import tiny_model
+    >>> model = tiny_model("llama")                     # 3 layers, d_model 64, 96 MLP neurons, vocab 400
+    >>> last = PerPrompt("last")
+    >>> (acts,) = read(model, ["Hi", "Say hello."], taps=[Tap("resid_post", 2, last)])
+    >>> acts.shape
+    torch.Size([2, 64])
+    >>> taps = [Tap("input", 1, TokenMean(), module="mlp.down_proj"), Tap("logits", None, PerPrompt("last"))]
+    >>> keys, logits = read(model, ["Hi", "Say hello."], taps=taps)
+    >>> keys.shape, logits.shape                        # mean down_proj input over every token; last-token logits
+    (torch.Size([96]), torch.Size([2, 400]))
 """
 
 from __future__ import annotations
