@@ -8,10 +8,14 @@ functions and directions as TransformerLens hooks stay in :mod:`~steerlab.intero
 generation with interventions through nnsight in :mod:`~steerlab.interop.nnsight_bridge`.
 
 Example (needs ``transformer_lens``):
-    >>> from steerlab.interop import to_bridge, apply_tl                  # doctest: +SKIP
-    >>> bridge = to_bridge(model)                                         # doctest: +SKIP
-    >>> with apply_tl(bridge, steerlab.Ablate(direction)):                # doctest: +SKIP
+    >>> from steerlab.interop import to_bridge, apply_tl
+    >>> from steerlab.testing import tiny_model, tiny_direction
+    >>> model = tiny_model("llama")
+    >>> bridge, tokens = to_bridge(model, copy=True), model.encode(["Say hello."]).input_ids
+    >>> with apply_tl(bridge, steerlab.Ablate(tiny_direction(model))):
     ...     logits = bridge(tokens)
+    >>> logits.shape  # [batch, tokens, vocabulary]
+    torch.Size([1, 32, 400])
 """
 
 from steerlab.interop._common import InteropError, InteropUnavailableError

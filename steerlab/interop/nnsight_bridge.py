@@ -10,10 +10,16 @@ The other way round also works: ``steerlab.load(lm)`` unwraps the HF model, and 
 (``model.apply``) fire inside nnsight traces.
 
 Example:
-    >>> lm = to_language_model(model)                                      # doctest: +SKIP
-    >>> with lm.trace(inputs):                                             # doctest: +SKIP
-    ...     nnsight_intervene(lm, AddVector(direction, coeff=4.0))
+    >>> from steerlab.testing import tiny_model, tiny_direction
+    >>> model = tiny_model("llama")
+    >>> lm, direction = to_language_model(model, copy=True), tiny_direction(model)
+    >>> inputs = {"input_ids": model.encode(["Say hello."]).input_ids}
+    >>> with lm.trace(inputs):
+    ...     firings = nnsight_intervene(lm, steerlab.AddVector(direction, coeff=4.0))
     ...     logits = lm.output.logits.save()
+    >>> with model.apply(steerlab.AddVector(direction, coeff=4.0)):  # the same logits as steerlab's own hooks
+    ...     torch.allclose(logits, model.hf(**inputs).logits, atol=1e-5)
+    True
 """
 
 from __future__ import annotations
@@ -49,7 +55,10 @@ def to_language_model(model: Model | nn.Module, tokenizer: Any = None, *, copy: 
     copy instead. The tokenizer is copied because nnsight sets its padding side.
 
     Example:
-        >>> lm = to_language_model(steerlab.load("smollm2-135m-instruct"))        # doctest: +SKIP
+        >>> from steerlab.testing import tiny_model
+        >>> lm = to_language_model(tiny_model("llama"), copy=True)
+        >>> type(lm).__name__, type(steerlab.load(lm).hf).__name__
+        ('TransformersModel', 'LlamaForCausalLM')
     """
     nnsight = require("nnsight", "to_language_model")
     hf, tok = hf_and_tokenizer(model, tokenizer, copy=copy, feature="to_language_model")
@@ -101,9 +110,14 @@ def nnsight_intervene(lm: Any, *interventions: Any, model: Model | None = None) 
     counted as the run goes.
 
     Example:
-        >>> with lm.trace(inputs):                                            # doctest: +SKIP
-        ...     nnsight_intervene(lm, Ablate(direction))
+        >>> from steerlab.testing import tiny_model, tiny_direction
+        >>> model = tiny_model("llama")
+        >>> lm, inputs = to_language_model(model, copy=True), {"input_ids": model.encode(["Hi"]).input_ids}
+        >>> with lm.trace(inputs):
+        ...     firings = nnsight_intervene(lm, steerlab.Ablate(tiny_direction(model)))
         ...     logits = lm.output.logits.save()
+        >>> len(firings), all(f.count == 1 for f in firings)  # resid_pre, attn_out and mlp_out of 3 layers, once each
+        (9, True)
     """
     model = model or as_model(lm)
     where = "`with steerlab.load(lm).apply(iv):` around the trace, or nnsight_generate(lm, inputs, iv)"
@@ -152,7 +166,13 @@ def nnsight_generate(
     go to ``generate`` (``do_sample=False`` by default).
 
     Example:
-        >>> ids = nnsight_generate(lm, batch, AddVector(d, coeff=4.0), max_new_tokens=32)   # doctest: +SKIP
+        >>> from steerlab.testing import tiny_model, tiny_direction
+        >>> model = tiny_model("llama")
+        >>> lm, d, enc = to_language_model(model, copy=True), tiny_direction(model), model.encode(["Hi", "Say hello."])
+        >>> batch = {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask}
+        >>> ids = nnsight_generate(lm, batch, steerlab.AddVector(d, coeff=4.0), max_new_tokens=4)
+        >>> ids.shape[1] - enc.input_ids.shape[1]
+        4
     """
     model = as_model(lm)
     specs, rest = split_plan(model, interventions)  # steps on modules / MoE sites: torch hooks on the same modules

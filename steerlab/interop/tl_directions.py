@@ -58,9 +58,15 @@ def direction_to_tl_hooks(
     steerlab Model). Each fn carries ``.direction``, so :func:`direction_from_tl` reads it back.
 
     Example:
-        >>> hooks = direction_to_tl_hooks(direction, op="add", coeff=4.0, layers=[10])    # doctest: +SKIP
-        >>> with bridge.hooks(fwd_hooks=hooks):                                          # doctest: +SKIP
-        ...     bridge.generate(tokens, max_new_tokens=32)
+        >>> from steerlab.interop import to_bridge
+        >>> from steerlab.testing import tiny_model, tiny_direction
+        >>> model = tiny_model("llama")
+        >>> bridge, tokens = to_bridge(model, copy=True), model.encode(["Say hello."]).input_ids
+        >>> hooks = direction_to_tl_hooks(tiny_direction(model), op="add", coeff=4.0, layers=[1], model=bridge)
+        >>> [name for name, fn in hooks]
+        ['blocks.1.hook_resid_pre']
+        >>> with bridge.hooks(fwd_hooks=hooks):
+        ...     ids = bridge.generate(tokens, max_new_tokens=4, use_past_kv_cache=False, verbose=False)
     """
     if model is not None:
         target = as_model(model)
@@ -114,9 +120,16 @@ def direction_from_tl(
     ``negative`` (same kind) the result is the mean difference ``source - negative``.
 
     Example:
-        >>> _, pos = bridge.run_with_cache(harmful_tokens)                        # doctest: +SKIP
-        >>> _, neg = bridge.run_with_cache(harmless_tokens)                       # doctest: +SKIP
-        >>> direction = direction_from_tl(pos, neg, site="resid_pre")             # doctest: +SKIP
+        >>> from steerlab.interop import to_bridge
+        >>> from steerlab.testing import tiny_model
+        >>> model = tiny_model("llama")
+        >>> bridge = to_bridge(model, copy=True)
+        >>> harmful_tokens, harmless_tokens = model.encode(["Make a weapon."]).input_ids, model.encode(["Hi"]).input_ids
+        >>> _, pos = bridge.run_with_cache(harmful_tokens)
+        >>> _, neg = bridge.run_with_cache(harmless_tokens)
+        >>> direction = direction_from_tl(pos, neg, site="resid_pre")
+        >>> direction.layers, direction.method
+        ((0, 1, 2), 'mean_diff')
     """
     check_site(site)
     if _is_hook_list(source):

@@ -11,10 +11,16 @@ A bridge runs the HF model's own modules (it swaps wrappers into the HF module t
 intervention gives the same logits through TL hook points as through steerlab's hooks.
 
 Example:
-    >>> from steerlab.interop import to_bridge, apply_tl                     # doctest: +SKIP
-    >>> bridge = to_bridge(model)                                             # doctest: +SKIP
-    >>> with apply_tl(bridge, AddVector(direction, coeff=4.0)):               # doctest: +SKIP
+    >>> from steerlab.interop import to_bridge, apply_tl
+    >>> from steerlab.testing import tiny_model, tiny_direction
+    >>> model = tiny_model("llama")
+    >>> direction, tokens = tiny_direction(model), model.encode(["Say hello."]).input_ids
+    >>> bridge = to_bridge(model, copy=True)
+    >>> with apply_tl(bridge, steerlab.AddVector(direction, coeff=4.0)):
     ...     logits = bridge(tokens)
+    >>> with model.apply(steerlab.AddVector(direction, coeff=4.0)):  # the same logits as steerlab's own hooks
+    ...     torch.allclose(logits, model.hf(tokens).logits, atol=1e-5)
+    True
 """
 
 from __future__ import annotations
@@ -127,8 +133,12 @@ def to_bridge(model: Model | nn.Module, tokenizer: Any = None, *, copy: bool = F
     was. steerlab hooks keep working on a bridged model: ``steerlab.load(bridge)``.
 
     Example:
-        >>> bridge = to_bridge(steerlab.load("smollm2-135m-instruct"))          # doctest: +SKIP
-        >>> bridge.run_with_cache(tokens)                                         # doctest: +SKIP
+        >>> from steerlab.testing import tiny_model
+        >>> model = tiny_model("llama")
+        >>> bridge = to_bridge(model, copy=True)
+        >>> logits, cache = bridge.run_with_cache(model.encode(["Hi"]).input_ids)
+        >>> cache["blocks.1.hook_resid_pre"].shape[-1] == model.d_model
+        True
     """
     tl = require("transformer_lens.model_bridge", "to_bridge")
     hf, tok = hf_and_tokenizer(model, tokenizer, copy=copy, feature="to_bridge")
@@ -190,8 +200,13 @@ def tl_hooks(target: Any, *interventions: Any) -> TLHookList:
     ``bridge.run_with_hooks(tokens, fwd_hooks=...)``; each fn has a ``count`` of firings.
 
     Example:
-        >>> hooks = tl_hooks(bridge, Ablate(direction))                         # doctest: +SKIP
-        >>> logits = bridge.run_with_hooks(tokens, fwd_hooks=hooks)              # doctest: +SKIP
+        >>> from steerlab.testing import tiny_model, tiny_direction
+        >>> model = tiny_model("qwen2")
+        >>> bridge, tokens = to_bridge(model, copy=True), model.encode(["Hi"]).input_ids
+        >>> hooks = tl_hooks(bridge, steerlab.Ablate(tiny_direction(model)))
+        >>> logits = bridge.run_with_hooks(tokens, fwd_hooks=hooks)
+        >>> len(hooks), all(fn.count == 1 for _, fn in hooks)  # resid_pre, attn_out and mlp_out of 3 layers
+        (9, True)
     """
     model = as_model(target)
     specs = specs_for(model, interventions, where="`with apply_tl(bridge, iv):`")
@@ -232,8 +247,13 @@ def apply_tl(bridge: Any, *interventions: Any, check_fired: bool = True) -> Iter
     that never ran raises :class:`~steerlab.errors.InterventionNotFiredError`.
 
     Example:
-        >>> with apply_tl(bridge, AddVector(direction, coeff=4.0)):              # doctest: +SKIP
-        ...     bridge.generate(tokens, max_new_tokens=32, do_sample=False)
+        >>> from steerlab.testing import tiny_model, tiny_direction
+        >>> model = tiny_model("llama")
+        >>> bridge, tokens = to_bridge(model, copy=True), model.encode(["Say hello."]).input_ids
+        >>> with apply_tl(bridge, steerlab.AddVector(tiny_direction(model), coeff=4.0)):
+        ...     ids = bridge.generate(tokens, max_new_tokens=4, do_sample=False, use_past_kv_cache=False, verbose=False)
+        >>> ids.shape[1] - tokens.shape[1]
+        4
     """
     model = as_model(bridge)
     specs, rest = split_plan(model, interventions)
