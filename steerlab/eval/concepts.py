@@ -117,7 +117,7 @@ def concept_effect(
         >>> summary = concept_effect(model, ColumnEdit(cols, scale=0.0), poem_qs, control_qs).summary()
         >>> summary["concept_p_after"] != summary["concept_p_before"]
         True
-        >>> concept_effect(model, ColumnEdit(cols, scale=1.0), poem_qs, control_qs).concept_drop  # scale 1 changes nothing
+        >>> concept_effect(model, ColumnEdit(cols, scale=1.0), poem_qs, control_qs).concept_drop  # scale 1: no change
         0.0
     """
     kw = {"chat": chat, "batch_size": batch_size}

@@ -11,7 +11,7 @@ Example:
     >>> labels, responses = refusal_labels(model, prompts, max_new_tokens=8)
     >>> labels.shape, len(responses)
     (torch.Size([4]), 4)
-    >>> fit = refusal_probe(model, prompts, labels=[1, 1, 0, 0], n_folds=2)  # a random model never refuses: label by hand
+    >>> fit = refusal_probe(model, prompts, labels=[1, 1, 0, 0], n_folds=2)  # a random model never refuses
     >>> x = steerlab.collect(model, prompts, layers=fit.probe.layers, progress=False).get("resid_pre", "last")[:, :, -1]
     >>> fit.probe.predict_proba(x).shape  # P(refuses) per prompt and layer
     torch.Size([4, 1])
