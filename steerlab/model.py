@@ -34,11 +34,11 @@ from steerlab.arch import ArchSpec, normalize_layer, spec_for
 from steerlab.backends import hf as hf_backend
 from steerlab.chat import ChatFormat, EncodedBatch, check_template
 from steerlab.embedded import DEFAULT_MODEL, EMBEDDED, cached_checkpoint
-from steerlab.errors import EmptyInputError, HookSessionError, InvalidValueError, ModelLoadError
+from steerlab.errors import HookSessionError, ModelLoadError
 from steerlab.generation import GenerationPolicy
 from steerlab.generation import generate as generate_loop
 from steerlab.hooks import HookSession
-from steerlab.plan import Plan
+from steerlab.plan import Plan, resolve_plans
 
 
 class _OnceContext(AbstractContextManager):
@@ -171,25 +171,7 @@ class Model:
             >>> [s.where for s in model.plan(steerlab.AddVector(tiny_direction(model, layer=1), coeff=2.0)).steps]
             ['resid_pre @ 1']
         """
-        if not interventions:
-            raise EmptyInputError("pass at least one intervention (e.g. AddVector(direction, coeff=4.0))")
-        plans = []
-        for iv in interventions:
-            if isinstance(iv, Plan):
-                plans.append(iv)
-            elif callable(getattr(iv, "resolve", None)):
-                plans.append(iv.resolve(self))
-            else:
-                raise InvalidValueError(
-                    f"{type(iv).__name__} is not an intervention: pass values with .resolve(model) (AddVector, Ablate, "
-                    "Clamp, HeadAblation, ExpertMask, ColumnEdit, RankOneRedirect, LinearRedirect, MultiKeyRedirect) "
-                    "or a steerlab.Plan"
-                )
-            if not plans[-1].steps:
-                raise EmptyInputError(
-                    f"{plans[-1].source} places no hook and no edit on {self.name or 'this model'} "
-                    "(an empty layer list?); give it at least one layer"
-                )
+        plans = resolve_plans(self, interventions)
         return functools.reduce(lambda a, b: a + b, plans)
 
     @_single_use

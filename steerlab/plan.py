@@ -39,12 +39,13 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
-from steerlab.errors import InvalidValueError, UnknownPositionError
+from steerlab.errors import EmptyInputError, InvalidValueError, UnknownPositionError
 
 Tokens = Literal["all", "prompt", "generated"]
 TOKENS: tuple[str, ...] = ("all", "prompt", "generated")
@@ -256,3 +257,36 @@ class ColumnsUpdate:
 
 
 WeightEdit = MapWriters | AddToResidual | FillHeads | ExpertsOff | SharedOff | ModuleDelta | ColumnsUpdate
+
+
+def resolve_plans(model: Any, interventions: Sequence[Any]) -> list[Plan]:
+    """One :class:`Plan` per intervention on ``model``: values are resolved (``.resolve(model)``), plans pass
+    through; anything else, no interventions at all, or a plan with no step raises.
+
+    Example:
+        >>> from steerlab.testing import tiny_model, tiny_direction
+        >>> model = tiny_model("llama")
+        >>> [p.source for p in resolve_plans(model, [steerlab.Ablate(tiny_direction(model, layer=1))])]
+        ['Ablate']
+    """
+    if not interventions:
+        raise EmptyInputError("pass at least one intervention (e.g. AddVector(direction, coeff=4.0))")
+    plans = []
+    for iv in interventions:
+        if isinstance(iv, Plan):
+            plan = iv
+        elif callable(getattr(iv, "resolve", None)):
+            plan = iv.resolve(model)
+        else:
+            raise InvalidValueError(
+                f"{type(iv).__name__} is not an intervention: pass values with .resolve(model) (AddVector, Ablate, "
+                "Clamp, HeadAblation, ExpertMask, ColumnEdit, RankOneRedirect, LinearRedirect, MultiKeyRedirect) "
+                "or a steerlab.Plan"
+            )
+        if not plan.steps:
+            raise EmptyInputError(
+                f"{plan.source} places no hook and no edit on {getattr(model, 'name', '') or 'this model'} "
+                "(an empty layer list?); give it at least one layer"
+            )
+        plans.append(plan)
+    return plans

@@ -15,7 +15,7 @@ from steerlab.backends import hf as hf_backend
 from steerlab.errors import EmptyInputError, SteerlabError
 from steerlab.hooks import MOE_SITES, HookContext
 from steerlab.model import Model
-from steerlab.plan import Plan, Step
+from steerlab.plan import Plan, Step, resolve_plans
 
 # Order in which a decoder layer reaches each site: a pass that edits them must visit them in this order.
 SITE_ORDER = {"resid_pre": 0, "head": 1, "attn_out": 2, "mlp_out": 3, "resid_post": 4}
@@ -83,23 +83,6 @@ def hf_and_tokenizer(model: Any, tokenizer: Any, *, copy: bool, feature: str) ->
     return (copy_module.deepcopy(hf) if copy else hf), tok
 
 
-def _plans(model: Model, interventions: Sequence[Any]) -> list[Plan]:
-    if not interventions:
-        raise EmptyInputError("pass at least one intervention (e.g. AddVector(direction, coeff=4.0))")
-    plans = []
-    for iv in interventions:
-        if isinstance(iv, Plan):
-            plans.append(iv)
-        elif callable(getattr(iv, "resolve", None)):
-            plans.append(iv.resolve(model))
-        else:
-            raise InteropError(
-                f"{type(iv).__name__} is not a steerlab intervention (it has no .resolve(model)); apply it through "
-                "steerlab instead: `with steerlab.load(wrapper).apply(iv): ...`"
-            )
-    return plans
-
-
 def split_plan(model: Model, interventions: Sequence[Any]) -> tuple[list[Spec], Plan]:
     """The steps of ``interventions`` on ``model``, split into hook specs for the wrapper's own hook points
     (dense named sites, in run order: layer, then site) and the plan of the rest (steps on a module or an MoE
@@ -108,9 +91,15 @@ def split_plan(model: Model, interventions: Sequence[Any]) -> tuple[list[Spec], 
     Every step must act on every token (``tokens="all"``): only steerlab's own ``model.generate`` records the
     prompt length.
     """
+    for iv in interventions:
+        if not isinstance(iv, Plan) and not callable(getattr(iv, "resolve", None)):
+            raise InteropError(
+                f"{type(iv).__name__} is not a steerlab intervention (it has no .resolve(model)); apply it through "
+                "steerlab instead: `with steerlab.load(wrapper).apply(iv): ...`"
+            )
     specs: list[Spec] = []
     rest: list[Step] = []
-    for plan in _plans(model, interventions):
+    for plan in resolve_plans(model, interventions):
         for step in plan.steps:
             if step.tokens != "all":
                 raise InteropError(
