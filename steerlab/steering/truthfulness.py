@@ -16,10 +16,10 @@
 Example:
     >>> from steerlab.data import load_statements
     >>> from steerlab.testing import tiny_model
-    >>> model, split = tiny_model("llama"), load_statements()
+    >>> model, split = tiny_model("llama"), load_statements(n_test=10)
     >>> report = truthfulness_report(model, split)
     >>> report.n_train, report.n_test, report.best_layer() in report.direction.layers
-    (220, 100, True)
+    (300, 20, True)
     >>> eff = steering_effect(model, report.direction, split.true_test, split.false_test, layers=[1])
     >>> sorted(eff.steered_true)  # the coefficients
     [-1.0, 1.0]
