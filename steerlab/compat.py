@@ -200,6 +200,19 @@ def unwrap_interop(obj: Any) -> tuple[nn.Module, Any] | None:
     return None
 
 
+WRAPPED_MODULE_ATTR = "_original_component"
+"""Where a TransformerLens bridge component (``LinearBridge``, ``MoEBridge``, ``BlockBridge``, ...) keeps the HF
+module it swapped out of the tree and runs inside its own forward."""
+
+
+def unwrap_module(obj: Any) -> Any:
+    """The HF module under any TransformerLens bridge wrappers (``obj`` itself when it is not wrapped): hooks
+    placed on it fire inside the wrapper's forward, and its ``forward`` has the HF signature."""
+    while isinstance(getattr(obj, WRAPPED_MODULE_ATTR, None), torch.nn.Module):
+        obj = getattr(obj, WRAPPED_MODULE_ATTR)
+    return obj
+
+
 # ----- scikit-learn -----
 def validate_data(estimator: Any, *args: Any, **kwargs: Any) -> Any:
     """scikit-learn's input validation for estimators (``sklearn.utils.validation.validate_data``, 1.6+)."""

@@ -84,8 +84,9 @@ def experts_by_layer(model: Model, experts: Sequence[Expert]) -> dict[int, list[
 
 def routing_inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(hidden states, top-k expert indices, top-k weights) passed to a fused experts module, by position."""
-    bound = inspect.signature(module.forward).bind(*args, **kwargs)
-    values = list(bound.arguments.values())
+    # the class's forward: an instance's may be replaced by a wrapper (nnsight) with another signature
+    bound = inspect.signature(type(module).forward).bind(module, *args, **kwargs)
+    values = list(bound.arguments.values())[1:]
     if len(values) < 3 or not all(isinstance(v, torch.Tensor) for v in values[:3]):
         raise UnknownArchitectureError(
             f"{type(module).__name__}.forward does not take (hidden_states, top_k_index, top_k_weights); steerlab "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from steerlab import compat
 from steerlab.errors import LayerIndexError, UnknownArchitectureError
 
 
@@ -26,11 +27,15 @@ def normalize_layer(layer: int, n_layers: int) -> int:
 
 
 def resolve_path(root: nn.Module, path: str, *, missing_ok: bool = False):
-    """Follow a dotted attribute path from ``root``; ``missing_ok`` returns ``None`` instead of raising."""
-    obj = root
+    """Follow a dotted attribute path from ``root``; ``missing_ok`` returns ``None`` instead of raising.
+
+    Wrappers an interop library swapped into the tree (a TransformerLens bridge's components) are looked through
+    (:func:`steerlab.compat.unwrap_module`): the path ends on the HF module the wrapper runs.
+    """
+    obj = compat.unwrap_module(root)
     for part in path.split("."):
         if part.isdigit() and isinstance(obj, (nn.ModuleList, list, tuple)):
-            obj = obj[int(part)]
+            obj = compat.unwrap_module(obj[int(part)])
             continue
         if not hasattr(obj, part):
             if missing_ok:
@@ -40,5 +45,5 @@ def resolve_path(root: nn.Module, path: str, *, missing_ok: bool = False):
                 "the registry spec does not match this model: fix or re-register it with "
                 "steerlab.arch.register(ArchSpec(...), overwrite=True)"
             )
-        obj = getattr(obj, part)
+        obj = compat.unwrap_module(getattr(obj, part))
     return obj

@@ -181,8 +181,8 @@ def nnsight_generate(
         warnings.filterwarnings("ignore", message=".*was never reached")  # an open step loop ends with it by design
         with lm.generate(max_new_tokens=max_new_tokens, **kwargs) as tracer:
             with tracer.invoke(inputs):
-                for _ in tracer.iter[:]:
-                    if specs:
+                if specs:  # an open step loop with nothing to wait on never ends: only loop with work to do
+                    for _ in tracer.iter[:]:
                         _intervene(lm, model, specs)
             with tracer.invoke():
                 ids = tracer.result.save()
