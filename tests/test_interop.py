@@ -15,7 +15,7 @@ import torch
 
 import steerlab
 from steerlab import compat
-from steerlab.errors import InterventionNotFiredError
+from steerlab.errors import InterventionNotFiredError, ProvenanceWarning
 from steerlab.hooks import open_sessions
 from steerlab.interop import InteropError
 from steerlab.interventions.columns import ColumnEdit
@@ -23,7 +23,7 @@ from steerlab.interventions.experts import ExpertMask
 from steerlab.interventions.heads import HeadAblation
 from steerlab.interventions.redirect import LinearRedirect
 from steerlab.steering import Ablate, AddVector, Clamp, Direction
-from steerlab.testing import tiny_model
+from steerlab.testing import tiny_direction, tiny_model
 
 tl = pytest.importorskip("transformer_lens")
 nnsight = pytest.importorskip("nnsight")
@@ -365,3 +365,15 @@ def test_module_and_moe_steps_cross_both_bridges(name):
                                      pad_token_id=model.tokenizer.pad_token_id)  # fmt: skip
     assert torch.equal(ids[:, -4:], expected[:, -4:])
     assert not open_sessions(model) and not open_sessions(steerlab.load(lm))  # every torch hook removed
+
+
+def test_direction_to_tl_hooks_without_a_model_takes_the_recorded_depth():
+    model = tiny_model("llama")  # 3 layers; the hooks name layer 1 only
+    d = tiny_direction(model, layer=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no false "fitted on a model of another depth" warning
+        hooks = direction_to_tl_hooks(d, op="add", coeff=1.0, layers=[1])
+    assert [name for name, _ in hooks] == ["blocks.1.hook_resid_pre"]
+    other = Direction(vectors=d.vectors, layers=d.layers, model=d.model, info={"n_layers": 5})
+    with pytest.warns(ProvenanceWarning):  # a real depth mismatch still warns
+        direction_to_tl_hooks(other, op="add", layers=[1], n_layers=3)

@@ -71,7 +71,7 @@ def direction_to_tl_hooks(
     if model is not None:
         target = as_model(model)
     else:
-        depth = n_layers
+        depth = n_layers if n_layers is not None else direction.model_n_layers  # the depth it was fitted at
         named = [*direction.layers, *(layers or []), *([source_layer] if source_layer is not None else [])]
         if depth is None and (op == "ablate" or any(la < 0 for la in named)):
             raise EmptyInputError(
