@@ -5,6 +5,7 @@
 * :func:`layer_tuple` — the same as a tuple of ``int``, each listed once.
 * :func:`finite_number` — a real, finite number (a coefficient, a threshold) as a ``float``.
 * :func:`check_finite` — a tensor without NaN or infinity.
+* :func:`linear_parts` — ``(weight, bias)`` of a module that must be a plain 2D linear map.
 
 Example:
     >>> import numpy as np, torch
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 
 from steerlab.chat import as_index
-from steerlab.errors import InvalidValueError, LayerIndexError, NonFiniteError
+from steerlab.errors import InvalidValueError, LayerIndexError, NonFiniteError, ShapeError
 
 
 def _is_bool(value: object) -> bool:
@@ -90,3 +91,15 @@ def check_finite(tensor: torch.Tensor, what: str, fix: str) -> None:
             f"{what} holds {int(bad.sum())} non-finite value(s) of {tensor.numel()} ({n_nan} NaN, "
             f"{int(bad.sum()) - n_nan} infinite); {fix}"
         )
+
+
+def linear_parts(module: torch.nn.Module, *, what: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(weight, bias)`` of ``module`` when it has a 2D weight, else a :class:`ShapeError` saying that ``what``
+    needs a plain linear module."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ShapeError(
+            f"{type(module).__name__} has no 2D weight; {what} needs a plain linear module "
+            "(merge adapters / dequantise first)"
+        )
+    return weight, getattr(module, "bias", None)

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from steerlab import moe
+from steerlab._checks import linear_parts
 from steerlab.arch import resolve_path, selection_scores
 from steerlab.errors import ShapeError, UnknownPositionError, UnknownSiteError
 from steerlab.hooks import UNCHANGED, HookContext, HookHandle, HookSession, Unchanged
@@ -125,16 +126,6 @@ def _rank_one(op: RankOne) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 # ----- heads -----
-def _linear_parts(o_proj: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    weight = getattr(o_proj, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        raise ShapeError(
-            f"o_proj is a {type(o_proj).__name__} without a 2D weight; head ablation with rescale_norm needs a "
-            "plain linear o_proj (merge adapters / dequantise first)"
-        )
-    return weight, getattr(o_proj, "bias", None)
-
-
 def norm_ratio(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
     """``before / after``, and 1 where there is nothing left to rescale."""
     tiny = torch.finfo(after.dtype).tiny
@@ -154,7 +145,7 @@ def _heads(step: Step, model: Model) -> list[tuple[str, SiteFn]]:
     if not op.rescale_norm:
         return [("head", _selected(ablate, step.tokens))]
     spec = model.spec
-    weight, bias = _linear_parts(spec.layer_module(model.hf, step.layer, spec.o_proj))
+    weight, bias = linear_parts(spec.layer_module(model.hf, step.layer, spec.o_proj), what="head ablation with rescale_norm (o_proj)")
     if bias is None:  # o_proj(c * x) == c * o_proj(x): rescale exactly on the head site
 
         def rescaled(x: torch.Tensor) -> torch.Tensor:

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 
+from steerlab._checks import linear_parts
 from steerlab.arch import normalize_layer
 from steerlab.backends.hf import Cast
 from steerlab.chat import Position
@@ -99,16 +99,6 @@ def unit_vector(direction: Direction | torch.Tensor, d_model: int, source_layer:
     if float(norm) == 0.0:
         raise ShapeError("cannot attribute to a zero direction")
     return (vec / norm).float()
-
-
-def _linear_parts(o_proj: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    weight = getattr(o_proj, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        raise ShapeError(
-            f"o_proj is a {type(o_proj).__name__} without a 2D weight; head attribution needs a plain linear "
-            "o_proj (merge adapters / dequantise first)"
-        )
-    return weight, getattr(o_proj, "bias", None)
 
 
 @dataclass(frozen=True, eq=False)  # tensor fields: compared by identity
@@ -232,7 +222,7 @@ def head_attribution(
     n_layers, n_heads, head_dim = model.n_layers, model.n_heads, model.head_dim
     readers, bias_proj = [], torch.zeros(n_layers)
     for layer in range(n_layers):
-        weight, bias = _linear_parts(model.spec.layer_module(model.hf, layer, model.spec.o_proj))
+        weight, bias = linear_parts(model.spec.layer_module(model.hf, layer, model.spec.o_proj), what="head attribution (o_proj)")
         readers.append((weight.detach().float().cpu().T @ r_hat).view(n_heads, head_dim))  # W_O[:, h].T r̂
         if bias is not None:
             bias_proj[layer] = bias.detach().float().cpu() @ r_hat
