@@ -142,3 +142,15 @@ def test_unwrap_interop_finds_the_hf_model_where_each_wrapper_keeps_it():
     assert compat.unwrap_interop(NnsightLike()) == (hf, "tok")
     assert compat.unwrap_interop("some/path") is None
     assert compat.unwrap_interop(object()) is None
+
+
+def test_unwrap_module_looks_through_transformer_lens_components():
+    pytest.importorskip("transformer_lens")
+    from steerlab.interop import to_bridge
+
+    model = tiny_model("llama")
+    bridge = to_bridge(model, copy=True)
+    wrapped = bridge.original_model.model.layers[0].self_attn.o_proj
+    assert not isinstance(wrapped, torch.nn.Linear)  # the bridge swapped a wrapper into the tree
+    assert isinstance(compat.unwrap_module(wrapped), torch.nn.Linear)
+    assert compat.unwrap_module(model.hf) is model.hf  # an HF module is its own

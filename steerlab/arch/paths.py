@@ -26,16 +26,18 @@ def normalize_layer(layer: int, n_layers: int) -> int:
     return idx
 
 
-def resolve_path(root: nn.Module, path: str, *, missing_ok: bool = False):
+def resolve_path(root: nn.Module, path: str, *, missing_ok: bool = False, unwrap: bool = True):
     """Follow a dotted attribute path from ``root``; ``missing_ok`` returns ``None`` instead of raising.
 
     Wrappers an interop library swapped into the tree (a TransformerLens bridge's components) are looked through
-    (:func:`steerlab.compat.unwrap_module`): the path ends on the HF module the wrapper runs.
+    (:func:`steerlab.compat.unwrap_module`): the path ends on the HF module the wrapper runs. ``unwrap=False``
+    keeps the wrappers (to reach the wrapper's own hook points).
     """
-    obj = compat.unwrap_module(root)
+    plain = compat.unwrap_module if unwrap else (lambda module: module)
+    obj = plain(root)
     for part in path.split("."):
         if part.isdigit() and isinstance(obj, (nn.ModuleList, list, tuple)):
-            obj = compat.unwrap_module(obj[int(part)])
+            obj = plain(obj[int(part)])
             continue
         if not hasattr(obj, part):
             if missing_ok:
@@ -45,5 +47,5 @@ def resolve_path(root: nn.Module, path: str, *, missing_ok: bool = False):
                 "the registry spec does not match this model: fix or re-register it with "
                 "steerlab.arch.register(ArchSpec(...), overwrite=True)"
             )
-        obj = compat.unwrap_module(getattr(obj, part))
+        obj = plain(getattr(obj, part))
     return obj

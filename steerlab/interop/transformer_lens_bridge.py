@@ -113,7 +113,7 @@ def _hook_point(bridge: Any, model: Model, site: str, layer: int) -> Any:
     spec = model.spec
     layer_mod = spec.decoder_layers(bridge.original_model)[layer]
     paths = {"attn_out": spec.attn_out, "mlp_out": spec.mlp_out, "head": spec.o_proj}
-    component = layer_mod if site in ("resid_pre", "resid_post") else resolve_path(layer_mod, paths[site])
+    component = layer_mod if site in ("resid_pre", "resid_post") else resolve_path(layer_mod, paths[site], unwrap=False)
     attr = "hook_in" if site in ("resid_pre", "head") else "hook_out"
     point = getattr(component, attr, None)
     if point is None or not getattr(point, "name", None):
