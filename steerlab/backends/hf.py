@@ -113,9 +113,11 @@ def _add(op: Add) -> Callable[[torch.Tensor], torch.Tensor]:
 def _project(op: Project) -> Callable[[torch.Tensor], torch.Tensor]:
     unit, value = Cast(op.unit), float(op.value)
 
-    def edit(x: torch.Tensor) -> torch.Tensor:
+    def edit(x: torch.Tensor) -> torch.Tensor:  # x + (value - x.r) r, in two kernels when value is 0
         r = unit.like(x)
-        return x + (value - x @ r)[..., None] * r
+        if value == 0.0:
+            return torch.addcmul(x, (x @ r).unsqueeze(-1), r, value=-1)
+        return torch.addcmul(x, (value - x @ r).unsqueeze(-1), r)
 
     return edit
 
