@@ -94,8 +94,12 @@ def shared_outputs(folder: str | Path) -> Iterator[Path]:
     """Give every file created or replaced under ``folder`` inside the block the normal file mode.
 
     Example:
-        >>> with shared_outputs(out):                         # doctest: +SKIP
-        ...     hf.save_pretrained(out)
+        >>> import tempfile
+        >>> out = Path(tempfile.mkdtemp())
+        >>> with shared_outputs(out):
+        ...     _ = (out / "config.json").write_text("{}")
+        >>> (out / "config.json").stat().st_mode & 0o777 == file_mode()
+        True
     """
     folder = Path(folder)
     before = _listing(folder)

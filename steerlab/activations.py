@@ -12,10 +12,12 @@ tensor is ``[n_prompts, n_layers, n_positions, d]`` (``head``: ``[..., H, dh]``)
 it is ``[n_tokens, n_layers, d]`` with ``offsets[i]:offsets[i+1]`` the tokens of prompt ``i``.
 
 Example:
-    >>> acts = steerlab.collect(model, ["Write a poem.", "Say hi."],          # doctest: +SKIP
-    ...                         sites=["resid_pre"], positions=["t_inst", "post_inst"])
-    >>> acts.get("resid_pre", "post_inst").shape                              # doctest: +SKIP
-    torch.Size([2, 24, 5, 896])
+    >>> from steerlab.testing import tiny_model
+    >>> model = tiny_model("qwen2")                   # 3 layers, width 64
+    >>> acts = steerlab.collect(model, ["Write a poem.", "Say hi."],
+    ...                         sites=["resid_pre"], positions=["last", "all"])
+    >>> acts.get("resid_pre", "last").shape
+    torch.Size([2, 3, 1, 64])
 """
 
 from __future__ import annotations

@@ -2,7 +2,9 @@
 :data:`FUSED_EXPERTS` describes) plus a shared expert's down projection.
 
 Example:
-    >>> mlp_down(spec, hf, 0).dense                                   # doctest: +SKIP
+    >>> from steerlab.testing import tiny_model
+    >>> model = tiny_model("llama")
+    >>> mlp_down(model.spec, model.hf, 0).dense
     'model.layers.0.mlp.down_proj'
 """
 
@@ -66,8 +68,10 @@ def mlp_down(spec: ArchSpec, model: nn.Module, layer: int) -> MlpDown:
     """The down side of layer ``layer``'s MLP: dense, or routed experts (+ shared expert).
 
     Example:
-        >>> mlp_down(spec, hf, 0).dense                                   # doctest: +SKIP
-        'model.layers.0.mlp.down_proj'
+        >>> from steerlab.testing import tiny_model
+        >>> model = tiny_model("mixtral")
+        >>> mlp_down(model.spec, model.hf, 0).dense is None   # fused experts, no dense down projection
+        True
     """
     idx = normalize_layer(layer, spec.count(model))
     prefix = f"{spec.layers}.{idx}"

@@ -1,8 +1,12 @@
 """Following the registry's dotted paths on a loaded model, and checking layer indices (no family knowledge).
 
 Example:
-    >>> resolve_path(hf, "model.layers.0.self_attn.o_proj")          # doctest: +SKIP
-    Linear(in_features=64, out_features=64, bias=False)
+    >>> from steerlab.testing import tiny_model
+    >>> hf = tiny_model("llama").hf
+    >>> type(resolve_path(hf, "model.layers.0.self_attn.o_proj")).__name__
+    'Linear'
+    >>> normalize_layer(-1, 3)
+    2
 """
 
 from __future__ import annotations

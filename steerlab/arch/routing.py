@@ -2,7 +2,14 @@
 top-k ranks experts by. Keyed on :attr:`MoESpec.routing`; the router attributes come from the spec.
 
 Example:
-    >>> weights, idx = route(spec, router, logits, hf.config)          # doctest: +SKIP
+    >>> import torch
+    >>> from steerlab.testing import tiny_model
+    >>> model = tiny_model("mixtral")
+    >>> router = model.spec.moe_block(model.hf, 0).gate
+    >>> logits = torch.randn(5, int(router.weight.shape[0]))
+    >>> weights, idx = route(model.spec, router, logits, model.hf.config)
+    >>> idx.shape == (5, int(router.top_k)), bool(torch.allclose(weights.sum(-1), torch.ones(5)))
+    (True, True)
 """
 
 from __future__ import annotations

@@ -8,9 +8,17 @@ one ``d x d`` matrix ``A`` is the weight form of applying ``A`` to every write (
 ``W_out' = A W_out``; both uses here have ``A = I + u vᵀ``, applied as a rank-one update.
 
 Example:
+    >>> import copy, torch
     >>> from steerlab.backends.writers import residual_writers, apply_rank_one
-    >>> writers = residual_writers(model)                                      # doctest: +SKIP
-    >>> apply_rank_one(model.hf, writers, -r_hat, r_hat)     # orthogonalise   # doctest: +SKIP
+    >>> from steerlab.testing import tiny_model
+    >>> base = tiny_model("llama")                       # shared: edit a copy
+    >>> model = steerlab.load(copy.deepcopy(base.hf), base.tokenizer)
+    >>> r_hat = torch.nn.functional.normalize(torch.randn(model.d_model), dim=0)
+    >>> writers = residual_writers(model)
+    >>> apply_rank_one(model.hf, writers, -r_hat, r_hat)     # orthogonalise every write to r_hat
+    >>> o_proj = model.hf.model.layers[0].self_attn.o_proj.weight.detach().double()
+    >>> bool((r_hat.double() @ o_proj).abs().max() < 1e-5)
+    True
 """
 
 from __future__ import annotations
