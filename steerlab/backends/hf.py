@@ -113,11 +113,10 @@ def _add(op: Add) -> Callable[[torch.Tensor], torch.Tensor]:
 def _project(op: Project) -> Callable[[torch.Tensor], torch.Tensor]:
     unit, value = Cast(op.unit), float(op.value)
 
-    def edit(x: torch.Tensor) -> torch.Tensor:  # x + (value - x.r) r, in two kernels when value is 0
+    def edit(x: torch.Tensor) -> torch.Tensor:  # x + (value - x.r) r; the dot product in float32 (faster on CPU)
         r = unit.like(x)
-        if value == 0.0:
-            return torch.addcmul(x, (x @ r).unsqueeze(-1), r, value=-1)
-        return torch.addcmul(x, (value - x @ r).unsqueeze(-1), r)
+        dot = x.float() @ unit.like(x.float()) if x.dtype != torch.float32 else x @ r
+        return torch.addcmul(x, (value - dot).unsqueeze(-1).to(x.dtype), r)
 
     return edit
 
