@@ -114,9 +114,9 @@ def _project(op: Project) -> Callable[[torch.Tensor], torch.Tensor]:
     unit, value = Cast(op.unit), float(op.value)
 
     def edit(x: torch.Tensor) -> torch.Tensor:  # x + (value - x.r) r; the dot product in float32 (faster on CPU)
-        r = unit.like(x)
-        dot = x.float() @ unit.like(x.float()) if x.dtype != torch.float32 else x @ r
-        return torch.addcmul(x, (value - dot).unsqueeze(-1).to(x.dtype), r)
+        wide = x.float()  # x itself when it is float32
+        dot = wide @ unit.like(wide)
+        return torch.addcmul(x, (value - dot).unsqueeze(-1).to(x.dtype), unit.like(x))
 
     return edit
 
