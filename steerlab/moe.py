@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -82,10 +83,16 @@ def experts_by_layer(model: Model, experts: Sequence[Expert]) -> dict[int, list[
     return {la: sorted(es) for la, es in sorted(out.items())}
 
 
+@functools.cache
+def _forward_signature(cls: type) -> inspect.Signature:
+    """A module class's ``forward`` signature, read once per class (``routing_inputs`` runs on every forward call)."""
+    return inspect.signature(cls.forward)
+
+
 def routing_inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(hidden states, top-k expert indices, top-k weights) passed to a fused experts module, by position."""
     # the class's forward: an instance's may be replaced by a wrapper (nnsight) with another signature
-    bound = inspect.signature(type(module).forward).bind(module, *args, **kwargs)
+    bound = _forward_signature(type(module)).bind(module, *args, **kwargs)
     values = list(bound.arguments.values())[1:]
     if len(values) < 3 or not all(isinstance(v, torch.Tensor) for v in values[:3]):
         raise UnknownArchitectureError(
