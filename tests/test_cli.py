@@ -597,14 +597,20 @@ def test_fit_guard_describe_guard_and_saved_guard_kind(tiny_dir, tmp_path):
     lines: list[str] = []
     guard = fit_guard(model, mode="latent", position="t_inst", layers=None, n_train=6, seed=0, batch_size=8,
                       calibrate=True, log=lines.append)  # fmt: skip
-    assert isinstance(guard, LatentGuard) and describe_guard(guard).startswith("LatentGuard: cosine score over 3 layers")
-    assert lines[0] == "fitting a latent guard on 6 + 6 training prompts" and lines[1].startswith("threshold calibrated")
+    assert isinstance(guard, LatentGuard) and describe_guard(guard).startswith(
+        "LatentGuard: cosine score over 3 layers"
+    )
+    assert lines[0] == "fitting a latent guard on 6 + 6 training prompts" and lines[1].startswith(
+        "threshold calibrated"
+    )
     assert saved_guard_kind(guard.save(tmp_path / "g.safetensors")) == "latent"
     (tmp_path / "x.txt").write_text("not safetensors")
     with pytest.raises(ValueFileError, match="is not a safetensors file"):
         saved_guard_kind(tmp_path / "x.txt")
     with pytest.raises(InvalidValueError, match="reads one layer"):
-        fit_guard(model, mode="probe", position="t_inst", layers=[0, 1], n_train=6, seed=0, batch_size=8, calibrate=False)
+        fit_guard(
+            model, mode="probe", position="t_inst", layers=[0, 1], n_train=6, seed=0, batch_size=8, calibrate=False
+        )
 
 
 def test_direction_edit_and_bake_and_export(tiny_dir, probe_run, tmp_path):
@@ -662,3 +668,27 @@ def test_run_refusal_checks_n_eval_before_loading_a_model(tmp_path):
                     max_new_tokens=2, batch_size=4, seed=0, argv=["x"], export_to=None, export_format="safetensors",
                     tol=1e-2, manifest={})  # fmt: skip
     assert not (tmp_path / "r").exists()
+
+
+def test_export_control_vector_writes_the_added_vector_at_llama_cpps_slot_and_refuses_an_ablation(
+    tiny_dir, probe_run, tmp_path, capsys
+):
+    import numpy as np
+
+    import steerlab
+    from steerlab.backends.llamacpp import read_control_vector
+    from steerlab.training.deploy import direction_edit
+
+    direction = probe_run / "direction.safetensors"
+    argv = ["export", "--model", tiny_dir, "--direction", str(direction), "--format", "control-vector"]
+    assert main([*argv, "--coeff", "2", "--layer", "2", "--out", str(tmp_path / "cv")]) == 0
+    assert "llama.cpp control vector" in capsys.readouterr().out
+    read = read_control_vector(tmp_path / "cv" / "control_vector.gguf")
+    model = steerlab.load(tiny_dir)
+    edit = direction_edit(steerlab.Direction.load(direction), ablate=False, coeff=2.0, layer=2, unit=False)
+    (step,) = model.plan(edit).steps
+    assert list(read["directions"]) == [1]
+    np.testing.assert_allclose(read["directions"][1], step.op.vector.numpy(), rtol=1e-6)
+    assert main([*argv, "--ablate", "--out", str(tmp_path / "ab")]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "control vector" in line and "--ablate --format gguf" in line

@@ -42,12 +42,24 @@ def _steer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _control_vector(args: argparse.Namespace, direction, model) -> int:
+    """``--format control-vector``: the AddVector as a llama.cpp control vector (nothing baked)."""
+    from steerlab.backends.llamacpp import write_control_vector
+
+    path = write_control_vector(model.plan(_edit(args, direction)), Path(args.out) / "control_vector.gguf", model=model)
+    print(f"wrote {path} (llama.cpp control vector, {_label(args, direction)}); use it with llama.cpp's "
+          f"--control-vector {path}")  # fmt: skip
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     from steerlab.training.deploy import bake_and_export
 
     inputs.output_dir(args.out)
     direction = inputs.load_direction(args.direction, args.layer, ablate=args.ablate)
     model = inputs.load(args)
+    if args.format == "control-vector":
+        return _control_vector(args, direction, model)
     manifest = {"command": "steerlab export", "direction_file": str(Path(args.direction).resolve())}
     info = bake_and_export(model, _edit(args, direction), Path(args.out), format=args.format, precision=args.precision,
                            tol=args.tol, manifest=manifest, log=inputs.log)  # fmt: skip
@@ -87,7 +99,12 @@ def add_export_parser(sub) -> None:
     add_model_args(p, dtype=True, batch_size=16)
     p.add_argument("--direction", required=True, help="a saved Direction (.safetensors)")
     p.add_argument("--out", required=True, help="export directory")
-    p.add_argument("--format", choices=["safetensors", "gguf"], default="safetensors")
+    p.add_argument(
+        "--format",
+        choices=["safetensors", "gguf", "control-vector"],
+        default="safetensors",
+        help="control-vector: AddVector as a llama.cpp --control-vector GGUF (an ablation cannot be one)",
+    )
     p.add_argument("--precision", choices=["f32", "f16"], default="f32", help="GGUF tensor precision")
     how = p.add_mutually_exclusive_group(required=True)
     how.add_argument("--ablate", action="store_true", help="bake the direction's ablation (Ablate)")
