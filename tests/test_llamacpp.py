@@ -82,7 +82,7 @@ def _run(binary: Path, model: Path, text: str, n: int, vector: Path | None) -> s
         args += ["--control-vector", str(vector)]
     out = subprocess.run(args, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
-    return out.stdout
+    return out.stdout.replace("[end of text]", "").strip()
 
 
 @pytest.mark.slow
@@ -97,7 +97,9 @@ def test_llama_cpp_control_vector_steers_as_the_hf_hook_does(qwen, tmp_path_fact
     steer = steerlab.AddVector(direction, coeff=8.0)
     vector = write_control_vector(qwen.plan(steer), tmp / "v.gguf", model=qwen)
     prompts = ["Name three fruits.", "What is the capital of France?", "Write a haiku about rain.",
-               "Explain what a list is in Python.", "Give me a tip for sleeping well."]  # fmt: skip
+               "Explain what a list is in Python.", "Give me a tip for sleeping well.", "What does a compiler do?",
+               "Suggest a name for a cat.", "How many legs does a spider have?", "Describe the colour blue.",
+               "Write one sentence about the sea."]  # fmt: skip
     texts = [qwen.chat().render(p).text for p in prompts]
     with qwen.apply(steer):
         hf_steered = qwen.generate(prompts, max_new_tokens=n)
@@ -105,6 +107,9 @@ def test_llama_cpp_control_vector_steers_as_the_hf_hook_does(qwen, tmp_path_fact
     binary = _llama_completion()
     cpp_steered = [_run(binary, gguf_model, t, n, vector) for t in texts]
     cpp_plain = [_run(binary, gguf_model, t, n, None) for t in texts]
-    same = sum(a.strip().startswith(b.strip()[:40]) for a, b in zip(cpp_steered, hf_steered))
-    assert same >= 4, list(zip(cpp_steered, hf_steered))
-    assert hf_steered != hf_plain and cpp_steered != cpp_plain
+    # greedy, f32 on both sides: the same 16 tokens (llama.cpp's kernels sum in another order, so a near-tie
+    # may flip a token late in a reply; the bar is 8 of 10)
+    assert sum(a == b.strip() for a, b in zip(cpp_plain, hf_plain)) >= 8, list(zip(cpp_plain, hf_plain))
+    assert sum(a == b.strip() for a, b in zip(cpp_steered, hf_steered)) >= 8, list(zip(cpp_steered, hf_steered))
+    changed = sum(a != b for a, b in zip(hf_steered, hf_plain))
+    assert changed >= 3, "the steering must change replies for the comparison to test the layer offset"
