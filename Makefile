@@ -42,7 +42,7 @@ demo: $(STAMP)
 	$(BIN)/steerlab refusal --out runs/refusal --export
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	STEERLAB_LLAMA_CPP=$${STEERLAB_LLAMA_CPP:-$(LLAMA_CPP)} $(BIN)/python -m pytest -q
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/collect.py
