@@ -44,9 +44,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	STEERLAB_LLAMA_CPP=$${STEERLAB_LLAMA_CPP:-$(LLAMA_CPP)} $(BIN)/python -m pytest -q
 
-bench: $(STAMP)
+bench: $(STAMP) llama-cpp
 	$(BIN)/python benchmarks/collect.py
 	$(BIN)/python benchmarks/steering.py
+	$(BIN)/python benchmarks/engines.py --llama-cpp $(LLAMA_CPP)
 
 # $(1): venv folder, $(2): pip options selecting the versions, $(3): extras
 define compat_pass
