@@ -12,14 +12,13 @@ import argparse
 import os
 import re
 import statistics
-import subprocess
 import tempfile
 from pathlib import Path
 
 import torch
 
 import steerlab
-from steerlab.backends.llamacpp import write_control_vector
+from steerlab.backends.llamacpp import run_llama_completion, write_control_vector
 from steerlab.data import DEMO_HARMLESS
 from steerlab.steering import AddVector, Direction
 from steerlab.training.gguf_export import write_gguf
@@ -28,11 +27,7 @@ SPEED = re.compile(r"([\d.]+) tokens per second")
 
 
 def tokens_per_second(binary: Path, model: Path, text: str, n: int, vector: Path | None) -> float:
-    args = [str(binary), "-m", str(model), "-p", text, "-n", str(n), "--temp", "0", "--top-k", "1", "-no-cnv",
-            "--ignore-eos", "-t", "2", "-c", "1024", "--simple-io", "--no-display-prompt"]  # fmt: skip
-    if vector is not None:
-        args += ["--control-vector", str(vector)]
-    out = subprocess.run(args, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL, check=True)
+    out = run_llama_completion(binary, model, text, n_tokens=n, control_vector=vector, ignore_eos=True)
     lines = [line for line in out.stderr.splitlines() if "eval time" in line and "prompt eval" not in line]
     found = SPEED.search(lines[-1]) if lines else None
     if found is None:

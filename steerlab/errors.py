@@ -54,6 +54,10 @@ class NotExportableError(SteerlabError, ValueError):
     """A model cannot be written in the requested export format (pick another format or architecture)."""
 
 
+class EngineError(SteerlabError, RuntimeError):
+    """An inference engine (llama.cpp, vLLM) failed; the message carries its own output."""
+
+
 class HookSessionError(SteerlabError, RuntimeError):
     """A hook session (or ``model.apply`` scope) used outside its ``with`` block, or entered twice."""
 

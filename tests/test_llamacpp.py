@@ -4,7 +4,6 @@ llama.cpp build is present (``STEERLAB_LLAMA_CPP``: a folder holding ``bin/llama
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,7 @@ import pytest
 import torch
 
 import steerlab
-from steerlab.backends.llamacpp import control_vector, read_control_vector, write_control_vector
+from steerlab.backends.llamacpp import control_vector, read_control_vector, run_llama_completion, write_control_vector
 from steerlab.errors import NotExportableError
 from steerlab.plan import Add, Plan, Step
 from steerlab.testing import tiny_direction, tiny_model
@@ -76,12 +75,7 @@ def _llama_completion() -> Path | None:
 
 
 def _run(binary: Path, model: Path, text: str, n: int, vector: Path | None) -> str:
-    args = [str(binary), "-m", str(model), "-p", text, "-n", str(n), "--temp", "0", "--top-k", "1", "-no-cnv",
-            "--no-display-prompt", "-t", "2", "-c", "512", "--simple-io", "--no-warmup"]  # fmt: skip
-    if vector is not None:
-        args += ["--control-vector", str(vector)]
-    out = subprocess.run(args, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL, check=False)
-    assert out.returncode == 0, out.stderr[-2000:]
+    out = run_llama_completion(binary, model, text, n_tokens=n, control_vector=vector)
     return out.stdout.replace("[end of text]", "").strip()
 
 
@@ -113,3 +107,11 @@ def test_llama_cpp_control_vector_steers_as_the_hf_hook_does(qwen, tmp_path_fact
     assert sum(a == b.strip() for a, b in zip(cpp_steered, hf_steered)) >= 8, list(zip(cpp_steered, hf_steered))
     changed = sum(a != b for a, b in zip(hf_steered, hf_plain))
     assert changed >= 3, "the steering must change replies for the comparison to test the layer offset"
+
+
+@pytest.mark.skipif(_llama_completion() is None, reason="no llama.cpp build (make llama-cpp; STEERLAB_LLAMA_CPP)")
+def test_a_failing_llama_cpp_run_raises_with_its_output(tmp_path):
+    from steerlab.errors import EngineError
+
+    with pytest.raises(EngineError, match="llama-completion exited"):
+        run_llama_completion(_llama_completion(), tmp_path / "missing.gguf", "Hi", n_tokens=1)

@@ -27,18 +27,21 @@ Example:
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from steerlab.errors import NotExportableError, ValueFileError
+from steerlab.errors import EngineError, NotExportableError, ValueFileError
 from steerlab.plan import Add, Plan, Step
 
 if TYPE_CHECKING:
     from steerlab.model import Model
 
 ARCHITECTURE = "controlvector"
+
+
 BAKED_EXPORT = "ship it as edited weights instead: `steerlab export --ablate --format gguf` or `steerlab.bake` + export"
 
 
@@ -137,3 +140,27 @@ def read_control_vector(path: str | Path) -> dict[str, Any]:
 
 def _text(field: Any) -> str:
     return bytes(field.parts[field.data[0]]).decode("utf-8")
+
+
+def run_llama_completion(
+    binary: str | Path,
+    model: str | Path,
+    text: str,
+    *,
+    n_tokens: int,
+    control_vector: str | Path | None = None,
+    ignore_eos: bool = False,
+    timeout: float = 600,
+) -> subprocess.CompletedProcess[str]:
+    """Greedy ``llama-completion`` on ``text`` (already chat-formatted), optionally with a control vector;
+    raises :class:`EngineError` with llama.cpp's last output lines if it fails."""
+    args = [str(binary), "-m", str(model), "-p", text, "-n", str(n_tokens), "--temp", "0", "--top-k", "1", "-no-cnv",
+            "-t", "2", "-c", "1024", "--simple-io", "--no-display-prompt"]  # fmt: skip
+    if ignore_eos:
+        args.append("--ignore-eos")
+    if control_vector is not None:
+        args += ["--control-vector", str(control_vector)]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, check=False)
+    if out.returncode != 0:
+        raise EngineError(f"llama-completion exited {out.returncode}: {out.stderr[-1500:]}")
+    return out
