@@ -42,6 +42,7 @@ def test_resid_post_maps_to_its_own_block_and_additions_on_one_slot_sum():
         (Step(3, "resid_post", Add(torch.ones(4))), "direction.3"),  # past the last block
         (Step(2, "resid_pre", Add(torch.ones(4)), tokens="generated"), "every token"),
         (Step(2, "mlp_out", Add(torch.ones(4))), "resid_pre or resid_post"),
+        (Step(2, "resid_pre", Add(torch.zeros(4))), "sum to zero"),
     ],
 )
 def test_steps_a_control_vector_cannot_express_raise(step, names):

@@ -93,6 +93,9 @@ def control_vector(plan: Plan, *, n_layers: int, d_model: int) -> dict[int, np.n
         if vector.shape != (d_model,):
             raise NotExportableError(f"the vector at {step.where} has shape {vector.shape}, the model {d_model}")
         slots[slot] = slots.get(slot, 0.0) + vector
+    cancelled = [slot for slot, v in slots.items() if not np.any(v)]
+    if cancelled:
+        raise NotExportableError(f"the additions at direction.{cancelled[0]} sum to zero: that slot would do nothing")
     return {slot: np.asarray(v, dtype=np.float32) for slot, v in sorted(slots.items())}
 
 
@@ -125,7 +128,7 @@ def read_control_vector(path: str | Path) -> dict[str, Any]:
     import gguf
 
     reader = gguf.GGUFReader(str(path))
-    fields = {name: field for name, field in reader.fields.items()}
+    fields = reader.fields
     if "general.architecture" not in fields or _text(fields["general.architecture"]) != ARCHITECTURE:
         raise ValueFileError(f"{path} is not a llama.cpp control vector (general.architecture != {ARCHITECTURE!r})")
     directions = {int(t.name.split(".", 1)[1]): np.array(t.data, dtype=np.float32) for t in reader.tensors}
