@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -173,6 +174,32 @@ def expert_gate(experts: nn.Module, pre: torch.Tensor) -> torch.Tensor | None:
     return None if gate is None else gate(pre)
 
 
+def router_output(output: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Callable[..., tuple]]:
+    """``(logits, weights, index, rebuild)`` from a transformers MoE router's output tuple, whichever order
+    the installed release returns (granitemoe returned ``(index, weights, logits)`` before transformers 5.21);
+    ``rebuild(logits, weights, index)`` gives a tuple in the router's own order.
+
+    Example:
+        >>> logits, w, i = torch.zeros(2, 4), torch.ones(2, 1), torch.zeros(2, 1, dtype=torch.long)
+        >>> router_output((i, w, logits))[0] is logits
+        True
+    """
+    if not (isinstance(output, tuple) and len(output) == 3 and all(isinstance(t, torch.Tensor) for t in output)):
+        raise CompatibilityError(
+            f"a MoE router returned {type(output).__name__}, not the (logits, weights, index) triple steerlab knows; "
+            "install a transformers version in steerlab's tested range"
+        )
+    first, weights, last = output
+    if not first.is_floating_point() and last.is_floating_point():
+        return last, weights, first, lambda lo, w, i: (i, w, lo)
+    if first.is_floating_point() and not last.is_floating_point():
+        return first, weights, last, lambda lo, w, i: (lo, w, i)
+    raise CompatibilityError(
+        f"a MoE router returned tensors of dtypes {[t.dtype for t in output]}: cannot tell its logits from its "
+        "expert indices; install a transformers version in steerlab's tested range"
+    )
+
+
 def compile_chat_template(template: str) -> Any:
     """Compile a chat template in the Jinja environment transformers renders templates with (raises
     ``jinja2.TemplateSyntaxError`` on a syntax error)."""
@@ -226,3 +253,58 @@ def check_sample_weight(sample_weight: Any, X: Any, **kwargs: Any) -> Any:
     from sklearn.utils.validation import _check_sample_weight
 
     return _check_sample_weight(sample_weight, X, **kwargs)
+
+
+# ----- vLLM (the engines extra): the model runner's batch and the engine's settings -----
+@dataclass(frozen=True)
+class ScheduledRequest:
+    """One request's rows in a vLLM forward pass: tokens ``start:end`` of the flattened batch."""
+
+    req_id: str
+    start: int
+    end: int
+    num_prompt_tokens: int
+    extra_args: Mapping[str, Any]
+
+
+def vllm_model(worker: Any) -> nn.Module:
+    """The ``*ForCausalLM`` module a vLLM worker runs."""
+    return worker.model_runner.get_model()
+
+
+def vllm_decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a vLLM ``*ForCausalLM`` (``model.model.layers``); raises if it has none there."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise CompatibilityError(
+            f"vLLM's {type(model).__name__} keeps no decoder layers at model.layers: steerlab's vLLM backend cannot "
+            "place hooks on it"
+        )
+    return layers
+
+
+def vllm_scheduled(worker: Any) -> list[ScheduledRequest]:
+    """The requests of the forward pass the worker is running, in batch order (each with its token rows)."""
+    runner = worker.model_runner
+    batch = runner.input_batch
+    n = int(batch.num_reqs)
+    starts = [int(v) for v in runner.query_start_loc.np[: n + 1]]
+    out = []
+    for i, req_id in enumerate(batch.req_ids[:n]):
+        state = runner.requests[req_id]
+        params = state.sampling_params
+        extra = (params.extra_args if params is not None else None) or {}
+        out.append(ScheduledRequest(req_id, starts[i], starts[i + 1], int(state.num_prompt_tokens), extra))
+    return out
+
+
+def vllm_settings(llm: Any) -> dict[str, Any]:
+    """The engine settings steerlab's hooks depend on: compilation mode, eager mode, prefix caching, parallelism."""
+    config = llm.llm_engine.vllm_config
+    return {
+        "compilation_mode": int(config.compilation_config.mode),
+        "enforce_eager": bool(config.model_config.enforce_eager),
+        "prefix_caching": bool(config.cache_config.enable_prefix_caching),
+        "pipeline_parallel": int(config.parallel_config.pipeline_parallel_size),
+        "tensor_parallel": int(config.parallel_config.tensor_parallel_size),
+    }

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from steerlab import compat
 from steerlab.arch import route
 from steerlab.errors import UnknownSiteError
 from steerlab.step import StepInfo
@@ -77,12 +78,12 @@ def tokens_hook(call, step: StepInfo):
 
 def router_hook(call, step: StepInfo, spec, router: nn.Module, config):
     def hook(module, args, output):
-        logits = output[0]
+        logits, old_weights, _, rebuild = compat.router_output(output)
         out = call(_as_tokens(logits, step))
         if out is None:
             return None
         new_logits = out.reshape(logits.shape)
         weights, idx = route(spec, router, new_logits, config)
-        return (new_logits, weights.to(output[1].dtype), idx)
+        return rebuild(new_logits, weights.to(old_weights.dtype), idx)
 
     return hook

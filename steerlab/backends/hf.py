@@ -214,15 +214,28 @@ def _drop_shared(step: Step) -> list[tuple[str, SiteFn]]:
     return [("expert_out", keep_routed), ("mlp_out", _selected(routed_only, step.tokens))]
 
 
+def residual_edit(op: Add | Project | RankOne) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The function ``x -> x'`` of a residual-stream operation, for activations ``[..., d]`` of any dtype
+    (the vLLM backend reuses it).
+
+    Example:
+        >>> residual_edit(Add(torch.ones(2)))(torch.zeros(3, 2)).tolist()
+        [[1.0, 1.0], [1.0, 1.0], [1.0, 1.0]]
+    """
+    if isinstance(op, Add):
+        return _add(op)
+    if isinstance(op, Project):
+        return _project(op)
+    if isinstance(op, RankOne):
+        return _rank_one(op)
+    raise UnknownSiteError(f"{type(op).__name__} is not a residual-stream operation (Add, Project, RankOne)")
+
+
 def site_functions(step: Step, model: Model) -> list[tuple[str, SiteFn]]:
     """The ``(site, fn)`` pairs that carry out a named-site ``step`` (interop bridges reuse these)."""
     op = step.op
-    if isinstance(op, Add):
-        return [(step.site, _selected(_add(op), step.tokens))]
-    if isinstance(op, Project):
-        return [(step.site, _selected(_project(op), step.tokens))]
-    if isinstance(op, RankOne):
-        return [(step.site, _selected(_rank_one(op), step.tokens))]
+    if isinstance(op, Add | Project | RankOne):
+        return [(step.site, _selected(residual_edit(op), step.tokens))]
     if isinstance(op, SetHeads):
         return _heads(step, model)
     if isinstance(op, Route):

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from steerlab import compat
 from steerlab.errors import InvalidValueError, LayerIndexError, ShapeError
 from steerlab.measure.ranking import Order, how_many, rank_order
 from steerlab.moe import moe_layer_list, n_experts, router_of
@@ -159,7 +160,7 @@ class _RouterStats:
 
     def update(self, output: tuple, rows: Rows, layer: int) -> None:
         row, n = self.layers.index(layer), self.n
-        logits, top_w, top_i = output[0], output[1], output[2]
+        logits, top_w, top_i, _ = compat.router_output(output)
         keep = rows.batch.attention_mask.bool().reshape(-1).to(logits.device)
         logits = logits.reshape(-1, n)[keep]
         top_w, top_i = top_w.reshape(keep.shape[0], -1)[keep], top_i.reshape(keep.shape[0], -1)[keep]

@@ -1,0 +1,216 @@
+"""steerlab interventions inside vLLM, chosen per request (the ``engines`` extra: ``make engines``).
+
+:class:`VLLMEngine` starts vLLM on a steerlab model's checkpoint, resolves each registered intervention on the
+steerlab model once (its :class:`~steerlab.plan.Plan`), and has every vLLM worker render the plans as hooks
+(:mod:`steerlab.backends.vllm_worker`). Each request names its steering: ``None`` (plain), a registered name, or
+:class:`Steer` ``(name, scale)``; one batch may mix them, and every row gets what it asked for. A steered request
+that some step of its plan never edited raises :class:`~steerlab.errors.InterventionNotFiredError`.
+
+What the engine must be, and why (checked when it starts, raising otherwise):
+
+* **eager** (``enforce_eager=True``): a compiled graph would not call hooks registered after compiling;
+* **no pipeline parallelism** (every worker holds every decoder layer); tensor parallelism is the path the hooks
+  take as they are: ``collective_rpc`` installs them on every rank and each rank edits its whole copy of the
+  residual stream the same way (tested here with one rank only);
+* **prefix caching stays on**: a steered request carries a ``cache_salt`` naming its steering, so a cached prefix is
+  reused only by requests steered the same way.
+
+Example (needs vLLM; see the README's engines section):
+    >>> engine = VLLMEngine(model, interventions={"refusal": Ablate(direction)})        # doctest: +SKIP
+    >>> engine.generate(["How do I pick a lock?"] * 2, steer=[None, "refusal"])          # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from steerlab import compat
+from steerlab._checks import finite_number
+from steerlab.backends import vllm_worker
+from steerlab.errors import EngineError, InterventionNotFiredError, InvalidValueError, ModelLoadError
+from steerlab.plan import Plan, resolve_plans
+
+if TYPE_CHECKING:
+    from steerlab.model import Model
+
+
+@dataclass(frozen=True)
+class Steer:
+    """One request's steering: the registered intervention ``name``, its change scaled by ``scale``."""
+
+    name: str
+    scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise InvalidValueError(f"Steer needs the name of a registered intervention, got {self.name!r}")
+        object.__setattr__(self, "scale", finite_number(self.scale, "Steer scale"))
+
+    def extra_args(self, tag: str) -> dict[str, Any]:
+        """The request's ``SamplingParams.extra_args`` (what the workers read)."""
+        return {vllm_worker.STEER_KEY: self.name, vllm_worker.SCALE_KEY: self.scale, vllm_worker.TAG_KEY: tag}
+
+
+def checkpoint_of(model: Model) -> Path:
+    """The directory vLLM loads ``model`` from: an embedded model's cached checkpoint or the directory it came from."""
+    from steerlab.embedded import EMBEDDED, cached_checkpoint
+
+    if model.name in EMBEDDED:
+        return cached_checkpoint(model.name)
+    path = Path(str(getattr(model.hf.config, "_name_or_path", "") or model.name)).expanduser()
+    if (path / "config.json").is_file():
+        return path
+    raise ModelLoadError(
+        f"cannot tell which checkpoint directory {model.name or 'this model'} came from; pass checkpoint=... "
+        "(a directory with config.json and safetensors, e.g. from model.hf.save_pretrained)"
+    )
+
+
+class VLLMEngine:
+    """A vLLM engine whose requests can each be steered by an intervention registered on it.
+
+    ``interventions``: ``{name: value}`` (AddVector, Ablate, Clamp, RankOneRedirect... or a Plan), resolved on
+    ``model`` (which must be the checkpoint vLLM loads). ``kv_cache_bytes`` sizes vLLM's KV cache explicitly (its
+    ``gpu_memory_utilization`` counts the whole process, steerlab's own copy of the model included, against a share
+    of RAM on CPU). ``llm_options`` pass through to ``vllm.LLM``.
+    """
+
+    def __init__(
+        self,
+        model: Model,
+        interventions: Mapping[str, Any] | None = None,
+        *,
+        checkpoint: str | Path | None = None,
+        kv_cache_bytes: int = 1 << 30,
+        max_model_len: int = 2048,
+        seed: int = 0,
+        llm_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process (CPU here)
+        try:
+            from vllm import LLM
+        except ImportError as exc:
+            raise ModelLoadError("vLLM is not installed: run `make engines` (the engines venv, .venv-engines)") from exc
+        self.model = model
+        self.checkpoint = Path(checkpoint).expanduser() if checkpoint is not None else checkpoint_of(model)
+        options = {"enforce_eager": True, **(llm_options or {})}
+        dtype = str(model.dtype).removeprefix("torch.")
+        self.llm = LLM(
+            model=str(self.checkpoint), tokenizer=str(self.checkpoint), dtype=dtype,
+            kv_cache_memory_bytes=kv_cache_bytes, max_model_len=max_model_len, seed=seed, **options,
+        )  # fmt: skip
+        settings = compat.vllm_settings(self.llm)
+        if settings["compilation_mode"] != 0 or not settings["enforce_eager"]:
+            raise EngineError(
+                f"vLLM runs a compiled model ({settings}): hooks registered after compiling would not run; "
+                "leave enforce_eager=True"
+            )
+        if settings["pipeline_parallel"] != 1:
+            raise EngineError("steerlab's vLLM backend needs every decoder layer on every worker: pipeline_parallel_size=1")
+        self.settings = settings
+        self.plans: dict[str, Plan] = {}
+        self._versions: dict[str, str] = {}  # a new one each time a name is (re)registered: the prefix-cache salt
+        if interventions:
+            self.register(interventions)
+
+    # ----- interventions -----
+    def register(self, interventions: Mapping[str, Any]) -> None:
+        """Add (or replace) named interventions, resolved on the model, and install their hooks on every worker."""
+        if not isinstance(interventions, Mapping) or not interventions:
+            raise InvalidValueError("register({name: intervention, ...}) needs at least one named intervention")
+        plans, versions = dict(self.plans), dict(self._versions)
+        for name, iv in interventions.items():
+            if not isinstance(name, str) or not name:
+                raise InvalidValueError(f"intervention names are non-empty strings, got {name!r}")
+            plans[name], versions[name] = resolve_plans(self.model, [iv])[0], uuid.uuid4().hex
+        spec = self.model.spec
+        install = partial(vllm_worker.install, plans=plans, attn_out=spec.attn_out, mlp_out=spec.mlp_out, n_layers=self.model.n_layers)
+        self.llm.collective_rpc(install)
+        self.plans, self._versions = plans, versions
+
+    # ----- generation -----
+    def requests(self, steer: Any, n: int) -> list[Steer | None]:
+        """``steer`` (None, a name, a :class:`Steer`, or one of those per prompt) as one entry per prompt."""
+        one = steer is None or isinstance(steer, str | Steer)
+        items = [steer] * n if one else list(steer)
+        if len(items) != n:
+            raise InvalidValueError(f"steer has {len(items)} entries for {n} prompts; give one per prompt (None: plain)")
+        out: list[Steer | None] = []
+        for item in items:
+            request = Steer(item) if isinstance(item, str) else item
+            if request is not None and not isinstance(request, Steer):
+                raise InvalidValueError(f"a request's steering is None, a name or Steer(name, scale), not {type(item).__name__}")
+            if request is not None and request.name not in self.plans:
+                raise InvalidValueError(f"no intervention named {request.name!r} is registered; registered: {sorted(self.plans)}")
+            out.append(request)
+        return out
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        *,
+        steer: Any = None,
+        max_new_tokens: int = 64,
+        chat: bool = True,
+        system: str | None = None,
+        temperature: float = 0.0,
+    ) -> list[str]:
+        """Continuations of ``prompts`` (rendered through the model's chat template, as ``model.generate`` does),
+        each steered as ``steer`` says; greedy unless ``temperature`` > 0."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if isinstance(prompts, str) or not prompts:
+            raise InvalidValueError("generate takes a non-empty list of prompts")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise InvalidValueError(f"max_new_tokens must be a positive int; got {max_new_tokens!r}")
+        requests = self.requests(steer, len(prompts))
+        rows = self.model.chat(system=system, chat=chat).tokenize(list(prompts))
+        inputs, params, tags = [], [], []
+        for (ids, *_), request in zip(rows, requests):
+            tag = uuid.uuid4().hex
+            prompt = TokensPrompt(prompt_token_ids=list(ids))
+            extra = None
+            if request is not None:
+                prompt["cache_salt"] = self._salt(request)
+                extra = request.extra_args(tag)
+            inputs.append(prompt)
+            params.append(SamplingParams(max_tokens=max_new_tokens, temperature=temperature, seed=0, extra_args=extra, skip_special_tokens=True))
+            tags.append(tag)
+        outputs = self.llm.generate(inputs, params, use_tqdm=False)
+        self._check_fired(requests, tags)
+        return [out.outputs[0].text for out in outputs]
+
+    def _salt(self, request: Steer) -> str:
+        """The prefix-cache salt of a steering: requests share cached blocks only when steered the same way."""
+        version = self._versions[request.name]
+        digest = hashlib.sha256(f"{request.name}|{request.scale!r}|{version}".encode()).hexdigest()[:16]
+        return f"steerlab-{digest}"
+
+    def _check_fired(self, requests: Sequence[Steer | None], tags: Sequence[str]) -> None:
+        fired: dict[str, set[int]] = {}
+        for worker in self.llm.collective_rpc(vllm_worker.take_fired):
+            for tag, steps in worker.items():
+                fired.setdefault(tag, set()).update(steps)
+        for i, (request, tag) in enumerate(zip(requests, tags)):
+            if request is None:
+                continue
+            plan = self.plans[request.name]
+            missing = [plan.steps[j].where for j in range(len(plan.steps)) if j not in fired.get(tag, set())]
+            if missing:
+                raise InterventionNotFiredError(
+                    f"request {i} asked for {request.name!r} ({plan.source}) but vLLM ran without its step(s) at "
+                    f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} (tokens='generated' with one new token?)"
+                )
+
+    def close(self) -> None:
+        """Remove the hooks from every worker."""
+        self.llm.collective_rpc(vllm_worker.remove)
+        self.plans = {}
