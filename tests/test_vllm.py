@@ -1,0 +1,245 @@
+"""The vLLM backend: per-request row groups and hooks (no engine needed), and, where vLLM is installed (the engines
+venv, ``make engines-test``), the real engine against steerlab's HF hooks on the Qwen default."""
+
+from __future__ import annotations
+
+import importlib.util
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+import steerlab
+from steerlab import compat
+from steerlab.backends.vllm import Steer
+from steerlab.backends.vllm_worker import Batch, LayerSteering, WorkerHooks, take_fired
+from steerlab.errors import EngineError, InterventionNotFiredError, InvalidValueError, UnknownSiteError
+from steerlab.plan import Add, Plan, Project, SetHeads, Step
+
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
+D = 4
+
+
+def _request(req_id, start, end, n_prompt, name=None, scale=None):
+    extra = {} if name is None else {"steerlab": name, **({} if scale is None else {"steerlab_scale": scale})}
+    return compat.ScheduledRequest(req_id, start, end, n_prompt, extra)
+
+
+# ----- row groups and edits (no engine) -----
+def test_each_row_gets_its_own_requests_steering_and_scale():
+    plans = {"up": Plan("up", (Step(0, "resid_pre", Add(torch.ones(D))),))}
+    steering = LayerSteering(plans)
+    scheduled = [_request("a", 0, 3, 3), _request("b", 3, 5, 2, "up", 2.0), _request("c", 5, 6, 4, "up")]
+    batch = Batch.of(scheduled, torch.tensor([0, 1, 2, 0, 1, 4, 5, 6]))
+    x = torch.zeros(8, D)
+    out = steering.edit_residual(0, "resid_pre", x, batch)
+    assert out[:, 0].tolist() == [0, 0, 0, 2, 2, 1, 0, 0]  # plain, x2, x1, padding rows untouched
+    assert x.abs().sum() == 0  # the input is not edited in place
+    assert steering.fired == {"b": {0}, "c": {0}}
+
+
+def test_scale_multiplies_the_change_of_a_projection():
+    unit = torch.tensor([1.0, 0, 0, 0])
+    steering = LayerSteering({"ablate": Plan("Ablate", (Step(1, "attn_out", Project(unit)),))})
+    batch = Batch.of([_request("a", 0, 1, 1, "ablate", 0.5), _request("b", 1, 2, 1, "ablate")], torch.tensor([0, 0]))
+    x = torch.tensor([[4.0, 1, 0, 0], [4.0, 1, 0, 0]])
+    out = steering.edit_residual(1, "attn_out", x, batch)
+    assert out.tolist() == [[2.0, 1, 0, 0], [0.0, 1, 0, 0]]
+
+
+def test_generated_tokens_are_told_from_prompt_tokens_by_position():
+    steering = LayerSteering({"gen": Plan("gen", (Step(0, "resid_pre", Add(torch.ones(D)), tokens="generated"),))})
+    # request a: prefill of 3 prompt tokens; request b: one decode step at position 5 of a 5-token prompt
+    batch = Batch.of([_request("a", 0, 3, 3, "gen"), _request("b", 3, 4, 5, "gen")], torch.tensor([0, 1, 2, 5]))
+    out = steering.edit_residual(0, "resid_pre", torch.zeros(4, D), batch)
+    assert out[:, 0].tolist() == [0, 0, 0, 1]
+    assert steering.fired == {"b": {0}}
+
+
+@pytest.mark.parametrize("bad", [float("nan"), "strong", float("inf")])
+def test_a_scale_that_is_not_a_finite_number_raises(bad):
+    with pytest.raises(EngineError, match="steerlab_scale"):
+        Batch.of([_request("a", 0, 1, 1, "up", bad)], torch.tensor([0]))
+
+
+def test_operations_vllm_cannot_render_raise_naming_the_fix():
+    plan = Plan("HeadAblation", (Step(0, "head", SetHeads((1,))),))
+    with pytest.raises(UnknownSiteError, match="Bake the rest"):
+        LayerSteering({"heads": plan})
+
+
+class _Layer(nn.Module):
+    """vLLM's decoder-layer convention: ``(positions, hidden, residual) -> (hidden, residual)``, the residual
+    added inside the next step (here: ``x = hidden + residual``, then ``hidden = 2 x``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.mlp = nn.Identity()
+
+    def forward(self, positions, hidden, residual):
+        residual = hidden if residual is None else hidden + residual
+        return self.mlp(2 * residual), residual
+
+
+class _Model(nn.Module):
+    def __init__(self, n):
+        super().__init__()
+        self.model = nn.Module()
+        self.model.layers = nn.ModuleList(_Layer() for _ in range(n))
+
+    def forward(self, *, input_ids, positions):
+        hidden, residual = input_ids, None
+        for layer in self.model.layers:
+            hidden, residual = layer(positions, hidden, residual)
+        return hidden + residual
+
+
+def _worker(model, scheduled):
+    starts = [s.start for s in scheduled] + [scheduled[-1].end]
+    runner = SimpleNamespace(
+        get_model=lambda: model,
+        input_batch=SimpleNamespace(num_reqs=len(scheduled), req_ids=[s.req_id for s in scheduled]),
+        query_start_loc=SimpleNamespace(np=starts),
+        requests={s.req_id: SimpleNamespace(sampling_params=SimpleNamespace(extra_args=s.extra_args),
+                                            num_prompt_tokens=s.num_prompt_tokens) for s in scheduled},
+    )  # fmt: skip
+    return SimpleNamespace(model_runner=runner)
+
+
+def test_worker_hooks_edit_the_sum_of_hidden_and_residual_and_come_off():
+    model = _Model(3)
+    x = torch.randn(4, D)
+    positions = torch.arange(4)
+    plain = model(input_ids=x, positions=positions)
+    v = torch.randn(D)
+    plans = {"add": Plan("add", (Step(1, "resid_pre", Add(v)), Step(2, "resid_post", Add(v)), Step(0, "mlp_out", Add(v))))}
+    worker = _worker(model, [_request("p", 0, 2, 2), _request("s", 2, 4, 2, "add")])
+    hooks = WorkerHooks(worker, plans, attn_out="self_attn", mlp_out="mlp", n_layers=3)
+    worker.steerlab_hooks = hooks
+    steered = model(input_ids=x, positions=positions)
+    # by hand: the stream after layer i is h_i + r_i = 3 x_i (x_i the stream entering it)
+    s = x[2:]
+    s = 3 * s + v  # layer 0 with its mlp output + v (hidden 2s + v, residual s)
+    s = 3 * (s + v)  # layer 1 with its input + v
+    s = 3 * s + v  # layer 2, its output + v
+    torch.testing.assert_close(steered[2:], s)
+    torch.testing.assert_close(steered[:2], plain[:2])
+    assert take_fired(worker) == {"s": [0, 1, 2]} and take_fired(worker) == {}
+    hooks.remove()
+    torch.testing.assert_close(model(input_ids=x, positions=positions), plain)
+
+
+def test_a_model_with_other_layer_counts_is_refused():
+    worker = _worker(_Model(2), [_request("a", 0, 1, 1)])
+    with pytest.raises(EngineError, match="not the same model"):
+        WorkerHooks(worker, {}, attn_out="self_attn", mlp_out="mlp", n_layers=3)
+
+
+# ----- the real engine -----
+needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed (make engines; make engines-test)")
+N_TOKENS = 32
+
+
+@pytest.fixture(scope="module")
+def refusal(qwen):
+    from steerlab.data import load_split
+
+    split = load_split(seed=0, n_train=32)
+    acts = [steerlab.collect(qwen, p, layers=[12], positions="t_inst", progress=False) for p in (split.harmful_train, split.harmless_train)]
+    return steerlab.mean_difference(*acts)
+
+
+@pytest.fixture(scope="module")
+def interventions(refusal):
+    return {
+        "add": steerlab.AddVector(refusal, coeff=1.0),
+        "ablate": steerlab.Ablate(refusal),
+        "clamp": steerlab.Clamp(refusal, value=0.0, layers=range(8, 20)),
+    }
+
+
+@pytest.fixture(scope="module")
+def engine(qwen, interventions):
+    from steerlab.backends.vllm import VLLMEngine
+
+    eng = VLLMEngine(qwen, interventions)
+    yield eng
+    eng.close()
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    from steerlab.data import advbench, past_tense_harmless
+
+    return advbench()[-16:] + past_tense_harmless()[-16:]  # other sources than the direction's training pairs
+
+
+def _same(a, b):
+    return sum(x == y for x, y in zip(a, b, strict=True))
+
+
+@needs_vllm
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["add", "ablate", "clamp"])
+def test_vllm_steering_matches_steerlab_hooks_token_for_token(qwen, engine, interventions, prompts, name):
+    plain = qwen.generate(prompts, max_new_tokens=N_TOKENS)
+    with qwen.apply(interventions[name]):
+        hooked = qwen.generate(prompts, max_new_tokens=N_TOKENS)
+    engine_out = engine.generate(prompts, steer=name, max_new_tokens=N_TOKENS)
+    same, changed = _same(engine_out, hooked), len(prompts) - _same(hooked, plain)
+    print(f"{name}: vLLM == HF hook on {same}/{len(prompts)}; steering changed {changed}/{len(prompts)}")
+    assert same >= 0.9 * len(prompts)
+    assert changed >= 3  # the intervention acts, so equality above is not plain == plain
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_a_mixed_batch_gives_every_row_what_it_asked_for(qwen, engine, refusal, prompts):
+    rows = prompts[:12]
+    steer = [None, ("add", 0.5), ("add", 2.0)] * 4
+    requests = [None if s is None else Steer(*s) for s in steer]
+    mixed = engine.generate(rows, steer=requests, max_new_tokens=16)
+    expected = {}
+    for scale in (None, 0.5, 2.0):
+        picked = [p for p, s in zip(rows, steer) if (s and s[1]) == scale]
+        if scale is None:
+            out = qwen.generate(picked, max_new_tokens=16)
+        else:
+            with qwen.apply(steerlab.AddVector(refusal, coeff=scale)):
+                out = qwen.generate(picked, max_new_tokens=16)
+        expected.update(zip(picked, out))
+    same = sum(m == expected[p] for p, m in zip(rows, mixed))
+    print(f"mixed batch: {same}/{len(rows)} rows equal their own HF run")
+    assert same >= 11
+    assert len({m for m, s in zip(mixed, steer) if s and s[1] == 2.0} - {expected[p] for p, s in zip(rows, steer) if s is None}) > 0
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_prefix_cache_is_never_shared_between_steered_and_plain_requests(engine, prompts):
+    rows = prompts[16:20]
+    before = engine.generate(rows, max_new_tokens=12)
+    steered = engine.generate(rows, steer="add", max_new_tokens=12)  # same prompts: their blocks are cached
+    after = engine.generate(rows, max_new_tokens=12)
+    again = engine.generate(rows, steer="add", max_new_tokens=12)
+    assert engine.settings["prefix_caching"]
+    assert after == before and again == steered and steered != before
+
+
+@needs_vllm
+def test_a_step_that_never_acts_raises(qwen, engine, refusal):
+    engine.register({"late": steerlab.AddVector(refusal, coeff=1.0, tokens="generated")})
+    with pytest.raises(InterventionNotFiredError, match="late"):
+        engine.generate(["Hi"], steer="late", max_new_tokens=1)  # the one new token is sampled, never fed back
+    assert engine.generate(["Hi"], steer="late", max_new_tokens=3)
+
+
+@needs_vllm
+def test_bad_requests_raise_before_the_engine_runs(engine):
+    with pytest.raises(InvalidValueError, match="registered"):
+        engine.generate(["Hi"], steer="nope")
+    with pytest.raises(InvalidValueError, match="one per prompt"):
+        engine.generate(["Hi", "Yo"], steer=["add"])
+    with pytest.raises(UnknownSiteError, match="no vLLM rendering"):
+        engine.register({"heads": Plan("HeadAblation", (Step(0, "head", SetHeads((1,))),))})
