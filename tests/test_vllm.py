@@ -217,14 +217,22 @@ def test_a_mixed_batch_gives_every_row_what_it_asked_for(qwen, engine, refusal, 
 
 @needs_vllm
 @pytest.mark.slow
-def test_prefix_cache_is_never_shared_between_steered_and_plain_requests(engine, prompts):
-    rows = prompts[16:20]
-    before = engine.generate(rows, max_new_tokens=12)
-    steered = engine.generate(rows, steer="add", max_new_tokens=12)  # same prompts: their blocks are cached
-    after = engine.generate(rows, max_new_tokens=12)
-    again = engine.generate(rows, steer="add", max_new_tokens=12)
-    assert engine.settings["prefix_caching"]
-    assert after == before and again == steered and steered != before
+def test_prefix_cache_is_never_shared_between_steered_and_plain_requests(qwen, engine, interventions):
+    from steerlab.data import advbench
+
+    rows = advbench()[:4]  # prompts no other test sends, so nothing of theirs is cached yet
+    system = "You are a careful assistant who answers briefly. " * 30  # > one 128-token cache block (vLLM on CPU)
+    kw = {"max_new_tokens": 12, "system": system}
+    plain_hf = qwen.generate(rows, **kw)
+    with qwen.apply(interventions["add"]):
+        steered_hf = qwen.generate(rows, **kw)
+    assert steered_hf != plain_hf
+    first = engine.generate(rows, steer="add", **kw)  # fills the cache with steered blocks
+    plain = engine.generate(rows, **kw)  # same prompts: must not read them
+    assert engine.cached_tokens == [0] * len(rows)
+    again = engine.generate(rows, steer="add", **kw)  # reads its own
+    assert engine.settings["prefix_caching"] and min(engine.cached_tokens) >= 128
+    assert first == steered_hf and plain == plain_hf and again == steered_hf
 
 
 @needs_vllm

@@ -116,6 +116,7 @@ class VLLMEngine:
         if settings["pipeline_parallel"] != 1:
             raise EngineError("steerlab's vLLM backend needs every decoder layer on every worker: pipeline_parallel_size=1")
         self.settings = settings
+        self.cached_tokens: list[int] = []  # per prompt of the last generate(): prompt tokens read from the prefix cache
         self.plans: dict[str, Plan] = {}
         self._versions: dict[str, str] = {}  # a new one each time a name is (re)registered: the prefix-cache salt
         if interventions:
@@ -185,6 +186,7 @@ class VLLMEngine:
             tags.append(tag)
         with compat.vllm_warnings_silenced():
             outputs = self.llm.generate(inputs, params, use_tqdm=False)
+        self.cached_tokens = [int(out.num_cached_tokens or 0) for out in outputs]
         self._check_fired(requests, tags)
         return [out.outputs[0].text for out in outputs]
 
