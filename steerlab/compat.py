@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -324,10 +324,44 @@ def vllm_warnings_silenced() -> Iterator[None]:
 
 def import_vllm() -> Any:
     """``import vllm`` with the names steerlab uses (``LLM``, ``SamplingParams``, ``inputs.TokensPrompt``) loaded,
-    under :func:`vllm_warnings_silenced`. Raises ImportError when it is not installed."""
+    under :func:`vllm_warnings_silenced`. Raises :class:`CompatibilityError` when it is not installed."""
     with vllm_warnings_silenced():
-        import vllm
-        import vllm.inputs
+        try:
+            import vllm
+            import vllm.inputs
+        except ImportError as exc:
+            raise CompatibilityError(
+                f"vLLM is not installed here ({exc}): run `make engines` and use its venv, .venv-engines/bin/..."
+            ) from exc
 
         _ = (vllm.LLM, vllm.SamplingParams, vllm.inputs.TokensPrompt)
     return vllm
+
+
+def run_vllm_openai_server(argv: list[str], *, prepare: Callable[[Any], Awaitable[None]]) -> None:
+    """Run vLLM's OpenAI-compatible server with ``argv`` (``vllm serve`` options), as its own single-process entry
+    point does, with ``await prepare(engine_client)`` once the engine is up and before the app answers (blocks)."""
+    import asyncio
+
+    import_vllm()
+    with vllm_warnings_silenced():
+        from vllm.entrypoints.launchers.api_server import entry
+        from vllm.entrypoints.launchers.launcher import setup_server
+        from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+        from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    args = make_arg_parser(FlexibleArgumentParser()).parse_args(argv)
+    validate_parsed_serve_args(args)
+
+    async def main() -> None:
+        listen_address, sock = setup_server(args, reuse_port=False)
+        try:
+            async with entry.build_async_engine_client(args) as client:
+                await prepare(client)
+                shutdown = await entry.build_and_serve(client, listen_address, sock, args)
+            await shutdown
+        finally:
+            sock.close()
+
+    with vllm_warnings_silenced():
+        asyncio.run(main())

@@ -27,7 +27,6 @@ import os
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -73,6 +72,13 @@ def checkpoint_of(model: Model) -> Path:
     )
 
 
+def install_args(model: Model, plans: Mapping[str, Plan]) -> tuple:
+    """The arguments of the workers' ``steerlab_install``: the plans as plain data and where the registry puts the
+    attention and MLP outputs in a decoder layer."""
+    spec = model.spec
+    return (vllm_worker.plans_to_wire(plans), spec.attn_out, spec.mlp_out, model.n_layers)
+
+
 class VLLMEngine:
     """A vLLM engine whose requests can each be steered by an intervention registered on it.
 
@@ -94,13 +100,10 @@ class VLLMEngine:
         llm_options: Mapping[str, Any] | None = None,
     ) -> None:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process (CPU here)
-        try:
-            vllm = compat.import_vllm()
-        except ImportError as exc:
-            raise ModelLoadError("vLLM is not installed: run `make engines` (the engines venv, .venv-engines)") from exc
+        vllm = compat.import_vllm()
         self.model = model
         self.checkpoint = Path(checkpoint).expanduser() if checkpoint is not None else checkpoint_of(model)
-        options = {"enforce_eager": True, **(llm_options or {})}
+        options = {"enforce_eager": True, **(llm_options or {}), "worker_extension_cls": vllm_worker.WORKER_EXTENSION}
         dtype = str(model.dtype).removeprefix("torch.")
         with compat.vllm_warnings_silenced():
             self.llm = vllm.LLM(
@@ -132,9 +135,7 @@ class VLLMEngine:
             if not isinstance(name, str) or not name:
                 raise InvalidValueError(f"intervention names are non-empty strings, got {name!r}")
             plans[name], versions[name] = resolve_plans(self.model, [iv])[0], uuid.uuid4().hex
-        spec = self.model.spec
-        install = partial(vllm_worker.install, plans=plans, attn_out=spec.attn_out, mlp_out=spec.mlp_out, n_layers=self.model.n_layers)
-        self.llm.collective_rpc(install)
+        self.llm.collective_rpc("steerlab_install", args=install_args(self.model, plans))
         self.plans, self._versions = plans, versions
 
     # ----- generation -----
@@ -198,7 +199,7 @@ class VLLMEngine:
 
     def _check_fired(self, requests: Sequence[Steer | None], tags: Sequence[str]) -> None:
         fired: dict[str, set[int]] = {}
-        for worker in self.llm.collective_rpc(vllm_worker.take_fired):
+        for worker in self.llm.collective_rpc("steerlab_take_fired"):
             for tag, steps in worker.items():
                 fired.setdefault(tag, set()).update(steps)
         for i, (request, tag) in enumerate(zip(requests, tags)):
@@ -214,5 +215,5 @@ class VLLMEngine:
 
     def close(self) -> None:
         """Remove the hooks from every worker."""
-        self.llm.collective_rpc(vllm_worker.remove)
+        self.llm.collective_rpc("steerlab_remove")
         self.plans = {}

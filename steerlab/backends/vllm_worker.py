@@ -24,7 +24,7 @@ Example (no engine needed: a stand-in layer with vLLM's calling convention):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +35,7 @@ from steerlab import compat
 from steerlab.arch import resolve_path
 from steerlab.backends.hf import residual_edit
 from steerlab.errors import EngineError, UnknownSiteError
-from steerlab.plan import Add, Plan, Project, RankOne
+from steerlab.plan import Add, Plan, Project, RankOne, Step
 
 STEER_KEY, SCALE_KEY, TAG_KEY = "steerlab", "steerlab_scale", "steerlab_tag"
 ENGINE_SITES = ("resid_pre", "resid_post", "attn_out", "mlp_out")
@@ -70,9 +70,10 @@ class Batch:
     groups: Mapping[str, Group]
 
     @classmethod
-    def of(cls, scheduled: Sequence[Any], positions: torch.Tensor | None) -> Batch:
+    def of(cls, scheduled: Sequence[Any], positions: torch.Tensor | None, known: Collection[str] | None = None) -> Batch:
         """From the runner's scheduled requests (:class:`steerlab.compat.ScheduledRequest` or plain
-        ``(req_id, start, end, num_prompt_tokens, extra_args)`` tuples) and the pass's token positions."""
+        ``(req_id, start, end, num_prompt_tokens, extra_args)`` tuples) and the pass's token positions; a request
+        naming a steering not in ``known`` raises (it would otherwise run plain)."""
         parts: dict[str, list[tuple[int, int, float, int, str]]] = {}
         for item in scheduled:
             req_id, start, end, n_prompt, extra = (
@@ -82,6 +83,8 @@ class Batch:
             name = extra.get(STEER_KEY)
             if name is None or end <= start:
                 continue
+            if known is not None and name not in known:
+                raise EngineError(f"request {req_id} asks for steering {name!r}, which is not registered: {sorted(known)}")
             tag = str(extra.get(TAG_KEY, req_id))
             parts.setdefault(str(name), []).append((start, end, _scale(extra, req_id), n_prompt, tag))
         groups = {}
@@ -192,7 +195,7 @@ class WorkerHooks:
 
     def _read_batch(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         positions = kwargs.get("positions", args[1] if len(args) > 1 else None)
-        self.batch = Batch.of(compat.vllm_scheduled(self.worker), positions)
+        self.batch = Batch.of(compat.vllm_scheduled(self.worker), positions, known=self.steering.plans)
 
     def _current(self) -> Batch:
         if self.batch is None:
@@ -252,7 +255,76 @@ def _layer_inputs(args: tuple, kwargs: dict, layer: int) -> tuple[Any, torch.Ten
     return values["positions"], values["hidden_states"], values["residual"]
 
 
-# ----- run in the worker through LLM.collective_rpc -----
+# ----- plans as plain data (what crosses to worker processes: tensors, strings, numbers) -----
+_OPS = {"Add": (Add, ("vector",)), "Project": (Project, ("unit",)), "RankOne": (RankOne, ("left", "right"))}
+
+
+def _tensor_to_wire(t: torch.Tensor) -> dict[str, Any]:
+    """A tensor as a list of Python numbers and its dtype: every RPC transport carries those exactly (vLLM's
+    multiprocess one turns tensors inside containers into lists)."""
+    return {"dtype": str(t.dtype).removeprefix("torch."), "data": t.detach().cpu().double().tolist()}
+
+
+def _tensor_from_wire(item: Mapping[str, Any]) -> torch.Tensor:
+    return torch.tensor(item["data"], dtype=torch.float64).to(getattr(torch, str(item["dtype"])))
+
+
+def plans_to_wire(plans: Mapping[str, Plan]) -> dict[str, Any]:
+    """``plans`` as nested dicts and lists of strings and numbers (residual operations only); exact round trip.
+
+    Example:
+        >>> plan = Plan("p", (Step(2, "resid_pre", Project(torch.ones(2), 0.5)),))
+        >>> back = plans_from_wire(plans_to_wire({"p": plan}))["p"]
+        >>> back.steps[0].op.value, back.steps[0].layer, back.steps[0].op.unit.dtype
+        (0.5, 2, torch.float32)
+    """
+    LayerSteering(plans)  # raises for operations the engine cannot render
+    wire: dict[str, Any] = {}
+    for name, plan in plans.items():
+        steps = []
+        for step in plan.steps:
+            kind = type(step.op).__name__
+            tensors = {f: _tensor_to_wire(getattr(step.op, f)) for f in _OPS[kind][1]}
+            value = float(step.op.value) if isinstance(step.op, Project) else 0.0
+            steps.append({"layer": step.layer, "site": step.site, "tokens": step.tokens, "op": kind, "tensors": tensors, "value": value})
+        wire[name] = {"source": plan.source, "steps": steps}
+    return wire
+
+
+def plans_from_wire(wire: Mapping[str, Any]) -> dict[str, Plan]:
+    """The inverse of :func:`plans_to_wire`."""
+    plans = {}
+    for name, item in wire.items():
+        steps = []
+        for s in item["steps"]:
+            cls, fields = _OPS[s["op"]]
+            args = [_tensor_from_wire(s["tensors"][f]) for f in fields] + ([float(s["value"])] if cls is Project else [])
+            steps.append(Step(int(s["layer"]), str(s["site"]), cls(*args), tokens=s["tokens"]))
+        plans[name] = Plan(str(item["source"]), tuple(steps))
+    return plans
+
+
+class SteerlabWorkerExtension:
+    """Mixed into vLLM's worker class (``worker_extension_cls``): methods ``LLM.collective_rpc`` / the async
+    engine's ``collective_rpc`` call by name on every worker, in whichever process (and on every TP rank) it runs."""
+
+    def steerlab_install(self, wire: Mapping[str, Any], attn_out: str, mlp_out: str, n_layers: int) -> int:
+        """Hooks for the plans in ``wire`` (replacing any); returns the number of hooked places."""
+        return install(self, plans_from_wire(wire), attn_out, mlp_out, n_layers)
+
+    def steerlab_remove(self) -> None:
+        """Remove the hooks."""
+        remove(self)
+
+    def steerlab_take_fired(self) -> dict[str, list[int]]:
+        """Which steps edited which request since the last call."""
+        return take_fired(self)
+
+
+WORKER_EXTENSION = f"{__name__}.{SteerlabWorkerExtension.__name__}"
+
+
+# ----- run in the worker -----
 def install(worker: Any, plans: Mapping[str, Plan], attn_out: str, mlp_out: str, n_layers: int) -> int:
     """Replace this worker's steerlab hooks by hooks for ``plans``; returns the number of hooked places."""
     remove(worker)

@@ -14,6 +14,7 @@ Example:
     $ steerlab steer --direction runs/probe/direction.safetensors --coeff 4 "Tell me about cats."
     $ steerlab export --direction runs/refusal/refusal_direction.safetensors --ablate --out runs/ablated
     $ steerlab refusal --out runs/refusal --export          # also writes runs/refusal/model
+    $ steerlab serve --steer off=ablate:runs/refusal/refusal_direction.safetensors   # vLLM (make engines)
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from collections.abc import Callable
 from typing import NoReturn
 
 from steerlab import __version__
-from steerlab.cli import demo, guard, inputs, probe, refusal, steer
+from steerlab.cli import demo, guard, inputs, probe, refusal, serve, steer
 from steerlab.cli.args import UsageError
 from steerlab.errors import SteerlabError
 
@@ -37,6 +38,7 @@ PARSERS: tuple[Callable, ...] = (
     guard.add_parser,
     steer.add_steer_parser,
     steer.add_export_parser,
+    serve.add_parser,
 )
 
 
