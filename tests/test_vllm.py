@@ -331,3 +331,24 @@ def test_steerlab_serve_answers_with_and_without_steering_as_the_hf_hooks_do(qwe
         except subprocess.TimeoutExpired:
             server.kill()
         log.close()
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_activations_read_inside_vllm_equal_steerlab_collect(qwen, engine, prompts):
+    kw = {"layers": [0, 7, 12, 23], "positions": ["t_inst", "last", "post_inst"]}
+    ours = steerlab.collect(qwen, prompts, progress=False, **kw)
+    engine.generate(prompts[:4], max_new_tokens=4)  # cached blocks of these prompts must not hide their tokens
+    theirs = engine.collect(prompts, **kw)
+    assert theirs.layers == ours.layers and theirs.positions == ours.positions
+    for position in kw["positions"]:
+        a, b = ours["resid_pre", position], theirs["resid_pre", position]
+        assert a.shape == b.shape
+        rel = ((a - b).norm(dim=-1) / a.norm(dim=-1)).max()
+        assert rel < 1e-4, (position, float(rel))
+    assert engine.generate(prompts[:2], steer="add", max_new_tokens=4)  # steering hooks are back after reading
+
+
+def test_collect_rejects_the_ragged_position_and_unknown_names_in_batches():
+    with pytest.raises(EngineError, match="not registered"):
+        Batch.of([_request("a", 0, 1, 1, "ghost")], torch.tensor([0]), known={"up"})

@@ -30,13 +30,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from steerlab import compat
 from steerlab._checks import finite_number
 from steerlab.backends import vllm_worker
-from steerlab.errors import EngineError, InterventionNotFiredError, InvalidValueError, ModelLoadError
+from steerlab.errors import (
+    EngineError,
+    InterventionNotFiredError,
+    InvalidValueError,
+    ModelLoadError,
+    UnknownPositionError,
+)
 from steerlab.plan import Plan, resolve_plans
 
 if TYPE_CHECKING:
+    from steerlab.activations import Activations
+    from steerlab.chat import Position
     from steerlab.model import Model
 
 
@@ -190,6 +200,61 @@ class VLLMEngine:
         self.cached_tokens = [int(out.num_cached_tokens or 0) for out in outputs]
         self._check_fired(requests, tags)
         return [out.outputs[0].text for out in outputs]
+
+    def collect(
+        self,
+        prompts: Sequence[str],
+        *,
+        layers: Sequence[int] | int | None = None,
+        positions: Position | Sequence[Position] = ("last",),
+        chat: bool = True,
+        system: str | None = None,
+    ) -> Activations:
+        """``resid_pre`` at ``layers`` and fixed-width ``positions`` for every prompt, read inside vLLM (one prefill
+        per prompt, batched by vLLM's scheduler): the same :class:`~steerlab.activations.Activations` layout as
+        :func:`steerlab.collect` (``[n_prompts, n_layers, n_positions, d]``, float32). Prompts run plain, and
+        without the prefix cache (a token read from the cache is never computed, so it could not be recorded)."""
+        from steerlab.activations import Activations, _check_positions
+
+        vllm = compat.import_vllm()
+        if isinstance(prompts, str) or not prompts:
+            raise InvalidValueError("collect takes a non-empty list of prompts")
+        wanted_layers = self.model.layer_indices(layers)
+        names = _check_positions(positions)
+        if "all" in names:
+            raise UnknownPositionError("VLLMEngine.collect reads fixed-width positions; use steerlab.collect for 'all'")
+        fmt = self.model.chat(system=system, chat=chat)
+        rows = fmt.tokenize(list(prompts))
+        index = [torch.cat([fmt.pad([row]).index(p)[0] for p in names]).tolist() for row in rows]
+        widths = [len(fmt.pad([rows[0]]).index(p)[0]) for p in names]
+        inputs, params, tags = [], [], []
+        for (ids, *_), wanted in zip(rows, index):
+            tag = uuid.uuid4().hex
+            inputs.append(vllm.inputs.TokensPrompt(prompt_token_ids=list(ids), cache_salt=f"steerlab-read-{tag}"))
+            extra = {vllm_worker.READ_KEY: sorted(set(wanted)), vllm_worker.TAG_KEY: tag}
+            params.append(vllm.SamplingParams(max_tokens=1, temperature=0.0, extra_args=extra))
+            tags.append(tag)
+        self.llm.collective_rpc("steerlab_install", args=(*install_args(self.model, self.plans), wanted_layers))
+        try:
+            with compat.vllm_warnings_silenced():
+                self.llm.generate(inputs, params, use_tqdm=False)
+            recorded = self.llm.collective_rpc("steerlab_take_recorded")[0]  # every rank holds the whole stream
+        finally:
+            self.llm.collective_rpc("steerlab_install", args=install_args(self.model, self.plans))
+        out = torch.empty(len(rows), len(wanted_layers), len(index[0]), self.model.d_model)
+        for i, (tag, wanted) in enumerate(zip(tags, index)):
+            got = recorded.get(tag, {})
+            for j, layer in enumerate(wanted_layers):
+                for k, token in enumerate(wanted):
+                    if (layer, token) not in got:
+                        raise EngineError(f"vLLM never computed token {token} of prompt {i} at layer {layer}")
+                    out[i, j, k] = got[(layer, token)]
+        shard: dict[str, torch.Tensor] = {"__order__": torch.arange(len(rows)), "__lengths__": torch.tensor([len(r[0]) for r in rows])}
+        start = 0
+        for name, width in zip(names, widths):
+            shard[f"resid_pre/{name}"] = out[:, :, start : start + width].contiguous()
+            start += width
+        return Activations(layers=wanted_layers, sites=["resid_pre"], positions=names, n_prompts=len(rows), _shards=[shard])
 
     def _salt(self, request: Steer) -> str:
         """The prefix-cache salt of a steering: requests share cached blocks only when steered the same way."""

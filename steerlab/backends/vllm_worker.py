@@ -38,6 +38,7 @@ from steerlab.errors import EngineError, UnknownSiteError
 from steerlab.plan import Add, Plan, Project, RankOne, Step
 
 STEER_KEY, SCALE_KEY, TAG_KEY = "steerlab", "steerlab_scale", "steerlab_tag"
+READ_KEY = "steerlab_read"  # token indices of the prompt whose resid_pre to record
 ENGINE_SITES = ("resid_pre", "resid_post", "attn_out", "mlp_out")
 
 
@@ -65,9 +66,11 @@ class Group:
 
 @dataclass(frozen=True)
 class Batch:
-    """Which rows of the current forward pass each registered plan steers."""
+    """Which rows of the current forward pass each registered plan steers, and which rows to record
+    (``reads``: ``(tag, row, token index)``)."""
 
     groups: Mapping[str, Group]
+    reads: tuple[tuple[str, int, int], ...] = ()
 
     @classmethod
     def of(cls, scheduled: Sequence[Any], positions: torch.Tensor | None, known: Collection[str] | None = None) -> Batch:
@@ -75,11 +78,19 @@ class Batch:
         ``(req_id, start, end, num_prompt_tokens, extra_args)`` tuples) and the pass's token positions; a request
         naming a steering not in ``known`` raises (it would otherwise run plain)."""
         parts: dict[str, list[tuple[int, int, float, int, str]]] = {}
+        reads: list[tuple[str, int, int]] = []
         for item in scheduled:
             req_id, start, end, n_prompt, extra = (
                 (item.req_id, item.start, item.end, item.num_prompt_tokens, item.extra_args)
                 if isinstance(item, compat.ScheduledRequest) else item
             )  # fmt: skip
+            if READ_KEY in extra and end > start:
+                if positions is None:
+                    raise EngineError("the vLLM forward pass carried no token positions; steerlab cannot tell which rows to read")
+                wanted = {int(i) for i in extra[READ_KEY]}
+                tag = str(extra.get(TAG_KEY, req_id))
+                here = positions.reshape(-1)[start:end].tolist()
+                reads += [(tag, start + j, int(p)) for j, p in enumerate(here) if int(p) in wanted]
             name = extra.get(STEER_KEY)
             if name is None or end <= start:
                 continue
@@ -97,7 +108,7 @@ class Batch:
                 raise EngineError("the vLLM forward pass carried no token positions; steerlab cannot tell prompt from generated tokens")
             generated = positions.reshape(-1)[rows].cpu() >= prompt
             groups[name] = Group(rows, scale, generated, request, tuple(t for *_, t in items))
-        return cls(groups)
+        return cls(groups, tuple(reads))
 
 
 @dataclass(frozen=True)
@@ -161,16 +172,22 @@ class LayerSteering:
 class WorkerHooks:
     """The torch hooks of one worker: a pre-hook on the model reading the batch, one hook per ``(layer, site)``."""
 
-    def __init__(self, worker: Any, plans: Mapping[str, Plan], *, attn_out: str, mlp_out: str, n_layers: int):
+    def __init__(
+        self, worker: Any, plans: Mapping[str, Plan], *, attn_out: str, mlp_out: str, n_layers: int, read_layers: Sequence[int] = ()
+    ):
         self.worker = worker
         self.steering = LayerSteering(plans)
         self.batch: Batch | None = None
+        self.read_layers = sorted(set(read_layers))
+        self.recorded: dict[str, dict[tuple[int, int], torch.Tensor]] = {}  # tag -> {(layer, token index): [d]}
         model = compat.vllm_model(worker)
         layers = compat.vllm_decoder_layers(model)
         if len(layers) != n_layers:
             raise EngineError(f"vLLM's model has {len(layers)} decoder layers, steerlab's {n_layers}: not the same model")
         self.handles = [model.register_forward_pre_hook(self._read_batch, with_kwargs=True)]
         try:
+            for layer in self.read_layers:  # registered first: they see the layer's input before any steering edit
+                self.handles.append(layers[layer].register_forward_pre_hook(self._record(layer), with_kwargs=True))
             for layer, site in self.steering.places:
                 block = layers[layer]
                 if site == "resid_pre":
@@ -201,6 +218,19 @@ class WorkerHooks:
         if self.batch is None:
             raise EngineError("a steerlab hook ran before the model's forward pass told it the batch")
         return self.batch
+
+    def _record(self, layer: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            batch = self._current()
+            if not batch.reads:
+                return
+            _, hidden, residual = _layer_inputs(args, kwargs, layer)
+            rows = torch.tensor([row for _, row, _ in batch.reads], device=hidden.device)
+            x = hidden[rows] if residual is None else hidden[rows] + residual[rows]
+            for (tag, _, index), vec in zip(batch.reads, x.float().cpu()):
+                self.recorded.setdefault(tag, {})[(layer, index)] = vec
+
+        return hook
 
     def _pre(self, layer: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict):
@@ -308,9 +338,21 @@ class SteerlabWorkerExtension:
     """Mixed into vLLM's worker class (``worker_extension_cls``): methods ``LLM.collective_rpc`` / the async
     engine's ``collective_rpc`` call by name on every worker, in whichever process (and on every TP rank) it runs."""
 
-    def steerlab_install(self, wire: Mapping[str, Any], attn_out: str, mlp_out: str, n_layers: int) -> int:
-        """Hooks for the plans in ``wire`` (replacing any); returns the number of hooked places."""
-        return install(self, plans_from_wire(wire), attn_out, mlp_out, n_layers)
+    def steerlab_install(
+        self, wire: Mapping[str, Any], attn_out: str, mlp_out: str, n_layers: int, read_layers: Sequence[int] = ()
+    ) -> int:
+        """Hooks for the plans in ``wire`` and recorders at ``read_layers`` (replacing any); returns the number of
+        hooked steering places."""
+        return install(self, plans_from_wire(wire), attn_out, mlp_out, n_layers, read_layers)
+
+    def steerlab_take_recorded(self) -> dict[str, dict[tuple[int, int], torch.Tensor]]:
+        """``{request tag: {(layer, token index): resid_pre vector}}`` recorded since the last call (then cleared).
+        Tensors: for the in-process engine (a multiprocess transport would turn them into lists)."""
+        hooks = getattr(self, "steerlab_hooks", None)
+        if hooks is None:
+            return {}
+        recorded, hooks.recorded = hooks.recorded, {}
+        return recorded
 
     def steerlab_remove(self) -> None:
         """Remove the hooks."""
@@ -325,10 +367,13 @@ WORKER_EXTENSION = f"{__name__}.{SteerlabWorkerExtension.__name__}"
 
 
 # ----- run in the worker -----
-def install(worker: Any, plans: Mapping[str, Plan], attn_out: str, mlp_out: str, n_layers: int) -> int:
-    """Replace this worker's steerlab hooks by hooks for ``plans``; returns the number of hooked places."""
+def install(
+    worker: Any, plans: Mapping[str, Plan], attn_out: str, mlp_out: str, n_layers: int, read_layers: Sequence[int] = ()
+) -> int:
+    """Replace this worker's steerlab hooks by hooks for ``plans`` (and recorders of ``resid_pre`` at
+    ``read_layers``); returns the number of hooked steering places."""
     remove(worker)
-    hooks = WorkerHooks(worker, plans, attn_out=attn_out, mlp_out=mlp_out, n_layers=n_layers)
+    hooks = WorkerHooks(worker, plans, attn_out=attn_out, mlp_out=mlp_out, n_layers=n_layers, read_layers=read_layers)
     worker.steerlab_hooks = hooks
     return len(hooks.steering.places)
 
