@@ -154,3 +154,15 @@ def test_unwrap_module_looks_through_transformer_lens_components():
     assert not isinstance(wrapped, torch.nn.Linear)  # the bridge swapped a wrapper into the tree
     assert isinstance(compat.unwrap_module(wrapped), torch.nn.Linear)
     assert compat.unwrap_module(model.hf) is model.hf  # an HF module is its own
+
+
+def test_router_output_reads_either_order_and_rebuilds_it():
+    logits, weights, index = torch.randn(3, 4), torch.rand(3, 2), torch.randint(0, 4, (3, 2))
+    for output in ((logits, weights, index), (index, weights, logits)):  # transformers >= 5.21 / granitemoe before
+        lo, w, i, rebuild = compat.router_output(output)
+        assert lo is logits and w is weights and i is index
+        assert all(a is b for a, b in zip(rebuild(lo, w, i), output))
+    with pytest.raises(compat.CompatibilityError, match="cannot tell"):
+        compat.router_output((logits, weights, logits))
+    with pytest.raises(compat.CompatibilityError, match="triple"):
+        compat.router_output(logits)

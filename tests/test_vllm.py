@@ -349,6 +349,6 @@ def test_activations_read_inside_vllm_equal_steerlab_collect(qwen, engine, promp
     assert engine.generate(prompts[:2], steer="add", max_new_tokens=4)  # steering hooks are back after reading
 
 
-def test_collect_rejects_the_ragged_position_and_unknown_names_in_batches():
+def test_a_request_naming_an_unregistered_steering_raises_in_the_worker():
     with pytest.raises(EngineError, match="not registered"):
         Batch.of([_request("a", 0, 1, 1, "ghost")], torch.tensor([0]), known={"up"})

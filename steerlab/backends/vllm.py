@@ -174,9 +174,11 @@ class VLLMEngine:
         chat: bool = True,
         system: str | None = None,
         temperature: float = 0.0,
+        ignore_eos: bool = False,
     ) -> list[str]:
         """Continuations of ``prompts`` (rendered through the model's chat template, as ``model.generate`` does),
-        each steered as ``steer`` says; greedy unless ``temperature`` > 0."""
+        each steered as ``steer`` says; greedy unless ``temperature`` > 0; ``ignore_eos``: always
+        ``max_new_tokens`` tokens (benchmarks)."""
         vllm = compat.import_vllm()
         if isinstance(prompts, str) or not prompts:
             raise InvalidValueError("generate takes a non-empty list of prompts")
@@ -193,7 +195,8 @@ class VLLMEngine:
                 prompt["cache_salt"] = self._salt(request)
                 extra = request.extra_args(tag)
             inputs.append(prompt)
-            params.append(vllm.SamplingParams(max_tokens=max_new_tokens, temperature=temperature, seed=0, extra_args=extra, skip_special_tokens=True))
+            params.append(vllm.SamplingParams(max_tokens=max_new_tokens, temperature=temperature, seed=0, extra_args=extra,
+                                              skip_special_tokens=True, ignore_eos=ignore_eos))  # fmt: skip
             tags.append(tag)
         with compat.vllm_warnings_silenced():
             outputs = self.llm.generate(inputs, params, use_tqdm=False)
