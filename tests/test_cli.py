@@ -79,7 +79,7 @@ HARMLESS = [
     "Describe how to wash a car.",
     "Tell me how to make a kite.",
 ]
-NEW_COMMANDS = ["probe", "guard", "steer", "export"]
+NEW_COMMANDS = ["probe", "guard", "steer", "export", "serve"]
 
 
 @pytest.fixture(autouse=True)
@@ -692,3 +692,14 @@ def test_export_control_vector_writes_the_added_vector_at_llama_cpps_slot_and_re
     assert main([*argv, "--ablate", "--out", str(tmp_path / "ab")]) == 2
     line = _one_error_line(capsys.readouterr().err)
     assert "control vector" in line and "--ablate --format gguf" in line
+
+
+def test_serve_checks_its_arguments_and_needs_vllm(capsys, tmp_path):
+    import importlib.util
+
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", "--steer", "on=add:direction.safetensors"])  # an addition without its coefficient
+    assert exc.value.code == 2 and "NAME=add:PATH:COEFF" in _one_error_line(capsys.readouterr().err)
+    if importlib.util.find_spec("vllm") is None:
+        assert main(["serve", "--steer", f"off=ablate:{tmp_path / 'd.safetensors'}"]) == 2
+        assert "make engines" in _one_error_line(capsys.readouterr().err)

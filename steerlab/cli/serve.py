@@ -28,8 +28,11 @@ def steering_spec(text: str) -> tuple[str, str, str, float | None]:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from steerlab import compat
     from steerlab.backends.vllm_server import serve
     from steerlab.training.deploy import direction_edit
+
+    compat.import_vllm()  # before loading anything: without vLLM this is one line and exit 2
 
     names = [s[0] for s in args.steer]
     if len(set(names)) != len(names):
