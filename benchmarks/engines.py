@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from tables import median_table
 
 import steerlab
 from steerlab.backends.llamacpp import run_llama_completion, write_control_vector
@@ -39,17 +40,6 @@ def tokens_per_second(binary: Path, model: Path, text: str, n: int, vector: Path
     if found is None:
         raise RuntimeError(f"no decode 'eval time' line in llama.cpp's output:\n{out.stderr[-1500:]}")
     return float(found.group(1))
-
-
-def table(title: str, speeds: dict[str, list[float]], base: str, unit: str) -> None:
-    """Print medians and their ratio to ``base``."""
-    ref = statistics.median(speeds[base])
-    print(f"\n{title}")
-    print(f"| {'case':<22} | {unit:>12} | {'ratio vs ' + base:>22} |")
-    print(f"|{'-' * 24}|{'-' * 14}|{'-' * 24}|")
-    for name, values in speeds.items():
-        med = statistics.median(values)
-        print(f"| {name:<22} | {med:12.2f} | {med / ref:22.3f} |")
 
 
 def vllm_rows(model, direction: Direction, args: argparse.Namespace) -> None:
@@ -86,8 +76,8 @@ def vllm_rows(model, direction: Direction, args: argparse.Namespace) -> None:
                 with model.apply(iv):
                     model.generate(prompts, **hf_kw)
             speeds[name].append(n / (time.perf_counter() - start))
-    table(f"vLLM {model.name} f32 (eager, CPU), batch {len(prompts)} x {args.new_tokens} tokens, {args.reps} reps, "
-          "medians of generated tokens/s", speeds, "vLLM plain", "tokens/s")  # fmt: skip
+    median_table(f"vLLM {model.name} f32 (eager, CPU), batch {len(prompts)} x {args.new_tokens} tokens, {args.reps} "
+                 "reps, medians of generated tokens/s", speeds, base="vLLM plain", unit="tokens/s")  # fmt: skip
     ratio = statistics.median(speeds["vLLM all steered"]) / statistics.median(speeds["steerlab HF steered"])
     print(f"vLLM steered / steerlab-on-HF steered: {ratio:.2f}x")
 
@@ -129,8 +119,8 @@ def llama_cpp_rows(model, direction: Direction, args: argparse.Namespace) -> Non
         for text in texts:
             speeds["plain"].append(tokens_per_second(binary, gguf_model, text, args.new_tokens, None))
             speeds["control vector"].append(tokens_per_second(binary, gguf_model, text, args.new_tokens, vector))
-    table(f"llama.cpp {binary}, {model.name} f32, {args.prompts} prompts x {args.new_tokens} tokens, "
-          f"{args.reps} interleaved reps, medians of llama.cpp's decode tokens/s", speeds, "plain", "tokens/s")  # fmt: skip
+    median_table(f"llama.cpp {binary}, {model.name} f32, {args.prompts} prompts x {args.new_tokens} tokens, {args.reps} "
+                 "interleaved reps, medians of llama.cpp's decode tokens/s", speeds, base="plain", unit="tokens/s")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -7,10 +7,10 @@ Run: ``python benchmarks/steering.py [--model NAME] [--reps R] [--dtype bfloat16
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
+from tables import median_table
 
 import steerlab
 from steerlab.data import DEMO_HARMLESS
@@ -51,13 +51,8 @@ def main() -> None:
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
-    base = statistics.median(times["plain"])
-    print(f"\nmodel {model.name}, {args.dtype}, batch {args.batch} x {args.new_tokens} new tokens, {args.reps} interleaved reps, medians")
-    print(f"| {'case':<22} | {'seconds':>8} | {'ratio vs plain':>14} |")
-    print(f"|{'-' * 24}|{'-' * 10}|{'-' * 16}|")
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        print(f"| {name:<22} | {med:8.2f} | {base / med:14.3f} |")
+    median_table(f"model {model.name}, {args.dtype}, batch {args.batch} x {args.new_tokens} new tokens, {args.reps} "
+                 "interleaved reps, medians", times, base="plain", unit="seconds", faster="lower")  # fmt: skip
 
 
 if __name__ == "__main__":
