@@ -22,7 +22,7 @@ D = 4
 
 
 def _request(req_id, start, end, n_prompt, name=None, scale=None):
-    extra = {} if name is None else {"steerlab": name, **({} if scale is None else {"steerlab_scale": scale})}
+    extra = {} if name is None else {"steerlab": name, "steerlab_tag": req_id, **({} if scale is None else {"steerlab_scale": scale})}
     return compat.ScheduledRequest(req_id, start, end, n_prompt, extra)
 
 

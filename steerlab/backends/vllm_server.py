@@ -8,7 +8,9 @@ Requests without it run plain. :class:`SteeringMiddleware` (an ASGI middleware v
 ``--middleware`` option) answers 400 for an unknown name or a scale that is not a finite number, and gives every
 steered request a ``cache_salt`` naming its steering, so prefix caching stays on and is never shared between
 differently steered requests. The hooks are the offline engine's (:mod:`steerlab.backends.vllm_worker`), installed
-on every worker through ``collective_rpc`` once the engine is up.
+on every worker through ``collective_rpc`` once the engine is up. Unlike :class:`~steerlab.backends.vllm.VLLMEngine`,
+the server does not check after each request that every step acted: register interventions on ``tokens="all"``
+(all that ``steerlab serve`` builds), which act on every forward pass their request is in.
 """
 
 from __future__ import annotations
@@ -122,6 +124,12 @@ def serve(
     if not isinstance(interventions, Mapping) or not interventions:
         raise InvalidValueError("serve needs at least one named intervention: {name: AddVector(...) / Ablate(...)}")
     plans = {name: plan for name, plan in zip(interventions, resolve_plans(model, list(interventions.values())))}
+    partial = [name for name, plan in plans.items() if any(step.tokens != "all" for step in plan.steps)]
+    if partial:
+        raise InvalidValueError(
+            f"{partial}: the server cannot check per request that a tokens='prompt'/'generated' edit acted; "
+            "serve interventions on tokens='all' (or use VLLMEngine, which checks)"
+        )
     args = install_args(model, plans)  # raises for interventions the engine cannot render, before vLLM starts
     os.environ[REGISTRY_ENV] = json.dumps({name: uuid.uuid4().hex for name in plans})
     path = Path(checkpoint).expanduser() if checkpoint is not None else checkpoint_of(model)

@@ -96,7 +96,7 @@ class Batch:
                 continue
             if known is not None and name not in known:
                 raise EngineError(f"request {req_id} asks for steering {name!r}, which is not registered: {sorted(known)}")
-            tag = str(extra.get(TAG_KEY, req_id))
+            tag = str(extra.get(TAG_KEY, ""))  # "": nobody asks what fired (a served request), so nothing is kept
             parts.setdefault(str(name), []).append((start, end, _scale(extra, req_id), n_prompt, tag))
         groups = {}
         for name, items in parts.items():
@@ -165,7 +165,8 @@ class LayerSteering:
                 after = before + scale.to(before.dtype) * (after - before)
             out = out.index_copy(0, rows, after)
             for r in group.request[keep].unique().tolist():
-                self.fired.setdefault(group.tags[r], set()).add(edit.step_index)
+                if group.tags[r]:
+                    self.fired.setdefault(group.tags[r], set()).add(edit.step_index)
         return out
 
 
