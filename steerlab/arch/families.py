@@ -78,7 +78,8 @@ BUILTIN_SPECS: tuple[ArchSpec, ...] = (
         bias_routes=(_O_PROJ_FLAG,),
         notes=_GEMMA_NOTES,
     ),
-    ArchSpec("mixtral", down_proj=None, moe=MoESpec(renormalize=True, cast_weights=False)),
+    ArchSpec("mixtral", down_proj=None, moe=MoESpec(renormalize=True, cast_weights=False),
+             vllm_modules=(("mlp_out", "block_sparse_moe"),)),  # fmt: skip
     ArchSpec(
         "qwen2_moe",
         moe=MoESpec(renormalize="norm_topk_prob", shared_experts="shared_expert", shared_expert_gate="shared_expert_gate"),

@@ -134,7 +134,8 @@ class ArchSpec:
     outputs, so its sites sit on those norms). ``residual_scale`` names a config attribute that
     multiplies those outputs before the add (Granite). ``bias_routes`` say how the family gets a
     loadable ``o_proj`` / ``down_proj`` bias (none listed: baking such a bias is refused); ``gguf``
-    says how it is written as GGUF (``None``: GGUF export is refused).
+    says how it is written as GGUF (``None``: GGUF export is refused); ``vllm_modules`` maps a site to its module
+    in vLLM's decoder layer where vLLM's name differs from transformers'.
     """
 
     model_type: str
@@ -155,12 +156,25 @@ class ArchSpec:
     moe: MoESpec | None = None
     bias_routes: tuple[BiasRoute, ...] = ()
     gguf: GGUFArch | None = None
+    vllm_modules: tuple[tuple[str, str], ...] = ()
     notes: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
         roles = [r.role for r in self.bias_routes]
         if len(set(roles)) != len(roles):
             raise UnknownArchitectureError(f"{self.model_type}: one bias route per role, got roles {roles}")
+
+    def vllm_module(self, site: str) -> str:
+        """The path, inside vLLM's decoder layer, of the module whose output is ``site`` (``"attn_out"`` /
+        ``"mlp_out"``): ``vllm_modules`` where vLLM names it differently from transformers, else the same path.
+
+        Example:
+            >>> from steerlab.arch.registry import get_spec
+            >>> get_spec("mixtral").vllm_module("mlp_out"), get_spec("llama").vllm_module("mlp_out")
+            ('block_sparse_moe', 'mlp')
+        """
+        own = {"attn_out": self.attn_out, "mlp_out": self.mlp_out}[site]
+        return dict(self.vllm_modules).get(site, own)
 
     def bias_route(self, role: BiasRole) -> BiasRoute | None:
         """The route that gives this family a loadable ``role`` bias, or ``None`` where it has none."""

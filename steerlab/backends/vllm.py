@@ -86,7 +86,7 @@ def install_args(model: Model, plans: Mapping[str, Plan]) -> tuple:
     """The arguments of the workers' ``steerlab_install``: the plans as plain data and where the registry puts the
     attention and MLP outputs in a decoder layer."""
     spec = model.spec
-    return (vllm_worker.plans_to_wire(plans), spec.attn_out, spec.mlp_out, model.n_layers)
+    return (vllm_worker.plans_to_wire(plans), spec.vllm_module("attn_out"), spec.vllm_module("mlp_out"), model.n_layers)
 
 
 class VLLMEngine:
@@ -176,9 +176,9 @@ class VLLMEngine:
         temperature: float = 0.0,
         ignore_eos: bool = False,
     ) -> list[str]:
-        """Continuations of ``prompts`` (rendered through the model's chat template, as ``model.generate`` does),
-        each steered as ``steer`` says; greedy unless ``temperature`` > 0; ``ignore_eos``: always
-        ``max_new_tokens`` tokens (benchmarks)."""
+        """Continuations of ``prompts`` (rendered through the model's chat template and decoded by its tokenizer, as
+        ``model.generate`` does), each steered as ``steer`` says; greedy unless ``temperature`` > 0; ``ignore_eos``:
+        always ``max_new_tokens`` tokens (benchmarks)."""
         vllm = compat.import_vllm()
         if isinstance(prompts, str) or not prompts:
             raise InvalidValueError("generate takes a non-empty list of prompts")
@@ -196,13 +196,14 @@ class VLLMEngine:
                 extra = request.extra_args(tag)
             inputs.append(prompt)
             params.append(vllm.SamplingParams(max_tokens=max_new_tokens, temperature=temperature, seed=0, extra_args=extra,
-                                              skip_special_tokens=True, ignore_eos=ignore_eos))  # fmt: skip
+                                              detokenize=False, ignore_eos=ignore_eos))  # fmt: skip
             tags.append(tag)
         with compat.vllm_warnings_silenced():
             outputs = self.llm.generate(inputs, params, use_tqdm=False)
         self.cached_tokens = [int(out.num_cached_tokens or 0) for out in outputs]
         self._check_fired(requests, tags)
-        return [out.outputs[0].text for out in outputs]
+        ids = [list(out.outputs[0].token_ids) for out in outputs]
+        return self.model.tokenizer.batch_decode(ids, skip_special_tokens=True)
 
     def collect(
         self,
