@@ -352,3 +352,64 @@ def test_activations_read_inside_vllm_equal_steerlab_collect(qwen, engine, promp
 def test_a_request_naming_an_unregistered_steering_raises_in_the_worker():
     with pytest.raises(EngineError, match="not registered"):
         Batch.of([_request("a", 0, 1, 1, "ghost")], torch.tensor([0]), known={"up"})
+
+
+# ----- every family vLLM and steerlab both run: tiny random models, saved and loaded by both -----
+ENGINE_FAMILIES = {
+    "llama": {}, "qwen2": {}, "qwen3": {}, "mistral": {}, "phi3": {},
+    "gemma2": {"tie_word_embeddings": True}, "gemma3_text": {"tie_word_embeddings": True},  # vLLM ties Gemma's
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64, "shared_expert_intermediate_size": 96},
+    "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64},
+    "olmoe": {"num_experts": 4, "num_experts_per_tok": 2},
+}  # fmt: skip
+
+
+def _engine_tiny_model(model_type: str):
+    """A random 3-layer model whose heads are 64 wide (vLLM's CPU attention has no kernel for narrower ones)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from steerlab.testing import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(
+        model_type, hidden_size=128, intermediate_size=192, num_hidden_layers=3, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=64, vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=0,
+        eos_token_id=tok.eos_token_id, max_position_embeddings=512, **{"tie_word_embeddings": False, **ENGINE_FAMILIES[model_type]},
+    )  # fmt: skip
+    return steerlab.load(AutoModelForCausalLM.from_config(config).eval(), tok)
+
+
+@needs_vllm
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", sorted(ENGINE_FAMILIES))
+def test_every_family_steers_in_vllm_as_in_steerlab(model_type, tmp_path):
+    from steerlab.backends.vllm import VLLMEngine
+    from steerlab.testing import tiny_direction
+
+    model = _engine_tiny_model(model_type)
+    model.hf.save_pretrained(tmp_path)
+    model.tokenizer.save_pretrained(tmp_path)
+    direction = tiny_direction(model, layer=1, seed=0)
+    interventions = {
+        "add": steerlab.AddVector(direction, coeff=4.0, unit=True),
+        "ablate": steerlab.Ablate(direction),
+        "clamp": steerlab.Clamp(direction, value=2.0, layers=[1, 2]),
+        "generated": steerlab.AddVector(direction, coeff=4.0, unit=True, tokens="generated"),
+    }
+    prompts = ["Hello there", "Write a poem", "What is up", "Tell me a story"]
+    engine = VLLMEngine(model, interventions, checkpoint=tmp_path, max_model_len=256, kv_cache_bytes=64 << 20)
+    outputs = {}
+    try:
+        for name in (None, *interventions):
+            if name is None:
+                expected = model.generate(prompts, max_new_tokens=8)
+            else:
+                with model.apply(interventions[name]):
+                    expected = model.generate(prompts, max_new_tokens=8)
+            outputs[name] = engine.generate(prompts, steer=name, max_new_tokens=8)
+            assert outputs[name] == expected, (model_type, name)
+    finally:
+        engine.close()
+    assert outputs["add"] != outputs[None] and outputs["generated"] != outputs[None]  # the steering acts
