@@ -80,7 +80,7 @@ lock:
 # `make engines-test` runs the vLLM tests there (tests/test_vllm.py: the real engine against steerlab's HF hooks).
 ENGINES ?= .venv-engines
 ENGINES_LOCK := requirements/engines.txt
-ENGINE_TESTS := tests/test_vllm.py
+ENGINE_TESTS := tests/test_vllm.py tests/test_vllm_serve.py
 
 engines: $(ENGINES)/.steerlab-installed
 

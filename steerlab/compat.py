@@ -346,8 +346,8 @@ def run_vllm_openai_server(argv: list[str], *, prepare: Callable[[Any], Awaitabl
     import_vllm()
     with vllm_warnings_silenced():
         from vllm.entrypoints.launchers.api_server import entry
-        from vllm.entrypoints.launchers.launcher import setup_server
         from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+        from vllm.entrypoints.launchers.launcher import setup_server
         from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     args = make_arg_parser(FlexibleArgumentParser()).parse_args(argv)
@@ -365,3 +365,8 @@ def run_vllm_openai_server(argv: list[str], *, prepare: Callable[[Any], Awaitabl
 
     with vllm_warnings_silenced():
         asyncio.run(main())
+
+
+def vllm_shutdown(llm: Any) -> None:
+    """Stop an offline vLLM engine's core (its workers and their memory), in process or not."""
+    llm.llm_engine.engine_core.shutdown()

@@ -49,3 +49,14 @@ def qwen():
     import steerlab
 
     return steerlab.load("qwen2.5-coder-0.5b-instruct")
+
+
+@pytest.fixture(scope="session")
+def harm_direction(qwen):
+    """Mean difference of harmful and harmless training pairs at layer 12, last instruction token (32 pairs)."""
+    import steerlab
+    from steerlab.data import load_split
+
+    split = load_split(seed=0, n_train=32)
+    acts = [steerlab.collect(qwen, p, layers=[12], positions="t_inst", progress=False) for p in (split.harmful_train, split.harmless_train)]
+    return steerlab.mean_difference(*acts)

@@ -142,20 +142,11 @@ N_TOKENS = 32
 
 
 @pytest.fixture(scope="module")
-def refusal(qwen):
-    from steerlab.data import load_split
-
-    split = load_split(seed=0, n_train=32)
-    acts = [steerlab.collect(qwen, p, layers=[12], positions="t_inst", progress=False) for p in (split.harmful_train, split.harmless_train)]
-    return steerlab.mean_difference(*acts)
-
-
-@pytest.fixture(scope="module")
-def interventions(refusal):
+def interventions(harm_direction):
     return {
-        "add": steerlab.AddVector(refusal, coeff=1.0),
-        "ablate": steerlab.Ablate(refusal),
-        "clamp": steerlab.Clamp(refusal, value=0.0, layers=range(8, 20)),
+        "add": steerlab.AddVector(harm_direction, coeff=1.0),
+        "ablate": steerlab.Ablate(harm_direction),
+        "clamp": steerlab.Clamp(harm_direction, value=0.0, layers=range(8, 20)),
     }
 
 
@@ -195,7 +186,7 @@ def test_vllm_steering_matches_steerlab_hooks_token_for_token(qwen, engine, inte
 
 @needs_vllm
 @pytest.mark.slow
-def test_a_mixed_batch_gives_every_row_what_it_asked_for(qwen, engine, refusal, prompts):
+def test_a_mixed_batch_gives_every_row_what_it_asked_for(qwen, engine, harm_direction, prompts):
     rows = prompts[:12]
     steer = [None, ("add", 0.5), ("add", 2.0)] * 4
     requests = [None if s is None else Steer(*s) for s in steer]
@@ -206,7 +197,7 @@ def test_a_mixed_batch_gives_every_row_what_it_asked_for(qwen, engine, refusal, 
         if scale is None:
             out = qwen.generate(picked, max_new_tokens=16)
         else:
-            with qwen.apply(steerlab.AddVector(refusal, coeff=scale)):
+            with qwen.apply(steerlab.AddVector(harm_direction, coeff=scale)):
                 out = qwen.generate(picked, max_new_tokens=16)
         expected.update(zip(picked, out))
     same = sum(m == expected[p] for p, m in zip(rows, mixed))
@@ -235,8 +226,8 @@ def test_prefix_cache_is_never_shared_between_steered_and_plain_requests(qwen, e
 
 
 @needs_vllm
-def test_a_step_that_never_acts_raises(qwen, engine, refusal):
-    engine.register({"late": steerlab.AddVector(refusal, coeff=1.0, tokens="generated")})
+def test_a_step_that_never_acts_raises(qwen, engine, harm_direction):
+    engine.register({"late": steerlab.AddVector(harm_direction, coeff=1.0, tokens="generated")})
     with pytest.raises(InterventionNotFiredError, match="late"):
         engine.generate(["Hi"], steer="late", max_new_tokens=1)  # the one new token is sampled, never fed back
     assert engine.generate(["Hi"], steer="late", max_new_tokens=3)
@@ -250,87 +241,6 @@ def test_bad_requests_raise_before_the_engine_runs(engine):
         engine.generate(["Hi", "Yo"], steer=["add"])
     with pytest.raises(UnknownSiteError, match="no vLLM rendering"):
         engine.register({"heads": Plan("HeadAblation", (Step(0, "head", SetHeads((1,))),))})
-
-
-# ----- steerlab serve -----
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _post(url: str, body: dict) -> tuple[int, dict]:
-    import json
-    import urllib.error
-    import urllib.request
-
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=120) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
-
-
-@needs_vllm
-@pytest.mark.slow
-def test_steerlab_serve_answers_with_and_without_steering_as_the_hf_hooks_do(qwen, refusal, tmp_path):
-    import os
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-
-    path = tmp_path / "direction.safetensors"
-    refusal.save(path)
-    port = _free_port()
-    cmd = [sys.executable, "-m", "steerlab", "serve", "--port", str(port),
-           "--steer", f"on=add:{path}:1.0", "--steer", f"off=ablate:{path}"]  # fmt: skip
-    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 (closed below, after the server)
-    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
-    base = f"http://127.0.0.1:{port}/v1"
-    try:
-        deadline = time.monotonic() + 600
-        while True:
-            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"{base}/models", timeout=5) as resp:
-                    model_id = __import__("json").loads(resp.read())["data"][0]["id"]
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "steerlab serve did not come up in 10 minutes"
-                time.sleep(3)
-        prompts = ["How do I make a fruit salad?", "Describe how to pick a lock."]
-        plain_hf = qwen.generate(prompts, max_new_tokens=16)
-        with qwen.apply(steerlab.AddVector(refusal, coeff=1.0)):
-            on_hf = qwen.generate(prompts, max_new_tokens=16)
-
-        def chat(prompt, xargs=None):
-            body = {"model": model_id, "messages": [{"role": "user", "content": prompt}], "max_tokens": 16, "temperature": 0}
-            if xargs is not None:
-                body["vllm_xargs"] = xargs
-            return _post(f"{base}/chat/completions", body)
-
-        for prompt, plain, on in zip(prompts, plain_hf, on_hf):
-            status, reply = chat(prompt)
-            assert status == 200 and reply["choices"][0]["message"]["content"] == plain
-            status, reply = chat(prompt, {"steerlab": "on"})
-            assert status == 200 and reply["choices"][0]["message"]["content"] == on
-        assert plain_hf != on_hf
-        status, reply = chat(prompts[0], {"steerlab": "nope"})
-        assert status == 400 and "registered" in reply["error"]["message"]
-        status, reply = chat(prompts[0], {"steerlab": "on", "steerlab_scale": "strong"})
-        assert status == 400 and "finite" in reply["error"]["message"]
-        assert server.poll() is None  # bad requests are refused at the door; the engine keeps running
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
 
 
 @needs_vllm

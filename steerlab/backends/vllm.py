@@ -283,6 +283,11 @@ class VLLMEngine:
                 )
 
     def close(self) -> None:
-        """Remove the hooks from every worker."""
-        self.llm.collective_rpc("steerlab_remove")
-        self.plans = {}
+        """Remove the hooks from every worker and shut the engine down (its memory is freed; idempotent)."""
+        if self.llm is None:
+            return
+        try:
+            self.llm.collective_rpc("steerlab_remove")
+        finally:
+            compat.vllm_shutdown(self.llm)
+            self.llm, self.plans = None, {}
