@@ -323,3 +323,5 @@ def test_every_family_steers_in_vllm_as_in_steerlab(model_type, tmp_path):
     finally:
         engine.close()
     assert outputs["add"] != outputs[None] and outputs["generated"] != outputs[None]  # the steering acts
+    with pytest.raises(EngineError, match="closed"):
+        engine.generate(prompts, max_new_tokens=2)

@@ -135,6 +135,12 @@ class VLLMEngine:
         if interventions:
             self.register(interventions)
 
+    def _engine(self) -> Any:
+        """The running ``vllm.LLM``; a closed engine raises."""
+        if self.llm is None:
+            raise EngineError("this VLLMEngine was closed; start a new one")
+        return self.llm
+
     # ----- interventions -----
     def register(self, interventions: Mapping[str, Any]) -> None:
         """Add (or replace) named interventions, resolved on the model, and install their hooks on every worker."""
@@ -145,7 +151,7 @@ class VLLMEngine:
             if not isinstance(name, str) or not name:
                 raise InvalidValueError(f"intervention names are non-empty strings, got {name!r}")
             plans[name], versions[name] = resolve_plans(self.model, [iv])[0], uuid.uuid4().hex
-        self.llm.collective_rpc("steerlab_install", args=install_args(self.model, plans))
+        self._engine().collective_rpc("steerlab_install", args=install_args(self.model, plans))
         self.plans, self._versions = plans, versions
 
     # ----- generation -----
@@ -199,7 +205,7 @@ class VLLMEngine:
                                               detokenize=False, ignore_eos=ignore_eos))  # fmt: skip
             tags.append(tag)
         with compat.vllm_warnings_silenced():
-            outputs = self.llm.generate(inputs, params, use_tqdm=False)
+            outputs = self._engine().generate(inputs, params, use_tqdm=False)
         self.cached_tokens = [int(out.num_cached_tokens or 0) for out in outputs]
         self._check_fired(requests, tags)
         ids = [list(out.outputs[0].token_ids) for out in outputs]
@@ -238,13 +244,13 @@ class VLLMEngine:
             extra = {vllm_worker.READ_KEY: sorted(set(wanted)), vllm_worker.TAG_KEY: tag}
             params.append(vllm.SamplingParams(max_tokens=1, temperature=0.0, extra_args=extra))
             tags.append(tag)
-        self.llm.collective_rpc("steerlab_install", args=(*install_args(self.model, self.plans), wanted_layers))
+        self._engine().collective_rpc("steerlab_install", args=(*install_args(self.model, self.plans), wanted_layers))
         try:
             with compat.vllm_warnings_silenced():
-                self.llm.generate(inputs, params, use_tqdm=False)
-            recorded = self.llm.collective_rpc("steerlab_take_recorded")[0]  # every rank holds the whole stream
+                self._engine().generate(inputs, params, use_tqdm=False)
+            recorded = self._engine().collective_rpc("steerlab_take_recorded")[0]  # every rank holds the whole stream
         finally:
-            self.llm.collective_rpc("steerlab_install", args=install_args(self.model, self.plans))
+            self._engine().collective_rpc("steerlab_install", args=install_args(self.model, self.plans))
         out = torch.empty(len(rows), len(wanted_layers), len(index[0]), self.model.d_model)
         for i, (tag, wanted) in enumerate(zip(tags, index)):
             got = recorded.get(tag, {})
@@ -268,7 +274,7 @@ class VLLMEngine:
 
     def _check_fired(self, requests: Sequence[Steer | None], tags: Sequence[str]) -> None:
         fired: dict[str, set[int]] = {}
-        for worker in self.llm.collective_rpc("steerlab_take_fired"):
+        for worker in self._engine().collective_rpc("steerlab_take_fired"):
             for tag, steps in worker.items():
                 fired.setdefault(tag, set()).update(steps)
         for i, (request, tag) in enumerate(zip(requests, tags)):
