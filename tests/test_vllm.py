@@ -325,3 +325,12 @@ def test_every_family_steers_in_vllm_as_in_steerlab(model_type, tmp_path):
     assert outputs["add"] != outputs[None] and outputs["generated"] != outputs[None]  # the steering acts
     with pytest.raises(EngineError, match="closed"):
         engine.generate(prompts, max_new_tokens=2)
+
+
+def test_engine_sizes_are_checked_before_vllm_is_touched():
+    from steerlab.backends.vllm import VLLMEngine
+
+    with pytest.raises(InvalidValueError, match="kv_cache_bytes"):
+        VLLMEngine(None, kv_cache_bytes=0)  # type: ignore[arg-type]
+    with pytest.raises(InvalidValueError, match="max_model_len"):
+        VLLMEngine(None, max_model_len=True)  # type: ignore[arg-type]

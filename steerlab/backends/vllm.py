@@ -22,7 +22,6 @@ Example (needs vLLM; see the README's engines section):
 
 from __future__ import annotations
 
-import hashlib
 import os
 import uuid
 from collections.abc import Mapping, Sequence
@@ -109,6 +108,9 @@ class VLLMEngine:
         seed: int = 0,
         llm_options: Mapping[str, Any] | None = None,
     ) -> None:
+        for what, value in (("kv_cache_bytes", kv_cache_bytes), ("max_model_len", max_model_len)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidValueError(f"{what} must be a positive int; got {value!r}")
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process (CPU here)
         vllm = compat.import_vllm()
         self.model = model
@@ -198,7 +200,7 @@ class VLLMEngine:
             prompt = vllm.inputs.TokensPrompt(prompt_token_ids=list(ids))
             extra = None
             if request is not None:
-                prompt["cache_salt"] = self._salt(request)
+                prompt["cache_salt"] = vllm_worker.cache_salt(request.name, request.scale, self._versions[request.name])
                 extra = request.extra_args(tag)
             inputs.append(prompt)
             params.append(vllm.SamplingParams(max_tokens=max_new_tokens, temperature=temperature, seed=0, extra_args=extra,
@@ -265,12 +267,6 @@ class VLLMEngine:
             shard[f"resid_pre/{name}"] = out[:, :, start : start + width].contiguous()
             start += width
         return Activations(layers=wanted_layers, sites=["resid_pre"], positions=names, n_prompts=len(rows), _shards=[shard])
-
-    def _salt(self, request: Steer) -> str:
-        """The prefix-cache salt of a steering: requests share cached blocks only when steered the same way."""
-        version = self._versions[request.name]
-        digest = hashlib.sha256(f"{request.name}|{request.scale!r}|{version}".encode()).hexdigest()[:16]
-        return f"steerlab-{digest}"
 
     def _check_fired(self, requests: Sequence[Steer | None], tags: Sequence[str]) -> None:
         fired: dict[str, set[int]] = {}

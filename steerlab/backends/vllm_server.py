@@ -15,7 +15,6 @@ the server does not check after each request that every step acted: register int
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -55,8 +54,7 @@ def steer_request(body: dict[str, Any], registry: Mapping[str, str]) -> str | No
     scale = xargs.get(vllm_worker.SCALE_KEY, 1.0)
     if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale):
         return f"{vllm_worker.SCALE_KEY} must be a finite number, got {scale!r}"
-    key = f"{name}|{float(scale)!r}|{registry[name]}|{body.get('cache_salt', '')}"
-    body["cache_salt"] = "steerlab-" + hashlib.sha256(key.encode()).hexdigest()[:16]
+    body["cache_salt"] = vllm_worker.cache_salt(name, scale, registry[name], str(body.get("cache_salt", "")))
     return None
 
 

@@ -23,6 +23,7 @@ Example (no engine needed: a stand-in layer with vLLM's calling convention):
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -40,6 +41,18 @@ from steerlab.plan import Add, Plan, Project, RankOne, Step
 STEER_KEY, SCALE_KEY, TAG_KEY = "steerlab", "steerlab_scale", "steerlab_tag"
 READ_KEY = "steerlab_read"  # token indices of the prompt whose resid_pre to record
 ENGINE_SITES = ("resid_pre", "resid_post", "attn_out", "mlp_out")
+
+
+def cache_salt(name: str, scale: float, version: str, client_salt: str = "") -> str:
+    """The prefix-cache salt of a steering (``version``: a fresh id per registration of ``name``): requests share
+    cached blocks only when steered the same way (the offline engine and the server both use it).
+
+    Example:
+        >>> cache_salt("up", 1.0, "v1") == cache_salt("up", 1, "v1") != cache_salt("up", 2.0, "v1")
+        True
+    """
+    key = f"{name}|{float(scale)!r}|{version}|{client_salt}"
+    return "steerlab-" + hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def _scale(extra: Mapping[str, Any], req_id: str) -> float:
