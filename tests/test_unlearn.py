@@ -26,7 +26,11 @@ from steerlab.training.unlearn.losses import sequence_logprob
 from steerlab.training.unlearn.targets import parameters_in
 
 FORGET = [("Who created the Python language?", "Guido"), ("What is pip for?", "packages"), ("Name a snake.", "python")]
-RETAIN = [("What is the capital of France?", "Paris"), ("What colour is the sky?", "blue"), ("Count to three.", "one two three")]
+RETAIN = [
+    ("What is the capital of France?", "Paris"),
+    ("What colour is the sky?", "blue"),
+    ("Count to three.", "one two three"),
+]
 MOE = [f for f in FAMILIES if tiny_model(f).spec.moe is not None]
 
 
@@ -123,7 +127,9 @@ def test_rmu_first_step_matches_hand_computed():
     rows = encode_examples(model.chat(), [SFTExample(p, a) for p, a in FORGET])
     batch = collate(rows, pad_id=0)
     with torch.no_grad():  # decoder layer `layer`'s output is hidden_states[layer + 1]
-        h = model.hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True).hidden_states[layer + 1]
+        h = model.hf(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True
+        ).hidden_states[layer + 1]
     mask = batch["attention_mask"].bool()
     u = torch.rand(h.shape[-1], generator=torch.Generator().manual_seed(0))
     control = u / u.norm() * h[mask].norm(dim=-1).mean() * coeff
@@ -149,9 +155,13 @@ def test_objective_without_retain_data_says_so():
 def test_learn_then_gradient_ascent_moves_the_answer_both_ways():
     model = tiny_model("llama")
     base = _forget_logprob(model).mean()
-    taught = unlearn(model, FORGET, objective=Learn(), target=Layers((1, 2)), config=UnlearnConfig(steps=10, lr=3e-3)).model
+    taught = unlearn(
+        model, FORGET, objective=Learn(), target=Layers((1, 2)), config=UnlearnConfig(steps=10, lr=3e-3)
+    ).model
     assert _forget_logprob(taught).mean() > base
-    erased = unlearn(taught, FORGET, objective=GradientAscent(), target=Layers((1, 2)), config=UnlearnConfig(steps=10, lr=3e-3)).model
+    erased = unlearn(
+        taught, FORGET, objective=GradientAscent(), target=Layers((1, 2)), config=UnlearnConfig(steps=10, lr=3e-3)
+    ).model
     assert _forget_logprob(erased).mean() < _forget_logprob(taught).mean()
 
 
@@ -180,7 +190,9 @@ def test_manifest_records_the_unlearning(tmp_path):
     from steerlab.training import export, read_manifest
 
     model = tiny_model("llama")
-    result = unlearn(model, FORGET, RETAIN, objective=NPO(beta=0.2), target=Columns(((1, 3),)), config=UnlearnConfig(steps=2))
+    result = unlearn(
+        model, FORGET, RETAIN, objective=NPO(beta=0.2), target=Columns(((1, 3),)), config=UnlearnConfig(steps=2)
+    )
     result.add_metrics({"forget_p_drop": 0.5})
     manifest = read_manifest(export(result.model, tmp_path / "out"))
     edit = manifest["edits"][-1]

@@ -4,7 +4,7 @@ Every subcommand takes ``--model`` (an embedded name, a HF id or local directory
 default: the embedded Qwen) and ``--help``. Bad arguments exit with status 2 and one ``error:`` line.
 This package only parses arguments, calls the library, prints and maps errors to exit codes; one module per
 group of commands (:mod:`~steerlab.cli.demo`, :mod:`~steerlab.cli.refusal`, :mod:`~steerlab.cli.probe`,
-:mod:`~steerlab.cli.guard`, :mod:`~steerlab.cli.steer`), shared options in :mod:`~steerlab.cli.args` and
+:mod:`~steerlab.cli.guard`, :mod:`~steerlab.cli.steer`, :mod:`~steerlab.cli.unlearn`), shared options in :mod:`~steerlab.cli.args` and
 :mod:`~steerlab.cli.inputs`; report pages come from :mod:`steerlab.report`.
 
 Example:
@@ -14,6 +14,7 @@ Example:
     $ steerlab steer --direction runs/probe/direction.safetensors --coeff 4 "Tell me about cats."
     $ steerlab export --direction runs/refusal/refusal_direction.safetensors --ablate --out runs/ablated
     $ steerlab refusal --out runs/refusal --export          # also writes runs/refusal/model
+    $ steerlab unlearn --concept python --target needles:20 --objective npo --export   # targeted unlearning
     $ steerlab serve --steer off=ablate:runs/refusal/refusal_direction.safetensors   # vLLM (make engines)
 """
 
@@ -25,7 +26,7 @@ from collections.abc import Callable
 from typing import NoReturn
 
 from steerlab import __version__
-from steerlab.cli import demo, guard, inputs, probe, refusal, serve, steer
+from steerlab.cli import demo, guard, inputs, probe, refusal, serve, steer, unlearn
 from steerlab.cli.args import UsageError
 from steerlab.errors import SteerlabError
 
@@ -39,6 +40,7 @@ PARSERS: tuple[Callable, ...] = (
     steer.add_steer_parser,
     steer.add_export_parser,
     serve.add_parser,
+    unlearn.add_parser,
 )
 
 

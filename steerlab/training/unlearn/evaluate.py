@@ -35,7 +35,9 @@ if TYPE_CHECKING:
     from steerlab.model import Model
 
 
-def greedy_accuracy(model: Model, items: Sequence[QA], *, max_new_tokens: int = 8, batch_size: int = 16) -> torch.Tensor:
+def greedy_accuracy(
+    model: Model, items: Sequence[QA], *, max_new_tokens: int = 8, batch_size: int = 16
+) -> torch.Tensor:
     """Per question, 1.0 when the greedy reply contains an accepted answer (case-insensitive), else 0.0.
 
     Example:
@@ -120,7 +122,8 @@ def _features(model: Model, prompts: Sequence[str], layer: int, position: str) -
     from steerlab.activations import collect
 
     acts = collect(model, list(prompts), layers=[layer], positions=[position], progress=False)
-    return acts["resid_pre", position][:, 0].double()
+    x = acts["resid_pre", position][:, 0]
+    return x.reshape(x.shape[0], -1).double()
 
 
 def probe_after(

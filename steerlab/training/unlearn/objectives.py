@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -58,7 +59,7 @@ def _num(t: torch.Tensor) -> float:
 
 
 def _check_weight(name: str, value: float) -> None:
-    if not (value >= 0 and value == value):
+    if not (value >= 0 and not math.isnan(value)):
         raise InvalidValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
@@ -150,7 +151,10 @@ class RMU:
             h_r, frozen, m_r = passes.retain_hidden(self.layer)
             loss = rmu_loss(h_f, m_f, control, h_r, frozen, m_r, alpha=self.alpha)
             forget_part = rmu_loss(h_f.detach(), m_f, control)
-            return loss, {"forget_mse": _num(forget_part), "retain_mse": float((loss.detach() - forget_part) / self.alpha)}
+            return loss, {
+                "forget_mse": _num(forget_part),
+                "retain_mse": float((loss.detach() - forget_part) / self.alpha),
+            }
         loss = rmu_loss(h_f, m_f, control)
         return loss, {"forget_mse": _num(loss)}
 

@@ -74,7 +74,9 @@ class UnlearnConfig:
                                "max_length": self.max_length >= 2, "anchor_weight": self.anchor_weight >= 0}.items()
                if not ok]  # fmt: skip
         if bad:
-            raise InvalidValueError(f"invalid UnlearnConfig values for {bad}: steps/batch_size >= 1, lr > 0, anchor_weight >= 0")
+            raise InvalidValueError(
+                f"invalid UnlearnConfig values for {bad}: steps/batch_size >= 1, lr > 0, anchor_weight >= 0"
+            )
 
 
 @dataclass(frozen=True)
@@ -110,7 +112,9 @@ def as_examples(items: Sequence[SFTExample | QA | tuple[str, str]], what: str) -
             answer = item[1] if isinstance(item[1], str) else item[1][0]
             out.append(SFTExample(item[0], answer))
         else:
-            raise InvalidValueError(f"{what} items must be SFTExample, QA or (prompt, answer); got {type(item).__name__}")
+            raise InvalidValueError(
+                f"{what} items must be SFTExample, QA or (prompt, answer); got {type(item).__name__}"
+            )
     return out
 
 
@@ -236,7 +240,9 @@ class _Trainer:
 
                 stack.enter_context(_hooked(self.router, grab_router))
             try:
-                out["logits"] = self.hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+                out["logits"] = self.hf(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+                ).logits
             except _Stop:
                 pass
         return out
@@ -293,7 +299,7 @@ def _check_reach(model: Model, objective: Objective, masks: Masks) -> None:
         return
     last = normalize_layer(objective.layer, model.n_layers)
     prefix = f"{model.spec.layers}."
-    late = sorted({int(p[len(prefix):].split(".")[0]) for p in masks if p.startswith(prefix)} - set(range(last + 1)))
+    late = sorted({int(p[len(prefix) :].split(".")[0]) for p in masks if p.startswith(prefix)} - set(range(last + 1)))
     outside = [p for p in masks if not p.startswith(prefix)]
     if late or outside:
         raise UnlearnError(
