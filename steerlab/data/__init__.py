@@ -42,7 +42,6 @@ __all__ = [
     "PromptSetNotInstalledError",
     "advbench",
     "concept_questions",
-    "fictitious_entity",
     "harmbench",
     "load_split",
     "load_statements",
