@@ -68,7 +68,6 @@ class GradientAscent:
     """Maximise the NLL of the forget targets (loss = ``-NLL_forget``). Unbounded: stop by steps."""
 
     needs_reference = False
-    uses_retain = False
 
     def loss(self, passes: Passes) -> tuple[torch.Tensor, Parts]:
         """``-mean NLL`` over the forget batch's target tokens."""
@@ -82,7 +81,6 @@ class GradDiff:
 
     retain_weight: float = 1.0
     needs_reference = False
-    uses_retain = True
 
     def __post_init__(self) -> None:
         _check_weight("retain_weight", self.retain_weight)
@@ -101,7 +99,6 @@ class NPO:
     beta: float = 0.1
     retain_weight: float = 1.0
     needs_reference = True
-    uses_retain = True
 
     def __post_init__(self) -> None:
         if not self.beta > 0:
@@ -136,7 +133,6 @@ class RMU:
     alpha: float = 100.0
     seed: int = 0
     needs_reference = False
-    uses_retain = True
 
     def __post_init__(self) -> None:
         if not self.coeff > 0:
@@ -161,15 +157,22 @@ class RMU:
 
 @dataclass(frozen=True)
 class Learn:
-    """Plain NLL on the forget examples: teach them (fictitious facts) or relearn them (the relearning check)."""
+    """Plain NLL on the forget examples: teach them (fictitious facts) or relearn them (the relearning check);
+    ``retain_weight > 0`` adds the retain NLL so teaching does not overwrite what the model knew."""
 
+    retain_weight: float = 0.0
     needs_reference = False
-    uses_retain = False
+
+    def __post_init__(self) -> None:
+        _check_weight("retain_weight", self.retain_weight)
 
     def loss(self, passes: Passes) -> tuple[torch.Tensor, Parts]:
-        """Mean NLL over the batch's target tokens."""
+        """Mean NLL over the batch's target tokens (+ the weighted retain NLL)."""
         nll = mean_nll(*passes.forget_logits())
-        return nll, {"forget_nll": _num(nll)}
+        if not self.retain_weight:
+            return nll, {"forget_nll": _num(nll)}
+        retain = mean_nll(*passes.retain_logits())
+        return nll + self.retain_weight * retain, {"forget_nll": _num(nll), "retain_nll": _num(retain)}
 
 
 Objective = GradientAscent | GradDiff | NPO | RMU | Learn

@@ -40,7 +40,7 @@ from steerlab.moe import router_of
 from steerlab.training.data import EncodedExample, SFTExample, encode_examples
 from steerlab.training.manifest import describe, history, record
 from steerlab.training.sft import _num_threads, _pad_id, collate
-from steerlab.training.unlearn.losses import router_anchor_loss, sequence_logprob
+from steerlab.training.unlearn.losses import IGNORE_INDEX, router_anchor_loss, sequence_logprob
 from steerlab.training.unlearn.objectives import RMU, Objective
 from steerlab.training.unlearn.targets import Expert, Masks, Target, as_target, parameters_in
 
@@ -240,12 +240,30 @@ class _Trainer:
 
                 stack.enter_context(_hooked(self.router, grab_router))
             try:
-                out["logits"] = self.hf(
-                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-                ).logits
+                if hidden is None:
+                    out["logits"], out["labels"] = self._target_logits(batch)
+                else:
+                    self.hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
             except _Stop:
                 pass
         return out
+
+    def _target_logits(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits only where a next token is labelled (``logits_to_keep``: the unembedding is a quarter of a small
+        model's compute), returned with labels in the usual shifted layout: ``logits[:, :-1]`` predicts
+        ``labels[:, 1:]``."""
+        labels = batch["labels"]
+        keep = ((labels[:, 1:] != IGNORE_INDEX).any(0)).nonzero().flatten()
+        kept = self.hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                       logits_to_keep=keep).logits  # fmt: skip
+        if kept.shape[1] != keep.numel():
+            raise UnlearnError(
+                f"{type(self.hf).__name__} ignored logits_to_keep (returned {kept.shape[1]} positions, asked "
+                f"{keep.numel()}); install a transformers version in steerlab's tested range"
+            )
+        logits = torch.cat([kept, kept.new_zeros(kept.shape[0], 1, kept.shape[2])], dim=1)
+        shifted = torch.cat([torch.full_like(labels[:, :1], IGNORE_INDEX), labels[:, keep + 1]], dim=1)
+        return logits, shifted
 
     def sequence_logprobs(self, rows: list[EncodedExample]) -> torch.Tensor:
         """The current model's ``log π(y|x)`` per row, without gradients, in batches."""
