@@ -19,6 +19,7 @@ from steerlab.training.unlearn import (
     Heads,
     Layers,
     Learn,
+    LoRA,
     UnlearnConfig,
     unlearn,
 )
@@ -199,3 +200,18 @@ def test_manifest_records_the_unlearning(tmp_path):
     assert edit["intervention"]["objective"] == {"type": "NPO", "beta": 0.2, "retain_weight": 1.0}
     assert edit["intervention"]["target"]["columns"] == [[1, 3]]
     assert edit["metrics"] == {"forget_p_drop": 0.5}
+
+
+def test_lora_target_moves_each_weight_by_a_low_rank_matrix():
+    model = tiny_model("qwen2")
+    target = LoRA(r=2, layers=(1,), modules=("down_proj", "o_proj"))
+    result = unlearn(model, FORGET, RETAIN, objective=NPO(), target=target, config=UnlearnConfig(steps=4, lr=1e-2))
+    before = dict(model.hf.named_parameters())
+    moved = {}
+    for name, p in result.model.hf.named_parameters():
+        delta = (p.detach() - before[name].detach()).double()
+        if delta.any():
+            moved[name] = int(torch.linalg.matrix_rank(delta))
+    assert moved == {"model.layers.1.mlp.down_proj.weight": 2, "model.layers.1.self_attn.o_proj.weight": 2}
+    assert not any("lora" in n for n, _ in result.model.hf.named_parameters())  # merged back: a plain model
+    assert result.trained_parameters == (2 * 96 + 64 * 2) + (2 * 64 + 64 * 2)  # lora_A [r, in] + lora_B [out, r]

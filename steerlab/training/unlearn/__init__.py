@@ -1,7 +1,7 @@
 """Targeted unlearning: train only what interpretability points at, then check the knowledge is really gone.
 
 * targets (exact parameter masks): :class:`Layers`, :class:`Columns` (ConceptVectors needles),
-  :class:`Heads` (``o_proj`` columns), :class:`Expert` (one routed expert + its router row, UOE);
+  :class:`Heads` (``o_proj`` columns), :class:`Expert` (one routed expert + its router row, UOE), :class:`LoRA`;
 * objectives (frozen values): :class:`GradientAscent`, :class:`GradDiff`, :class:`NPO`, :class:`RMU`,
   :class:`Learn` (teaching / relearning);
 * :func:`unlearn` with :class:`UnlearnConfig` → :class:`UnlearnResult` (a trained copy, recorded for export);
@@ -19,7 +19,7 @@ Example:
 """
 
 from steerlab.training.unlearn.objectives import NPO, RMU, GradDiff, GradientAscent, Learn
-from steerlab.training.unlearn.targets import Columns, Expert, Heads, Layers
+from steerlab.training.unlearn.targets import Columns, Expert, Heads, Layers, LoRA
 from steerlab.training.unlearn.trainer import UnlearnConfig, UnlearnError, UnlearnResult, unlearn
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "Heads",
     "Layers",
     "Learn",
+    "LoRA",
     "UnlearnConfig",
     "UnlearnError",
     "UnlearnResult",

@@ -9,6 +9,8 @@ the untouched entries after each step, so everything outside the target stays bi
   :func:`~steerlab.steering.find_concept_vectors`; addresses as in :class:`~steerlab.interventions.ColumnEdit`
   (``(layer, j)``, ``(layer, expert, j)``, ``(layer, "shared", j)``);
 * :class:`Heads` — the ``o_proj`` input columns of chosen attention heads (what each head writes);
+* :class:`LoRA` — low-rank adapters (peft) on the chosen layers' linear modules, merged back after training:
+  each targeted weight moves by a rank-``r`` matrix, everything else stays bit-identical;
 * :class:`Expert` — one routed expert of a fused MoE layer: its slices of every fused expert tensor and its
   row of the router (UOE, METHODS 7: the trainer adds the router anchor loss, which acts through that row).
 
@@ -31,7 +33,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from steerlab.arch import mlp_down, normalize_layer, resolve_path
+from steerlab.arch import mlp_down, normalize_layer, resolve_path, spec_for
 from steerlab.errors import EmptyInputError, InvalidValueError
 from steerlab.interventions.columns import Column, resolve_column
 from steerlab.interventions.heads import normalize_heads
@@ -203,7 +205,44 @@ class Expert:
         return out
 
 
-Target = Layers | Columns | Heads | Expert
+@dataclass(frozen=True)
+class LoRA:
+    """Low-rank adapters of rank ``r`` on ``modules`` (peft names; ``"all-linear"``: every linear of the decoder)
+    of ``layers`` (``None``: all). The trainer injects them into its copy, trains only them and merges them.
+
+    Example:
+        >>> from steerlab.testing import tiny_model
+        >>> model = tiny_model("llama")
+        >>> peft_model = LoRA(r=4, layers=(1,), modules=("down_proj",)).inject(model.hf)
+        >>> sorted(n for n, p in model.hf.named_parameters() if p.requires_grad)
+        ['model.layers.1.mlp.down_proj.lora_A.default.weight', 'model.layers.1.mlp.down_proj.lora_B.default.weight']
+        >>> base = peft_model.merge_and_unload()     # back to plain Linear modules
+    """
+
+    r: int = 8
+    alpha: float = 16.0
+    layers: tuple[int, ...] | None = None
+    modules: str | tuple[str, ...] = "all-linear"
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise InvalidValueError(f"LoRA rank r must be >= 1, got {self.r}")
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(int(la) for la in self.layers))
+
+    def inject(self, hf: torch.nn.Module):
+        """Add the adapters to ``hf`` in place (peft); returns the peft wrapper (``merge_and_unload()`` merges)."""
+        from peft import LoraConfig, get_peft_model
+
+        n_layers = spec_for(hf).count(hf) if self.layers is not None else 0
+        layers = None if self.layers is None else [normalize_layer(la, n_layers) for la in self.layers]
+        modules = self.modules if isinstance(self.modules, str) else list(self.modules)
+        config = LoraConfig(r=self.r, lora_alpha=self.alpha, target_modules=modules, layers_to_transform=layers,
+                            lora_dropout=0.0, bias="none")  # fmt: skip
+        return get_peft_model(hf, config)
+
+
+Target = Layers | Columns | Heads | Expert | LoRA
 
 
 def parameters_in(model: Model, masks: Masks) -> int:
@@ -220,10 +259,10 @@ def parameters_in(model: Model, masks: Masks) -> int:
 
 def as_target(value: Target | Sequence[Column]) -> Target:
     """A target value; a bare list of column addresses becomes :class:`Columns`."""
-    if isinstance(value, (Layers, Columns, Heads, Expert)):
+    if isinstance(value, (Layers, Columns, Heads, Expert, LoRA)):
         return value
     if isinstance(value, Sequence) and not isinstance(value, str):
         return Columns(tuple(value))
     raise InvalidValueError(
-        f"target must be Layers(...), Columns(...), Heads(...) or Expert(layer, expert); got {type(value).__name__}"
+        f"target must be Layers(...), Columns(...), Heads(...), Expert(layer, expert) or LoRA(...); got {type(value).__name__}"
     )

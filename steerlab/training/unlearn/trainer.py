@@ -33,7 +33,7 @@ import torch
 
 import steerlab
 from steerlab import compat
-from steerlab.arch import normalize_layer, resolve_path
+from steerlab.arch import normalize_layer
 from steerlab.errors import EmptyInputError, InvalidValueError, SteerlabError
 from steerlab.eval.answers import QA
 from steerlab.moe import router_of
@@ -42,7 +42,7 @@ from steerlab.training.manifest import describe, history, record
 from steerlab.training.sft import _num_threads, _pad_id, collate
 from steerlab.training.unlearn.losses import IGNORE_INDEX, router_anchor_loss, sequence_logprob
 from steerlab.training.unlearn.objectives import RMU, Objective
-from steerlab.training.unlearn.targets import Expert, Masks, Target, as_target, parameters_in
+from steerlab.training.unlearn.targets import Expert, LoRA, Masks, Target, as_target, parameters_in
 
 if TYPE_CHECKING:
     from steerlab.model import Model
@@ -129,11 +129,11 @@ class _Trainable:
         for p in hf.parameters():
             p.requires_grad_(False)
         self.items: list[tuple[torch.nn.Parameter, torch.Tensor | None, torch.Tensor | None]] = []
+        named = dict(hf.named_parameters(remove_duplicate=False))
         for path, mask in masks.items():
-            owner, _, name = path.rpartition(".")
-            param = getattr(resolve_path(hf, owner), name)
-            if not isinstance(param, torch.nn.Parameter):
-                raise UnlearnError(f"{path} is not a parameter; it cannot be trained")
+            param = named.get(path)
+            if param is None:
+                raise UnlearnError(f"{path} is not a parameter of the model; it cannot be trained")
             param.requires_grad_(True)
             self.items.append((param, mask, None if mask is None else param.detach().clone()))
         if not self.items:
@@ -368,8 +368,13 @@ def unlearn(
         hf = copy.deepcopy(model.hf)
         work = steerlab.load(hf, model.tokenizer, system=model.system)
         work.name = f"{model.name}+unlearn"
-        masks = target.masks(work)
+        peft_model = target.inject(hf) if isinstance(target, LoRA) else None
+        if peft_model is not None:
+            masks = {name: None for name, p in hf.named_parameters() if p.requires_grad}
+        else:
+            masks = target.masks(work)
         _check_reach(work, objective, masks)
+        trained = sum(int(p.numel()) for name, p in hf.named_parameters() if name in masks) if peft_model else None
         fmt = work.chat()
         trainer = _Trainer(work, objective, target, config,
                            encode_examples(fmt, forget_ex, max_length=config.max_length),
@@ -381,6 +386,10 @@ def unlearn(
         trainable = _Trainable(hf, masks)
         trainer.prepare()
         losses = _train(trainer, trainable, progress=progress)
+        if peft_model is not None:
+            hf = peft_model.merge_and_unload()
+            work = steerlab.load(hf, model.tokenizer, system=model.system)
+            work.name = f"{model.name}+unlearn"
         hf.eval()
         for p in hf.parameters():
             p.requires_grad_(False)
@@ -390,7 +399,7 @@ def unlearn(
         "intervention": {"type": "Unlearn", "objective": describe(objective), "target": describe(target)},
         "source_model": model.name,
         "config": asdict(config),
-        "trained_parameters": parameters_in(work, masks),
+        "trained_parameters": trained if trained is not None else parameters_in(work, masks),
         "forget_examples": len(forget_ex),
         "retain_examples": len(retain_ex),
         "steerlab_version": steerlab.__version__,
