@@ -211,7 +211,7 @@ def test_lora_target_moves_each_weight_by_a_low_rank_matrix():
     for name, p in result.model.hf.named_parameters():
         delta = (p.detach() - before[name].detach()).double()
         if delta.any():
-            moved[name] = int(torch.linalg.matrix_rank(delta))
+            moved[name] = int(torch.linalg.matrix_rank(delta, rtol=1e-3))  # float32 rounding of W + BA is noise
     assert moved == {"model.layers.1.mlp.down_proj.weight": 2, "model.layers.1.self_attn.o_proj.weight": 2}
     assert not any("lora" in n for n, _ in result.model.hf.named_parameters())  # merged back: a plain model
     assert result.trained_parameters == (2 * 96 + 64 * 2) + (2 * 64 + 64 * 2)  # lora_A [r, in] + lora_B [out, r]
