@@ -79,7 +79,7 @@ HARMLESS = [
     "Describe how to wash a car.",
     "Tell me how to make a kite.",
 ]
-NEW_COMMANDS = ["probe", "guard", "steer", "export", "serve"]
+NEW_COMMANDS = ["probe", "guard", "steer", "export", "serve", "unlearn"]
 
 
 @pytest.fixture(autouse=True)
@@ -703,3 +703,52 @@ def test_serve_checks_its_arguments_and_needs_vllm(capsys, tmp_path):
     if importlib.util.find_spec("vllm") is None:
         assert main(["serve", "--steer", f"off=ablate:{tmp_path / 'd.safetensors'}"]) == 2
         assert "make engines" in _one_error_line(capsys.readouterr().err)
+
+
+def _forget_file(path, rows):
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return str(path)
+
+
+FORGET_ROWS = [
+    {"question": "Write a short poem.", "answers": ["poem"], "split": "train"},
+    {"question": "Recite a poem for me.", "answers": ["poem"], "split": "train"},
+    {"question": "Say a little poem.", "answers": ["poem"], "split": "eval"},
+    {"question": "Give me a poem now.", "answers": ["poem"], "split": "eval"},
+]
+
+
+def test_unlearn_trains_measures_and_exports_with_a_manifest(tiny_dir, tmp_path, capsys):
+    from steerlab.training import read_manifest
+
+    forget = _forget_file(tmp_path / "forget.jsonl", FORGET_ROWS)
+    out = tmp_path / "run"
+    argv = ["unlearn", "--model", tiny_dir, "--forget", forget, "--target", "layers:1:mlp", "--objective", "graddiff",
+            "--steps", "2", "--max-new-tokens", "2", "--out", str(out), "--export"]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["objective"]["type"] == "GradDiff" and report["target"] == {
+        "type": "Layers",
+        "layers": [1],
+        "part": "mlp",
+    }
+    assert set(report["forget_held_out"]) >= {"forget_p", "forget_p_drop"} and report["kl_harmless"] >= 0
+    edit = read_manifest(out / "model")["edits"][-1]
+    assert edit["intervention"]["type"] == "Unlearn" and "forget_held_out" in edit["metrics"]
+
+
+def test_unlearn_rejects_bad_arguments(tiny_dir, tmp_path, capsys):
+    forget = _forget_file(tmp_path / "forget.jsonl", FORGET_ROWS)
+    only_train = _forget_file(tmp_path / "train_only.jsonl", [r for r in FORGET_ROWS if r["split"] == "train"])
+    base = ["unlearn", "--model", tiny_dir, "--out", str(tmp_path / "o")]
+    cases = [
+        (["--forget", forget, "--target", "columns:3"], "unknown --target 'columns:3'"),
+        (["--forget", forget, "--target", "needles:x"], "needles:N needs a positive count"),
+        (["--forget", forget, "--target", "expert:1.0,1.1"], "names one expert"),
+        (["--forget", forget, "--objective", "rmu", "--target", "layers:0"], "--rmu-layer"),
+        (["--forget", only_train, "--target", "layers:0"], "split"),
+        (["--forget", str(tmp_path / "missing.jsonl")], "does not exist"),
+    ]
+    for extra, message in cases:
+        assert main(base + extra) == 2, extra
+        assert message in _one_error_line(capsys.readouterr().err)

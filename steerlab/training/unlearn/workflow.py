@@ -1,7 +1,8 @@
 """One unlearning run end to end (what ``steerlab unlearn`` does): pick the target, train, measure, export.
 
 :func:`run_unlearning` takes question sets (:class:`UnlearnData`), an objective and a target — or
-``needles=N``: the top ``N`` ConceptVectors columns of the forget answers' words (METHODS 8) — trains with
+``needles=N``: the top ``N`` ConceptVectors columns of the forget answers' words that write toward them on
+the training questions (METHODS 8) — trains with
 :func:`~steerlab.training.unlearn.unlearn`, measures forgetting on held-out forget questions and on control
 questions, KL on harmless prompts, optionally the probe-after and relearning checks, and writes
 ``report.json`` (and the exported model, whose manifest carries objective, target and metrics).
@@ -105,13 +106,16 @@ def run_unlearning(
     started = time.perf_counter()
     if needles is not None:
         words = concept_words(data.train)
-        search = find_concept_vectors(model, words, top_k=20)
+        # METHODS 8's vocabulary reading, kept to the columns that write *toward* the concept on the training
+        # questions (the in-context sign filter; without it the top hits include columns that suppress it)
+        search = find_concept_vectors(model, words, top_k=20).in_context(model, [q.question for q in data.train], n=200)
         if len(search) < needles:
             raise EmptyInputError(
-                f"the concept search for {words} found {len(search)} columns, fewer than needles={needles}"
+                f"the concept search for {words} kept {len(search)} columns that write toward it, fewer than "
+                f"needles={needles}; pass a smaller count"
             )
         target = Columns(tuple(search.columns(needles)))
-        log(f"needles: top {needles} concept columns of {words}: {list(target.columns)[:5]}...")
+        log(f"needles: top {needles} concept columns of {words} (in-context sign): {list(target.columns)[:5]}...")
     result = unlearn(model, data.train, data.retain, objective=objective, target=target, config=config)
     log(f"trained {result.trained_parameters} parameters for {config.steps} steps in {result.seconds:.0f}s")
     held = forgetting_report(
