@@ -28,7 +28,7 @@ import steerlab
 from steerlab.data import DEMO_HARMLESS, concept_questions, fictitious_entity, past_tense_harmless
 from steerlab.eval.answers import QA, answer_probability
 from steerlab.training.unlearn import NPO, RMU, Layers, Learn, UnlearnConfig, unlearn
-from steerlab.training.unlearn.evaluate import forgetting_report, greedy_accuracy, probe_after, relearn_check
+from steerlab.training.unlearn.evaluate import forgetting_report, greedy_accuracy, relearn_check
 from steerlab.training.unlearn.workflow import UnlearnData, run_unlearning
 
 OUT = Path("runs/unlearn")
@@ -98,11 +98,20 @@ def fictitious(args) -> dict:
     def acc(m, items):
         return float(greedy_accuracy(m, items).mean())
 
-    out: dict = {"base": {"facts_acc": acc(model, facts), "control_acc": acc(model, control)}}
+    def p(m, items):
+        return float(answer_probability(m, items).mean())
+
+    out: dict = {
+        "base": {"facts_acc": acc(model, facts), "control_acc": acc(model, control), "control_p": p(model, control)}
+    }
     log(f"never taught: facts accuracy {out['base']['facts_acc']:.2f}, control {out['base']['control_acc']:.2f}")
-    taught = unlearn(model, facts, objective=Learn(), target=mlp,
+    taught = unlearn(model, facts, retain, objective=Learn(retain_weight=1.0), target=mlp,
                      config=UnlearnConfig(steps=args.teach_steps, lr=args.teach_lr, batch_size=8)).model  # fmt: skip
-    out["taught"] = {"facts_acc": acc(taught, facts), "control_acc": acc(taught, control)}
+    out["taught"] = {
+        "facts_acc": acc(taught, facts),
+        "control_acc": acc(taught, control),
+        "control_p": p(taught, control),
+    }
     log(f"taught: facts accuracy {out['taught']['facts_acc']:.2f}, control {out['taught']['control_acc']:.2f}")
     result = unlearn(taught, facts, retain, objective=NPO(beta=args.beta), target=mlp,
                      config=UnlearnConfig(steps=args.steps, lr=args.lr, batch_size=8))  # fmt: skip
@@ -122,16 +131,16 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--part", choices=["needles", "layers", "fictitious"], required=True)
     p.add_argument("--n", type=int, default=20, help="needles: columns")
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--probe-layer", type=int, default=12)
     p.add_argument("--relearn-steps", type=int, default=20)
     p.add_argument("--layers", type=int, nargs="+", default=[10, 11, 12])
     p.add_argument("--rmu-coeff", type=float, default=4.0)
     p.add_argument("--rmu-alpha", type=float, default=100.0)
-    p.add_argument("--teach-steps", type=int, default=60)
-    p.add_argument("--teach-lr", type=float, default=3e-4)
+    p.add_argument("--teach-steps", type=int, default=30)
+    p.add_argument("--teach-lr", type=float, default=1e-4)
     args = p.parse_args()
     torch.manual_seed(0)
     result = {"needles": needles, "layers": layers, "fictitious": fictitious}[args.part](args)
