@@ -78,7 +78,7 @@ def layers(args) -> dict:
     for name, objective, target, lr in (
         ("npo", NPO(beta=args.beta, retain_weight=1.0), Layers(tuple(args.layers), part="mlp"), args.lr),
         ("rmu", RMU(layer=max(args.layers), coeff=args.rmu_coeff, alpha=args.rmu_alpha),
-         Layers(tuple(args.layers), part="mlp"), args.lr),
+         Layers(tuple(args.layers), part="mlp"), args.rmu_lr),
     ):  # fmt: skip
         run = run_unlearning(model, data, objective=objective, target=target,
                              config=UnlearnConfig(steps=args.steps, lr=lr, batch_size=10), log=log)  # fmt: skip
@@ -134,11 +134,12 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--beta", type=float, default=0.1)
-    p.add_argument("--probe-layer", type=int, default=12)
+    p.add_argument("--probe-layer", type=int, default=23, help="after every trained column (they sit in layers 18-22)")
     p.add_argument("--relearn-steps", type=int, default=20)
     p.add_argument("--layers", type=int, nargs="+", default=[10, 11, 12])
     p.add_argument("--rmu-coeff", type=float, default=4.0)
     p.add_argument("--rmu-alpha", type=float, default=100.0)
+    p.add_argument("--rmu-lr", type=float, default=5e-5)
     p.add_argument("--teach-steps", type=int, default=30)
     p.add_argument("--teach-lr", type=float, default=1e-4)
     args = p.parse_args()
