@@ -215,3 +215,12 @@ def test_lora_target_moves_each_weight_by_a_low_rank_matrix():
     assert moved == {"model.layers.1.mlp.down_proj.weight": 2, "model.layers.1.self_attn.o_proj.weight": 2}
     assert not any("lora" in n for n, _ in result.model.hf.named_parameters())  # merged back: a plain model
     assert result.trained_parameters == (2 * 96 + 64 * 2) + (2 * 64 + 64 * 2)  # lora_A [r, in] + lora_B [out, r]
+
+
+def test_a_target_that_gets_no_gradient_raises():
+    """A dead neuron (its up-projection row zeroed) never writes its column: training that column cannot act."""
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.hf.model.layers[1].mlp.up_proj.weight[5].zero_()
+    with pytest.raises(SteerlabError, match="no gradient"):
+        unlearn(model, FORGET, objective=GradientAscent(), target=Columns(((1, 5),)), config=UnlearnConfig(steps=2))

@@ -430,7 +430,7 @@ def _train(trainer: _Trainer, trainable: _Trainable, *, progress: bool) -> list[
     def draw(n: int) -> list[int]:
         return torch.randperm(n, generator=gen)[: config.batch_size].tolist() if n else []
 
-    losses = []
+    losses, acted = [], False
     for step in tqdm(range(config.steps), desc="unlearning", unit="step", disable=not progress):
         passes = _Passes(trainer, draw(n_f), draw(n_r))
         loss, parts = objective.loss(passes)
@@ -446,10 +446,16 @@ def _train(trainer: _Trainer, trainable: _Trainable, *, progress: bool) -> list[
             raise UnlearnError(f"the loss became {float(loss.detach())} at step {step}; lower lr")
         loss.backward()
         trainable.mask_grads()
+        acted = acted or any(p.grad is not None and bool(p.grad.any()) for p in trainable.params)
         if config.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(trainable.params, config.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         trainable.restore()
         losses.append({"loss": float(loss.detach()), **parts})
+    if not acted:  # e.g. an expert the forget tokens never reach, with its router row frozen
+        raise UnlearnError(
+            f"the target's parameters received no gradient in {config.steps} steps, so nothing was unlearned; pick a "
+            "target the forget examples pass through (for an Expert: one they are routed to, see expert_attribution)"
+        )
     return losses
