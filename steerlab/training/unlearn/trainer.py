@@ -37,6 +37,7 @@ from steerlab.arch import normalize_layer
 from steerlab.errors import EmptyInputError, InvalidValueError, SteerlabError
 from steerlab.eval.answers import QA
 from steerlab.moe import router_of
+from steerlab.site_hooks import _split_output
 from steerlab.training.data import EncodedExample, SFTExample, encode_examples
 from steerlab.training.manifest import describe, history, record
 from steerlab.training.sft import _num_threads, _pad_id, collate
@@ -155,10 +156,6 @@ class _Trainable:
                 p.copy_(torch.where(mask, p, original))
 
 
-def _layer_output(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple) else output
-
-
 class _Passes:
     """Forward passes of one step, computed on demand and shared between the objective and the anchor."""
 
@@ -229,14 +226,15 @@ class _Trainer:
                 layer = self.layers[normalize_layer(hidden, len(self.layers))]
 
                 def grab(_m, _a, output):
-                    out["hidden"] = _layer_output(output)
+                    out["hidden"] = _split_output(output)[0]  # raises on an unknown output form
                     raise _Stop
 
                 stack.enter_context(_hooked(layer, grab))
             if router and self.router is not None:
 
                 def grab_router(_m, _a, output):
-                    out["router"] = compat.router_output(output)[0].reshape(-1, output_width(output))
+                    logits = compat.router_output(output)[0]
+                    out["router"] = logits.reshape(-1, logits.shape[-1])
 
                 stack.enter_context(_hooked(self.router, grab_router))
             try:
@@ -295,11 +293,6 @@ class _Trainer:
             self.control = u / u.norm() * forget_h.norm(dim=-1).mean()
             if self.objective.alpha:
                 self.frozen_retain = self.hidden_states(self.retain_rows(), self.objective.layer)
-
-
-def output_width(output: tuple) -> int:
-    """The expert count of a router output (the logits' last axis)."""
-    return int(compat.router_output(output)[0].shape[-1])
 
 
 @contextmanager
