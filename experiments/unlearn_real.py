@@ -75,13 +75,15 @@ def needles(args) -> dict:
 def layers(args) -> dict:
     model, data = qwen(), concept_data("python")
     out = {}
-    for name, objective, target, lr in (
-        ("npo", NPO(beta=args.beta, retain_weight=1.0), Layers(tuple(args.layers), part="mlp"), args.lr),
+    for name, objective, target, lr, steps in (
+        ("npo", NPO(beta=args.beta, retain_weight=1.0), Layers(tuple(args.layers), part="mlp"), args.lr, args.steps),
         ("rmu", RMU(layer=max(args.layers), coeff=args.rmu_coeff, alpha=args.rmu_alpha),
-         Layers(tuple(args.layers), part="mlp"), args.rmu_lr),
+         Layers(tuple(args.layers), part="mlp"), args.rmu_lr, args.rmu_steps or args.steps),
     ):  # fmt: skip
+        if args.only and name != args.only:
+            continue
         run = run_unlearning(model, data, objective=objective, target=target,
-                             config=UnlearnConfig(steps=args.steps, lr=lr, batch_size=10), log=log)  # fmt: skip
+                             config=UnlearnConfig(steps=steps, lr=lr, batch_size=10), log=log)  # fmt: skip
         out[name] = run.report
         del run
     return out
@@ -140,13 +142,16 @@ def main() -> None:
     p.add_argument("--rmu-coeff", type=float, default=4.0)
     p.add_argument("--rmu-alpha", type=float, default=100.0)
     p.add_argument("--rmu-lr", type=float, default=5e-5)
+    p.add_argument("--only", choices=["npo", "rmu"], help="layers: run one objective")
+    p.add_argument("--rmu-steps", type=int, help="layers: RMU's steps (default --steps)")
+    p.add_argument("--tag", default="", help="suffix of the JSON file")
     p.add_argument("--teach-steps", type=int, default=30)
     p.add_argument("--teach-lr", type=float, default=1e-4)
     args = p.parse_args()
     torch.manual_seed(0)
     result = {"needles": needles, "layers": layers, "fictitious": fictitious}[args.part](args)
     OUT.mkdir(parents=True, exist_ok=True)
-    path = OUT / f"{args.part}.json"
+    path = OUT / f"{args.part}{args.tag}.json"
     path.write_text(json.dumps({"args": vars(args), "result": result}, indent=1, default=str) + "\n")
     log(f"wrote {path}")
 

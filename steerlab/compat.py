@@ -82,7 +82,10 @@ def find_cache(args: tuple, kwargs: Mapping[str, Any]) -> Any | None:
 
 def output_cache(output: Any) -> Any | None:
     """The KV cache a model output returns (``.cache`` from transformers 5.24 on, ``.past_key_values`` before)."""
-    for name in CACHE_KWARGS:
+    declared = getattr(type(output), "__dataclass_fields__", None)  # ModelOutput: read only the field it declares
+    for name in CACHE_KWARGS:  # (5.24's deprecated ``past_key_values`` alias logs a warning when read)
+        if declared is not None and name not in declared:
+            continue
         value = getattr(output, name, None)
         if is_cache(value):
             return value
@@ -113,6 +116,26 @@ def dynamic_cache(config: Any, layers: list[tuple[torch.Tensor | None, torch.Ten
         if keys is not None:
             cache.update(keys, values, index)
     return cache
+
+
+def crop_cache(cache: Any, length: int) -> None:
+    """Cut every layer of a dynamic ``cache`` back to ``length`` tokens, layer by layer (a forward pass that stopped
+    early leaves later layers shorter or empty)."""
+    for layer in getattr(cache, "layers", ()):
+        if getattr(layer, "is_initialized", False) and layer.get_seq_length() > length:
+            layer.crop(length - layer.get_seq_length())
+
+
+def truncate_config(config: Any, n_layers: int) -> None:
+    """Make ``config`` describe only its first ``n_layers`` decoder layers (layer count and per-layer lists such as
+    ``layer_types``), in place: the config of a model whose decoder stack was cut after ``n_layers``."""
+    for name in ("layer_types", "mlp_only_layers"):
+        value = getattr(config, name, None)
+        if isinstance(value, list) and name == "layer_types":
+            setattr(config, name, value[:n_layers])
+        elif isinstance(value, list):
+            setattr(config, name, [i for i in value if i < n_layers])
+    config.num_hidden_layers = n_layers
 
 
 def has_only_full_attention(cache: Any) -> bool:

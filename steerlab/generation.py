@@ -132,9 +132,7 @@ class Decoder:
         try:
             yield self
         finally:
-            for layer in getattr(self.cache, "layers", ()):  # layer by layer: a pass may stop before the last ones
-                if getattr(layer, "is_initialized", False) and layer.get_seq_length() > length:
-                    layer.crop(length - layer.get_seq_length())
+            compat.crop_cache(self.cache, length)
             self.mask, self.pos = mask, pos
 
     def tokens(self, row: int) -> list[int]:

@@ -4,6 +4,8 @@
   :class:`Heads` (``o_proj`` columns), :class:`Expert` (one routed expert + its router row, UOE), :class:`LoRA`;
 * objectives (frozen values): :class:`GradientAscent`, :class:`GradDiff`, :class:`NPO`, :class:`RMU`,
   :class:`Learn` (teaching / relearning);
+* ULD (:mod:`~steerlab.training.unlearn.uld`): :func:`train_uld` trains a small assistant on the reversed
+  objectives (:class:`Reversed`); :class:`ULD` subtracts its logits at inference (not mergeable into weights);
 * :func:`unlearn` with :class:`UnlearnConfig` → :class:`UnlearnResult` (a trained copy, recorded for export);
 * evaluation: :func:`~steerlab.training.unlearn.evaluate.forgetting_report` (answer probability, greedy
   accuracy, KL on harmless prompts), :func:`~steerlab.training.unlearn.evaluate.probe_after` and
@@ -18,9 +20,10 @@ Example:
     ['after', 'before']
 """
 
-from steerlab.training.unlearn.objectives import NPO, RMU, GradDiff, GradientAscent, Learn
+from steerlab.training.unlearn.objectives import NPO, RMU, GradDiff, GradientAscent, Learn, Reversed
 from steerlab.training.unlearn.targets import Columns, Expert, Heads, Layers, LoRA
 from steerlab.training.unlearn.trainer import UnlearnConfig, UnlearnError, UnlearnResult, unlearn
+from steerlab.training.unlearn.uld import ULD, build_assistant, train_uld
 
 __all__ = [
     "NPO",
@@ -33,8 +36,12 @@ __all__ = [
     "Layers",
     "Learn",
     "LoRA",
+    "Reversed",
+    "ULD",
     "UnlearnConfig",
     "UnlearnError",
     "UnlearnResult",
+    "build_assistant",
+    "train_uld",
     "unlearn",
 ]

@@ -1,5 +1,7 @@
 """Did unlearning unlearn? Forget quality, retain utility, and two honesty checks.
 
+* :func:`answer_logprob` — teacher-forced log-probability of each example's whole reply (exact tokens; runs
+  inside active scopes such as :meth:`~steerlab.training.unlearn.ULD.applied`).
 * :func:`forgetting_report` — answer probability and greedy accuracy on forget and retain questions,
   and KL of the next-token distribution on harmless prompts, before vs after.
 * :func:`probe_after` — a linear probe (logistic regression) trained on the model *before* unlearning
@@ -50,6 +52,35 @@ def greedy_accuracy(
         raise EmptyInputError("no questions given; pass a non-empty list of QA items")
     replies = model.generate([qa.question for qa in items], max_new_tokens=max_new_tokens, batch_size=batch_size)
     return torch.tensor([float(any(a.lower() in str(r).lower() for a in qa.answers)) for qa, r in zip(items, replies)])
+
+
+@torch.no_grad()
+def answer_logprob(model: Model, items: Sequence, *, batch_size: int = 16, max_length: int = 128) -> torch.Tensor:
+    """Per example (``QA`` — first answer —, ``SFTExample`` or ``(prompt, reply)``), ``log p(reply | prompt)``
+    summed over the reply's tokens as the chat template renders them (end-of-turn tokens included).
+
+    Example:
+        >>> from steerlab.testing import tiny_model
+        >>> lp = answer_logprob(tiny_model("llama"), [QA("Who made Python?", ("Guido",))])
+        >>> lp.shape, bool(lp[0] < 0)
+        (torch.Size([1]), True)
+    """
+    from steerlab.training.data import encode_examples
+    from steerlab.training.sft import _pad_id, collate
+    from steerlab.training.unlearn.losses import sequence_logprob
+    from steerlab.training.unlearn.trainer import as_examples
+
+    examples = as_examples(list(items), "items")
+    if not examples:
+        raise EmptyInputError("no examples given; pass a non-empty list")
+    rows = encode_examples(model.chat(), examples, max_length=max_length)
+    out = []
+    for start in range(0, len(rows), batch_size):
+        batch = collate(rows[start : start + batch_size], pad_id=_pad_id(model.tokenizer))
+        logits = model.hf(input_ids=batch["input_ids"].to(model.device),
+                          attention_mask=batch["attention_mask"].to(model.device), use_cache=False).logits  # fmt: skip
+        out.append(sequence_logprob(logits.float().cpu(), batch["labels"]))
+    return torch.cat(out)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,9 @@
   tokens they are held at the frozen model's: ``mse(h_f, c·u) + α · mse(h_r, h_r^frozen)``, each the mean of the
   squared difference over the hidden axis and the (non-padding) tokens — the official code's ``mse_loss``
   with padding left out.
+* :func:`uniform_ce` — ULD's retain term for the assistant (Ji et al. 2024): cross-entropy between the uniform
+  distribution and the model's next-token distribution, ``-mean_v log p_v``, at the labelled positions; it is
+  smallest when the assistant's logits are flat, i.e. when subtracting them changes nothing.
 * :func:`router_anchor_loss` — UOE's anchor (METHODS 7, inferred form): ``-mean log softmax(router logits)[e]``
   over the forget tokens, so unlearning cannot simply route the tokens away from expert ``e``.
 
@@ -100,6 +103,22 @@ def rmu_loss(
             raise ShapeError("rmu_loss: retain_h needs retain_frozen and retain_mask")
         loss = loss + alpha * masked_mean_sq(retain_h - retain_frozen.to(retain_h.dtype), retain_mask)
     return loss
+
+
+def uniform_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean over labelled positions of ``-(1/V) Σ_v log p_v`` (cross-entropy from the uniform distribution).
+
+    Example:
+        >>> import math
+        >>> flat = torch.zeros(1, 3, 8)                          # already uniform: the minimum, log V
+        >>> round(float(uniform_ce(flat, torch.tensor([[-100, 1, 2]]))), 4) == round(math.log(8), 4)
+        True
+    """
+    if logits.shape[:2] != labels.shape:
+        raise ShapeError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree on [batch, seq]")
+    per_position = -torch.log_softmax(logits[:, :-1].float(), dim=-1).mean(-1)
+    mask = labels[:, 1:] != IGNORE_INDEX
+    return (per_position * mask).sum() / mask.sum().clamp(min=1)
 
 
 def router_anchor_loss(router_logits: torch.Tensor, expert: int, mask: torch.Tensor) -> torch.Tensor:

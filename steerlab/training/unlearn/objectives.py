@@ -9,6 +9,8 @@ terms for the loss log. The maths of each term is in :mod:`~steerlab.training.un
 * :class:`NPO` — Negative Preference Optimization against the frozen starting model (+ retain NLL: NPO-RT).
 * :class:`RMU` — push layer ``layer``'s forget activations toward a fixed random vector of norm
   ``coeff`` × the frozen model's mean forget-activation norm; keep retain activations where they were.
+* :class:`Reversed` — ULD's assistant objective (the forget/retain roles swapped): learn the forget set, make
+  the retain predictions flat; see :mod:`~steerlab.training.unlearn.uld`.
 * :class:`Learn` — plain NLL on the "forget" examples: teaching a fact (the fictitious-entity set) or a
   relearning attack with the same trainer and masks.
 
@@ -26,7 +28,7 @@ from typing import Protocol
 import torch
 
 from steerlab.errors import InvalidValueError
-from steerlab.training.unlearn.losses import mean_nll, npo_loss, rmu_loss, sequence_logprob
+from steerlab.training.unlearn.losses import mean_nll, npo_loss, rmu_loss, sequence_logprob, uniform_ce
 
 Parts = dict[str, float]
 
@@ -175,4 +177,25 @@ class Learn:
         return nll + self.retain_weight * retain, {"forget_nll": _num(nll), "retain_nll": _num(retain)}
 
 
-Objective = GradientAscent | GradDiff | NPO | RMU | Learn
+@dataclass(frozen=True)
+class Reversed:
+    """ULD's reversed objectives for the assistant model: NLL on the forget examples (remember them) plus
+    ``retain_weight`` × cross-entropy from the uniform distribution on the retain examples (know nothing there),
+    so that ``logits_target - α · logits_assistant`` lowers the forget answers and leaves retain ones alone."""
+
+    retain_weight: float = 1.0
+    needs_reference = False
+
+    def __post_init__(self) -> None:
+        _check_weight("retain_weight", self.retain_weight)
+
+    def loss(self, passes: Passes) -> tuple[torch.Tensor, Parts]:
+        """Forget NLL + ``retain_weight`` × uniform cross-entropy on the retain batch's answer positions."""
+        nll = mean_nll(*passes.forget_logits())
+        if not self.retain_weight:
+            return nll, {"forget_nll": _num(nll)}
+        flat = uniform_ce(*passes.retain_logits())
+        return nll + self.retain_weight * flat, {"forget_nll": _num(nll), "retain_uniform_ce": _num(flat)}
+
+
+Objective = GradientAscent | GradDiff | NPO | RMU | Learn | Reversed
