@@ -7,6 +7,8 @@ Parts (``--part``):
   Python (plus the retain questions); measured on the 20 *evaluation* questions (never trained on), on the 22
   control questions and on the "red" questions; probe-after at one layer and a relearning check.
 * ``layers`` — NPO and RMU on whole MLP layers of the Qwen default, same question sets; greedy accuracy.
+* ``uld`` — ULD on the Qwen default: an assistant from its first ``--uld-layers`` layers learns the 10 selection
+  questions and flattens the retain questions; measured like the others at several ``alpha``.
 * ``fictitious`` — the round trip on SmolLM2: teach 24 invented facts (a short fine-tune of MLP layers) →
   measure → unlearn (NPO) → measure → relearn on half "a" and measure half "b", against the model that
   never knew them.
@@ -89,6 +91,25 @@ def layers(args) -> dict:
     return out
 
 
+def uld(args) -> dict:
+    from steerlab.training.unlearn import train_uld
+
+    model, data = qwen(), concept_data("python")
+    started = time.time()
+    value = train_uld(model, data.train, data.retain, layers=args.uld_layers,
+                      config=UnlearnConfig(steps=args.steps, lr=args.lr, batch_size=10))  # fmt: skip
+    out: dict = {"train_seconds": time.time() - started, "assistant_layers": args.uld_layers}
+    log(f"assistant ({args.uld_layers} layers) trained in {out['train_seconds']:.0f}s")
+    for alpha in args.alphas:
+        scoped = type(value)(value.assistant, alpha=alpha)
+        report = forgetting_report(model, model, data.held_out, data.control, data.harmless,
+                                   after_scope=scoped.applied)  # fmt: skip
+        out[f"alpha={alpha}"] = report.summary()
+        log(f"alpha {alpha}: held-out acc {report.forget_acc}, p drop {report.forget_p_drop:+.1%}; control acc "
+            f"{report.retain_acc}, p drop {report.retain_p_drop:+.1%}; KL {report.kl_harmless:.4f}")  # fmt: skip
+    return out
+
+
 def fictitious(args) -> dict:
     model = steerlab.load("smollm2-135m-instruct", dtype=torch.float32)
     facts, half_a, half_b = qas(fictitious_entity()), qas(fictitious_entity("a")), qas(fictitious_entity("b"))
@@ -131,7 +152,7 @@ def fictitious(args) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--part", choices=["needles", "layers", "fictitious"], required=True)
+    p.add_argument("--part", choices=["needles", "layers", "uld", "fictitious"], required=True)
     p.add_argument("--n", type=int, default=20, help="needles: columns")
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--lr", type=float, default=3e-4)
@@ -144,12 +165,14 @@ def main() -> None:
     p.add_argument("--rmu-lr", type=float, default=5e-5)
     p.add_argument("--only", choices=["npo", "rmu"], help="layers: run one objective")
     p.add_argument("--rmu-steps", type=int, help="layers: RMU's steps (default --steps)")
+    p.add_argument("--uld-layers", type=int, default=4)
+    p.add_argument("--alphas", type=float, nargs="+", default=[0.25, 0.5, 1.0])
     p.add_argument("--tag", default="", help="suffix of the JSON file")
     p.add_argument("--teach-steps", type=int, default=30)
     p.add_argument("--teach-lr", type=float, default=1e-4)
     args = p.parse_args()
     torch.manual_seed(0)
-    result = {"needles": needles, "layers": layers, "fictitious": fictitious}[args.part](args)
+    result = {"needles": needles, "layers": layers, "uld": uld, "fictitious": fictitious}[args.part](args)
     OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / f"{args.part}{args.tag}.json"
     path.write_text(json.dumps({"args": vars(args), "result": result}, indent=1, default=str) + "\n")

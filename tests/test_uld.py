@@ -136,8 +136,14 @@ def test_a_block_where_the_model_never_ran_raises(trained):
 
 def test_an_assistant_of_another_model_is_refused(trained):
     _, uld = trained
-    other = tiny_model("qwen2")
-    other.hf.resize_token_embeddings(416)  # another vocabulary
+    import copy
+
+    import steerlab
+
+    base = tiny_model("qwen2")
+    hf = copy.deepcopy(base.hf)  # tiny models are shared: never edit one in place
+    hf.resize_token_embeddings(416)  # another vocabulary
+    other = steerlab.load(hf, base.tokenizer)
     with pytest.raises(SteerlabError, match="vocabulary"), uld.applied(other):
         pass
 
@@ -158,3 +164,15 @@ def test_lora_assistant_trains_only_adapters():
     uld = train_uld(model, FORGET, RETAIN, layers=2, target=LoRA(r=2), config=UnlearnConfig(steps=3, lr=1e-2))
     assert uld.assistant.n_layers == 2
     assert not any("lora" in n for n, _ in uld.assistant.hf.named_parameters())  # merged back
+
+
+def test_forgetting_report_measures_inside_the_scope(trained):
+    from steerlab.eval.answers import answer_probability
+    from steerlab.training.unlearn.evaluate import forgetting_report
+
+    model, uld = trained
+    report = forgetting_report(model, model, FORGET, RETAIN, ["Say hello."], max_new_tokens=2, after_scope=uld.applied)
+    with uld.applied(model):
+        inside = float(answer_probability(model, FORGET).mean())
+    assert report.forget_p[1] == pytest.approx(inside) and report.forget_p[0] != pytest.approx(inside)
+    assert report.kl_harmless > 0

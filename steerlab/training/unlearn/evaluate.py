@@ -23,7 +23,8 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -123,17 +124,28 @@ def forgetting_report(
     *,
     max_new_tokens: int = 8,
     batch_size: int = 16,
+    after_scope: Callable[[Model], AbstractContextManager] | None = None,
 ) -> ForgettingReport:
     """Answer probability and greedy accuracy on ``forget`` / ``retain`` for both models; mean KL(before || after)
-    of the next-token distribution after each ``harmless`` prompt."""
+    of the next-token distribution after each ``harmless`` prompt.
+
+    ``after_scope`` measures ``after`` inside ``after_scope(after)`` — an inference-time unlearning such as
+    ``ULD(...).applied`` (then ``before`` and ``after`` may be the same model).
+    """
     if not harmless:
         raise EmptyInputError("no harmless prompts for the KL check")
+    scope = after_scope if after_scope is not None else (lambda _model: nullcontext())
+
+    def measured_after(fn):
+        with scope(after):
+            return fn(after)
 
     def both(fn) -> tuple[float, float]:
-        return float(fn(before).mean()), float(fn(after).mean())
+        return float(fn(before).mean()), float(measured_after(fn).mean())
 
     kw = {"batch_size": batch_size}
-    kl = kl_divergence(last_token_logprobs(before, harmless, **kw), last_token_logprobs(after, harmless, **kw))
+    kl = kl_divergence(last_token_logprobs(before, harmless, **kw),
+                       measured_after(lambda m: last_token_logprobs(m, harmless, **kw)))  # fmt: skip
     return ForgettingReport(
         forget_p=both(lambda m: answer_probability(m, forget, **kw)),
         retain_p=both(lambda m: answer_probability(m, retain, **kw)),
