@@ -737,6 +737,23 @@ def test_unlearn_trains_measures_and_exports_with_a_manifest(tiny_dir, tmp_path,
     assert edit["intervention"]["type"] == "Unlearn" and "forget_held_out" in edit["metrics"]
 
 
+def test_unlearn_uld_measures_inside_the_difference_and_exports_the_assistant(tiny_dir, tmp_path, capsys):
+    from steerlab.training import read_manifest
+    from steerlab.training.unlearn import ULD
+
+    forget = _forget_file(tmp_path / "forget.jsonl", FORGET_ROWS)
+    out = tmp_path / "uld"
+    argv = ["unlearn", "--model", tiny_dir, "--forget", forget, "--objective", "uld", "--uld-layers", "1",
+            "--uld-alpha", "0.5", "--steps", "2", "--max-new-tokens", "2", "--out", str(out), "--export"]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["objective"] == {"type": "ULD", "assistant_layers": 1, "alpha": 0.5, "assistant_objective": "Reversed"}
+    assert report["forget_held_out"]["forget_p"][0] != report["forget_held_out"]["forget_p"][1]
+    manifest = read_manifest(out / "uld-assistant")
+    assert manifest["extra"]["uld"]["alpha"] == 0.5 and "forget_held_out" in manifest["edits"][-1]["metrics"]
+    assert ULD.load(out / "uld-assistant").assistant.n_layers == 1
+
+
 def test_unlearn_rejects_bad_arguments(tiny_dir, tmp_path, capsys):
     forget = _forget_file(tmp_path / "forget.jsonl", FORGET_ROWS)
     only_train = _forget_file(tmp_path / "train_only.jsonl", [r for r in FORGET_ROWS if r["split"] == "train"])
@@ -748,6 +765,9 @@ def test_unlearn_rejects_bad_arguments(tiny_dir, tmp_path, capsys):
         (["--forget", forget, "--objective", "rmu", "--target", "layers:0"], "--rmu-layer"),
         (["--forget", only_train, "--target", "layers:0"], "split"),
         (["--forget", str(tmp_path / "missing.jsonl")], "does not exist"),
+        (["--forget", forget, "--objective", "uld", "--target", "layers:0"], "does not take --target"),
+        (["--forget", forget, "--objective", "uld", "--export-format", "gguf"], "does not take --export-format gguf"),
+        (["--forget", forget, "--objective", "uld", "--uld-layers", "9"], "--uld-layers must be in 1..3"),
     ]
     for extra, message in cases:
         assert main(base + extra) == 2, extra

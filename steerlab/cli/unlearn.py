@@ -115,13 +115,17 @@ def _unlearn(args: argparse.Namespace) -> int:
     from steerlab.training.unlearn.workflow import run_unlearning
 
     t0 = time.perf_counter()
+    if args.objective == "uld":
+        _check_uld_args(args)
     out = inputs.output_dir(args.out)
     data = _data(args)
-    objective = _objective(args)
-    model = inputs.load(args)
-    target, needles = _target(args.target, model, [q.question for q in data.train])
     config = UnlearnConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, anchor_weight=args.anchor_weight,
                            seed=args.seed)  # fmt: skip
+    if args.objective == "uld":
+        return _uld(args, data, config, out, t0)
+    objective = _objective(args)
+    model = inputs.load(args)
+    target, needles = _target(args.target or "needles:20", model, [q.question for q in data.train])
     run = run_unlearning(model, data, objective=objective, target=target, needles=needles, config=config,
                          probe_layer=args.probe_layer, relearn_steps=args.relearn_steps,
                          max_new_tokens=args.max_new_tokens, out=out, command=args.argv,
@@ -134,6 +138,33 @@ def _unlearn(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_uld_args(args: argparse.Namespace) -> None:
+    """ULD trains a separate assistant and changes no weight of the model: refuse options that assume otherwise."""
+    wrong = [flag for flag, given in (("--target", args.target is not None), ("--probe-layer", args.probe_layer is not None),
+                                      ("--relearn-steps", bool(args.relearn_steps)),
+                                      ("--export-format gguf", args.export_format == "gguf")) if given]  # fmt: skip
+    if wrong:
+        raise UsageError(f"--objective uld does not take {', '.join(wrong)}: it trains an assistant of the first "
+                         "--uld-layers layers and subtracts its logits at inference (the model's weights do not change; "
+                         "--export writes the assistant as safetensors)")  # fmt: skip
+
+
+def _uld(args: argparse.Namespace, data, config, out: Path, t0: float) -> int:
+    from steerlab.training.unlearn.workflow import run_uld
+
+    model = inputs.load(args)
+    if not 1 <= args.uld_layers <= model.n_layers:
+        raise UsageError(f"--uld-layers must be in 1..{model.n_layers} ({model.name}'s layers), got {args.uld_layers}")
+    run = run_uld(model, data, layers=args.uld_layers, alpha=args.uld_alpha, config=config,
+                  max_new_tokens=args.max_new_tokens, out=out, command=args.argv,
+                  log=lambda m: print(f"[{time.perf_counter() - t0:6.0f}s] {m}"))  # fmt: skip
+    print(f"wrote {out / 'report.json'}")
+    if args.export is not None:
+        path = run.uld.save(Path(args.export) if args.export else out / "uld-assistant")
+        print(f"wrote {path} (the ULD assistant; load with ULD.load(path) and apply with uld.applied(model))")
+    return 0
+
+
 def add_parser(sub) -> None:
     """The ``unlearn`` subcommand."""
     p = sub.add_parser("unlearn", help="unlearn a question set by training only an interpretable target")
@@ -143,8 +174,11 @@ def add_parser(sub) -> None:
                       help="built-in question set: its 10 selection questions are trained on, its 20 evaluation "
                       "questions measure forgetting (default python)")  # fmt: skip
     what.add_argument("--forget", default=None, help="JSONL of question, answers, split (train|eval)")
-    p.add_argument("--objective", choices=["npo", "graddiff", "ga", "rmu"], default="npo")
-    p.add_argument("--target", default="needles:20", help=TARGET_HELP + " (default needles:20)")
+    p.add_argument("--objective", choices=["npo", "graddiff", "ga", "rmu", "uld"], default="npo",
+                   help="uld: train an assistant on the reversed objectives and subtract its logits (no weight edit)")
+    p.add_argument("--target", default=None, help=TARGET_HELP + " (default needles:20; not with uld)")
+    p.add_argument("--uld-layers", type=positive_int, default=4, help="uld: the assistant's layers (the model's first N)")
+    p.add_argument("--uld-alpha", type=positive_float, default=1.0, help="uld: weight of the subtracted logits")
     p.add_argument("--steps", type=positive_int, default=40)
     p.add_argument("--lr", type=positive_float, default=1e-3)
     p.add_argument("--beta", type=positive_float, default=0.1, help="NPO temperature")

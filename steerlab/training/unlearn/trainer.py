@@ -96,9 +96,16 @@ class UnlearnResult:
 
     def add_metrics(self, metrics: dict[str, Any]) -> None:
         """Attach evaluation numbers to the model's edit record (they go into the export manifest)."""
-        entries = history(self.model.hf)
-        entries[-1].setdefault("metrics", {}).update(describe(metrics))
-        record(self.model.hf, entries)
+        record_metrics(self.model, metrics)
+
+
+def record_metrics(model: Model, metrics: dict[str, Any]) -> None:
+    """Add ``metrics`` to ``model``'s latest edit record (the export manifest's ``edits[-1].metrics``)."""
+    entries = history(model.hf)
+    if not entries:
+        raise InvalidValueError(f"{model.name} carries no edit record to attach metrics to")
+    entries[-1].setdefault("metrics", {}).update(describe(metrics))
+    record(model.hf, entries)
 
 
 def as_examples(items: Sequence[SFTExample | QA | tuple[str, str]], what: str) -> list[SFTExample]:

@@ -1,5 +1,6 @@
 """One unlearning run end to end (what ``steerlab unlearn`` does): pick the target, train, measure, export.
 
+:func:`run_uld` does the same for ULD (an assistant subtracted at inference; nothing merged).
 :func:`run_unlearning` takes question sets (:class:`UnlearnData`), an objective and a target — or
 ``needles=N``: the top ``N`` ConceptVectors columns of the forget answers' words that write toward them on
 the training questions (METHODS 8) — trains with
@@ -25,6 +26,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,7 +37,8 @@ from steerlab.training.manifest import describe
 from steerlab.training.unlearn.evaluate import forgetting_report, greedy_accuracy, probe_after, relearn_check
 from steerlab.training.unlearn.objectives import Objective
 from steerlab.training.unlearn.targets import Columns, Target
-from steerlab.training.unlearn.trainer import UnlearnConfig, UnlearnResult, unlearn
+from steerlab.training.unlearn.trainer import UnlearnConfig, UnlearnResult, record_metrics, unlearn
+from steerlab.training.unlearn.uld import ULD, train_uld
 
 if TYPE_CHECKING:
     from steerlab.model import Model
@@ -118,14 +121,6 @@ def run_unlearning(
         log(f"needles: top {needles} concept columns of {words} (in-context sign): {list(target.columns)[:5]}...")
     result = unlearn(model, data.train, data.retain, objective=objective, target=target, config=config)
     log(f"trained {result.trained_parameters} parameters for {config.steps} steps in {result.seconds:.0f}s")
-    held = forgetting_report(
-        model, result.model, data.held_out, data.control, data.harmless, max_new_tokens=max_new_tokens
-    )
-    on_train = {
-        "forget_p": tuple(float(answer_probability(m, data.train).mean()) for m in (model, result.model)),
-        "forget_acc": tuple(float(greedy_accuracy(m, data.train, max_new_tokens=max_new_tokens).mean())
-                            for m in (model, result.model)),
-    }  # fmt: skip
     report: dict[str, Any] = {
         "command": list(command),
         "model": model.name,
@@ -133,17 +128,10 @@ def run_unlearning(
         "target": describe(result.target),
         "trained_parameters": result.trained_parameters,
         "config": describe(config),
-        "forget_held_out": {
-            k: held.summary()[k] for k in ("forget_p", "forget_acc", "forget_p_drop", "forget_acc_drop")
-        },
-        "forget_trained": on_train,
-        "control": {k.replace("retain", "control"): v for k, v in held.summary().items() if k.startswith("retain")},
-        "kl_harmless": held.kl_harmless,
+        **_measure(model, result.model, data, max_new_tokens=max_new_tokens, log=log),
         "routing_share": result.routing_share,
         "losses": {"first": result.losses[0], "last": result.losses[-1]},
     }
-    log(f"held-out forget p {held.forget_p[0]:.3f} -> {held.forget_p[1]:.3f} ({held.forget_p_drop:+.1%} drop), "
-        f"control p {held.retain_p[0]:.3f} -> {held.retain_p[1]:.3f} ({held.retain_p_drop:+.1%}), KL {held.kl_harmless:.4f}")  # fmt: skip
     if probe_layer is not None:
         report["probe_after"] = probe_after(model, result.model, [q.question for q in data.held_out],
                                             [q.question for q in data.control], layer=probe_layer)  # fmt: skip
@@ -156,9 +144,96 @@ def run_unlearning(
     result.add_metrics(
         {k: report[k] for k in ("forget_held_out", "control", "kl_harmless", "probe_after", "relearn") if k in report}
     )
-    path = None
-    if out is not None:
-        path = Path(out)
-        path.mkdir(parents=True, exist_ok=True)
-        (path / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-    return UnlearnRun(result, report, path)
+    return UnlearnRun(result, report, _write(report, out))
+
+
+def run_uld(
+    model: Model,
+    data: UnlearnData,
+    *,
+    layers: int = 4,
+    alpha: float = 1.0,
+    config: UnlearnConfig | None = None,
+    max_new_tokens: int = 8,
+    out: str | Path | None = None,
+    command: Sequence[str] = (),
+    log: Callable[[str], None] = lambda message: None,
+) -> ULDRun:
+    """ULD on ``data``: an assistant from ``model``'s first ``layers`` layers trained on the reversed objectives,
+    measured like :func:`run_unlearning` with ``logits - alpha · assistant logits``. The probe-after and
+    relearning checks do not apply (the target's weights and residual stream are unchanged).
+
+    Example:
+        >>> from steerlab.testing import tiny_model
+        >>> data = UnlearnData(train=[QA("Write a poem.", "poem")], held_out=[QA("Recite a short poem.", "poem")],
+        ...                    retain=[QA("Capital of France?", "Paris")], control=[QA("Capital of Italy?", "Rome")],
+        ...                    harmless=["Say hello."])
+        >>> run = run_uld(tiny_model("llama"), data, layers=1, config=UnlearnConfig(steps=2), max_new_tokens=2)
+        >>> run.report["objective"]["type"], run.uld.assistant.n_layers
+        ('ULD', 1)
+    """
+    config = config or UnlearnConfig()
+    started = time.perf_counter()
+    uld = train_uld(model, data.train, data.retain, layers=layers, alpha=alpha, config=config)
+    log(f"trained a {layers}-layer ULD assistant for {config.steps} steps in {time.perf_counter() - started:.0f}s")
+    report: dict[str, Any] = {
+        "command": list(command),
+        "model": model.name,
+        "objective": {"type": "ULD", "assistant_layers": layers, "alpha": alpha, "assistant_objective": "Reversed"},
+        "config": describe(config),
+        **_measure(model, model, data, max_new_tokens=max_new_tokens, log=log, after_scope=uld.applied),
+        "seconds": time.perf_counter() - started,
+    }
+    record_metrics(uld.assistant, {k: report[k] for k in ("forget_held_out", "control", "kl_harmless")})
+    return ULDRun(uld, report, _write(report, out))
+
+
+@dataclass(frozen=True)
+class ULDRun:
+    """The trained :class:`~steerlab.training.unlearn.ULD` value and its report."""
+
+    uld: ULD
+    report: dict[str, Any]
+    out: Path | None = None
+
+
+def _measure(
+    model: Model,
+    after: Model,
+    data: UnlearnData,
+    *,
+    max_new_tokens: int,
+    log: Callable[[str], None],
+    after_scope: Callable[[Model], AbstractContextManager] | None = None,
+) -> dict[str, Any]:
+    """Held-out forget, trained forget, control and KL numbers of ``after`` (inside ``after_scope``) vs ``model``."""
+    held = forgetting_report(model, after, data.held_out, data.control, data.harmless, max_new_tokens=max_new_tokens,
+                             after_scope=after_scope)  # fmt: skip
+    scope = after_scope or (lambda _model: nullcontext())
+
+    def on_train(fn) -> tuple[float, float]:
+        with scope(after):
+            measured_after = float(fn(after).mean())
+        return float(fn(model).mean()), measured_after
+
+    log(f"held-out forget p {held.forget_p[0]:.3f} -> {held.forget_p[1]:.3f} ({held.forget_p_drop:+.1%} drop), "
+        f"control p {held.retain_p[0]:.3f} -> {held.retain_p[1]:.3f} ({held.retain_p_drop:+.1%}), KL {held.kl_harmless:.4f}")  # fmt: skip
+    summary = held.summary()
+    return {
+        "forget_held_out": {k: summary[k] for k in ("forget_p", "forget_acc", "forget_p_drop", "forget_acc_drop")},
+        "forget_trained": {
+            "forget_p": on_train(lambda m: answer_probability(m, data.train)),
+            "forget_acc": on_train(lambda m: greedy_accuracy(m, data.train, max_new_tokens=max_new_tokens)),
+        },
+        "control": {k.replace("retain", "control"): v for k, v in summary.items() if k.startswith("retain")},
+        "kl_harmless": held.kl_harmless,
+    }
+
+
+def _write(report: dict[str, Any], out: str | Path | None) -> Path | None:
+    if out is None:
+        return None
+    path = Path(out)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    return path
