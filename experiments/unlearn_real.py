@@ -67,7 +67,7 @@ def needles(args) -> dict:
     red_before = float(answer_probability(model, red).mean())
     run = run_unlearning(model, data, objective=NPO(beta=args.beta, retain_weight=1.0), needles=args.n,
                          config=UnlearnConfig(steps=args.steps, lr=args.lr, batch_size=10), probe_layer=args.probe_layer,
-                         relearn_steps=args.relearn_steps, log=log)  # fmt: skip
+                         relearn_steps=args.relearn_steps, relearn_lr=args.relearn_lr, log=log)  # fmt: skip
     red_after = float(answer_probability(run.result.model, red).mean())
     run.report["red"] = {"p": (red_before, red_after), "p_drop": 1 - red_after / red_before}
     log(f"red (other concept) p {red_before:.3f} -> {red_after:.3f}")
@@ -78,7 +78,7 @@ def layers(args) -> dict:
     model, data = qwen(), concept_data("python")
     out = {}
     for name, objective, target, lr, steps in (
-        ("npo", NPO(beta=args.beta, retain_weight=1.0), Layers(tuple(args.layers), part="mlp"), args.lr, args.steps),
+        ("npo", NPO(beta=args.beta, retain_weight=args.retain_weight), Layers(tuple(args.layers), part="mlp"), args.lr, args.steps),
         ("rmu", RMU(layer=max(args.layers), coeff=args.rmu_coeff, alpha=args.rmu_alpha),
          Layers(tuple(args.layers), part="mlp"), args.rmu_lr, args.rmu_steps or args.steps),
     ):  # fmt: skip
@@ -142,10 +142,10 @@ def fictitious(args) -> dict:
     out["unlearned"] = report.summary()
     log(f"unlearned: facts accuracy {report.forget_acc}, control {report.retain_acc}, KL {report.kl_harmless:.4f}")
     out["relearn_a_measure_b"] = relearn_check({"unlearned": result.model, "never_taught": model, "taught": taught},
-                                               half_a, half_b, steps=args.relearn_steps)  # fmt: skip
+                                               half_a, half_b, steps=args.relearn_steps, lr=args.relearn_lr)  # fmt: skip
     log(f"relearned on half a, measured on half b: {out['relearn_a_measure_b']}")
     out["relearn_all"] = relearn_check({"unlearned": result.model, "never_taught": model}, facts, facts,
-                                       steps=args.relearn_steps)  # fmt: skip
+                                       steps=args.relearn_steps, lr=args.relearn_lr)  # fmt: skip
     log(f"relearned on all facts, measured on them: {out['relearn_all']}")
     return out
 
@@ -157,8 +157,10 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--retain-weight", type=float, default=1.0, help="layers: NPO's retain NLL weight")
     p.add_argument("--probe-layer", type=int, default=23, help="after every trained column (they sit in layers 18-22)")
     p.add_argument("--relearn-steps", type=int, default=20)
+    p.add_argument("--relearn-lr", type=float, default=2e-4, help="the relearning attack's LoRA learning rate")
     p.add_argument("--layers", type=int, nargs="+", default=[10, 11, 12])
     p.add_argument("--rmu-coeff", type=float, default=4.0)
     p.add_argument("--rmu-alpha", type=float, default=100.0)

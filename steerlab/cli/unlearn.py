@@ -127,7 +127,7 @@ def _unlearn(args: argparse.Namespace) -> int:
     model = inputs.load(args)
     target, needles = _target(args.target or "needles:20", model, [q.question for q in data.train])
     run = run_unlearning(model, data, objective=objective, target=target, needles=needles, config=config,
-                         probe_layer=args.probe_layer, relearn_steps=args.relearn_steps,
+                         probe_layer=args.probe_layer, relearn_steps=args.relearn_steps, relearn_lr=args.relearn_lr,
                          max_new_tokens=args.max_new_tokens, out=out, command=args.argv,
                          log=lambda m: print(f"[{time.perf_counter() - t0:6.0f}s] {m}"))  # fmt: skip
     print(f"wrote {out / 'report.json'}")
@@ -190,6 +190,7 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--probe-layer", type=int, default=None, help="also run the probe-after check at this layer")
     p.add_argument("--relearn-steps", type=non_negative_int, default=0, help="also run the relearning check")
+    p.add_argument("--relearn-lr", type=positive_float, default=2e-4, help="the relearning attack's LoRA learning rate")
     p.add_argument("--max-new-tokens", type=positive_int, default=8, help="greedy answer length for accuracy")
     p.add_argument("--out", default="runs/unlearn", help="output directory (report.json)")
     p.add_argument("--export", nargs="?", const="", default=None, metavar="DIR",

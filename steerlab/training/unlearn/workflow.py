@@ -93,6 +93,7 @@ def run_unlearning(
     config: UnlearnConfig | None = None,
     probe_layer: int | None = None,
     relearn_steps: int = 0,
+    relearn_lr: float = 2e-4,
     max_new_tokens: int = 8,
     out: str | Path | None = None,
     command: Sequence[str] = (),
@@ -138,7 +139,7 @@ def run_unlearning(
         log(f"probe at layer {probe_layer} (AUC): {report['probe_after']}")
     if relearn_steps:
         report["relearn"] = relearn_check({"unlearned": result.model, "original": model}, data.train, data.held_out,
-                                          steps=relearn_steps, max_new_tokens=max_new_tokens)  # fmt: skip
+                                          steps=relearn_steps, lr=relearn_lr, max_new_tokens=max_new_tokens)  # fmt: skip
         log(f"relearning {relearn_steps} steps on the training questions, held-out accuracy: {report['relearn']}")
     report["seconds"] = time.perf_counter() - started
     result.add_metrics(
