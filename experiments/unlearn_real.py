@@ -87,6 +87,11 @@ def layers(args) -> dict:
         run = run_unlearning(model, data, objective=objective, target=target,
                              config=UnlearnConfig(steps=steps, lr=lr, batch_size=10), log=log)  # fmt: skip
         out[name] = run.report
+        red = qas(concept_questions("red"))  # a control the settings were not chosen on
+        out[name]["red"] = {m: (float(answer_probability(model, red).mean()), float(answer_probability(run.result.model, red).mean()))
+                            if m == "p" else (float(greedy_accuracy(model, red).mean()), float(greedy_accuracy(run.result.model, red).mean()))
+                            for m in ("p", "acc")}  # fmt: skip
+        log(f"red questions (not used to choose settings): {out[name]['red']}")
         del run
     return out
 
@@ -144,6 +149,17 @@ def fictitious(args) -> dict:
     out["relearn_a_measure_b"] = relearn_check({"unlearned": result.model, "never_taught": model, "taught": taught},
                                                half_a, half_b, steps=args.relearn_steps, lr=args.relearn_lr)  # fmt: skip
     log(f"relearned on half a, measured on half b: {out['relearn_a_measure_b']}")
+    if args.uld_layers:
+        from steerlab.training.unlearn import train_uld
+
+        value = train_uld(taught, facts, retain, layers=args.uld_layers,
+                          config=UnlearnConfig(steps=args.uld_steps, lr=args.uld_lr, batch_size=8))  # fmt: skip
+        for alpha in args.alphas:
+            scoped = type(value)(value.assistant, alpha=alpha)
+            uld_report = forgetting_report(taught, taught, facts, control, harmless, after_scope=scoped.applied)
+            out[f"uld_alpha={alpha}"] = uld_report.summary()
+            log(f"ULD alpha {alpha}: facts accuracy {uld_report.forget_acc}, control {uld_report.retain_acc}, "
+                f"KL {uld_report.kl_harmless:.4f}")  # fmt: skip
     out["relearn_all"] = relearn_check({"unlearned": result.model, "never_taught": model}, facts, facts,
                                        steps=args.relearn_steps, lr=args.relearn_lr)  # fmt: skip
     log(f"relearned on all facts, measured on them: {out['relearn_all']}")
@@ -167,7 +183,9 @@ def main() -> None:
     p.add_argument("--rmu-lr", type=float, default=5e-5)
     p.add_argument("--only", choices=["npo", "rmu"], help="layers: run one objective")
     p.add_argument("--rmu-steps", type=int, help="layers: RMU's steps (default --steps)")
-    p.add_argument("--uld-layers", type=int, default=4)
+    p.add_argument("--uld-layers", type=int, default=4, help="uld: assistant layers (fictitious: 0 = no ULD)")
+    p.add_argument("--uld-steps", type=int, default=40, help="fictitious: the ULD assistant's steps")
+    p.add_argument("--uld-lr", type=float, default=3e-4, help="fictitious: the ULD assistant's lr")
     p.add_argument("--alphas", type=float, nargs="+", default=[0.25, 0.5, 1.0])
     p.add_argument("--tag", default="", help="suffix of the JSON file")
     p.add_argument("--teach-steps", type=int, default=30)
