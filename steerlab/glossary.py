@@ -35,8 +35,8 @@ GLOSSARY: dict[str, str] = {
     "ablation": "Projecting the unit direction r out of the residual stream: h <- h - (h . r) r on resid_pre, "
     "attn_out and mlp_out of every layer, at every position (prompt and generated tokens).",
     "addition": "Adding coefficient x the direction to resid_pre at the direction's layer, at every position.",
-    "refusal rate": "Fraction of greedy generations that contain a refusal phrase ('I'm sorry', 'I cannot', "
-    "'As an AI', ...): the substring judge.",
+    "refusal rate": "Fraction of greedy generations that contain a refusal phrase ('I'm sorry, but', 'I cannot', "
+    "...; a disclaimer such as 'As an AI' alone does not count): the substring judge.",
     "held out": "Prompts used neither to fit nor to select the direction: AdvBench prompts (harmful) and the "
     "project's harmless test split.",
     "train filter": "Which training prompts were kept before fitting: 'judge' keeps harmful prompts whose 16-token "
