@@ -170,11 +170,7 @@ class Learn:
 
     def loss(self, passes: Passes) -> tuple[torch.Tensor, Parts]:
         """Mean NLL over the batch's target tokens (+ the weighted retain NLL)."""
-        nll = mean_nll(*passes.forget_logits())
-        if not self.retain_weight:
-            return nll, {"forget_nll": _num(nll)}
-        retain = mean_nll(*passes.retain_logits())
-        return nll + self.retain_weight * retain, {"forget_nll": _num(nll), "retain_nll": _num(retain)}
+        return _learn_forget(passes, self.retain_weight, "retain_nll", mean_nll)
 
 
 @dataclass(frozen=True)
@@ -191,11 +187,16 @@ class Reversed:
 
     def loss(self, passes: Passes) -> tuple[torch.Tensor, Parts]:
         """Forget NLL + ``retain_weight`` × uniform cross-entropy on the retain batch's answer positions."""
-        nll = mean_nll(*passes.forget_logits())
-        if not self.retain_weight:
-            return nll, {"forget_nll": _num(nll)}
-        flat = uniform_ce(*passes.retain_logits())
-        return nll + self.retain_weight * flat, {"forget_nll": _num(nll), "retain_uniform_ce": _num(flat)}
+        return _learn_forget(passes, self.retain_weight, "retain_uniform_ce", uniform_ce)
+
+
+def _learn_forget(passes: Passes, weight: float, name: str, retain_term) -> tuple[torch.Tensor, Parts]:
+    """Forget NLL, plus ``weight`` × ``retain_term(retain logits, labels)`` (logged as ``name``) when weight > 0."""
+    nll = mean_nll(*passes.forget_logits())
+    if not weight:
+        return nll, {"forget_nll": _num(nll)}
+    retain = retain_term(*passes.retain_logits())
+    return nll + weight * retain, {"forget_nll": _num(nll), name: _num(retain)}
 
 
 Objective = GradientAscent | GradDiff | NPO | RMU | Learn | Reversed
