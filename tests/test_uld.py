@@ -176,3 +176,34 @@ def test_forgetting_report_measures_inside_the_scope(trained):
         inside = float(answer_probability(model, FORGET).mean())
     assert report.forget_p[1] == pytest.approx(inside) and report.forget_p[0] != pytest.approx(inside)
     assert report.kl_harmless > 0
+
+
+def test_a_cropped_cache_is_followed(trained):
+    """The policy decoder's look-ahead: advance, crop the target cache back, advance differently — the assistant follows."""
+    from steerlab import compat
+
+    model, uld = trained
+    batch = model.encode(["Hi there"])
+    ids, mask = batch.input_ids, batch.attention_mask
+
+    def step(cache, token, length):
+        inputs = {"input_ids": torch.tensor([[token]]), "attention_mask": torch.ones(1, length, dtype=torch.long)}
+        return model.hf(**compat.with_cache(model.hf, cache, **inputs)).logits[0, -1]
+
+    with uld.applied(model), torch.no_grad():
+        out = model.hf(**compat.with_cache(model.hf, None, input_ids=ids, attention_mask=mask))
+        cache, n = compat.output_cache(out), ids.shape[1]
+        step(cache, 7, n + 1)
+        step(cache, 8, n + 2)  # a branch two tokens deep ...
+        compat.crop_cache(cache, n)  # ... undone
+        got = step(cache, 9, n + 1)
+    full = torch.cat([ids, torch.tensor([[9]])], dim=1)
+    with torch.no_grad():
+        want = model.hf(input_ids=full, use_cache=False).logits[0, -1] - 0.8 * uld.assistant.hf(
+            input_ids=full, use_cache=False).logits[0, -1]
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+
+
+def test_bad_alpha_fails_before_training():
+    with pytest.raises(SteerlabError, match="alpha"):
+        train_uld(tiny_model("llama"), FORGET, RETAIN, layers=1, alpha=0.0, config=UnlearnConfig(steps=1))

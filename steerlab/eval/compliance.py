@@ -28,6 +28,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Literal
 
+from steerlab.errors import InvalidValueError
 from steerlab.eval.refusal import is_refusal
 
 Verdict = Literal["empty", "degenerate", "refusal", "compliance"]
@@ -44,6 +45,8 @@ def is_degenerate(text: str, *, min_words: int = 12) -> bool:
         >>> is_degenerate("First, preheat the oven. Then mix flour, sugar and eggs in a bowl until smooth.")
         False
     """
+    if min_words < 3:
+        raise InvalidValueError(f"min_words must be >= 3 (the loop test counts word trigrams), got {min_words!r}")
     stripped = "".join(text.split())
     if len(stripped) >= 16 and Counter(stripped).most_common(1)[0][1] > 0.6 * len(stripped):
         return True

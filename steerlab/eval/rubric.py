@@ -77,6 +77,10 @@ class LocalJudge:
     threshold: float = 0.5
     batch_size: int = 8
 
+    def __post_init__(self) -> None:
+        if not 0.0 < self.threshold < 1.0:
+            raise InvalidValueError(f"LocalJudge threshold is a probability in (0, 1), got {self.threshold!r}")
+
     def refusal_probability(self, prompts: Sequence[str], replies: Sequence[str]) -> torch.Tensor:
         """Per pair, the judge model's probability of ``A`` (refusal) renormalised over ``{A, B}``."""
         from steerlab.eval.logits import last_token_logprobs

@@ -96,8 +96,7 @@ class ULD:
     alpha: float = 1.0
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):
-            raise InvalidValueError(f"ULD alpha must be a finite number > 0, got {self.alpha!r}")
+        _check_alpha(self.alpha)
 
     def check(self, model: Model) -> None:
         """Raise unless the assistant scores the same vocabulary with the same tokenizer as ``model``."""
@@ -149,6 +148,11 @@ class ULD:
         if saved is None:
             raise InvalidValueError(f"{path} is a steerlab export but not a ULD assistant (no 'uld' in its manifest)")
         return cls(steerlab.load(str(path)), alpha=float(saved["alpha"]) if alpha is None else alpha)
+
+
+def _check_alpha(alpha: object) -> None:
+    if isinstance(alpha, bool) or not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
+        raise InvalidValueError(f"ULD alpha must be a finite number > 0, got {alpha!r}")
 
 
 class _AssistantState:
@@ -221,6 +225,7 @@ def train_uld(
     :class:`~steerlab.training.unlearn.LoRA` as in the paper). The returned value's assistant carries the
     training record for :meth:`ULD.save`'s manifest.
     """
+    _check_alpha(alpha)  # before the training, not after it
     assistant = build_assistant(model, layers=layers)
     target = target if target is not None else Layers(tuple(range(layers)))
     result = unlearn(assistant, forget, retain, objective=Reversed(retain_weight=retain_weight), target=target,
