@@ -127,14 +127,14 @@ def crop_cache(cache: Any, length: int) -> None:
 
 
 def truncate_config(config: Any, n_layers: int) -> None:
-    """Make ``config`` describe only its first ``n_layers`` decoder layers (layer count and per-layer lists such as
-    ``layer_types``), in place: the config of a model whose decoder stack was cut after ``n_layers``."""
-    for name in ("layer_types", "mlp_only_layers"):
-        value = getattr(config, name, None)
-        if isinstance(value, list) and name == "layer_types":
-            setattr(config, name, value[:n_layers])
-        elif isinstance(value, list):
+    """Make ``config`` describe only its first ``n_layers`` decoder layers, in place: the layer count, every per-layer
+    list (one entry per layer, e.g. ``layer_types``) cut, and layer-index lists (``mlp_only_layers``) filtered."""
+    total = config.num_hidden_layers
+    for name, value in list(vars(config).items()):
+        if name == "mlp_only_layers" and isinstance(value, list):
             setattr(config, name, [i for i in value if i < n_layers])
+        elif isinstance(value, list) and len(value) == total:
+            setattr(config, name, value[:n_layers])
     config.num_hidden_layers = n_layers
 
 

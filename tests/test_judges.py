@@ -9,6 +9,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import pytest
 import torch
 
+from steerlab.errors import SteerlabError
 from steerlab.eval.compliance import is_degenerate, judge_reply, verdict_rates
 from steerlab.eval.refusal import is_refusal
 from steerlab.eval.rubric import EndpointJudge, JudgeError, LocalJudge, agreement, rubric_prompts
@@ -148,3 +149,14 @@ def test_agreement_kappa_matches_sklearn():
     assert out["kappa"] == pytest.approx(cohen_kappa_score(a, b))
     assert out["agreement"] == pytest.approx(sum(x == y for x, y in zip(a, b)) / 200)
     assert out["only_first"] + out["only_second"] == pytest.approx(1 - out["agreement"])
+
+
+def test_judges_reject_bad_settings():
+    with pytest.raises(SteerlabError, match="http"):
+        EndpointJudge("localhost:8000", "m")
+    with pytest.raises(SteerlabError, match="timeout"):
+        EndpointJudge("http://localhost:8000/v1", "m", timeout=0)
+    with pytest.raises(SteerlabError, match="threshold"):
+        LocalJudge(tiny_model("llama"), threshold=1.0)
+    with pytest.raises(SteerlabError, match="min_words"):
+        is_degenerate("a b c", min_words=1)

@@ -7,7 +7,7 @@ import torch
 
 from steerlab.errors import SteerlabError
 from steerlab.eval.answers import QA
-from steerlab.testing import tiny_model
+from steerlab.testing import FAMILIES, tiny_model
 from steerlab.training.unlearn import ULD, LoRA, Reversed, UnlearnConfig, UnlearnError, build_assistant, train_uld
 from steerlab.training.unlearn.evaluate import answer_logprob
 from steerlab.training.unlearn.losses import mean_nll
@@ -207,3 +207,17 @@ def test_a_cropped_cache_is_followed(trained):
 def test_bad_alpha_fails_before_training():
     with pytest.raises(SteerlabError, match="alpha"):
         train_uld(tiny_model("llama"), FORGET, RETAIN, layers=1, alpha=0.0, config=UnlearnConfig(steps=1))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_assistant_of_every_family_runs_the_first_layers(family):
+    model = tiny_model(family)
+    assistant = build_assistant(model, layers=2)
+    ids = model.encode(["Hi there"]).input_ids
+    with torch.no_grad():
+        ours = assistant.hf(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
+        theirs = model.hf(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
+    torch.testing.assert_close(ours[1], theirs[1])  # layer 0's output (the last entry is the final norm's)
+    for name, value in vars(assistant.config).items():
+        if isinstance(value, list) and name != "mlp_only_layers":
+            assert len(value) != 3, f"{family}: {name} still has one entry per original layer"

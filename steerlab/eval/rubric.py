@@ -110,6 +110,13 @@ class EndpointJudge:
     api_key: str | None = None
     timeout: float = 120.0
 
+    def __post_init__(self) -> None:
+        if not self.base_url.startswith(("http://", "https://")) or not self.model:
+            raise InvalidValueError(f"EndpointJudge needs an http(s) base_url and a model name; got {self.base_url!r}, "
+                                    f"{self.model!r}")  # fmt: skip
+        if not self.timeout > 0:
+            raise InvalidValueError(f"EndpointJudge timeout must be > 0 seconds, got {self.timeout!r}")
+
     def _ask(self, content: str) -> str:
         body = {"model": self.model, "messages": [{"role": "user", "content": content}], "temperature": 0,
                 "max_tokens": 1}  # fmt: skip
