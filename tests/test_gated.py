@@ -1,0 +1,120 @@
+"""GatedRefusal: per-row scores equal the guard's own, and each row's generation equals the generation under the
+branch it was given (or plain generation for the band), on the same batches."""
+
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+from steerlab.data import DEMO_HARMFUL, DEMO_HARMLESS
+from steerlab.errors import GenerationStateError, InvalidValueError, ShapeError
+from steerlab.hooks import open_sessions
+from steerlab.interventions.gated import GatedRefusal
+from steerlab.probes import LatentGuard, ProbeGuard, fit_probes
+from steerlab.steering import Ablate, AddVector
+from steerlab.testing import tiny_direction, tiny_model
+
+PROMPTS = DEMO_HARMFUL[:4] + DEMO_HARMLESS[:4] + ["Hi", "Tell me a joke about cats and dogs, please."]
+
+
+class _Plain:
+    """A generation policy that changes nothing: the same greedy decoder, so outputs compare token for token."""
+
+    @contextmanager
+    def open(self, model):
+        class Run:
+            def start(self, decoder):
+                pass
+
+            def step(self, decoder, logits):
+                return logits
+
+            def finish(self, decoder):
+                return [decoder.tokens(r) for r in range(len(decoder))]
+
+        yield Run()
+
+
+def _guards(model):
+    latent = LatentGuard.fit(model, DEMO_HARMFUL[4:], DEMO_HARMLESS[4:], layers=[1, 2])
+    acts = torch.randn(16, 1, model.d_model, generator=torch.Generator().manual_seed(0))
+    probe = fit_probes(acts, [1] * 8 + [0] * 8, layers=[2], position="t_inst")
+    return {"latent": latent.bind(model), "probe": ProbeGuard(probe, model=model)}
+
+
+def _band(scores):
+    """low / high splitting the scores into three non-empty groups."""
+    s = sorted(scores.tolist())
+    return (s[2] + s[3]) / 2, (s[-3] + s[-4]) / 2
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2"])
+@pytest.mark.parametrize("kind", ["latent", "probe"])
+def test_rows_follow_their_branch_exactly(family, kind):
+    model = tiny_model(family)
+    guard = _guards(model)[kind]
+    d = tiny_direction(model, layer=1)
+    refuse, comply = AddVector(d, coeff=8.0), Ablate(d)
+    scores = guard.score(PROMPTS)
+    low, high = _band(scores)
+    gated = GatedRefusal(guard, refuse=refuse, comply=comply, low=low, high=high)
+    outs = model.generate(PROMPTS, policy=gated, max_new_tokens=6, batch_size=4)
+    torch.testing.assert_close(torch.tensor([o.score for o in outs]), scores, rtol=1e-4, atol=1e-5)
+    assert {o.action for o in outs} == {"refuse", "comply", "leave"}
+    plain = model.generate(PROMPTS, policy=_Plain(), max_new_tokens=6, batch_size=4)
+    with model.apply(refuse):
+        refused = model.generate(PROMPTS, policy=_Plain(), max_new_tokens=6, batch_size=4)
+    with model.apply(comply):
+        complied = model.generate(PROMPTS, policy=_Plain(), max_new_tokens=6, batch_size=4)
+    expected = {"refuse": refused, "comply": complied, "leave": plain}
+    for r, out in enumerate(outs):
+        assert out.tokens == expected[out.action][r], (r, out.action)
+    # the branches change generations, so the comparison above can fail
+    assert refused != plain
+    assert not open_sessions(model)
+
+
+def test_default_band_is_the_guard_threshold():
+    model = tiny_model("llama")
+    guard = _guards(model)["latent"]
+    gated = GatedRefusal(guard, comply=Ablate(tiny_direction(model, layer=1)))
+    assert gated.low == gated.high == guard.threshold
+    assert gated.actions(torch.tensor([guard.threshold, guard.threshold - 1e-3])) == ["refuse", "comply"]
+
+
+def test_checks():
+    model = tiny_model("llama")
+    guard = _guards(model)["latent"]
+    d = tiny_direction(model, layer=1)
+    with pytest.raises(InvalidValueError, match="at least one side"):
+        GatedRefusal(guard)
+    with pytest.raises(InvalidValueError, match="low <= high"):
+        GatedRefusal(guard, comply=Ablate(d), low=1.0, high=0.0)
+    with pytest.raises(InvalidValueError, match="ProbeGuard or LatentGuard"):
+        GatedRefusal(d, comply=Ablate(d))
+    other = tiny_model("gemma2")
+    if other.d_model != model.d_model:
+        with pytest.raises(ShapeError, match="width"):
+            other.generate(["Hi"], policy=GatedRefusal(guard, comply=Ablate(d)), max_new_tokens=2)
+
+
+def test_module_interventions_are_refused():
+    from steerlab.interventions import LinearRedirect
+
+    model = tiny_model("llama")
+    guard = _guards(model)["latent"]
+    g = torch.Generator().manual_seed(1)
+    width = model.config.intermediate_size
+    redirect = LinearRedirect(1, torch.randn(width, generator=g), torch.randn(width, generator=g))
+    with pytest.raises(InvalidValueError, match="acts on modules"):
+        model.generate(["Hi"], policy=GatedRefusal(guard, refuse=redirect), max_new_tokens=2)
+    assert not open_sessions(model)
+
+
+def test_a_forward_without_a_decision_raises_and_hooks_go():
+    model = tiny_model("llama")
+    gated = GatedRefusal(_guards(model)["latent"], comply=Ablate(tiny_direction(model, layer=1)))
+    with pytest.raises(GenerationStateError, match="no row has been scored"):
+        with gated.open(model):
+            model.hf(**model.encode(["Hi"]).model_inputs())
+    assert not open_sessions(model)
