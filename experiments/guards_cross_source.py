@@ -38,6 +38,9 @@ def _sample(prompts, name):
     return prompts if len(prompts) <= CAP else random.Random(name).sample(prompts, CAP)
 
 
+LAYERS = tuple(range(2, 24, 2))  # every other layer: the probe fits dominate the run time
+
+
 def collect_all():
     sets = [s for s in guard_sets() if not s.name.startswith("scary_")]
     want = {s.name: _sample(s.prompts, s.name) for s in sets}
@@ -54,7 +57,7 @@ def collect_all():
             have["acts"][name], have["prompts"][name] = x.float(), want[name]
             print(f"collected {name}: {len(want[name])} prompts in {time.time() - t0:.0f} s", flush=True)
             torch.save(have, cache)
-    return sets, {n: have["acts"][n] for n in want}
+    return sets, {n: have["acts"][n][:, list(LAYERS)] for n in want}
 
 
 def probe_fit(pos: int, C: float):
@@ -98,11 +101,12 @@ def main():
     configs = {}
     for p, pos in enumerate(POSITIONS):
         for C in (0.01, 0.1, 1.0):
-            configs[f"probe/{pos}/C{C}"] = (probe_fit(p, C), [f"layer {i}" for i in range(n_layers)])
-        configs[f"latent/{pos}"] = (latent_fit(p, bands), [f"layers {a}-{b - 1}" for a, b in bands])
+            configs[f"probe/{pos}/C{C}"] = (probe_fit(p, C), [f"layer {i}" for i in LAYERS])
+        configs[f"latent/{pos}"] = (latent_fit(p, bands), [f"layers {LAYERS[a]}-{LAYERS[b - 1]}" for a, b in bands])
     harmless_names = [s.name for s in all_sets if not s.harmful and s.name != "scary_safe"]
     harmful_names = [s.name for s in all_sets if s.harmful and s.name != "scary_unsafe"]
-    pairs = [(h, s) for h in harmful_names for s in harmless_names]
+    # each harmful source against two harmless sources (in turn), so every source is held out at least once
+    pairs = [(h, harmless_names[(2 * i + k) % len(harmless_names)]) for i, h in enumerate(harmful_names) for k in range(2)]
     plain_sets = [s for s in all_sets if not s.name.startswith("scary_")]
     own = [s for s in all_sets if s.origin == "steerlab"]
     report = {}

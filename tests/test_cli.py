@@ -6,6 +6,7 @@ import re
 import time
 
 import pytest
+import torch
 
 from steerlab.cli import build_parser, main
 from steerlab.data.files import PromptFileError, read_prompts
@@ -208,6 +209,38 @@ def test_guard_scores_with_a_saved_probe(tiny_dir, probe_run, capsys):
     )
 
 
+def test_saved_probe_carries_its_calibrated_threshold(tiny_dir, probe_run, tmp_path, capsys):
+    from steerlab.probes import Probe, fit_probes
+
+    probe = Probe.load(probe_run / "probe.safetensors")
+    threshold = probe.info["guard_threshold"]
+    assert 0.0 < threshold < 1.0 and "out-of-fold" in probe.info["threshold_from"]
+    assert main(["guard", "--model", tiny_dir, "--probe", str(probe_run / "probe.safetensors"), "Hi"]) == 0
+    assert f"flag when >= {threshold:.4g}" in capsys.readouterr().out
+    bare = fit_probes(torch.randn(8, 1, probe.width), [1, 0] * 4, layers=[1]).save(tmp_path / "bare.safetensors")
+    assert main(["guard", "--model", tiny_dir, "--probe", str(bare), "Hi"]) == 2
+    assert "without a calibrated threshold" in _one_error_line(capsys.readouterr().err)
+    assert main(["guard", "--model", tiny_dir, "--probe", str(bare), "--threshold", "0.7", "Hi"]) == 0
+    assert "flag when >= 0.7" in capsys.readouterr().out
+
+
+def test_steer_calibrated_gates_each_prompt(tiny_dir, probe_run, capsys):
+    direction = str(probe_run / "direction.safetensors")
+    guard = str(probe_run / "probe.safetensors")
+    prompts = ["Hi there", "Tell me a joke.", HARMFUL[0], HARMLESS[1]]
+    argv = ["steer", "--model", tiny_dir, "--direction", direction, "--calibrated", guard, "--refuse-coeff", "40",
+            "--max-new-tokens", "3", *prompts]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("calibrated refusal: ProbeGuard")
+    actions = [line.split("-> ")[1] for line in out.splitlines() if "-> " in line]
+    assert len(actions) == 4 and set(actions) <= {"refuse", "comply", "leave"}
+    counts = out.strip().splitlines()[-1]
+    assert counts == f"refuse {actions.count('refuse')}, comply {actions.count('comply')}, unchanged 0 of 4"
+    assert main([*argv[:7], "--band", "0.9", "Hi"]) == 2
+    assert "leaves [0, 1]" in _one_error_line(capsys.readouterr().err)
+
+
 def test_guard_fits_calibrates_saves_and_reloads_a_latent_guard(tiny_dir, tmp_path, capsys):
     saved = tmp_path / "latent.safetensors"
     argv = [
@@ -281,7 +314,7 @@ def test_steer_rejects_bad_arguments(probe_run, capsys):
     direction = str(probe_run / "direction.safetensors")
     with pytest.raises(SystemExit) as exc:
         main(["steer", "--direction", direction, "Hi"])  # neither --coeff nor --ablate
-    assert exc.value.code == 2 and "one of the arguments --coeff --ablate is required" in capsys.readouterr().err
+    assert exc.value.code == 2 and "one of the arguments --coeff --ablate --calibrated is required" in capsys.readouterr().err
     assert main(["steer", "--direction", "/nonexistent.safetensors", "--coeff", "1", "Hi"]) == 2
     assert "direction file /nonexistent.safetensors does not exist" in capsys.readouterr().err
     assert main(["steer", "--direction", direction, "--ablate", "--layer", "7", "Hi"]) == 2

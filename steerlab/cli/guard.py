@@ -52,7 +52,10 @@ def _guard(args: argparse.Namespace) -> int:
     model = inputs.load(args)
     if path is not None:
         kind = ProbeGuard if mode == "probe" else LatentGuard
-        guard = inputs.read_saved(path, f"steerlab {kind.__name__}", lambda f: kind.load(f, model=model))
+        if kind is ProbeGuard:
+            guard = inputs.read_saved(path, "steerlab ProbeGuard", lambda f: ProbeGuard.load(f, model=model, threshold=args.threshold))
+        else:
+            guard = inputs.read_saved(path, "steerlab LatentGuard", lambda f: LatentGuard.load(f, model=model))
     else:
         guard = fit_guard(model, mode=mode, position=args.position, layers=args.layers, n_train=args.n_train,
                           seed=args.seed, batch_size=args.batch_size, calibrate=args.threshold is None, progress=True,

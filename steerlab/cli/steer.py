@@ -27,8 +27,42 @@ def _label(args: argparse.Namespace, direction) -> str:
     return f"direction added x{args.coeff:g}{' (unit)' if args.unit else ''} at layer(s) {shown}"
 
 
+def _calibrated(args: argparse.Namespace, prompts: list[str]) -> int:
+    """``--calibrated GUARD``: per prompt, the guard's score picks refusal added, removed, or left alone."""
+    from steerlab.cli.args import UsageError
+    from steerlab.interventions.gated import GatedRefusal
+    from steerlab.probes import LatentGuard, ProbeGuard
+    from steerlab.probes.fitting import describe_guard, saved_guard_kind
+    from steerlab.steering import Ablate, AddVector
+
+    path = inputs.existing_file(args.calibrated, "guard")
+    direction = inputs.load_direction(args.direction, args.layer, ablate=True)
+    kind = ProbeGuard if saved_guard_kind(path) == "probe" else LatentGuard
+    model = inputs.load(args)
+    guard = inputs.read_saved(path, f"steerlab {kind.__name__}", lambda f: kind.load(f, model=model))
+    low, high = guard.threshold - args.band, guard.threshold + args.band
+    if args.band and isinstance(guard, ProbeGuard) and not (0.0 <= low and high <= 1.0):
+        raise UsageError(f"--band {args.band:g} around the threshold {guard.threshold:.3g} leaves [0, 1]; use a smaller band")
+    source = args.layer if args.layer is not None else direction.layers[0]
+    refuse = AddVector(direction, coeff=args.refuse_coeff, layers=[source], source_layer=source)
+    gated = GatedRefusal(guard, refuse=refuse, comply=Ablate(direction, source_layer=source), low=low, high=high)
+    gen = {"max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "progress": True}
+    before = model.generate(prompts, **gen)
+    after = model.generate(prompts, policy=gated, **gen)
+    print(f"calibrated refusal: {describe_guard(guard)}; score >= {high:.4g}: refusal direction added x{args.refuse_coeff:g} "
+          f"at layer {source}; score < {low:.4g}: ablated (vector of layer {source}); in between: unchanged\n")  # fmt: skip
+    for prompt, b, out in zip(prompts, before, after):
+        print(f"prompt: {prompt}\n  score {out.score:.4f} -> {out.action}\n  before: {inputs.short(b, 200)}\n  "
+              f"after:  {inputs.short(out.text, 200)}\n")  # fmt: skip
+    counts = {a: sum(o.action == a for o in after) for a in ("refuse", "comply", "leave")}
+    print(f"refuse {counts['refuse']}, comply {counts['comply']}, unchanged {counts['leave']} of {len(prompts)}")
+    return 0
+
+
 def _steer(args: argparse.Namespace) -> int:
     prompts = inputs.gather_prompts(args)
+    if args.calibrated is not None:
+        return _calibrated(args, prompts)
     direction = inputs.load_direction(args.direction, args.layer, ablate=args.ablate)
     model = inputs.load(args)
     op = _edit(args, direction)
@@ -79,6 +113,10 @@ def add_steer_parser(sub) -> None:
     how = p.add_mutually_exclusive_group(required=True)
     how.add_argument("--coeff", type=finite_float, help="add coeff x the direction (AddVector)")
     how.add_argument("--ablate", action="store_true", help="project the direction out everywhere (Ablate)")
+    how.add_argument("--calibrated", metavar="GUARD", default=None,
+                     help="calibrated refusal: a saved guard (steerlab probe / guard --save) scores each prompt; likely "
+                          "harmful -> the direction added (--refuse-coeff), likely safe -> ablated, --band in between -> "
+                          "unchanged")  # fmt: skip
     p.add_argument(
         "--layer",
         type=int,
@@ -86,6 +124,9 @@ def add_steer_parser(sub) -> None:
         help="AddVector: the layer to add at; Ablate: whose vector (default: the direction's)",
     )
     p.add_argument("--unit", action="store_true", help="AddVector: scale the vector to norm 1 first")
+    p.add_argument("--refuse-coeff", type=finite_float, default=1.0, help="--calibrated: coefficient on the harmful side")
+    p.add_argument("--band", type=non_negative_float, default=0.0,
+                   help="--calibrated: half-width of the leave-alone band around the guard's threshold (score units)")  # fmt: skip
     p.add_argument("--max-new-tokens", type=positive_int, default=48)
     p.set_defaults(func=_steer)
 

@@ -46,6 +46,10 @@ class GuardNotBoundError(SteerlabError):
     """A guard was asked to score prompts without a model."""
 
 
+class UncalibratedGuardError(SteerlabError):
+    """A saved probe has no calibrated threshold and none was given."""
+
+
 def _check_prompts(prompts: Sequence[str]) -> list[str]:
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
@@ -269,8 +273,15 @@ class ProbeGuard(_Guard):
         return replace(self.probe, info=info).save(path)
 
     @classmethod
-    def load(cls, path: str | Path, *, model: Model | None = None) -> ProbeGuard:
-        """Read a file written by :meth:`save`; ``model`` binds it for scoring."""
+    def load(cls, path: str | Path, *, model: Model | None = None, threshold: float | None = None) -> ProbeGuard:
+        """Read a file written by :meth:`save` (or a probe from ``steerlab probe``, which carries a calibrated
+        threshold); ``model`` binds it for scoring; ``threshold`` overrides the saved one. A probe saved without a
+        calibrated threshold needs ``threshold=``: flagging at an uncalibrated 0.5 is not a guard."""
         probe = Probe.load(path)
+        if threshold is None and "guard_threshold" not in probe.info:
+            raise UncalibratedGuardError(
+                f"{path} holds a probe without a calibrated threshold; pass threshold=... (CLI: --threshold), or "
+                "refit it with `steerlab probe` / ProbeGuard.calibrate(...).save(...), which store one"
+            )
         with _valuefiles.parsing(path, "ProbeGuard"):
-            return cls(probe=probe, threshold=probe.info.get("guard_threshold", 0.5), model=model)
+            return cls(probe=probe, threshold=probe.info["guard_threshold"] if threshold is None else threshold, model=model)

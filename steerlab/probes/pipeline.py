@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -33,6 +33,7 @@ import torch
 from steerlab.activations import collect
 from steerlab.chat import Position
 from steerlab.errors import InvalidValueError
+from steerlab.probes.metrics import best_threshold, stratified_folds
 from steerlab.probes.probe import Probe, fit_probes
 from steerlab.probes.sweep import SweepResult, position_columns, sweep
 
@@ -164,12 +165,32 @@ def probe_sweep(
     position = column_position(positions, widths, j)
     meta = {"site": site, "position": position, "model": model.name}
     probe = fit_probes(x[:, i : i + 1, j], y, layers=[layer], C=C, labels=("harmless", "harmful"), **meta)
+    threshold = out_of_fold_threshold(x[:, i : i + 1, j], y, C=C, n_folds=n_folds, seed=seed)
+    probe = replace(probe, info={**probe.info, "guard_threshold": threshold, "threshold_from": f"{n_folds}-fold out-of-fold scores"})
     direction = mean_difference(
         x[y == 1][:, i : i + 1, j], x[y == 0][:, i : i + 1, j], layers=[layer], data_hash=prompts_hash(pos, neg), **meta
     )
     return ProbeRun(model=model.name, data=data.source, site=site, positions=positions, C=C, metric=metric,
                     result=result, layer=layer, column=column, position=position, value=value, probe=probe,
                     direction=direction)  # fmt: skip
+
+
+def out_of_fold_threshold(x: torch.Tensor, y: torch.Tensor, *, C: float, n_folds: int, seed: int) -> float:
+    """The best balanced-accuracy threshold on ``P(positive)`` of each example scored by a probe fitted on the other
+    folds (``x`` ``[n, 1, d]``): a threshold calibrated on data the scoring probe did not see.
+
+    Example:
+        >>> x = torch.randn(40, 1, 4); y = (x[:, 0, 0] > 0).long()
+        >>> 0.0 < out_of_fold_threshold(x, y, C=1.0, n_folds=4, seed=0) < 1.0
+        True
+    """
+    folds = stratified_folds(y, n_folds=n_folds, seed=seed)
+    scores = torch.empty(len(y))
+    for f in range(n_folds):
+        test = folds == f
+        probe = fit_probes(x[~test], y[~test], layers=[0], C=C)
+        scores[test] = probe.predict_proba(x[test])[:, 0]
+    return best_threshold(scores[y == 1], scores[y == 0])
 
 
 def save_probe_run(run: ProbeRun, out: Path, *, info: RunInfo) -> Path:
