@@ -134,7 +134,7 @@ def test_probe_writes_sweep_heatmap_probe_and_direction(probe_run, capsys):
     sweep = summary["sweep"]
     assert sweep["layers"] == [0, 1, 2] and sweep["columns"] == ["t_inst", "last", "-2"] and sweep["n_samples"] == 8
     best = summary["best"]
-    assert best["value"] == max(max(row) for row in sweep["accuracy"])
+    assert best["metric"] == "auc" and best["value"] == max(max(row) for row in sweep["auc"])
     probe = Probe.load(probe_run / "probe.safetensors")
     direction = Direction.load(probe_run / "direction.safetensors")
     assert probe.layers == direction.layers == (best["layer"],)
@@ -144,7 +144,9 @@ def test_probe_writes_sweep_heatmap_probe_and_direction(probe_run, capsys):
     assert (probe_run / "plotly.min.js").stat().st_size > 1_000_000
 
 
-def test_probe_defaults_to_the_project_split(tiny_dir, tmp_path, capsys):
+def test_probe_defaults_to_the_pooled_sources(tiny_dir, tmp_path, capsys):
+    from steerlab.probes import Probe
+
     assert (
         main(
             [
@@ -166,7 +168,9 @@ def test_probe_defaults_to_the_project_split(tiny_dir, tmp_path, capsys):
     )
     out = capsys.readouterr().out
     assert "best: layer" in out and [line.split()[0] for line in out.splitlines()[1:3]] == ["1", "2"]
-    assert json.loads((tmp_path / "sweep.json").read_text())["data"].startswith("steerlab.data.load_split()")
+    summary = json.loads((tmp_path / "sweep.json").read_text())
+    assert summary["data"].startswith("steerlab.data.guard_sets.guard_training_data()")
+    assert "source-held-out" in Probe.load(tmp_path / "probe.safetensors").info["threshold_from"]
 
 
 def test_probe_rejects_bad_arguments(tmp_path, capsys):
@@ -584,15 +588,19 @@ def test_read_prompts_names_the_file_and_the_fix(tmp_path):
 
 def test_probe_data_and_sweep_positions_need_no_model(tmp_path):
     from steerlab.errors import InvalidValueError
-    from steerlab.probes.pipeline import SPLIT_SOURCE, check_sweep_positions, column_position, probe_data
+    from steerlab.data.guard_sets import guard_sets
+    from steerlab.probes.pipeline import DEFAULT_SOURCE, check_sweep_positions, column_position, probe_data
 
     (tmp_path / "a.txt").write_text("\n".join(HARMFUL))
     (tmp_path / "b.txt").write_text("\n".join(HARMLESS))
     files = (str(tmp_path / "a.txt"), str(tmp_path / "b.txt"))
     data = probe_data(files=files, seed=0, limit=3, n_folds=2)
     assert (data.positive, data.negative) == (HARMFUL[:3], HARMLESS[:3]) and data.source == f"{files[0]} vs {files[1]}"
-    split = probe_data(files=None, seed=0, limit=6, n_folds=3)
-    assert len(split.positive) == len(split.negative) == 6 and split.source == SPLIT_SOURCE
+    pool = probe_data(files=None, seed=0, limit=6, n_folds=3)
+    sets = guard_sets()
+    assert len(pool.positive) == 6 * sum(s.harmful for s in sets) and len(pool.negative) == 6 * sum(not s.harmful for s in sets)
+    assert pool.source.startswith(DEFAULT_SOURCE) and pool.groups[:6] == ["pairs_harmful"] * 6
+    assert len(pool.groups) == len(pool.positive) + len(pool.negative)
     with pytest.raises(InvalidValueError, match="5-fold cross-validation needs at least 5 prompts per class"):
         probe_data(files=files, seed=0, limit=None, n_folds=5)
     with pytest.raises(InvalidValueError, match="cannot be swept"):
@@ -633,9 +641,15 @@ def test_fit_guard_describe_guard_and_saved_guard_kind(tiny_dir, tmp_path):
     assert isinstance(guard, LatentGuard) and describe_guard(guard).startswith(
         "LatentGuard: cosine score over 3 layers"
     )
-    assert lines[0] == "fitting a latent guard on 6 + 6 training prompts" and lines[1].startswith(
-        "threshold calibrated"
+    assert lines[0] == "fitting a latent guard on 45 + 30 prompts from 15 sets" and lines[1].startswith(
+        "threshold calibrated on 9 + 6 held-back prompts"
     )
+    lines.clear()
+    probe_guard = fit_guard(model, mode="probe", position=None, layers=None, n_train=5, seed=0, batch_size=8,
+                            calibrate=True, log=lines.append)  # fmt: skip
+    assert probe_guard.probe.position == "last" and probe_guard.threshold == probe_guard.probe.info["guard_threshold"]
+    assert probe_guard.probe.info["C"] == 0.01 and probe_guard.probe.info["balanced"]
+    assert lines[0] == "fitting a probe guard on 45 + 30 prompts from 15 sets" and "source-held-out AUC" in lines[1]
     assert saved_guard_kind(guard.save(tmp_path / "g.safetensors")) == "latent"
     (tmp_path / "x.txt").write_text("not safetensors")
     with pytest.raises(ValueFileError, match="is not a safetensors file"):

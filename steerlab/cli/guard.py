@@ -79,15 +79,15 @@ def add_parser(sub) -> None:
     """The ``guard`` subcommand."""
     p = sub.add_parser("guard", help="score prompts with a latent-space guard and flag harmful ones",
                        description="Score prompts with a saved guard (--probe FILE: a probe from `steerlab probe` or a saved "
-                                   "ProbeGuard/LatentGuard), or fit one on the project's training prompts (--fit, the default) "
-                                   "and calibrate its threshold on the validation prompts.")  # fmt: skip
+                                   "ProbeGuard/LatentGuard), or fit one on the pooled prompt sets (--fit, the default): a probe "
+                                   "at the end of the chat template, its layer and threshold chosen with whole sources held out.")  # fmt: skip
     add_model_args(p)
     add_prompt_args(p)
     src = p.add_mutually_exclusive_group()
     src.add_argument(
         "--probe", default=None, metavar="FILE", help="a saved Probe, ProbeGuard or LatentGuard (.safetensors)"
     )
-    src.add_argument("--fit", action="store_true", help="fit a guard on the project's training prompts (the default)")
+    src.add_argument("--fit", action="store_true", help="fit a guard on the pooled prompt sets (the default)")
     p.add_argument(
         "--mode",
         choices=["latent", "probe"],
@@ -100,19 +100,20 @@ def add_parser(sub) -> None:
         default=None,
         help="flag when score >= this (default: the saved or calibrated one)",
     )
-    p.add_argument("--position", type=position, default="t_inst", help="where a fitted guard reads (default t_inst)")
+    p.add_argument("--position", type=position, default=None,
+                   help="where a fitted guard reads (default: last for a probe guard, t_inst for a latent guard)")  # fmt: skip
     p.add_argument(
         "--layers",
         nargs="+",
         type=int,
         default=None,
-        help="fitted guard layers (probe: one layer; default: best by CV / all)",
+        help="fitted guard layers (probe: one layer; default: best AUC with whole sources held out / all)",
     )
     p.add_argument(
         "--n-train",
-        type=int_at_least(2),
-        default=128,
-        help="training prompts per class for --fit (at least 2: the probe guard picks its layer by cross-validation)",
+        type=int_at_least(5),
+        default=120,
+        help="--fit: at most this many prompts from each training set (steerlab's and the packaged public ones)",
     )
     # dest is not "save": nnsight (when imported) gives every object a .save method, which argparse then
     # mistakes for an already-set value and never fills in the default

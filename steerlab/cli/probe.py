@@ -14,7 +14,7 @@ from steerlab.cli.args import (
     positive_float,
     positive_int,
 )
-from steerlab.probes.pipeline import SWEEP_SITES
+from steerlab.probes.pipeline import DEFAULT_C, SWEEP_SITES
 
 
 def _probe(args: argparse.Namespace) -> int:
@@ -53,7 +53,9 @@ def add_parser(sub) -> None:
         "--harmful", default=None, help="positive class prompts: text (one per line) or JSONL ('prompt' field)"
     )
     p.add_argument(
-        "--harmless", default=None, help="negative class prompts (default for both: the project's training split)"
+        "--harmless", default=None,
+        help="negative class prompts (default for both: every steerlab-written and packaged public prompt set, "
+             "cross-validated with whole sources held out per fold)"
     )
     p.add_argument(
         "--positions",
@@ -65,9 +67,11 @@ def add_parser(sub) -> None:
     p.add_argument("--layers", nargs="+", type=int, default=None, help="layers to sweep (default: all)")
     p.add_argument("--site", choices=SWEEP_SITES, default="resid_pre")
     p.add_argument("--folds", type=int_at_least(2), default=5)
-    p.add_argument("--C", type=positive_float, default=1.0, help="inverse L2 strength of the logistic probes")
-    p.add_argument("--metric", choices=["accuracy", "auc"], default="accuracy", help="what picks the best cell")
-    p.add_argument("--limit", type=positive_int, default=None, help="use at most this many prompts per class")
+    p.add_argument("--C", type=positive_float, default=DEFAULT_C,
+                   help=f"inverse L2 strength of the logistic probes (default {DEFAULT_C}: generalises best across sources)")  # fmt: skip
+    p.add_argument("--metric", choices=["accuracy", "auc"], default="auc", help="what picks the best cell (default auc)")
+    p.add_argument("--limit", type=positive_int, default=None,
+                   help="at most this many prompts per class (files) or per prompt set (default data: 120)")
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--out", default="runs/probe", help="output directory")
     p.set_defaults(func=_probe)

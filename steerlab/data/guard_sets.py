@@ -169,6 +169,42 @@ def guard_sets(*, packages: bool = True, seed: int = 0) -> list[PromptSet]:
     return sets
 
 
+@dataclass(frozen=True)
+class SourcedPrompts:
+    """Harmful and harmless prompts with the name of the set each came from (for folds that keep sources whole)."""
+
+    harmful: list[str]
+    harmless: list[str]
+    harmful_sources: list[str]
+    harmless_sources: list[str]
+
+    @property
+    def source_names(self) -> list[str]:
+        """Every set used, harmful ones first."""
+        return list(dict.fromkeys(self.harmful_sources + self.harmless_sources))
+
+
+def guard_training_data(*, per_set: int | None = 120, seed: int = 0, packages: bool = True) -> SourcedPrompts:
+    """Every set of :func:`guard_sets` (at most ``per_set`` prompts of each, a seeded sample) as one labelled pool:
+    what ``steerlab probe`` and ``steerlab guard --fit`` train on by default.
+
+    Example:
+        >>> data = guard_training_data(per_set=10, packages=False)
+        >>> len(data.harmful), len(data.harmless), data.source_names[:2]
+        (40, 40, ['pairs_harmful', 'past_tense_harmful'])
+    """
+    if per_set is not None and (isinstance(per_set, bool) or not isinstance(per_set, int) or per_set < 1):
+        raise InvalidValueError(f"per_set must be a positive int or None; got {per_set!r}")
+    out: dict[bool, tuple[list[str], list[str]]] = {True: ([], []), False: ([], [])}
+    for s in guard_sets(packages=packages, seed=seed):
+        prompts = list(s.prompts)
+        if per_set is not None and len(prompts) > per_set:
+            prompts = random.Random(f"{seed}:{s.name}").sample(prompts, per_set)
+        out[s.harmful][0].extend(prompts)
+        out[s.harmful][1].extend([s.name] * len(prompts))
+    return SourcedPrompts(out[True][0], out[False][0], out[True][1], out[False][1])
+
+
 def pick(sets: list[PromptSet], names: list[str] | tuple[str, ...]) -> list[PromptSet]:
     """The sets named ``names`` (in that order); an unknown name raises, listing the known ones.
 

@@ -1,13 +1,13 @@
 """Guards from the project's prompts and from saved files (what ``steerlab guard`` runs).
 
 * :func:`fit_guard` — a :class:`~steerlab.probes.ProbeGuard` or :class:`~steerlab.probes.LatentGuard` fitted on the
-  training part of :func:`steerlab.data.load_split`, its threshold calibrated on the validation part.
+  pooled prompt sets (steerlab's and the packaged public ones), its threshold calibrated on held-out data.
 * :func:`saved_guard_kind` — whether a saved file holds a probe (a ``ProbeGuard``) or a ``LatentGuard``.
 * :func:`describe_guard` — one line saying what a guard reads and when it flags.
 
 Example:
     >>> from steerlab.testing import tiny_model
-    >>> guard = fit_guard(tiny_model("llama"), mode="latent", position="t_inst", layers=None, n_train=16, seed=0,
+    >>> guard = fit_guard(tiny_model("llama"), mode="latent", position="t_inst", layers=None, n_train=5, seed=0,
     ...                   batch_size=16, calibrate=True)
     >>> describe_guard(guard)  # doctest: +ELLIPSIS
     "LatentGuard: cosine score over 3 layers at 't_inst', flag when >= ..."
@@ -50,43 +50,67 @@ def fit_guard(
     model: Model,
     *,
     mode: GuardMode,
-    position: Position,
+    position: Position | None,
     layers: Sequence[int] | None,
     n_train: int,
     seed: int,
     batch_size: int,
     calibrate: bool,
+    C: float | None = None,
     progress: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> Guard:
-    """A guard fitted on the first ``n_train`` prompts per class of the training split (``load_split(seed=seed)``).
+    """A guard fitted on the pooled prompt sets of :func:`steerlab.data.guard_sets.guard_training_data` (at most
+    ``n_train`` prompts per set), the configuration that generalised best across sources
+    (``experiments/guards_cross_source.py``).
 
-    ``mode="probe"``: a :class:`ProbeGuard` at ``layers[0]`` (``layers=None``: the best layer by cross-validation;
-    more than one layer is an :class:`~steerlab.errors.InvalidValueError`). ``mode="latent"``: a
-    :class:`LatentGuard` over ``layers`` (``None``: all). Both read ``position``. With ``calibrate`` the threshold
-    is calibrated on the validation split; otherwise the guard keeps its default threshold. ``progress`` shows
-    progress bars; ``log`` receives a line before fitting and after calibrating.
+    ``mode="probe"``: a :class:`ProbeGuard` at ``position`` (default ``"last"``, the end of the chat template) with
+    L2 strength ``C`` (default 0.01), at ``layers[0]`` or, with ``layers=None``, the layer with the best AUC under
+    5-fold cross-validation that holds out whole sources; its threshold is calibrated on those out-of-fold scores.
+    ``mode="latent"``: a :class:`LatentGuard` over ``layers`` (``None``: all) at ``position`` (default ``"t_inst"``,
+    METHODS 2), fitted on 80% of each set and calibrated on the other 20%. ``calibrate=False`` keeps the default
+    threshold (0.5 / alpha 0). ``progress`` shows progress bars; ``log`` receives a line before fitting.
     """
-    from steerlab.data import load_split
+    from dataclasses import replace
+
+    from steerlab.data.guard_sets import guard_training_data
+    from steerlab.probes.pipeline import DEFAULT_C, probe_data, probe_sweep
 
     if mode not in ("probe", "latent"):
         raise InvalidValueError(f"mode must be 'probe' or 'latent'; got {mode!r}")
     if mode == "probe" and layers is not None and len(layers) != 1:
         raise InvalidValueError(f"a probe guard reads one layer; got layers {list(layers)}")
     say = log or (lambda message: None)
-    split = load_split(seed=seed)
-    harmful, harmless = split.harmful_train[:n_train], split.harmless_train[:n_train]
-    say(f"fitting a {mode} guard on {len(harmful)} + {len(harmless)} training prompts")
-    kw = {"position": position, "batch_size": batch_size, "progress": progress}
-    guard: Guard
-    if mode == "latent":
-        guard = LatentGuard.fit(model, harmful, harmless, layers=layers, **kw)
-    else:
-        guard = ProbeGuard.fit(model, harmful, harmless, layer=None if layers is None else layers[0], **kw)
+    if mode == "probe":
+        data = probe_data(files=None, seed=seed, limit=n_train, n_folds=5)
+        say(f"fitting a probe guard on {len(data.positive)} + {len(data.negative)} prompts from {len(set(data.groups or []))} sets")
+        run = probe_sweep(model, data, site="resid_pre", positions=[position or "last"], layers=layers, n_folds=5,
+                          C=DEFAULT_C if C is None else C, metric="auc", seed=seed, batch_size=batch_size)  # fmt: skip
+        guard = ProbeGuard(probe=run.probe, model=model)
+        if calibrate:
+            guard = replace(guard, threshold=run.probe.info["guard_threshold"])
+            say(f"layer {run.layer} (source-held-out AUC {run.value:.3f}); threshold from its out-of-fold scores")
+        return guard
+    data = guard_training_data(per_set=n_train, seed=seed)
+    (fit_h, val_h), (fit_s, val_s) = _slices(data.harmful, data.harmful_sources), _slices(data.harmless, data.harmless_sources)
+    say(f"fitting a latent guard on {len(fit_h)} + {len(fit_s)} prompts from {len(data.source_names)} sets")
+    kw = {"position": position or "t_inst", "batch_size": batch_size, "progress": progress}
+    latent = LatentGuard.fit(model, fit_h, fit_s, layers=layers, **kw)
     if calibrate:
-        guard = guard.calibrate(split.harmful_val, split.harmless_val, batch_size=batch_size, progress=progress)
-        say(f"threshold calibrated on {len(split.harmful_val)} + {len(split.harmless_val)} validation prompts")
-    return guard
+        latent = latent.calibrate(val_h, val_s, batch_size=batch_size, progress=progress)
+        say(f"threshold calibrated on {len(val_h)} + {len(val_s)} held-back prompts (20% of each set)")
+    return latent
+
+
+def _slices(prompts: list[str], sources: list[str]) -> tuple[list[str], list[str]]:
+    """(80%, 20%) of each source's prompts, in order: fit on the first, calibrate on the second."""
+    fit, val = [], []
+    for name in dict.fromkeys(sources):
+        mine = [p for p, s in zip(prompts, sources) if s == name]
+        cut = max(1, round(0.2 * len(mine)))
+        val += mine[:cut]
+        fit += mine[cut:]
+    return fit, val
 
 
 def describe_guard(guard: Guard) -> str:

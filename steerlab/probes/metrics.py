@@ -46,6 +46,32 @@ def stratified_folds(labels: Sequence[int] | torch.Tensor, *, n_folds: int = 5, 
     return folds
 
 
+def grouped_folds(groups: Sequence[str], labels: Sequence[int] | torch.Tensor, *, n_folds: int = 5) -> torch.Tensor:
+    """Fold index ``[n]`` that keeps every group (a prompt's source) whole: each class's groups go round-robin,
+    largest first, so every fold holds out whole sources of both classes — cross-validation across sources.
+
+    Example:
+        >>> grouped_folds(["a", "a", "b", "c", "d"], [1, 1, 1, 0, 0], n_folds=2).tolist()
+        [0, 0, 1, 0, 1]
+    """
+    y = torch.as_tensor(labels).long()
+    if len(groups) != len(y):
+        raise EmptyInputError(f"{len(groups)} group names for {len(y)} labels")
+    if n_folds < 2:
+        raise InvalidValueError(f"n_folds must be at least 2; got {n_folds}")
+    folds = torch.empty_like(y)
+    for c in torch.unique(y).tolist():
+        members = [g for g, label in zip(groups, y.tolist()) if label == c]
+        names = sorted(set(members), key=lambda g: (-members.count(g), g))
+        if len(names) < n_folds:
+            raise EmptyInputError(f"class {c} has {len(names)} sources but {n_folds} folds need at least {n_folds} (one per fold)")
+        fold_of = {g: k % n_folds for k, g in enumerate(names)}
+        for i, (g, label) in enumerate(zip(groups, y.tolist())):
+            if label == c:
+                folds[i] = fold_of[g]
+    return folds
+
+
 def best_threshold(positive: torch.Tensor, negative: torch.Tensor) -> float:
     """The threshold ``t`` (flag when ``score >= t``) with the highest balanced accuracy.
 

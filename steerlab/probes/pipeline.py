@@ -33,7 +33,7 @@ import torch
 from steerlab.activations import collect
 from steerlab.chat import Position
 from steerlab.errors import InvalidValueError
-from steerlab.probes.metrics import best_threshold, stratified_folds
+from steerlab.probes.metrics import best_threshold, grouped_folds, stratified_folds
 from steerlab.probes.probe import Probe, fit_probes
 from steerlab.probes.sweep import SweepResult, position_columns, sweep
 
@@ -43,17 +43,23 @@ if TYPE_CHECKING:
     from steerlab.steering import Direction
 
 SWEEP_SITES = ("resid_pre", "resid_post", "attn_out", "mlp_out")
-SPLIT_SOURCE = "steerlab.data.load_split() train parts"
+DEFAULT_SOURCE = "steerlab.data.guard_sets.guard_training_data()"
+DEFAULT_PER_SET = 120
+DEFAULT_POSITIONS: tuple[Position, ...] = ("t_inst", "last")
+DEFAULT_C = 0.01  # stronger L2 than sklearn's default generalised better across sources (experiments/guards_cross_source.py)
 Metric = Literal["accuracy", "auc"]
 
 
 @dataclass(frozen=True)
 class ProbeData:
-    """The positive (e.g. harmful) and negative prompts of a sweep, and a line saying where they came from."""
+    """The positive (e.g. harmful) and negative prompts of a sweep, and a line saying where they came from.
+    ``groups`` names each prompt's source (positive ones first) when the prompts pool several sources: the sweep
+    then holds out whole sources per fold."""
 
     positive: list[str]
     negative: list[str]
     source: str
+    groups: list[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -82,28 +88,31 @@ class ProbeRun:
 
 
 def probe_data(*, files: tuple[str | Path, str | Path] | None, seed: int, limit: int | None, n_folds: int) -> ProbeData:
-    """The two prompt sets of a sweep: ``files`` (positive, negative; see :func:`steerlab.data.files.read_prompts`),
-    or with ``files=None`` the training part of :func:`steerlab.data.load_split` (``seed``).
+    """The two prompt sets of a sweep: ``files`` (positive, negative; see :func:`steerlab.data.files.read_prompts`;
+    ``limit`` keeps at most that many prompts per class), or with ``files=None`` the guard training pool of
+    :func:`steerlab.data.guard_sets.guard_training_data` (every set written for steerlab and every packaged public
+    set; ``limit`` prompts per set, default 120), whose sources the folds keep whole.
 
-    ``limit`` keeps at most that many prompts per class (``None``: all). Raises
-    :class:`~steerlab.errors.InvalidValueError` when a class has fewer prompts than ``n_folds``.
+    Raises :class:`~steerlab.errors.InvalidValueError` when a class has fewer prompts than ``n_folds``.
     """
+    groups = None
     if files is not None:
         from steerlab.data.files import read_prompts
 
         pos, neg, source = read_prompts(files[0]), read_prompts(files[1]), f"{files[0]} vs {files[1]}"
+        if limit is not None:
+            pos, neg = pos[:limit], neg[:limit]
     else:
-        from steerlab.data import load_split
+        from steerlab.data.guard_sets import guard_training_data
 
-        split = load_split(seed=seed)
-        pos, neg, source = split.harmful_train, split.harmless_train, SPLIT_SOURCE
-    if limit is not None:
-        pos, neg = pos[:limit], neg[:limit]
+        data = guard_training_data(per_set=limit or DEFAULT_PER_SET, seed=seed)
+        pos, neg, groups = data.harmful, data.harmless, data.harmful_sources + data.harmless_sources
+        source = f"{DEFAULT_SOURCE} ({len(data.source_names)} sets, at most {limit or DEFAULT_PER_SET} prompts each)"
     if min(len(pos), len(neg)) < n_folds:
         raise InvalidValueError(
             f"{n_folds}-fold cross-validation needs at least {n_folds} prompts per class; got {len(pos)} and {len(neg)}"
         )
-    return ProbeData(positive=pos, negative=neg, source=source)
+    return ProbeData(positive=pos, negative=neg, source=source, groups=groups)
 
 
 def check_sweep_positions(positions: Sequence[Position]) -> None:
@@ -159,14 +168,17 @@ def probe_sweep(
     widths = [t.shape[2] for t in parts]
     x, y = torch.cat(parts, dim=2), torch.tensor([1] * len(pos) + [0] * len(neg))
     columns = position_columns(model, positions, widths)
-    result = sweep(x, y, layers=acts.layers, columns=columns, n_folds=n_folds, C=C, seed=seed)
+    folds = None if data.groups is None else grouped_folds(data.groups, y, n_folds=n_folds)
+    result = sweep(x, y, layers=acts.layers, columns=columns, n_folds=n_folds, C=C, seed=seed, folds=folds)
     layer, column, value = result.best(metric)
     i, j = acts.layers.index(layer), columns.index(column)
     position = column_position(positions, widths, j)
     meta = {"site": site, "position": position, "model": model.name}
-    probe = fit_probes(x[:, i : i + 1, j], y, layers=[layer], C=C, labels=("harmless", "harmful"), **meta)
-    threshold = out_of_fold_threshold(x[:, i : i + 1, j], y, C=C, n_folds=n_folds, seed=seed)
-    probe = replace(probe, info={**probe.info, "guard_threshold": threshold, "threshold_from": f"{n_folds}-fold out-of-fold scores"})
+    balanced = data.groups is not None  # pooled sources: the classes need not be the same size
+    probe = fit_probes(x[:, i : i + 1, j], y, layers=[layer], C=C, balanced=balanced, labels=("harmless", "harmful"), **meta)
+    threshold = out_of_fold_threshold(x[:, i : i + 1, j], y, C=C, n_folds=n_folds, seed=seed, folds=folds, balanced=balanced)
+    how = "source-held-out" if folds is not None else "stratified"
+    probe = replace(probe, info={**probe.info, "guard_threshold": threshold, "threshold_from": f"{n_folds}-fold {how} out-of-fold scores"})
     direction = mean_difference(
         x[y == 1][:, i : i + 1, j], x[y == 0][:, i : i + 1, j], layers=[layer], data_hash=prompts_hash(pos, neg), **meta
     )
@@ -175,20 +187,23 @@ def probe_sweep(
                     direction=direction)  # fmt: skip
 
 
-def out_of_fold_threshold(x: torch.Tensor, y: torch.Tensor, *, C: float, n_folds: int, seed: int) -> float:
+def out_of_fold_threshold(
+    x: torch.Tensor, y: torch.Tensor, *, C: float, n_folds: int, seed: int, folds: torch.Tensor | None = None, balanced: bool = False
+) -> float:
     """The best balanced-accuracy threshold on ``P(positive)`` of each example scored by a probe fitted on the other
-    folds (``x`` ``[n, 1, d]``): a threshold calibrated on data the scoring probe did not see.
+    folds (``x`` ``[n, 1, d]``; ``folds`` given, or seeded stratified ones): a threshold calibrated on data the
+    scoring probe did not see.
 
     Example:
         >>> x = torch.randn(40, 1, 4); y = (x[:, 0, 0] > 0).long()
         >>> 0.0 < out_of_fold_threshold(x, y, C=1.0, n_folds=4, seed=0) < 1.0
         True
     """
-    folds = stratified_folds(y, n_folds=n_folds, seed=seed)
+    folds = stratified_folds(y, n_folds=n_folds, seed=seed) if folds is None else folds
     scores = torch.empty(len(y))
-    for f in range(n_folds):
+    for f in range(int(folds.max()) + 1):
         test = folds == f
-        probe = fit_probes(x[~test], y[~test], layers=[0], C=C)
+        probe = fit_probes(x[~test], y[~test], layers=[0], C=C, balanced=balanced)
         scores[test] = probe.predict_proba(x[test])[:, 0]
     return best_threshold(scores[y == 1], scores[y == 0])
 

@@ -104,8 +104,12 @@ def sweep(
     standardize: bool = True,
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
+    folds: torch.Tensor | None = None,
 ) -> SweepResult:
     """Cross-validate a probe per (layer, position) on ``x`` ``[n, n_layers, n_positions, d]``.
+
+    ``folds`` (``[n]`` fold indices, e.g. :func:`~steerlab.probes.metrics.grouped_folds` to hold out whole
+    sources) replaces the seeded stratified folds; ``n_folds`` is then their count.
 
     Example:
         >>> x = torch.randn(60, 2, 3, 4); y = (x[:, 1, 2, 0] > 0).long()
@@ -124,7 +128,12 @@ def sweep(
     columns = tuple(columns) if columns is not None else tuple(str(j) for j in range(n_pos))
     if len(columns) != n_pos:
         raise ShapeError(f"{len(columns)} column names for {n_pos} positions")
-    folds = stratified_folds(y, n_folds=n_folds, seed=seed)
+    if folds is None:
+        folds = stratified_folds(y, n_folds=n_folds, seed=seed)
+    elif len(folds) != n:
+        raise ShapeError(f"{len(folds)} fold indices for {n} samples")
+    else:
+        n_folds = int(folds.max()) + 1
     problems = x.reshape(n, n_layers * n_pos, d).transpose(0, 1)  # [k, n, d]
     chunk = max(1, _CHUNK_BYTES // max(1, n * d * 8 * 2))
     acc = torch.zeros(n_folds, n_layers * n_pos)
