@@ -334,3 +334,25 @@ def test_engine_sizes_are_checked_before_vllm_is_touched():
         VLLMEngine(None, kv_cache_bytes=0)  # type: ignore[arg-type]
     with pytest.raises(InvalidValueError, match="max_model_len"):
         VLLMEngine(None, max_model_len=True)  # type: ignore[arg-type]
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_gated_refusal_in_vllm_matches_the_hf_policy(qwen, engine, harm_direction, prompts):
+    from steerlab.interventions.gated import GatedRefusal
+    from steerlab.probes import LatentGuard
+
+    rows = prompts[:6] + prompts[-6:]  # AdvBench and harmless past-tense questions
+    guard = LatentGuard.fit(qwen, prompts[6:16], prompts[16:26], layers=[12, 16])
+    scores = guard.score(rows)
+    cut = sorted(scores.tolist())
+    gated = GatedRefusal(guard, refuse=steerlab.AddVector(harm_direction, coeff=1.0), comply=steerlab.Ablate(harm_direction),
+                         low=(cut[3] + cut[4]) / 2, high=(cut[-4] + cut[-5]) / 2)  # fmt: skip
+    hf = qwen.generate(rows, policy=gated, max_new_tokens=16)
+    ours = engine.generate_gated(rows, gated, max_new_tokens=16)
+    assert [o.action for o in ours] == [o.action for o in hf] and {o.action for o in hf} == {"refuse", "comply", "leave"}
+    torch.testing.assert_close(torch.tensor([o.score for o in ours]), scores, rtol=1e-3, atol=1e-4)
+    same = sum(a.text == b.text for a, b in zip(ours, hf))
+    print(f"gated: vLLM == HF policy on {same}/{len(rows)} rows")
+    assert same >= len(rows) - 1
+    assert engine.generate(rows[:2], steer="add", max_new_tokens=4)  # the engine's own steerings are still there

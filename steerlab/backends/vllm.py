@@ -41,12 +41,24 @@ from steerlab.errors import (
     ModelLoadError,
     UnknownPositionError,
 )
+from steerlab.generation import eos_ids
 from steerlab.plan import Plan, resolve_plans
 
 if TYPE_CHECKING:
     from steerlab.activations import Activations
     from steerlab.chat import Position
     from steerlab.model import Model
+
+
+GATED_NAMES = {"refuse": "steerlab.gated.refuse", "comply": "steerlab.gated.comply"}
+
+
+def _until_eos(ids: list[int], eos: set[int]) -> list[int]:
+    """``ids`` up to (not including) the first end token, as :meth:`steerlab.generation.Decoder.tokens` returns them."""
+    for k, t in enumerate(ids):
+        if t in eos:
+            return ids[:k]
+    return ids
 
 
 @dataclass(frozen=True)
@@ -187,11 +199,44 @@ class VLLMEngine:
         """Continuations of ``prompts`` (rendered through the model's chat template and decoded by its tokenizer, as
         ``model.generate`` does), each steered as ``steer`` says; greedy unless ``temperature`` > 0; ``ignore_eos``:
         always ``max_new_tokens`` tokens (benchmarks)."""
-        vllm = compat.import_vllm()
         if isinstance(prompts, str) or not prompts:
             raise InvalidValueError("generate takes a non-empty list of prompts")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise InvalidValueError(f"max_new_tokens must be a positive int; got {max_new_tokens!r}")
+        ids = self._generate_ids(prompts, steer=steer, max_new_tokens=max_new_tokens, chat=chat, system=system,
+                                 temperature=temperature, ignore_eos=ignore_eos)  # fmt: skip
+        return self.model.tokenizer.batch_decode(ids, skip_special_tokens=True)
+
+    def generate_gated(
+        self, prompts: Sequence[str], gated: Any, *, max_new_tokens: int = 64, chat: bool = True, system: str | None = None
+    ) -> list[Any]:
+        """A :class:`~steerlab.interventions.gated.GatedRefusal` inside vLLM: the guard reads each prompt in the engine
+        (:meth:`collect`), and each request is steered with ``gated.refuse`` (score >= high), ``gated.comply``
+        (score < low) or nothing; greedy. One :class:`~steerlab.interventions.gated.GatedOutput` per prompt, as
+        ``model.generate(prompts, policy=gated)`` returns on the HF path."""
+        from steerlab.interventions.gated import GatedOutput, GatedRefusal
+
+        if not isinstance(gated, GatedRefusal):
+            raise InvalidValueError(f"generate_gated takes a GatedRefusal, not {type(gated).__name__}")
+        if isinstance(prompts, str) or not prompts:
+            raise InvalidValueError("generate_gated takes a non-empty list of prompts")
+        position = gated.read_position
+        acts = self.collect(prompts, layers=gated.read_layers, positions=[position], chat=chat, system=system)
+        scores = gated.score_states(acts["resid_pre", position][:, :, -1])
+        actions = gated.actions(scores)
+        branches = {GATED_NAMES[a]: iv for a, iv in (("refuse", gated.refuse), ("comply", gated.comply)) if iv is not None}
+        self.register(branches)
+        steer = [GATED_NAMES[a] if a != "leave" else None for a in actions]
+        ids = self._generate_ids(prompts, steer=steer, max_new_tokens=max_new_tokens, chat=chat, system=system)
+        texts = self.model.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        return [GatedOutput(text=t, tokens=i, score=float(s), action=a) for t, i, s, a in zip(texts, ids, scores.tolist(), actions)]
+
+    def _generate_ids(
+        self, prompts: Sequence[str], *, steer: Any, max_new_tokens: int, chat: bool, system: str | None,
+        temperature: float = 0.0, ignore_eos: bool = False,
+    ) -> list[list[int]]:  # fmt: skip
+        """The generated ids of each prompt (see :meth:`generate`)."""
+        vllm = compat.import_vllm()
         requests = self.requests(steer, len(prompts))
         rows = self.model.chat(system=system, chat=chat).tokenize(list(prompts))
         inputs, params, tags = [], [], []
@@ -210,8 +255,8 @@ class VLLMEngine:
             outputs = self._engine().generate(inputs, params, use_tqdm=False)
         self.cached_tokens = [int(out.num_cached_tokens or 0) for out in outputs]
         self._check_fired(requests, tags)
-        ids = [list(out.outputs[0].token_ids) for out in outputs]
-        return self.model.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        eos = set() if ignore_eos else eos_ids(self.model)
+        return [_until_eos(list(out.outputs[0].token_ids), eos) for out in outputs]
 
     def collect(
         self,

@@ -14,6 +14,9 @@ layer, so an ablation applies from layer 0 — which is why this is a policy tha
 decides mid-forward. Each row's output records its score and action (:class:`GatedOutput`), so a run shows what
 the gate did; a branch that no row took simply did not act.
 
+Inside vLLM, :meth:`steerlab.backends.vllm.VLLMEngine.generate_gated` renders the same value: the guard reads the
+prompts in the engine, and each request is steered with the branch its score picks (or not at all).
+
 Example:
     >>> from steerlab import AddVector, Ablate
     >>> from steerlab.data import DEMO_HARMFUL, DEMO_HARMLESS
@@ -87,6 +90,20 @@ class GatedRefusal:
         if site != "resid_pre":
             raise ShapeError(f"GatedRefusal reads its guard on resid_pre; this guard reads {site}")
 
+    @property
+    def read_layers(self) -> list[int]:
+        """The layers whose ``resid_pre`` the guard reads."""
+        return list(self.guard.probe.layers) if isinstance(self.guard, ProbeGuard) else list(self.guard.layers)
+
+    @property
+    def read_position(self):
+        """The position the guard reads (``"last"``, ``"t_inst"``, ...)."""
+        return self.guard.probe.position if isinstance(self.guard, ProbeGuard) else self.guard.position
+
+    def score_states(self, states: torch.Tensor) -> torch.Tensor:
+        """The guard's scores ``[b]`` from ``resid_pre`` states ``[b, len(read_layers), d]`` at :attr:`read_position`."""
+        return self.guard.score_activations(states if isinstance(self.guard, LatentGuard) else states[:, 0])
+
     def actions(self, scores: torch.Tensor) -> list[Action]:
         """The action for each score: ``"refuse"`` (``>= high``), ``"comply"`` (``< low``) or ``"leave"``.
 
@@ -127,9 +144,7 @@ class _GatedRun:
 
     def __init__(self, model: Model, policy: GatedRefusal) -> None:
         self.model, self.policy = model, policy
-        guard = policy.guard
-        self.read_layers = list(guard.probe.layers) if isinstance(guard, ProbeGuard) else list(guard.layers)
-        self.position = guard.probe.position if isinstance(guard, ProbeGuard) else guard.position
+        self.read_layers, self.position = policy.read_layers, policy.read_position
         self.reading: torch.Tensor | None = None  # [b] token index per row while the read pass runs
         self.grabbed: dict[int, torch.Tensor] = {}
         self.rows: dict[str, torch.Tensor] | None = None
@@ -178,8 +193,7 @@ class _GatedRun:
         missing = [la for la in self.read_layers if la not in self.grabbed]
         if missing:
             raise GenerationStateError(f"the gate's read hooks at layers {missing} did not fire")
-        states = torch.stack([self.grabbed[la] for la in self.read_layers], 1)  # [b, n_layers, d]
-        return self.policy.guard.score_activations(states if isinstance(self.policy.guard, LatentGuard) else states[:, 0])
+        return self.policy.score_states(torch.stack([self.grabbed[la] for la in self.read_layers], 1))
 
     def start(self, decoder: Decoder) -> None:
         self.scores = self._score(decoder)
