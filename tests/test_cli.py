@@ -80,7 +80,7 @@ HARMLESS = [
     "Describe how to wash a car.",
     "Tell me how to make a kite.",
 ]
-NEW_COMMANDS = ["probe", "guard", "steer", "export", "serve", "unlearn"]
+NEW_COMMANDS = ["probe", "guard", "steer", "export", "serve", "unlearn", "optimize"]
 
 
 @pytest.fixture(autouse=True)
@@ -243,6 +243,28 @@ def test_steer_calibrated_gates_each_prompt(tiny_dir, probe_run, capsys):
     assert counts == f"refuse {actions.count('refuse')}, comply {actions.count('comply')}, unchanged 0 of 4"
     assert main([*argv[:7], "--band", "0.9", "Hi"]) == 2
     assert "leaves [0, 1]" in _one_error_line(capsys.readouterr().err)
+
+
+def test_optimize_searches_writes_the_front_and_a_direction_steer_can_use(tiny_dir, probe_run, tmp_path, capsys):
+    from steerlab.steering import Direction
+
+    guard = str(probe_run / "probe.safetensors")
+    argv = ["optimize", "--model", tiny_dir, "--guard", guard, "--layers", "1", "2", "--n", "4", "--trials", "3",
+            "--kl-max", "1e9", "--out", str(tmp_path / "opt")]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("hand-picked (layer 2, coeff 1, full ablation, no band)") and "Pareto front:" in out
+    summary = json.loads((tmp_path / "opt" / "search.json").read_text())
+    assert len(summary["trials"]) == 3 and summary["chosen"]["trial"] in summary["pareto"] and summary["baseline"]
+    direction = Direction.load(tmp_path / "opt" / "direction.safetensors")
+    assert direction.layers == (round(summary["chosen"]["params"]["layer"]),)
+    assert (tmp_path / "opt" / "pareto.html").exists()
+    apply = out.strip().splitlines()[-1].split("apply it with: steerlab ")[1].split()
+    apply = [a for a in apply if a != "PROMPT"]
+    assert main([*apply, "--model", tiny_dir, "--max-new-tokens", "2", "Hi"]) == 0
+    assert "ablated x" in capsys.readouterr().out
+    assert main([*argv[:5], "--layers", "2", "1"]) == 2
+    assert "must not exceed" in _one_error_line(capsys.readouterr().err)
 
 
 def test_guard_fits_calibrates_saves_and_reloads_a_latent_guard(tiny_dir, tmp_path, capsys):

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from typing import NoReturn
 
 from steerlab import __version__
-from steerlab.cli import demo, guard, inputs, probe, refusal, serve, steer, unlearn
+from steerlab.cli import demo, guard, inputs, optimize, probe, refusal, serve, steer, unlearn
 from steerlab.cli.args import UsageError
 from steerlab.errors import SteerlabError
 
@@ -41,6 +41,7 @@ PARSERS: tuple[Callable, ...] = (
     steer.add_export_parser,
     serve.add_parser,
     unlearn.add_parser,
+    optimize.add_parser,
 )
 
 

@@ -9,6 +9,14 @@ from steerlab.cli import inputs
 from steerlab.cli.args import add_model_args, add_prompt_args, finite_float, non_negative_float, positive_int
 
 
+def strength(text: str) -> float:
+    """An ablation strength in (0, 1]."""
+    value = finite_float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
 def _edit(args: argparse.Namespace, direction):
     """The Ablate (``--ablate``) or AddVector (``--coeff``, ``--layer``, ``--unit``) edit of the direction."""
     from steerlab.training.deploy import direction_edit
@@ -45,12 +53,13 @@ def _calibrated(args: argparse.Namespace, prompts: list[str]) -> int:
         raise UsageError(f"--band {args.band:g} around the threshold {guard.threshold:.3g} leaves [0, 1]; use a smaller band")
     source = args.layer if args.layer is not None else direction.layers[0]
     refuse = AddVector(direction, coeff=args.refuse_coeff, layers=[source], source_layer=source)
-    gated = GatedRefusal(guard, refuse=refuse, comply=Ablate(direction, source_layer=source), low=low, high=high)
+    comply = Ablate(direction, source_layer=source, strength=args.ablate_strength)
+    gated = GatedRefusal(guard, refuse=refuse, comply=comply, low=low, high=high)
     gen = {"max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "progress": True}
     before = model.generate(prompts, **gen)
     after = model.generate(prompts, policy=gated, **gen)
     print(f"calibrated refusal: {describe_guard(guard)}; score >= {high:.4g}: refusal direction added x{args.refuse_coeff:g} "
-          f"at layer {source}; score < {low:.4g}: ablated (vector of layer {source}); in between: unchanged\n")  # fmt: skip
+          f"at layer {source}; score < {low:.4g}: ablated x{args.ablate_strength:g} (vector of layer {source}); in between: unchanged\n")  # fmt: skip
     for prompt, b, out in zip(prompts, before, after):
         print(f"prompt: {prompt}\n  score {out.score:.4f} -> {out.action}\n  before: {inputs.short(b, 200)}\n  "
               f"after:  {inputs.short(out.text, 200)}\n")  # fmt: skip
@@ -125,6 +134,8 @@ def add_steer_parser(sub) -> None:
     )
     p.add_argument("--unit", action="store_true", help="AddVector: scale the vector to norm 1 first")
     p.add_argument("--refuse-coeff", type=finite_float, default=1.0, help="--calibrated: coefficient on the harmful side")
+    p.add_argument("--ablate-strength", type=strength, default=1.0,
+                   help="--calibrated: share of the direction removed on the safe side (0 < s <= 1)")
     p.add_argument("--band", type=non_negative_float, default=0.0,
                    help="--calibrated: half-width of the leave-alone band around the guard's threshold (score units)")  # fmt: skip
     p.add_argument("--max-new-tokens", type=positive_int, default=48)
