@@ -43,7 +43,7 @@ TUNE, EVAL = ("homonyms", "figurative"), ("safe_targets", "safe_contexts")
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--direction", required=True)
-    ap.add_argument("--trials", type=int, default=40)
+    ap.add_argument("--trials", type=int, default=30)
     ap.add_argument("--max-new-tokens", type=int, default=24)
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
@@ -64,7 +64,7 @@ def main():
     kw = {"layers": list(range(12, 21)), "positions": ["last"], "progress": False}
     directions = mean_difference(steerlab.collect(model, split.harmful_train, **kw), steerlab.collect(model, split.harmless_train, **kw), model=model)
     hand_dir = Direction.load(args.direction)
-    hand = GatedParams(layer=float(hand_dir.layers[0]), refuse_coeff=1.0, ablate_strength=1.0, band=0.0)
+    hand = GatedParams(layer=float(hand_dir.layers[0]), refuse_coeff=1.0, ablate_strength=1.0)
     t0 = time.time()
     result = search(model, guard, directions, tune, space=SearchSpace(layers=(12.0, 20.0)), n_trials=args.trials,
                     baseline=hand.build(guard, hand_dir), log=lambda m: print(m, flush=True))  # fmt: skip
@@ -81,10 +81,13 @@ def main():
     gates = {"hand-picked": hand.build(guard, hand_dir), "searched": chosen.build(guard, directions)}
     for name, prompts in ev.items():
         rows = {"plain": model.generate(prompts, max_new_tokens=args.max_new_tokens)}
+        with model.apply(steerlab.Ablate(hand_dir)):
+            rows["ablated"] = model.generate(prompts, max_new_tokens=args.max_new_tokens)
         for g, gated in gates.items():
             rows[g] = [o.text for o in model.generate(prompts, policy=gated, max_new_tokens=args.max_new_tokens)]
         rates = {c: sum(judge_reply(t) == "refusal" for t in texts) / len(texts) for c, texts in rows.items()}
-        report["eval"][name] = {"refusal": rates}
+        degenerate = {c: sum(judge_reply(t) == "degenerate" for t in texts) / len(texts) for c, texts in rows.items()}
+        report["eval"][name] = {"refusal": rates, "degenerate": degenerate}
         if name == "ordinary":
             base = last_token_logprobs(model, prompts)
             for g, gated in gates.items():

@@ -35,19 +35,19 @@ def setup():
 
 def test_layer_interpolates_neighbouring_vectors(setup):
     _, _, r = setup
-    layer, vec = GatedParams(layer=1.25, refuse_coeff=1.0, ablate_strength=1.0, band=0.0).vector(r)
+    layer, vec = GatedParams(layer=1.25, refuse_coeff=1.0, ablate_strength=1.0).vector(r)
     assert layer == 1
     torch.testing.assert_close(vec, 0.75 * r.at(1) + 0.25 * r.at(2))
-    assert torch.equal(GatedParams(layer=2.0, refuse_coeff=1.0, ablate_strength=1.0, band=0.0).vector(r)[1], r.at(2))
+    assert torch.equal(GatedParams(layer=2.0, refuse_coeff=1.0, ablate_strength=1.0).vector(r)[1], r.at(2))
     with pytest.raises(InvalidValueError, match="outside"):
-        GatedParams(layer=7.0, refuse_coeff=1.0, ablate_strength=1.0, band=0.0).vector(r)
+        GatedParams(layer=7.0, refuse_coeff=1.0, ablate_strength=1.0).vector(r)
     with pytest.raises(InvalidValueError, match="ablate_strength"):
-        GatedParams(layer=1.0, refuse_coeff=1.0, ablate_strength=0.0, band=0.0)
+        GatedParams(layer=1.0, refuse_coeff=1.0, ablate_strength=0.0)
 
 
 def test_objectives_equal_each_row_measured_alone_under_its_branch(setup):
     model, guard, r = setup
-    params = GatedParams(layer=1.5, refuse_coeff=6.0, ablate_strength=0.7, band=0.0)
+    params = GatedParams(layer=1.5, refuse_coeff=6.0, ablate_strength=0.7, above=0.05)
     gated = params.build(guard, r)
     got = evaluate(model, gated, SETS)
     ids = refusal_token_ids(model.tokenizer)
@@ -73,7 +73,7 @@ def test_objectives_equal_each_row_measured_alone_under_its_branch(setup):
 def test_search_finds_a_front_and_writes_the_plot(setup, tmp_path):
     model, guard, r = setup
     single = Direction(vectors=r.at(1)[None], layers=(1,), site=r.site, model=r.model)
-    baseline = GatedParams(layer=1.0, refuse_coeff=1.0, ablate_strength=1.0, band=0.0).build(guard, single)
+    baseline = GatedParams(layer=1.0, refuse_coeff=1.0, ablate_strength=1.0).build(guard, single)
     result = search(model, guard, r, SETS, space=SearchSpace(layers=(0.0, 2.0)), n_trials=6, seed=0, baseline=baseline)
     assert len(result.params) == len(result.objectives) == 6 and result.baseline is not None
     front = [result.objectives[i] for i in result.pareto]

@@ -63,8 +63,8 @@ def _optimize(args: argparse.Namespace) -> int:
     directions = _directions(args, model)
     layers = (float(directions.layers[0]), float(directions.layers[-1]))
     hand = GatedParams(layer=layers[0] if len(directions.layers) == 1 else float(directions.layers[len(directions.layers) // 2]),
-                       refuse_coeff=1.0, ablate_strength=1.0, band=0.0)  # fmt: skip
-    space = SearchSpace(layers=layers, refuse_coeff=(0.0, args.max_coeff), band=(0.0, args.max_band))
+                       refuse_coeff=1.0, ablate_strength=1.0)  # fmt: skip
+    space = SearchSpace(layers=layers, refuse_coeff=(0.0, args.max_coeff), below=(0.0, args.max_band), above=(0.0, args.max_band))
     inputs.log(f"searching {args.trials} trials over layers {layers[0]:g}-{layers[1]:g} on {len(sets.harmful)} harmful, "
                f"{len(sets.safe)} safe-but-scary and {len(sets.ordinary)} ordinary prompts")  # fmt: skip
     result = search(model, guard, directions, sets, space=space, n_trials=args.trials, seed=args.seed,
@@ -88,11 +88,11 @@ def _optimize(args: argparse.Namespace) -> int:
     print(f"Pareto front: {len(result.pareto)} of {len(result.params)} trials; {len(result.dominating())} dominate the hand-picked point")
     o = result.objectives[best]
     print(f"chosen trial {best}: layer {chosen.layer:.2f}, refuse coeff {chosen.refuse_coeff:.3f}, ablation strength "
-          f"{chosen.ablate_strength:.3f}, band {chosen.band:.3f} -> refusal {o.refusal:.3f}, over-refusal "
+          f"{chosen.ablate_strength:.3f}, band -{chosen.below:.3f}/+{chosen.above:.3f} -> refusal {o.refusal:.3f}, over-refusal "
           f"{o.over_refusal:.3f}, KL {o.kl:.4f}")  # fmt: skip
     print(f"wrote {out}/search.json, pareto.html, direction.safetensors; apply it with: steerlab steer --calibrated "
           f"{path} --direction {out}/direction.safetensors --refuse-coeff {chosen.refuse_coeff:.3f} "
-          f"--ablate-strength {chosen.ablate_strength:.3f} --band {chosen.band:.3f} PROMPT")  # fmt: skip
+          f"--ablate-strength {chosen.ablate_strength:.3f} --band-below {chosen.below:.3f} --band-above {chosen.above:.3f} PROMPT")  # fmt: skip
     return 0
 
 
@@ -114,7 +114,7 @@ def add_parser(sub) -> None:
     p.add_argument("--n", type=positive_int, default=40, help="at most this many prompts per set")
     p.add_argument("--trials", type=positive_int, default=40)
     p.add_argument("--max-coeff", type=non_negative_float, default=2.0, help="largest refusal coefficient searched")
-    p.add_argument("--max-band", type=non_negative_float, default=0.3, help="largest band half-width searched")
+    p.add_argument("--max-band", type=non_negative_float, default=0.5, help="largest band side searched (score units)")
     p.add_argument("--kl-max", type=non_negative_float, default=0.05, help="the chosen trial keeps KL at most this")
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--out", default="runs/optimize", help="output directory")

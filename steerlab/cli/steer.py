@@ -48,9 +48,11 @@ def _calibrated(args: argparse.Namespace, prompts: list[str]) -> int:
     kind = ProbeGuard if saved_guard_kind(path) == "probe" else LatentGuard
     model = inputs.load(args)
     guard = inputs.read_saved(path, f"steerlab {kind.__name__}", lambda f: kind.load(f, model=model))
-    low, high = guard.threshold - args.band, guard.threshold + args.band
-    if args.band and isinstance(guard, ProbeGuard) and not (0.0 <= low and high <= 1.0):
-        raise UsageError(f"--band {args.band:g} around the threshold {guard.threshold:.3g} leaves [0, 1]; use a smaller band")
+    below = args.band if args.band_below is None else args.band_below
+    above = args.band if args.band_above is None else args.band_above
+    low, high = guard.threshold - below, guard.threshold + above
+    if isinstance(guard, ProbeGuard) and not (0.0 <= low and high <= 1.0):
+        raise UsageError(f"the band [{low:.3g}, {high:.3g}) around the threshold {guard.threshold:.3g} leaves [0, 1]; use a smaller band")
     source = args.layer if args.layer is not None else direction.layers[0]
     refuse = AddVector(direction, coeff=args.refuse_coeff, layers=[source], source_layer=source)
     comply = Ablate(direction, source_layer=source, strength=args.ablate_strength)
@@ -138,6 +140,8 @@ def add_steer_parser(sub) -> None:
                    help="--calibrated: share of the direction removed on the safe side (0 < s <= 1)")
     p.add_argument("--band", type=non_negative_float, default=0.0,
                    help="--calibrated: half-width of the leave-alone band around the guard's threshold (score units)")  # fmt: skip
+    p.add_argument("--band-below", type=non_negative_float, default=None, help="--calibrated: the band's lower side (default --band)")
+    p.add_argument("--band-above", type=non_negative_float, default=None, help="--calibrated: the band's upper side (default --band)")
     p.add_argument("--max-new-tokens", type=positive_int, default=48)
     p.set_defaults(func=_steer)
 

@@ -2,7 +2,9 @@
 
 A trial is a :class:`GatedParams`: the refusal direction's layer (fractional: the vectors of the two neighbouring
 layers are interpolated), the coefficient added where the guard says harmful, the share of the direction removed
-where it says safe (``Ablate(strength=…)``), and the half-width of the leave-alone band around the guard's threshold.
+where it says safe (``Ablate(strength=…)``), and the leave-alone band around the guard's threshold ``t``: from
+``t - below`` to ``t + above`` (the two sides are searched separately: strengthening refusal on a false positive
+costs more than leaving a true positive alone).
 :func:`evaluate` measures a :class:`~steerlab.interventions.gated.GatedRefusal` on three prompt sets:
 
 * ``refusal`` (higher is better): mean probability that the reply opens with a refusal, on harmful prompts;
@@ -24,7 +26,7 @@ Example:
     >>> guard = LatentGuard.fit(model, DEMO_HARMFUL, DEMO_HARMLESS, layers=[1])
     >>> acts = [steerlab.collect(model, p, positions=["last"], progress=False) for p in (DEMO_HARMFUL, DEMO_HARMLESS)]
     >>> r = mean_difference(*acts, model=model)                      # one vector per layer
-    >>> params = GatedParams(layer=1.5, refuse_coeff=2.0, ablate_strength=0.5, band=0.0)
+    >>> params = GatedParams(layer=1.5, refuse_coeff=2.0, ablate_strength=0.5, below=0.0, above=0.1)
     >>> sets = PromptSets(harmful=DEMO_HARMFUL[:3], safe=DEMO_HARMLESS[:3], ordinary=DEMO_HARMLESS[3:6])
     >>> objectives = evaluate(model, params.build(guard, r), sets)
     >>> 0.0 <= objectives.refusal <= 1.0 and objectives.kl >= 0.0
@@ -93,18 +95,20 @@ class Objectives:
 
 @dataclass(frozen=True)
 class GatedParams:
-    """One point of the search: fractional direction ``layer``, ``refuse_coeff``, ``ablate_strength``, ``band``."""
+    """One point of the search: fractional direction ``layer``, ``refuse_coeff``, ``ablate_strength``, and the band
+    ``[threshold - below, threshold + above)`` left alone."""
 
     layer: float
     refuse_coeff: float
     ablate_strength: float
-    band: float
+    below: float = 0.0
+    above: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("layer", "refuse_coeff", "ablate_strength", "band"):
+        for name in ("layer", "refuse_coeff", "ablate_strength", "below", "above"):
             object.__setattr__(self, name, finite_number(getattr(self, name), f"GatedParams.{name}"))
-        if not 0.0 < self.ablate_strength <= 1.0 or self.band < 0.0 or self.refuse_coeff < 0.0:
-            raise InvalidValueError(f"need 0 < ablate_strength <= 1, band >= 0, refuse_coeff >= 0; got {self}")
+        if not 0.0 < self.ablate_strength <= 1.0 or min(self.below, self.above, self.refuse_coeff) < 0.0:
+            raise InvalidValueError(f"need 0 < ablate_strength <= 1 and below, above, refuse_coeff >= 0; got {self}")
 
     def vector(self, directions: Direction) -> tuple[int, torch.Tensor]:
         """The layer the vector is added at (``round(layer)``) and the vector: the two neighbouring layers' vectors
@@ -126,17 +130,19 @@ class GatedParams:
         r = Direction(vectors=vec[None], layers=(layer,), site=directions.site, model=directions.model, info=directions.info)
         refuse = AddVector(r, coeff=self.refuse_coeff) if self.refuse_coeff > 0 else None
         return GatedRefusal(guard, refuse=refuse, comply=Ablate(r, strength=self.ablate_strength),
-                            low=guard.threshold - self.band, high=guard.threshold + self.band)  # fmt: skip
+                            low=guard.threshold - self.below, high=guard.threshold + self.above)  # fmt: skip
 
 
 @dataclass(frozen=True)
 class SearchSpace:
-    """Ranges of the search: direction layers (inclusive), refusal coefficient, ablation strength, band."""
+    """Ranges of the search: direction layers (inclusive), refusal coefficient, ablation strength, and each side of
+    the band (score units: probabilities for a probe guard)."""
 
     layers: tuple[float, float]
     refuse_coeff: tuple[float, float] = (0.0, 2.0)
     ablate_strength: tuple[float, float] = (0.2, 1.0)
-    band: tuple[float, float] = (0.0, 0.3)
+    below: tuple[float, float] = (0.0, 0.3)
+    above: tuple[float, float] = (0.0, 0.6)
 
     def suggest(self, trial: Any) -> GatedParams:
         """An Optuna trial's point."""
@@ -144,7 +150,8 @@ class SearchSpace:
             layer=trial.suggest_float("layer", *self.layers),
             refuse_coeff=trial.suggest_float("refuse_coeff", *self.refuse_coeff),
             ablate_strength=trial.suggest_float("ablate_strength", *self.ablate_strength),
-            band=trial.suggest_float("band", *self.band),
+            below=trial.suggest_float("below", *self.below),
+            above=trial.suggest_float("above", *self.above),
         )
 
 
