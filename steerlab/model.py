@@ -174,6 +174,12 @@ class Model:
         plans = resolve_plans(self, interventions)
         return functools.reduce(lambda a, b: a + b, plans)
 
+    def render(self, plan: Plan, session: HookSession, *, rows: Any = None) -> list[Any]:
+        """Render ``plan`` as hooks on an open ``session`` (what :meth:`apply` does); ``rows`` gates them per batch
+        row (a callable returning a bool mask, see :func:`steerlab.backends.hf.gated_by_rows`): generation
+        policies such as ``GatedRefusal`` use it."""
+        return hf_backend.render(plan, session, rows=rows)
+
     @_single_use
     def apply(self, *interventions: Any, check_fired: bool = True) -> Iterator[HookSession]:
         """Apply interventions (or plans) as hooks for the duration of a ``with`` block.

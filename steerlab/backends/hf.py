@@ -333,17 +333,43 @@ def _all_tokens(step: Step) -> None:
         raise ShapeError(f"{type(step.op).__name__} at {step.where} acts on every token; use tokens='all'")
 
 
-def render(plan: Plan, session: HookSession) -> list[HookHandle]:
+def gated_by_rows(fn: SiteFn, rows: Callable[[], torch.Tensor | None]) -> SiteFn:
+    """``fn`` applied only to the batch rows ``rows()`` selects (bool ``[b]``; ``None``: no row, the call is
+    :data:`~steerlab.hooks.UNCHANGED`); a mask of another length raises."""
+
+    def edit(x: torch.Tensor, ctx: HookContext):
+        mask = rows()
+        if mask is None or not bool(mask.any()):
+            return UNCHANGED
+        if len(mask) != len(x):
+            raise ShapeError(f"the row gate selects among {len(mask)} rows but this forward call has {len(x)}")
+        new = fn(x, ctx)
+        if new is UNCHANGED or new is None:
+            return new
+        return torch.where(mask.to(x.device).view(-1, *([1] * (x.dim() - 1))), new, x)
+
+    return edit
+
+
+def render(plan: Plan, session: HookSession, *, rows: Callable[[], torch.Tensor | None] | None = None) -> list[HookHandle]:
     """Register hooks carrying out every step of ``plan`` on an open session; returns their counted handles.
 
-    Every handle is required: a step that never acted makes the session raise on exit.
+    Every handle is required: a step that never acted makes the session raise on exit. With ``rows`` (a per-row
+    gate, see :func:`gated_by_rows`) each step acts only on the rows the gate selects at that call, its handles are
+    not required (a gate may select no row), and module steps are refused.
     """
     handles: list[HookHandle] = []
     name = plan.source.split("(")[0]
+    if rows is not None:
+        modules = [s.where for s in plan.steps if s.site == "module"]
+        if modules:
+            raise UnknownSiteError(f"{plan.source} acts on modules ({', '.join(modules)}); a row-gated plan acts on named "
+                                   "residual sites only (AddVector, Ablate, Clamp, RankOneRedirect)")  # fmt: skip
     for step in plan.steps:
         if step.site == "module":
             continue
         for site, fn in site_functions(step, session.model):
-            handles.append(session.add(site, step.layer, fn, name=f"{name}.{site}.{step.layer}"))
+            fn = fn if rows is None else gated_by_rows(fn, rows)
+            handles.append(session.add(site, step.layer, fn, name=f"{name}.{site}.{step.layer}", required=rows is None))
     handles += _module_steps([s for s in plan.steps if s.site == "module"], session, name)
     return handles

@@ -41,9 +41,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from steerlab._checks import finite_number
-from steerlab.backends.hf import site_functions
 from steerlab.errors import GenerationStateError, InvalidValueError, ShapeError
-from steerlab.hooks import UNCHANGED, StopForward
+from steerlab.hooks import StopForward
 from steerlab.plan import resolve_plans
 from steerlab.probes.guard import LatentGuard, ProbeGuard
 
@@ -133,9 +132,7 @@ class GatedRefusal:
             for layer in run.read_layers:
                 hooks.add("resid_pre", layer, run.reader(layer), name=f"gated.read.{layer}", required=False)
             for name, plan in plans.items():
-                for step in plan.steps:
-                    for site, fn in site_functions(step, model):
-                        hooks.add(site, step.layer, run.gated(name, fn), name=f"gated.{name}.{site}.{step.layer}", required=False)
+                model.render(plan, hooks, rows=run.selector(name))
             yield run
 
 
@@ -162,23 +159,17 @@ class _GatedRun:
 
         return grab
 
-    def gated(self, name: str, fn):
-        def edit(x: torch.Tensor, ctx):
-            if self.reading is not None:  # the read pass sees the plain model
-                return UNCHANGED
+    def selector(self, name: str):
+        """The row gate of branch ``name``: its rows' mask, ``None`` during the read pass (the plain model)."""
+
+        def rows() -> torch.Tensor | None:
+            if self.reading is not None:
+                return None
             if self.rows is None:
                 raise GenerationStateError("a GatedRefusal hook ran outside model.generate(..., policy=gated): no row has been scored")
-            rows = self.rows[name]
-            if len(rows) != len(x):
-                raise GenerationStateError(f"the gate scored {len(rows)} rows but this forward call has {len(x)}")
-            if not bool(rows.any()):
-                return UNCHANGED
-            new = fn(x, ctx)
-            if new is UNCHANGED or new is None:
-                return new
-            return torch.where(rows.to(x.device).view(-1, *([1] * (x.dim() - 1))), new, x)
+            return self.rows[name]
 
-        return edit
+        return rows
 
     def _score(self, decoder: Decoder) -> torch.Tensor:
         batch = decoder.batch
