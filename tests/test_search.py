@@ -43,6 +43,10 @@ def test_layer_interpolates_neighbouring_vectors(setup):
         GatedParams(layer=7.0, refuse_coeff=1.0, ablate_strength=1.0).vector(r)
     with pytest.raises(InvalidValueError, match="ablate_strength"):
         GatedParams(layer=1.0, refuse_coeff=1.0, ablate_strength=0.0)
+    with pytest.raises(InvalidValueError, match="low <= high"):
+        SearchSpace(layers=(3.0, 1.0))
+    with pytest.raises(InvalidValueError, match="ablate_strength"):
+        SearchSpace(layers=(1.0, 2.0), ablate_strength=(0.0, 1.0))
 
 
 def test_objectives_equal_each_row_measured_alone_under_its_branch(setup):

@@ -128,9 +128,8 @@ def leave_kind_out(
     val_fraction: float = 0.2,
     seed: int = 0,
 ) -> list[dict]:
-    """For each kind ``k`` of ``kinds`` (``(kind, harmful) -> features``), fit on ``sets`` (whose safe-but-scary
-    members should already exclude nothing: the kind's prompts are removed here) plus every other kind, and
-    score the kind's unsafe prompts against its safe ones."""
+    """For each kind ``k`` of ``kinds`` (``(kind, harmful) -> features``), fit on ``sets`` (pass them without the
+    safe-but-scary sets) plus every other kind, and score kind ``k``'s unsafe prompts against its safe ones."""
     kind_names = sorted({k for k, _ in kinds})
     rows = []
     for kind in kind_names:

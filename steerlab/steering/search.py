@@ -144,6 +144,15 @@ class SearchSpace:
     below: tuple[float, float] = (0.0, 0.3)
     above: tuple[float, float] = (0.0, 0.6)
 
+    def __post_init__(self) -> None:
+        for name in ("layers", "refuse_coeff", "ablate_strength", "below", "above"):
+            lo, hi = (finite_number(v, f"SearchSpace.{name}") for v in getattr(self, name))
+            if lo > hi:
+                raise InvalidValueError(f"SearchSpace.{name} must be (low, high) with low <= high; got ({lo}, {hi})")
+            object.__setattr__(self, name, (lo, hi))
+        if self.ablate_strength[0] <= 0.0 or self.ablate_strength[1] > 1.0 or min(self.below[0], self.above[0], self.refuse_coeff[0]) < 0.0:
+            raise InvalidValueError(f"need 0 < ablate_strength <= 1 and non-negative coefficients and band sides; got {self}")
+
     def suggest(self, trial: Any) -> GatedParams:
         """An Optuna trial's point."""
         return GatedParams(
