@@ -259,6 +259,29 @@ def test_activations_read_inside_vllm_equal_steerlab_collect(qwen, engine, promp
     assert engine.generate(prompts[:2], steer="add", max_new_tokens=4)  # steering hooks are back after reading
 
 
+# placed before the per-family engines below: closing those tears down vLLM's process groups
+@needs_vllm
+@pytest.mark.slow
+def test_gated_refusal_in_vllm_matches_the_hf_policy(qwen, engine, harm_direction, prompts):
+    from steerlab.interventions.gated import GatedRefusal
+    from steerlab.probes import LatentGuard
+
+    rows = prompts[:6] + prompts[-6:]  # AdvBench and harmless past-tense questions
+    guard = LatentGuard.fit(qwen, prompts[6:16], prompts[16:26], layers=[12, 16])
+    scores = guard.score(rows)
+    cut = sorted(scores.tolist())
+    gated = GatedRefusal(guard, refuse=steerlab.AddVector(harm_direction, coeff=1.0), comply=steerlab.Ablate(harm_direction),
+                         low=(cut[3] + cut[4]) / 2, high=(cut[-4] + cut[-5]) / 2)  # fmt: skip
+    hf = qwen.generate(rows, policy=gated, max_new_tokens=16)
+    ours = engine.generate_gated(rows, gated, max_new_tokens=16)
+    assert [o.action for o in ours] == [o.action for o in hf] and {o.action for o in hf} == {"refuse", "comply", "leave"}
+    torch.testing.assert_close(torch.tensor([o.score for o in ours]), scores, rtol=1e-3, atol=1e-4)
+    same = sum(a.text == b.text for a, b in zip(ours, hf))
+    print(f"gated: vLLM == HF policy on {same}/{len(rows)} rows")
+    assert same >= len(rows) - 1
+    assert engine.generate(rows[:2], steer="add", max_new_tokens=4)  # the engine's own steerings are still there
+
+
 def test_a_request_naming_an_unregistered_steering_raises_in_the_worker():
     with pytest.raises(EngineError, match="not registered"):
         Batch.of([_request("a", 0, 1, 1, "ghost")], torch.tensor([0]), known={"up"})
@@ -335,24 +358,3 @@ def test_engine_sizes_are_checked_before_vllm_is_touched():
     with pytest.raises(InvalidValueError, match="max_model_len"):
         VLLMEngine(None, max_model_len=True)  # type: ignore[arg-type]
 
-
-@needs_vllm
-@pytest.mark.slow
-def test_gated_refusal_in_vllm_matches_the_hf_policy(qwen, engine, harm_direction, prompts):
-    from steerlab.interventions.gated import GatedRefusal
-    from steerlab.probes import LatentGuard
-
-    rows = prompts[:6] + prompts[-6:]  # AdvBench and harmless past-tense questions
-    guard = LatentGuard.fit(qwen, prompts[6:16], prompts[16:26], layers=[12, 16])
-    scores = guard.score(rows)
-    cut = sorted(scores.tolist())
-    gated = GatedRefusal(guard, refuse=steerlab.AddVector(harm_direction, coeff=1.0), comply=steerlab.Ablate(harm_direction),
-                         low=(cut[3] + cut[4]) / 2, high=(cut[-4] + cut[-5]) / 2)  # fmt: skip
-    hf = qwen.generate(rows, policy=gated, max_new_tokens=16)
-    ours = engine.generate_gated(rows, gated, max_new_tokens=16)
-    assert [o.action for o in ours] == [o.action for o in hf] and {o.action for o in hf} == {"refuse", "comply", "leave"}
-    torch.testing.assert_close(torch.tensor([o.score for o in ours]), scores, rtol=1e-3, atol=1e-4)
-    same = sum(a.text == b.text for a, b in zip(ours, hf))
-    print(f"gated: vLLM == HF policy on {same}/{len(rows)} rows")
-    assert same >= len(rows) - 1
-    assert engine.generate(rows[:2], steer="add", max_new_tokens=4)  # the engine's own steerings are still there
