@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from steerlab.data import DEMO_HARMFUL, DEMO_HARMLESS
-from steerlab.errors import GenerationStateError, InvalidValueError, ShapeError
+from steerlab.errors import GenerationStateError, InvalidValueError, ShapeError, UnknownSiteError
 from steerlab.hooks import open_sessions
 from steerlab.interventions.gated import GatedRefusal
 from steerlab.probes import LatentGuard, ProbeGuard, fit_probes
@@ -106,7 +106,7 @@ def test_module_interventions_are_refused():
     g = torch.Generator().manual_seed(1)
     width = model.config.intermediate_size
     redirect = LinearRedirect(1, torch.randn(width, generator=g), torch.randn(width, generator=g))
-    with pytest.raises(InvalidValueError, match="acts on modules"):
+    with pytest.raises(UnknownSiteError, match="acts on modules"):
         model.generate(["Hi"], policy=GatedRefusal(guard, refuse=redirect), max_new_tokens=2)
     assert not open_sessions(model)
 

@@ -93,5 +93,7 @@ def test_leave_kind_out_and_fixed_fit():
     assert thresholds.shape == (1,)
     assert score_pairs(scorer, thresholds, feats, [("h2", "s2")])[0]["auc"][0] > 0.9
     assert summarize(rows).shape == (1,)
+    with pytest.raises(InvalidValueError, match="val_fraction"):
+        fit_on(feats, sets, fit, val_fraction=1.0)
     with pytest.raises(InvalidValueError, match="names a set"):
         leave_sources_out(feats, sets, fit, pairs=[("h9", "s1")])

@@ -123,10 +123,6 @@ class GatedRefusal:
             raise ShapeError(f"the guard reads width {width} but the model's residual stream is {model.d_model}; fit it on this model")
         branches = {name: iv for name, iv in (("refuse", self.refuse), ("comply", self.comply)) if iv is not None}
         plans = dict(zip(branches, resolve_plans(model, list(branches.values()))))
-        for name, plan in plans.items():
-            modules = [s.where for s in plan.steps if s.site == "module"]
-            if modules:
-                raise InvalidValueError(f"GatedRefusal {name}= acts on modules ({', '.join(modules)}); use an intervention on residual sites (AddVector, Ablate, Clamp, RankOneRedirect)")
         run = _GatedRun(model, self)
         with model.hooks() as hooks:
             for layer in run.read_layers:

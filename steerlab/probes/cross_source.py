@@ -58,6 +58,8 @@ def _validation_mask(n: int, fraction: float, seed: int) -> torch.Tensor:
 def _fit_and_calibrate(train: list[tuple[torch.Tensor, bool]], fit: Fit, *, val_fraction: float, seed: int):
     """Fit on the training sources minus a validation slice of each; thresholds (one per configuration) from
     the slices (best balanced accuracy)."""
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, int | float) or not 0.0 < val_fraction < 1.0:
+        raise InvalidValueError(f"val_fraction must be between 0 and 1 (the share of each training source kept for the threshold); got {val_fraction!r}")
     xs, ys, vx, vy = [], [], [], []
     for i, (x, harmful) in enumerate(train):
         val = _validation_mask(len(x), val_fraction, seed + i)
