@@ -61,9 +61,9 @@ def collect_all():
 
 
 def probe_fit(pos: int, C: float):
-    def fit(x, y):
+    def fit(x, y, sample_weight=None):
         xp = x[:, :, pos]
-        probe = fit_probes(xp, y, layers=list(range(xp.shape[1])), C=C, balanced=True)
+        probe = fit_probes(xp, y, layers=list(range(xp.shape[1])), C=C, balanced=True, sample_weight=sample_weight)
         return lambda z: probe.decision_function(z[:, :, pos])
 
     return fit
@@ -89,34 +89,33 @@ def main():
     sets, feats = collect_all()
     n_layers = next(iter(feats.values())).shape[1]
     scary = {(name.split(":")[1], name.startswith("scary_unsafe")): x for name, x in feats.items() if name.startswith("scary_")}
-    scary_merged = {
-        "scary_safe": torch.cat([x for (k, h), x in scary.items() if not h]),
-        "scary_unsafe": torch.cat([x for (k, h), x in scary.items() if h]),
-    }
     from steerlab.data.guard_sets import PromptSet
 
-    all_sets = sets + [PromptSet("scary_safe", False, "steerlab", ("-",)), PromptSet("scary_unsafe", True, "steerlab", ("-",))]
-    all_feats = feats | scary_merged
+    # each safe-but-scary kind and safety is its own source, as in guard_training_data()
+    all_sets = sets + [PromptSet(name, name.startswith("scary_unsafe"), "steerlab", ("-",)) for name in feats if name.startswith("scary_")]
+    all_feats = feats
     bands = [(0, n_layers), (0, n_layers // 2), (n_layers // 4, 3 * n_layers // 4), (n_layers // 2, n_layers)]
     configs = {}
     for p, pos in enumerate(POSITIONS):
         for C in (0.01, 0.1, 1.0):
-            configs[f"probe/{pos}/C{C}"] = (probe_fit(p, C), [f"layer {i}" for i in LAYERS])
-        configs[f"latent/{pos}"] = (latent_fit(p, bands), [f"layers {LAYERS[a]}-{LAYERS[b - 1]}" for a, b in bands])
-    harmless_names = [s.name for s in all_sets if not s.harmful and s.name != "scary_safe"]
-    harmful_names = [s.name for s in all_sets if s.harmful and s.name != "scary_unsafe"]
+            configs[f"probe/{pos}/C{C}"] = (probe_fit(p, C), [f"layer {i}" for i in LAYERS], False)
+        # every source (each safe-but-scary kind and safety its own) weighs the same: the default of steerlab probe
+        configs[f"probe/{pos}/C0.01/sources"] = (probe_fit(p, 0.01), [f"layer {i}" for i in LAYERS], True)
+        configs[f"latent/{pos}"] = (latent_fit(p, bands), [f"layers {LAYERS[a]}-{LAYERS[b - 1]}" for a, b in bands], False)
+    harmless_names = [s.name for s in all_sets if not s.harmful and not s.name.startswith("scary_")]
+    harmful_names = [s.name for s in all_sets if s.harmful and not s.name.startswith("scary_")]
     # each harmful source against two harmless sources (in turn), so every source is held out at least once
     pairs = [(h, harmless_names[(2 * i + k) % len(harmless_names)]) for i, h in enumerate(harmful_names) for k in range(2)]
     plain_sets = [s for s in all_sets if not s.name.startswith("scary_")]
     own = [s for s in all_sets if s.origin == "steerlab"]
     report = {}
-    for cname, (fit, columns) in configs.items():
+    for cname, (fit, columns, weigh) in configs.items():
         t0 = time.time()
-        lso = leave_sources_out(all_feats, all_sets, fit, pairs=pairs)
-        lko = leave_kind_out(feats, plain_sets, scary, fit)
+        lso = leave_sources_out(all_feats, all_sets, fit, pairs=pairs, weigh_sources=weigh)
+        lko = leave_kind_out(feats, plain_sets, scary, fit, weigh_sources=weigh)
         # steerlab-only training: fit on the sets written for steerlab, score each package harmful set against
         # each package harmless set
-        scorer, thresholds = fit_on(all_feats, own, fit)
+        scorer, thresholds = fit_on(all_feats, own, fit, weigh_sources=weigh)
         ext = [s for s in all_sets if s.origin != "steerlab"]
         own_only = score_pairs(scorer, thresholds, all_feats, [(h.name, s.name) for h in ext if h.harmful for s in ext if not s.harmful])
         auc, ba = summarize(lso), summarize(lso, "balanced_accuracy")

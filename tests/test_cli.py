@@ -663,15 +663,15 @@ def test_fit_guard_describe_guard_and_saved_guard_kind(tiny_dir, tmp_path):
     assert isinstance(guard, LatentGuard) and describe_guard(guard).startswith(
         "LatentGuard: cosine score over 3 layers"
     )
-    assert lines[0] == "fitting a latent guard on 45 + 30 prompts from 15 sets" and lines[1].startswith(
-        "threshold calibrated on 9 + 6 held-back prompts"
+    assert lines[0] == "fitting a latent guard on 80 + 65 prompts from 29 sets" and lines[1].startswith(
+        "threshold calibrated on 16 + 13 held-back prompts"
     )
     lines.clear()
     probe_guard = fit_guard(model, mode="probe", position=None, layers=None, n_train=5, seed=0, batch_size=8,
                             calibrate=True, log=lines.append)  # fmt: skip
     assert probe_guard.probe.position == "last" and probe_guard.threshold == probe_guard.probe.info["guard_threshold"]
-    assert probe_guard.probe.info["C"] == 0.01 and probe_guard.probe.info["balanced"]
-    assert lines[0] == "fitting a probe guard on 45 + 30 prompts from 15 sets" and "source-held-out AUC" in lines[1]
+    assert probe_guard.probe.info["C"] == 0.01 and probe_guard.probe.info["balanced"] and probe_guard.probe.info["weighted"]
+    assert lines[0] == "fitting a probe guard on 80 + 65 prompts from 29 sets" and "source-held-out AUC" in lines[1]
     assert saved_guard_kind(guard.save(tmp_path / "g.safetensors")) == "latent"
     (tmp_path / "x.txt").write_text("not safetensors")
     with pytest.raises(ValueFileError, match="is not a safetensors file"):

@@ -97,3 +97,26 @@ def test_leave_kind_out_and_fixed_fit():
         fit_on(feats, sets, fit, val_fraction=1.0)
     with pytest.raises(InvalidValueError, match="names a set"):
         leave_sources_out(feats, sets, fit, pairs=[("h9", "s1")])
+
+
+def test_weigh_sources_gives_every_training_source_the_same_total_weight():
+    sets, feats = _data()
+    kinds = {}
+    for i, k in enumerate(["a", "b"]):
+        for h in (True, False):
+            x = torch.randn(4 + 2 * i + int(h), 3)
+            x[:, 0] = 5000 + 100 * i + 50 * int(h)  # kind-sets of 4 to 7 rows, readable from the features
+            kinds[(k, h)] = x
+    totals = []
+
+    def fit(x, y, *, sample_weight):
+        code = x[:, 0].long()
+        source = torch.where(code >= 5000, 5 + (code - 5000) // 50, code // 1000)
+        per_source = torch.zeros(9, dtype=torch.float64).index_add_(0, source, sample_weight)
+        totals.append(per_source[per_source > 0])
+        return lambda z: z[:, 1:2]
+
+    leave_kind_out(feats, sets, kinds, fit, weigh_sources=True)
+    # five sets of 16 training rows and the other kind's two sets of 3-6 rows: seven equal totals per fit
+    assert [len(t) for t in totals] == [7, 7] and all(torch.allclose(t, t.mean().expand_as(t)) for t in totals)
+    assert fit_on(feats, sets, fit, weigh_sources=True)[1].shape == (1,)

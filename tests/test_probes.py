@@ -11,7 +11,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 import steerlab
-from steerlab.errors import EmptyInputError, ShapeError
+from steerlab.errors import EmptyInputError, InvalidValueError, ShapeError
 from steerlab.probes import (
     LatentGuard,
     LinearProbe,
@@ -25,7 +25,7 @@ from steerlab.probes import (
 )
 from steerlab.probes.fast import fit_logistic, fit_standardized
 from steerlab.probes.guard import GuardNotBoundError
-from steerlab.probes.metrics import best_threshold, roc_auc, stratified_folds
+from steerlab.probes.metrics import best_threshold, roc_auc, source_weights, stratified_folds
 from steerlab.testing import tiny_model
 
 
@@ -385,3 +385,42 @@ def test_refusal_probe_picks_the_best_cross_validated_layer_and_filters_strictly
         refusal_probe(model, prompts, labels=labels, strict=True, layers=[1])
     with pytest.raises(ShapeError, match="labels"):
         refusal_probe(model, prompts, labels=labels[:5], layers=[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_source_and_class_weights_equal_the_weighted_sklearn_pipeline(dtype):
+    """Sources of 150, 60 and 30 examples weighted equally, then classes balanced: the probe equals scikit-learn's
+    scaler + logistic regression given the same weights (computed here by hand)."""
+    x, y = _data(240, 10, separable=False, seed=3)
+    x = x + 2.0
+    groups = ["big"] * 150 + ["mid"] * 60 + ["small"] * 30
+    probe = fit_probes(x[:, None], y, layers=[0], C=0.5, balanced=True, sample_weight=source_weights(groups), dtype=dtype)
+    w = np.array([240 / 3 / {"big": 150, "mid": 60, "small": 30}[g] for g in groups])
+    yn = y.numpy()
+    w = w * np.where(yn == 1, w.sum() / (2 * w[yn == 1].sum()), w.sum() / (2 * w[yn == 0].sum()))
+    ref = make_pipeline(StandardScaler(), LogisticRegression(C=0.5, tol=1e-12, max_iter=20000))
+    ref.fit(x.numpy(), yn, standardscaler__sample_weight=w, logisticregression__sample_weight=w)
+    gap = np.abs(probe.predict_proba(x[:, None].float())[:, 0].double().numpy() - ref.predict_proba(x.numpy())[:, 1]).max()
+    assert gap < (1e-5 if dtype == torch.float64 else 5e-3)
+    unweighted = fit_probes(x[:, None], y, layers=[0], C=0.5, balanced=True, dtype=dtype)
+    assert float((unweighted.weights - probe.weights).abs().max()) > 1e-3  # the weights change the fit
+    with pytest.raises(InvalidValueError, match="positive"):
+        fit_probes(x[:, None], y, layers=[0], sample_weight=torch.zeros(240))
+    with pytest.raises(ShapeError, match="one weight per example"):
+        fit_probes(x[:, None], y, layers=[0], sample_weight=torch.ones(3))
+
+
+def test_weighted_sweep_folds_equal_weighted_probes_on_each_fold():
+    x, y = _data(150, 8, separable=False, seed=4)
+    groups = ["a"] * 100 + ["b"] * 50
+    weight = source_weights(groups)
+    folds = stratified_folds(y, n_folds=3, seed=0)
+    result = sweep(x[:, None, None].float(), y, layers=[0], folds=folds, C=0.3, balanced=True, sample_weight=weight)
+    aucs = []
+    for f in range(3):
+        test = folds == f
+        probe = fit_probes(x[~test][:, None].float(), y[~test], layers=[0], C=0.3, balanced=True, sample_weight=weight[~test])
+        aucs.append(roc_auc(probe.decision_function(x[test][:, None].float())[:, 0], y[test]))
+    assert abs(float(result.auc[0, 0]) - sum(aucs) / 3) < 1e-4
+    plain = sweep(x[:, None, None].float(), y, layers=[0], folds=folds, C=0.3)
+    assert float(plain.auc[0, 0]) != float(result.auc[0, 0])

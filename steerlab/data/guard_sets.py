@@ -186,22 +186,25 @@ class SourcedPrompts:
 
 def guard_training_data(*, per_set: int | None = 120, seed: int = 0, packages: bool = True) -> SourcedPrompts:
     """Every set of :func:`guard_sets` (at most ``per_set`` prompts of each, a seeded sample) as one labelled pool:
-    what ``steerlab probe`` and ``steerlab guard --fit`` train on by default.
+    what ``steerlab probe`` and ``steerlab guard --fit`` train on by default. The safe-but-scary sets count as
+    one source per kind and safety (``scary_safe:fiction``, ...).
 
     Example:
         >>> data = guard_training_data(per_set=10, packages=False)
         >>> len(data.harmful), len(data.harmless), data.source_names[:2]
-        (40, 40, ['pairs_harmful', 'past_tense_harmful'])
+        (110, 110, ['pairs_harmful', 'past_tense_harmful'])
     """
     if per_set is not None and (isinstance(per_set, bool) or not isinstance(per_set, int) or per_set < 1):
         raise InvalidValueError(f"per_set must be a positive int or None; got {per_set!r}")
     out: dict[bool, tuple[list[str], list[str]]] = {True: ([], []), False: ([], [])}
-    for s in guard_sets(packages=packages, seed=seed):
+    merged = ("scary_safe", "scary_unsafe")  # one source per kind instead: each kind is its own style of prompt
+    for s in [s for s in guard_sets(packages=packages, seed=seed) if s.name not in merged] + scary_sets():
+        name = f"{s.name}:{s.kind}" if s.kind else s.name
         prompts = list(s.prompts)
         if per_set is not None and len(prompts) > per_set:
-            prompts = random.Random(f"{seed}:{s.name}").sample(prompts, per_set)
+            prompts = random.Random(f"{seed}:{name}").sample(prompts, per_set)
         out[s.harmful][0].extend(prompts)
-        out[s.harmful][1].extend([s.name] * len(prompts))
+        out[s.harmful][1].extend([name] * len(prompts))
     return SourcedPrompts(out[True][0], out[False][0], out[True][1], out[False][1])
 
 

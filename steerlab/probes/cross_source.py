@@ -8,7 +8,9 @@ on a new source. :func:`leave_kind_out` does the same for the safe-but-scary kin
 ``k``, score its unsafe against its safe prompts).
 
 ``fit`` is any function ``(x_train, y_train) -> scorer`` where ``scorer(x) -> [n, m]`` scores ``m``
-configurations at once (e.g. one probe per layer); metrics come back per configuration.
+configurations at once (e.g. one probe per layer); metrics come back per configuration. With
+``weigh_sources=True`` it is called as ``fit(x_train, y_train, sample_weight=w)``, ``w`` from
+:func:`~steerlab.probes.metrics.source_weights` (every training source weighs the same).
 
 Example:
     >>> import torch
@@ -34,10 +36,10 @@ import torch
 
 from steerlab.data.guard_sets import PromptSet
 from steerlab.errors import EmptyInputError, InvalidValueError
-from steerlab.probes.metrics import best_threshold, roc_auc
+from steerlab.probes.metrics import best_threshold, roc_auc, source_weights
 
 Scorer = Callable[[torch.Tensor], torch.Tensor]
-Fit = Callable[[torch.Tensor, torch.Tensor], Scorer]
+Fit = Callable[..., Scorer]  # (x, y) -> scorer, or (x, y, sample_weight=w) -> scorer with weigh_sources
 
 
 def _check(features: dict[str, torch.Tensor], sets: Sequence[PromptSet]) -> None:
@@ -55,7 +57,7 @@ def _validation_mask(n: int, fraction: float, seed: int) -> torch.Tensor:
     return mask
 
 
-def _fit_and_calibrate(train: list[tuple[torch.Tensor, bool]], fit: Fit, *, val_fraction: float, seed: int):
+def _fit_and_calibrate(train: list[tuple[torch.Tensor, bool]], fit: Fit, *, val_fraction: float, seed: int, weigh_sources: bool = False):
     """Fit on the training sources minus a validation slice of each; thresholds (one per configuration) from
     the slices (best balanced accuracy)."""
     if isinstance(val_fraction, bool) or not isinstance(val_fraction, int | float) or not 0.0 < val_fraction < 1.0:
@@ -65,16 +67,22 @@ def _fit_and_calibrate(train: list[tuple[torch.Tensor, bool]], fit: Fit, *, val_
         val = _validation_mask(len(x), val_fraction, seed + i)
         xs.append(x[~val]); ys.append(torch.full((int((~val).sum()),), int(harmful)))  # fmt: skip
         vx.append(x[val]); vy.append(torch.full((int(val.sum()),), int(harmful)))  # fmt: skip
-    scorer = fit(torch.cat(xs), torch.cat(ys))
+    if weigh_sources:
+        scorer = fit(torch.cat(xs), torch.cat(ys), sample_weight=source_weights([str(i) for i, y in enumerate(ys) for _ in range(len(y))]))
+    else:
+        scorer = fit(torch.cat(xs), torch.cat(ys))
     v_scores, v_labels = scorer(torch.cat(vx)), torch.cat(vy)
     thresholds = [best_threshold(v_scores[v_labels == 1, j], v_scores[v_labels == 0, j]) for j in range(v_scores.shape[1])]
     return scorer, torch.tensor(thresholds)
 
 
-def fit_on(features: dict[str, torch.Tensor], sets: Sequence[PromptSet], fit: Fit, *, val_fraction: float = 0.2, seed: int = 0):
+def fit_on(
+    features: dict[str, torch.Tensor], sets: Sequence[PromptSet], fit: Fit, *, val_fraction: float = 0.2, seed: int = 0, weigh_sources: bool = False
+):
     """``(scorer, thresholds)`` fitted on ``sets`` (minus a validation slice of each, which sets the thresholds)."""
     _check(features, sets)
-    return _fit_and_calibrate([(features[s.name], s.harmful) for s in sets], fit, val_fraction=val_fraction, seed=seed)
+    train = [(features[s.name], s.harmful) for s in sets]
+    return _fit_and_calibrate(train, fit, val_fraction=val_fraction, seed=seed, weigh_sources=weigh_sources)
 
 
 def score_pairs(scorer: Scorer, thresholds: torch.Tensor, features: dict[str, torch.Tensor], pairs: Sequence[tuple[str, str]]) -> list[dict]:
@@ -103,6 +111,7 @@ def leave_sources_out(
     pairs: Sequence[tuple[str, str]] | None = None,
     val_fraction: float = 0.2,
     seed: int = 0,
+    weigh_sources: bool = False,
 ) -> list[dict]:
     """For each (harmful source, harmless source) in ``pairs`` (default: every combination), fit on all other
     sets and report AUC, and TPR / FPR / balanced accuracy at the threshold calibrated on the training
@@ -116,7 +125,7 @@ def leave_sources_out(
         if held_h not in names or held_s not in names:
             raise InvalidValueError(f"held-out pair ({held_h}, {held_s}) names a set not in {names}")
         train = [(features[s.name], s.harmful) for s in sets if s.name not in (held_h, held_s)]
-        scorer, thresholds = _fit_and_calibrate(train, fit, val_fraction=val_fraction, seed=seed)
+        scorer, thresholds = _fit_and_calibrate(train, fit, val_fraction=val_fraction, seed=seed, weigh_sources=weigh_sources)
         rows.append({"harmful": held_h, "harmless": held_s, **_metrics(scorer(features[held_h]), scorer(features[held_s]), thresholds)})
     return rows
 
@@ -129,6 +138,7 @@ def leave_kind_out(
     *,
     val_fraction: float = 0.2,
     seed: int = 0,
+    weigh_sources: bool = False,
 ) -> list[dict]:
     """For each kind ``k`` of ``kinds`` (``(kind, harmful) -> features``), fit on ``sets`` (pass them without the
     safe-but-scary sets) plus every other kind, and score kind ``k``'s unsafe prompts against its safe ones."""
@@ -139,7 +149,7 @@ def leave_kind_out(
             raise EmptyInputError(f"kind {kind!r} needs both safe and unsafe prompts")
         train = [(features[s.name], s.harmful) for s in sets]
         train += [(x, harmful) for (k, harmful), x in kinds.items() if k != kind]
-        scorer, thresholds = _fit_and_calibrate(train, fit, val_fraction=val_fraction, seed=seed)
+        scorer, thresholds = _fit_and_calibrate(train, fit, val_fraction=val_fraction, seed=seed, weigh_sources=weigh_sources)
         rows.append({"kind": kind, **_metrics(scorer(kinds[(kind, True)]), scorer(kinds[(kind, False)]), thresholds)})
     return rows
 

@@ -72,6 +72,24 @@ def grouped_folds(groups: Sequence[str], labels: Sequence[int] | torch.Tensor, *
     return folds
 
 
+def source_weights(groups: Sequence[str]) -> torch.Tensor:
+    """One weight per example so that every group (a prompt's source) carries the same total weight: a probe
+    fitted with them learns from a 20-prompt source of hard cases as much as from a 200-prompt generic one.
+
+    Example:
+        >>> source_weights(["a", "a", "a", "b"]).tolist()
+        [0.6666666666666666, 0.6666666666666666, 0.6666666666666666, 2.0]
+    """
+    if not len(groups):
+        raise EmptyInputError("source_weights needs at least one example")
+    names = sorted(set(groups))
+    sizes = {g: 0 for g in names}
+    for g in groups:
+        sizes[g] += 1
+    per_group = len(groups) / len(names)
+    return torch.tensor([per_group / sizes[g] for g in groups], dtype=torch.float64)
+
+
 def best_threshold(positive: torch.Tensor, negative: torch.Tensor) -> float:
     """The threshold ``t`` (flag when ``score >= t``) with the highest balanced accuracy.
 

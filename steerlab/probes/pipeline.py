@@ -33,7 +33,7 @@ import torch
 from steerlab.activations import collect
 from steerlab.chat import Position
 from steerlab.errors import InvalidValueError
-from steerlab.probes.metrics import best_threshold, grouped_folds, stratified_folds
+from steerlab.probes.metrics import best_threshold, grouped_folds, source_weights, stratified_folds
 from steerlab.probes.probe import Probe, fit_probes
 from steerlab.probes.sweep import SweepResult, position_columns, sweep
 
@@ -169,14 +169,18 @@ def probe_sweep(
     x, y = torch.cat(parts, dim=2), torch.tensor([1] * len(pos) + [0] * len(neg))
     columns = position_columns(model, positions, widths)
     folds = None if data.groups is None else grouped_folds(data.groups, y, n_folds=n_folds)
-    result = sweep(x, y, layers=acts.layers, columns=columns, n_folds=n_folds, C=C, seed=seed, folds=folds)
+    # pooled sources: classes of different sizes, and every source weighs the same, so a small source of hard
+    # cases (one safe-but-scary kind) counts as much as a large generic one (experiments/guards_cross_source.py)
+    balanced = data.groups is not None
+    weight = None if data.groups is None else source_weights(data.groups)
+    fit_kw = {"C": C, "balanced": balanced, "sample_weight": weight}
+    result = sweep(x, y, layers=acts.layers, columns=columns, n_folds=n_folds, seed=seed, folds=folds, **fit_kw)
     layer, column, value = result.best(metric)
     i, j = acts.layers.index(layer), columns.index(column)
     position = column_position(positions, widths, j)
     meta = {"site": site, "position": position, "model": model.name}
-    balanced = data.groups is not None  # pooled sources: the classes need not be the same size
-    probe = fit_probes(x[:, i : i + 1, j], y, layers=[layer], C=C, balanced=balanced, labels=("harmless", "harmful"), **meta)
-    threshold = out_of_fold_threshold(x[:, i : i + 1, j], y, C=C, n_folds=n_folds, seed=seed, folds=folds, balanced=balanced)
+    probe = fit_probes(x[:, i : i + 1, j], y, layers=[layer], labels=("harmless", "harmful"), **fit_kw, **meta)
+    threshold = out_of_fold_threshold(x[:, i : i + 1, j], y, n_folds=n_folds, seed=seed, folds=folds, **fit_kw)
     how = "source-held-out" if folds is not None else "stratified"
     probe = replace(probe, info={**probe.info, "guard_threshold": threshold, "threshold_from": f"{n_folds}-fold {how} out-of-fold scores"})
     direction = mean_difference(
@@ -188,7 +192,15 @@ def probe_sweep(
 
 
 def out_of_fold_threshold(
-    x: torch.Tensor, y: torch.Tensor, *, C: float, n_folds: int, seed: int, folds: torch.Tensor | None = None, balanced: bool = False
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    C: float,
+    n_folds: int,
+    seed: int,
+    folds: torch.Tensor | None = None,
+    balanced: bool = False,
+    sample_weight: torch.Tensor | None = None,
 ) -> float:
     """The best balanced-accuracy threshold on ``P(positive)`` of each example scored by a probe fitted on the other
     folds (``x`` ``[n, 1, d]``; ``folds`` given, or seeded stratified ones): a threshold calibrated on data the
@@ -203,7 +215,8 @@ def out_of_fold_threshold(
     scores = torch.empty(len(y))
     for f in range(int(folds.max()) + 1):
         test = folds == f
-        probe = fit_probes(x[~test], y[~test], layers=[0], C=C, balanced=balanced)
+        weight = None if sample_weight is None else sample_weight[~test]
+        probe = fit_probes(x[~test], y[~test], layers=[0], C=C, balanced=balanced, sample_weight=weight)
         scores[test] = probe.predict_proba(x[test])[:, 0]
     return best_threshold(scores[y == 1], scores[y == 0])
 

@@ -207,6 +207,30 @@ class Probe:
             )
 
 
+def example_weights(y: torch.Tensor, *, balanced: bool, sample_weight: Sequence[float] | torch.Tensor | None) -> torch.Tensor | None:
+    """The weight of each example in a probe fit (mean 1), or ``None`` for equal weights: ``sample_weight``
+    (normalised), times class weights that give both classes the same total when ``balanced``.
+
+    Example:
+        >>> example_weights(torch.tensor([1, 0, 0, 0]), balanced=True, sample_weight=None).tolist()
+        [2.0, 0.6666666666666666, 0.6666666666666666, 0.6666666666666666]
+    """
+    y = torch.as_tensor(y).long()
+    weight = None
+    if sample_weight is not None:
+        weight = torch.as_tensor(sample_weight, dtype=torch.float64)
+        if weight.shape != (len(y),):
+            raise ShapeError(f"sample_weight must hold one weight per example ({len(y)}); got shape {tuple(weight.shape)}")
+        if not bool(torch.isfinite(weight).all()) or bool((weight <= 0).any()):
+            raise InvalidValueError("sample_weight must be finite and positive; drop an example instead of weighting it 0")
+        weight = weight * (len(y) / float(weight.sum()))
+    if balanced:
+        base = weight if weight is not None else torch.ones(len(y), dtype=torch.float64)
+        totals = torch.zeros(2, dtype=torch.float64).index_add_(0, y, base)
+        weight = base * (float(base.sum()) / (2.0 * totals))[y]
+    return weight
+
+
 def fit_probes(
     x: torch.Tensor,
     y: Sequence[int] | torch.Tensor,
@@ -215,6 +239,7 @@ def fit_probes(
     C: float = 1.0,
     standardize: bool = True,
     balanced: bool = False,
+    sample_weight: Sequence[float] | torch.Tensor | None = None,
     dtype: torch.dtype = torch.float32,
     site: str = "resid_pre",
     position: Position = "last",
@@ -225,7 +250,8 @@ def fit_probes(
 
     ``x`` is ``[n, n_layers, d]`` (e.g. ``acts.get("resid_pre", "last")[:, :, -1]``), ``y`` 0/1.
     ``balanced=True`` weights classes inversely to their frequency (as scikit-learn's
-    ``class_weight="balanced"``). ``dtype`` is the solver's precision: float32 (default) stops at
+    ``class_weight="balanced"``); ``sample_weight`` (one positive weight per example, e.g. from
+    :func:`steerlab.probes.metrics.source_weights`) multiplies into it. ``dtype`` is the solver's precision: float32 (default) stops at
     scikit-learn's tolerance; float64 solves to 1e-12.
 
     Example:
@@ -245,9 +271,7 @@ def fit_probes(
     counts = torch.bincount(y, minlength=2)
     if len(counts) > 2 or int(counts.min()) == 0:
         raise EmptyInputError(f"need examples of both classes 0 and 1; got counts {counts.tolist()}")
-    weight = None
-    if balanced:
-        weight = (len(y) / (2.0 * counts.double()))[y]
+    weight = example_weights(y, balanced=balanced, sample_weight=sample_weight)
     w, b = fit_standardized(x.transpose(0, 1), y, C=C, sample_weight=weight, standardize=standardize, dtype=dtype)
     return Probe(
         weights=w,
@@ -257,5 +281,5 @@ def fit_probes(
         position=position,
         labels=labels,
         model=model,
-        info={"C": C, "standardize": standardize, "balanced": balanced, "n_train": len(y), "n_positive": int(counts[1])},
+        info={"C": C, "standardize": standardize, "balanced": balanced, "weighted": sample_weight is not None, "n_train": len(y), "n_positive": int(counts[1])},
     )

@@ -29,6 +29,7 @@ from steerlab.chat import Position
 from steerlab.errors import EmptyInputError, InvalidValueError, ShapeError
 from steerlab.probes.fast import fit_standardized
 from steerlab.probes.metrics import roc_auc, stratified_folds
+from steerlab.probes.probe import example_weights
 
 if TYPE_CHECKING:
     from steerlab.model import Model
@@ -105,11 +106,14 @@ def sweep(
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
     folds: torch.Tensor | None = None,
+    balanced: bool = False,
+    sample_weight: torch.Tensor | None = None,
 ) -> SweepResult:
     """Cross-validate a probe per (layer, position) on ``x`` ``[n, n_layers, n_positions, d]``.
 
     ``folds`` (``[n]`` fold indices, e.g. :func:`~steerlab.probes.metrics.grouped_folds` to hold out whole
-    sources) replaces the seeded stratified folds; ``n_folds`` is then their count.
+    sources) replaces the seeded stratified folds; ``n_folds`` is then their count. ``balanced`` and
+    ``sample_weight`` weight each fold's fit as in :func:`~steerlab.probes.probe.fit_probes`.
 
     Example:
         >>> x = torch.randn(60, 2, 3, 4); y = (x[:, 1, 2, 0] > 0).long()
@@ -134,6 +138,10 @@ def sweep(
         raise ShapeError(f"{len(folds)} fold indices for {n} samples")
     else:
         n_folds = int(folds.max()) + 1
+    if sample_weight is not None:
+        sample_weight = torch.as_tensor(sample_weight, dtype=torch.float64)
+        if sample_weight.shape != (n,):
+            raise ShapeError(f"sample_weight must hold one weight per sample ({n}); got shape {tuple(sample_weight.shape)}")
     problems = x.reshape(n, n_layers * n_pos, d).transpose(0, 1)  # [k, n, d]
     chunk = max(1, _CHUNK_BYTES // max(1, n * d * 8 * 2))
     acc = torch.zeros(n_folds, n_layers * n_pos)
@@ -142,7 +150,8 @@ def sweep(
         train, test = folds != f, folds == f
         for start in range(0, problems.shape[0], chunk):
             part = problems[start : start + chunk]
-            w, b = fit_standardized(part[:, train], y[train], C=C, standardize=standardize, dtype=dtype)
+            weight = example_weights(y[train], balanced=balanced, sample_weight=None if sample_weight is None else sample_weight[train])
+            w, b = fit_standardized(part[:, train], y[train], C=C, sample_weight=weight, standardize=standardize, dtype=dtype)
             logits = torch.einsum("knd,kd->kn", part[:, test].double(), w.double()) + b.double()[:, None]
             acc[f, start : start + chunk] = ((logits > 0).long() == y[test]).float().mean(-1)
             auc[f, start : start + chunk] = torch.tensor([roc_auc(row, y[test]) for row in logits])
