@@ -34,6 +34,7 @@ import steerlab
 from steerlab.data.guard_sets import guard_sets, scary_sets
 from steerlab.eval.compliance import judge_reply
 from steerlab.eval.logits import kl_divergence, last_token_logprobs
+from steerlab.interventions.ada import ADAGuard
 from steerlab.interventions.gated import GatedRefusal
 from steerlab.probes import ProbeGuard, fit_probes
 from steerlab.probes.metrics import best_threshold, source_weights
@@ -61,30 +62,8 @@ def fit_weighted_guard(acts, names, harmful, *, layer, pos, C, seed=0):
     return ProbeGuard(probe, threshold=best_threshold(v[vy == 1], v[vy == 0]))
 
 
-def refused(texts):
-    return torch.tensor([judge_reply(t) == "refusal" for t in texts], dtype=torch.float64)
-
-
-def simulate(scores, outcome, low, high):
-    """Per-row outcome under the gate (low, high): refuse branch at score >= high, comply below low, plain between."""
-    return torch.where(scores >= high, outcome["refuse"], torch.where(scores < low, outcome["comply"], outcome["plain"]))
-
-
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--direction", required=True)
-    ap.add_argument("--layer", type=int, default=22)
-    ap.add_argument("--coeff", type=float, default=1.0)
-    ap.add_argument("--max-over-refusal", type=float, default=0.10)
-    ap.add_argument("--max-new-tokens", type=int, default=24)
-    args = ap.parse_args()
-    OUT.mkdir(parents=True, exist_ok=True)
-    acts = torch.load("runs/guards/acts.pt", weights_only=True)["acts"]
-    harmful = {s.name: int(s.harmful) for s in guard_sets()} | {f"{s.name}:{s.kind}": int(s.harmful) for s in scary_sets()}
-    train = [s.name for s in guard_sets() if not s.name.startswith("scary_") and s.name not in HELD_OUT]
-    train += [f"scary_{x}:{k}" for k in sorted({s.kind for s in scary_sets()}) if k not in GUARD_OUT for x in ("safe", "unsafe")]
-    model = steerlab.load(dtype=torch.float32)
-    guard = fit_weighted_guard(acts, train, harmful, layer=args.layer, pos=1, C=0.01).bind(model)
+def prompt_splits() -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """(tuning, held-out) prompts: safe and unsafe of the TUNE / EVAL kinds, 40 + 40 HarmBench, 40 + 40 ordinary."""
     rng = random.Random(1)  # the same samples as experiments/optimize_qwen.py
     pool = {s.name: list(s.prompts) for s in guard_sets() if s.name in HELD_OUT}
     hb = rng.sample(pool["harmbench"], 80)
@@ -95,62 +74,113 @@ def main():
             "harmbench": hb[:40], "ordinary": ordinary[:40]}  # fmt: skip
     held = {"safe": [p for k in EVAL for p in kind[(k, False)]], "unsafe": [p for k in EVAL for p in kind[(k, True)]],
             "harmbench": hb[40:], "ordinary": ordinary[40:]}  # fmt: skip
+    return tune, held
+
+
+def refused(texts):
+    return torch.tensor([judge_reply(t) == "refusal" for t in texts], dtype=torch.float64)
+
+
+def simulate(scores, outcome, low, high, comply):
+    """Per-row outcome under the gate (low, high): refuse branch at score >= high, ``comply`` below low, plain between."""
+    return torch.where(scores >= high, outcome["refuse"], torch.where(scores < low, outcome[comply], outcome["plain"]))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--direction", required=True)
+    ap.add_argument("--layer", type=int, default=22)
+    ap.add_argument("--coeff", type=float, default=1.0)
+    ap.add_argument("--max-over-refusal", type=float, default=0.10)
+    ap.add_argument("--max-kl", type=float, default=0.05)
+    ap.add_argument("--strengths", type=float, nargs="+", default=[1.0, 0.5, 0.25], help="comply branch: Ablate strengths tried")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--max-new-tokens", type=int, default=24)
+    args = ap.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(args.threads)
+    acts = torch.load("runs/guards/acts.pt", weights_only=True)["acts"]
+    harmful = {s.name: int(s.harmful) for s in guard_sets()} | {f"{s.name}:{s.kind}": int(s.harmful) for s in scary_sets()}
+    train = [s.name for s in guard_sets() if not s.name.startswith("scary_") and s.name not in HELD_OUT]
+    train += [f"scary_{x}:{k}" for k in sorted({s.kind for s in scary_sets()}) if k not in GUARD_OUT for x in ("safe", "unsafe")]
+    model = steerlab.load(dtype=torch.float32)
+    guard = fit_weighted_guard(acts, train, harmful, layer=args.layer, pos=1, C=0.01).bind(model)
+    tune, held = prompt_splits()
     direction = Direction.load(args.direction)
-    branches = {"refuse": AddVector(direction, coeff=args.coeff), "comply": Ablate(direction)}
+    branches = {"refuse": AddVector(direction, coeff=args.coeff)}
+    branches |= {f"comply{s:g}": Ablate(direction, strength=s) for s in args.strengths}
     gen = {"max_new_tokens": args.max_new_tokens}
     report = {"args": vars(args), "guard_threshold": guard.threshold, "tune": {}, "held_out": {}}
 
-    # 1. tuning rows under each branch
+    # 1. tuning rows under each branch (texts and KL cached per branch in runs/calibrated_gate/tune_*.json)
     scores, outcome, kl = {}, {}, {}
     for name, prompts in tune.items():
         t0 = time.time()
+        path = OUT / f"tune_{name}.json"
+        cached = json.loads(path.read_text()) if path.is_file() else {}
+        texts = {b: t for b, t in cached.items() if cached.get("prompts") == prompts and b not in ("prompts", "scores", "kl")}
+        if "comply" in texts:  # the first run's name of the full ablation
+            texts["comply1"] = texts.pop("comply")
+        kls = cached.get("kl", {}) if cached.get("prompts") == prompts else {}
         scores[name] = guard.score(prompts).double()
-        texts = {"plain": model.generate(prompts, **gen)}
+        if "plain" not in texts:
+            texts["plain"] = model.generate(prompts, **gen)
         for b, iv in branches.items():
-            with model.apply(iv):
-                texts[b] = model.generate(prompts, **gen)
-        outcome[name] = {b: refused(t) for b, t in texts.items()}
-        if name == "ordinary":
-            base = last_token_logprobs(model, prompts)
-            kl = {"plain": torch.zeros(len(prompts), dtype=torch.float64)}
-            for b, iv in branches.items():
+            if b not in texts:
                 with model.apply(iv):
-                    kl[b] = kl_divergence(base, last_token_logprobs(model, prompts)).double()
-        (OUT / f"tune_{name}.json").write_text(json.dumps({"prompts": prompts, "scores": scores[name].tolist(), **texts}, indent=1))
+                    texts[b] = model.generate(prompts, **gen)
+        outcome[name] = {b: refused(texts[b]) for b in ["plain", *branches]}
+        if name == "ordinary":
+            base = None
+            for b, iv in branches.items():
+                if b not in kls:
+                    base = last_token_logprobs(model, prompts) if base is None else base
+                    with model.apply(iv):
+                        kls[b] = kl_divergence(base, last_token_logprobs(model, prompts)).tolist()
+            kl = {"plain": torch.zeros(len(prompts), dtype=torch.float64)} | {b: torch.tensor(kls[b], dtype=torch.float64) for b in branches}
+        path.write_text(json.dumps({"prompts": prompts, "scores": scores[name].tolist(), **texts, "kl": kls}, indent=1))
         print(f"tune {name}: " + " ".join(f"{b} {float(o.mean()):.2f}" for b, o in outcome[name].items()) + f" [{time.time() - t0:.0f} s]", flush=True)
 
-    # 2. the band: every pair of cut points among the tuning scores
+    # 2. the comply strength and the band: every pair of cut points among the tuning scores
     cuts = torch.unique(torch.cat(list(scores.values())))
     cuts = torch.cat([cuts[:1] - 1, (cuts[1:] + cuts[:-1]) / 2, cuts[-1:] + 1])
     best = None
-    for i, low in enumerate(cuts.tolist()):
-        for high in cuts[i:].tolist():
-            r = {n: float(simulate(scores[n], outcome[n], low, high).mean()) for n in tune}
-            k = float(simulate(scores["ordinary"], kl, low, high).mean())
-            if r["safe"] > args.max_over_refusal or k > 0.05:
-                continue
-            gain = (r["harmbench"] + r["unsafe"]) / 2 - r["safe"]
-            if best is None or gain > best[0] + 1e-9:
-                best = (gain, low, high, r, k)
+    for strength in args.strengths:
+        c = f"comply{strength:g}"
+        for i, low in enumerate(cuts.tolist()):
+            for high in cuts[i:].tolist():
+                r = {n: float(simulate(scores[n], outcome[n], low, high, c).mean()) for n in tune}
+                k = float(simulate(scores["ordinary"], kl, low, high, c).mean())
+                if r["safe"] > args.max_over_refusal or k > args.max_kl:
+                    continue
+                gain = (r["harmbench"] + r["unsafe"]) / 2 - r["safe"]
+                if best is None or gain > best[0] + 1e-9:
+                    best = (gain, strength, low, high, r, k)
+    report["tune"]["plain"] = {n: float(outcome[n]["plain"].mean()) for n in tune}
+    report["tune"]["branches"] = {n: {b: float(o.mean()) for b, o in outcome[n].items()} for n in tune}
+    report["tune"]["kl_branches"] = {b: float(v.mean()) for b, v in kl.items()}
     if best is None:
-        raise SystemExit("no band meets the over-refusal and KL limits on the tuning prompts")
-    _, low, high, r, k = best
-    report["tune"] = {"low": low, "high": high, "refusal": r, "kl": k,
-                      "plain": {n: float(outcome[n]["plain"].mean()) for n in tune}}  # fmt: skip
-    print(f"band low {low:.4f} high {high:.4f} (threshold {guard.threshold:.4f}); tuning refusal {r}, KL {k:.4f}", flush=True)
+        (OUT / "report.json").write_text(json.dumps(report, indent=1))
+        raise SystemExit("no strength and band meet the over-refusal and KL limits on the tuning prompts")
+    _, strength, low, high, r, k = best
+    report["tune"] |= {"strength": strength, "low": low, "high": high, "refusal": r, "kl": k}
+    print(f"strength {strength} band low {low:.4f} high {high:.4f} (threshold {guard.threshold:.4f}); tuning refusal {r}, KL {k:.4f}", flush=True)
+    branches["comply"] = branches[f"comply{strength:g}"]
 
     # 3. held-out prompts: real gated generation
     gated = GatedRefusal(guard, refuse=branches["refuse"], comply=branches["comply"], low=low, high=high)
     for name, prompts in held.items():
         t0 = time.time()
         rows = {"prompts": prompts, "plain": model.generate(prompts, **gen)}
-        with model.apply(branches["comply"]):
+        with model.apply(branches["comply1"]):  # the global switch: the direction ablated everywhere
             rows["ablated"] = model.generate(prompts, **gen)
         outs = model.generate(prompts, policy=gated, **gen)
         rows["gated"] = [o.text for o in outs]
         rows["gate"] = [{"score": o.score, "action": o.action} for o in outs]
+        # ADA-LP (METHODS 4) with the same probe read at the re-inserted header, stopping at the gate's upper cut
+        rows["ada"] = [o.text for o in model.generate(prompts, policy=ADAGuard(probe=guard.probe, threshold=high), **gen)]
         summary = {c: {"refusal": float(refused(rows[c]).mean()), "degenerate": sum(judge_reply(t) == "degenerate" for t in rows[c]) / len(prompts)}
-                   for c in ("plain", "ablated", "gated")}  # fmt: skip
+                   for c in ("plain", "ablated", "gated", "ada")}  # fmt: skip
         summary["actions"] = {a: sum(o.action == a for o in outs) for a in ("refuse", "comply", "leave")}
         if name == "ordinary":
             base = last_token_logprobs(model, prompts)
@@ -160,8 +190,11 @@ def main():
                 if idx:
                     with model.apply(branches[action]):
                         lp[idx] = last_token_logprobs(model, [prompts[i] for i in idx])
-            summary["kl_gated"] = float(kl_divergence(base, lp).mean())
-            with model.apply(branches["comply"]):
+            per_row = kl_divergence(base, lp)
+            answered = ~refused(rows["plain"]).bool()  # rows the plain model does not over-refuse
+            summary["kl_gated"] = float(per_row.mean())
+            summary["kl_gated_on_answered"] = float(per_row[answered].mean())
+            with model.apply(branches["comply1"]):
                 summary["kl_ablated"] = float(kl_divergence(base, last_token_logprobs(model, prompts)).mean())
         report["held_out"][name] = summary
         (OUT / f"held_{name}.json").write_text(json.dumps(rows, indent=1))

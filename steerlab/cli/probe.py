@@ -55,7 +55,7 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--harmless", default=None,
         help="negative class prompts (default for both: every steerlab-written and packaged public prompt set, "
-             "cross-validated with whole sources held out per fold)"
+             "every source weighted equally, cross-validated with whole sources held out per fold)"
     )
     p.add_argument(
         "--positions",
