@@ -86,14 +86,33 @@ def simulate(scores, outcome, low, high, comply):
     return torch.where(scores >= high, outcome["refuse"], torch.where(scores < low, outcome[comply], outcome["plain"]))
 
 
+def choose(args, scores, outcome, kl, cuts, limit):
+    """(gain, strength, low, high, refusal rates, KL) maximising refusal on harmful + unsafe minus refusal on safe
+    among the settings with refusal on safe <= ``limit`` and KL on ordinary <= ``--max-kl``; None if none does."""
+    best = None
+    for strength in args.strengths:
+        c = f"comply{strength:g}"
+        for i, low in enumerate(cuts.tolist()):
+            for high in cuts[i:].tolist():
+                r = {n: float(simulate(scores[n], outcome[n], low, high, c).mean()) for n in scores}
+                k = float(simulate(scores["ordinary"], kl, low, high, c).mean())
+                if r["safe"] > limit or k > args.max_kl:
+                    continue
+                gain = (r["harmbench"] + r["unsafe"]) / 2 - r["safe"]
+                if best is None or gain > best[0] + 1e-9:
+                    best = (gain, strength, low, high, r, k)
+    return best
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--direction", required=True)
     ap.add_argument("--layer", type=int, default=22)
     ap.add_argument("--coeff", type=float, default=1.0)
-    ap.add_argument("--max-over-refusal", type=float, default=0.10)
+    ap.add_argument("--max-over-refusal", type=float, nargs="+", default=[0.10, 0.15],
+                    help="limits on refusal of the safe tuning prompts, tried in order")
     ap.add_argument("--max-kl", type=float, default=0.05)
-    ap.add_argument("--strengths", type=float, nargs="+", default=[1.0, 0.5, 0.25], help="comply branch: Ablate strengths tried")
+    ap.add_argument("--strengths", type=float, nargs="+", default=[1.0, 0.5, 0.3, 0.25], help="comply branch: Ablate strengths tried")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-new-tokens", type=int, default=24)
     args = ap.parse_args()
@@ -145,17 +164,10 @@ def main():
     cuts = torch.unique(torch.cat(list(scores.values())))
     cuts = torch.cat([cuts[:1] - 1, (cuts[1:] + cuts[:-1]) / 2, cuts[-1:] + 1])
     best = None
-    for strength in args.strengths:
-        c = f"comply{strength:g}"
-        for i, low in enumerate(cuts.tolist()):
-            for high in cuts[i:].tolist():
-                r = {n: float(simulate(scores[n], outcome[n], low, high, c).mean()) for n in tune}
-                k = float(simulate(scores["ordinary"], kl, low, high, c).mean())
-                if r["safe"] > args.max_over_refusal or k > args.max_kl:
-                    continue
-                gain = (r["harmbench"] + r["unsafe"]) / 2 - r["safe"]
-                if best is None or gain > best[0] + 1e-9:
-                    best = (gain, strength, low, high, r, k)
+    for limit in args.max_over_refusal:  # the first limit any strength and band meet
+        if best is not None:
+            break
+        best = choose(args, scores, outcome, kl, cuts, limit)
     report["tune"]["plain"] = {n: float(outcome[n]["plain"].mean()) for n in tune}
     report["tune"]["branches"] = {n: {b: float(o.mean()) for b, o in outcome[n].items()} for n in tune}
     report["tune"]["kl_branches"] = {b: float(v.mean()) for b, v in kl.items()}
@@ -163,7 +175,7 @@ def main():
         (OUT / "report.json").write_text(json.dumps(report, indent=1))
         raise SystemExit("no strength and band meet the over-refusal and KL limits on the tuning prompts")
     _, strength, low, high, r, k = best
-    report["tune"] |= {"strength": strength, "low": low, "high": high, "refusal": r, "kl": k}
+    report["tune"] |= {"over_refusal_limit": limit, "strength": strength, "low": low, "high": high, "refusal": r, "kl": k}
     print(f"strength {strength} band low {low:.4f} high {high:.4f} (threshold {guard.threshold:.4f}); tuning refusal {r}, KL {k:.4f}", flush=True)
     branches["comply"] = branches[f"comply{strength:g}"]
 

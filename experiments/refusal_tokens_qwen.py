@@ -58,7 +58,7 @@ def main():
     ap.add_argument("--direction", required=True)
     ap.add_argument("--per-source", type=int, default=20)
     ap.add_argument("--epochs", type=float, default=2.0)
-    ap.add_argument("--max-length", type=int, default=72)
+    ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--answer-tokens", type=int, default=40)
     ap.add_argument("--max-over-refusal", type=float, default=0.10)
     ap.add_argument("--max-new-tokens", type=int, default=24)

@@ -610,7 +610,7 @@ def test_read_prompts_names_the_file_and_the_fix(tmp_path):
 
 def test_probe_data_and_sweep_positions_need_no_model(tmp_path):
     from steerlab.errors import InvalidValueError
-    from steerlab.data.guard_sets import guard_sets
+    from steerlab.data.guard_sets import guard_sets, scary_sets
     from steerlab.probes.pipeline import DEFAULT_SOURCE, check_sweep_positions, column_position, probe_data
 
     (tmp_path / "a.txt").write_text("\n".join(HARMFUL))
@@ -619,8 +619,9 @@ def test_probe_data_and_sweep_positions_need_no_model(tmp_path):
     data = probe_data(files=files, seed=0, limit=3, n_folds=2)
     assert (data.positive, data.negative) == (HARMFUL[:3], HARMLESS[:3]) and data.source == f"{files[0]} vs {files[1]}"
     pool = probe_data(files=None, seed=0, limit=6, n_folds=3)
-    sets = guard_sets()
+    sets = [s for s in guard_sets() if not s.name.startswith("scary_")] + scary_sets()  # one source per scary kind
     assert len(pool.positive) == 6 * sum(s.harmful for s in sets) and len(pool.negative) == 6 * sum(not s.harmful for s in sets)
+    assert "scary_safe:fiction" in pool.groups and "scary_safe" not in pool.groups
     assert pool.source.startswith(DEFAULT_SOURCE) and pool.groups[:6] == ["pairs_harmful"] * 6
     assert len(pool.groups) == len(pool.positive) + len(pool.negative)
     with pytest.raises(InvalidValueError, match="5-fold cross-validation needs at least 5 prompts per class"):
