@@ -13,7 +13,8 @@ forced [refuse] as a refusal); then forced generation on the held-out prompts (s
 other HarmBench, 40 other ordinary), judged by the substring judge, and the AUC of p([refuse]) per held-out set.
 
 Run: ``python -u experiments/refusal_tokens_qwen.py --direction runs/refusal/refusal_direction.safetensors``
-(~40 min on 2 cores); writes runs/refusal_tokens_qwen/report.json.
+(~25 min on 2 cores: ~12 of them fine-tuning); writes runs/refusal_tokens_qwen/report.json. Also reported: KL(plain ||
+fine-tuned) of the first answer token on the held-out ordinary prompts (after the forced ``[respond]``).
 """
 
 import argparse
@@ -28,8 +29,10 @@ import torch
 import steerlab
 from steerlab.data.guard_sets import guard_sets, scary_sets
 from steerlab.eval.compliance import judge_reply
+from steerlab.eval.logits import kl_divergence, last_token_logprobs
 from steerlab.interventions.refusal_tokens import RefusalTokens, refusal_token_probs
 from steerlab.probes.metrics import roc_auc
+from steerlab.reader import PerPrompt, Tap, read
 from steerlab.steering import Ablate, Direction
 from steerlab.training.data import control_tokens, refusal_token_examples
 from steerlab.training.sft import SFTConfig, finetune
@@ -53,11 +56,25 @@ def training_prompts(per_source: int, seed: int = 0) -> tuple[list[str], list[st
     return harmful, harmless
 
 
+def respond_kl(base, model, tokens, prompts) -> dict[str, float]:
+    """KL(plain || fine-tuned) of the first answer token on ``prompts``: the plain model at the end of the prompt,
+    the fine-tuned one after its forced ``[respond]`` (its distribution renormalised over the plain vocabulary)."""
+    plain = last_token_logprobs(base, prompts)
+    respond = model.tokenizer.decode([tokens.respond])
+    if model.tokenizer(respond, add_special_tokens=False)["input_ids"] != [tokens.respond]:
+        raise SystemExit(f"{respond!r} does not encode to the [respond] token alone")
+    tap = Tap("logits", None, PerPrompt("last", fn=lambda logits: torch.log_softmax(logits.float(), dim=-1)))
+    tuned = read(model, list(prompts), taps=[tap], responses=[respond] * len(prompts))[0][:, : plain.shape[1]]
+    tuned = tuned - torch.logsumexp(tuned, dim=-1, keepdim=True)
+    kl = kl_divergence(plain, tuned)
+    return {"kl_first_answer_token": float(kl.mean()), "kl_first_answer_token_median": float(kl.median())}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--direction", required=True)
     ap.add_argument("--per-source", type=int, default=20)
-    ap.add_argument("--epochs", type=float, default=2.0)
+    ap.add_argument("--epochs", type=float, default=1.5)
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--answer-tokens", type=int, default=40)
     ap.add_argument("--max-over-refusal", type=float, default=0.10)
@@ -116,6 +133,8 @@ def main():
         }
         (OUT / f"held_{name}.json").write_text(json.dumps({"prompts": prompts, "texts": texts, "refused": [o.refused for o in outs]}, indent=1))
         print(name, report["held_out"][name], flush=True)
+    report["held_out"]["ordinary"] |= respond_kl(base, model, tokens, held["ordinary"])
+    print("ordinary KL", {k: v for k, v in report["held_out"]["ordinary"].items() if k.startswith("kl")}, flush=True)
     report["seconds"] = time.time() - t0
     (OUT / "report.json").write_text(json.dumps(report, indent=1))
 
