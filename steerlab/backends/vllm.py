@@ -218,6 +218,9 @@ class VLLMEngine:
 
         if not isinstance(gated, GatedRefusal):
             raise InvalidValueError(f"generate_gated takes a GatedRefusal, not {type(gated).__name__}")
+        if gated.reads_other_model:
+            raise InvalidValueError("a gate whose guard is a second model (RefusalTokenGuard) runs on the HF path only: "
+                                    "model.generate(prompts, policy=gated); in vLLM use a ProbeGuard or LatentGuard")
         if isinstance(prompts, str) or not prompts:
             raise InvalidValueError("generate_gated takes a non-empty list of prompts")
         position = gated.read_position

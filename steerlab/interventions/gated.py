@@ -17,6 +17,10 @@ the gate did; a branch that no row took simply did not act.
 Inside vLLM, :meth:`steerlab.backends.vllm.VLLMEngine.generate_gated` renders the same value: the guard reads the
 prompts in the engine, and each request is steered with the branch its score picks (or not at all).
 
+The guard may also be a second model: a :class:`~steerlab.interventions.token_guard.RefusalTokenGuard` (a copy of
+the model fine-tuned with refusal tokens) scores each batch on the same token ids, and the plain model generates
+with the branch its ``P(refusal token)`` picks. That gate runs on the HF path only.
+
 Example:
     >>> from steerlab import AddVector, Ablate
     >>> from steerlab.data import DEMO_HARMFUL, DEMO_HARMLESS
@@ -43,6 +47,7 @@ import torch
 from steerlab._checks import finite_number
 from steerlab.errors import GenerationStateError, InvalidValueError, ShapeError
 from steerlab.hooks import StopForward
+from steerlab.interventions.token_guard import RefusalTokenGuard
 from steerlab.plan import resolve_plans
 from steerlab.probes.guard import LatentGuard, ProbeGuard
 
@@ -68,15 +73,15 @@ class GatedRefusal:
     """Per-row calibrated refusal (see the module docs): ``refuse`` where ``score >= high``, ``comply`` where
     ``score < low``, nothing in between. ``low`` / ``high`` default to the guard's calibrated threshold (no band)."""
 
-    guard: ProbeGuard | LatentGuard
+    guard: ProbeGuard | LatentGuard | RefusalTokenGuard
     refuse: Any | None = None
     comply: Any | None = None
     low: float | None = None
     high: float | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.guard, ProbeGuard | LatentGuard):
-            raise InvalidValueError(f"GatedRefusal needs a ProbeGuard or LatentGuard; got {type(self.guard).__name__}")
+        if not isinstance(self.guard, ProbeGuard | LatentGuard | RefusalTokenGuard):
+            raise InvalidValueError(f"GatedRefusal needs a ProbeGuard, LatentGuard or RefusalTokenGuard; got {type(self.guard).__name__}")
         if self.refuse is None and self.comply is None:
             raise InvalidValueError("GatedRefusal needs refuse=... or comply=... (an intervention for at least one side)")
         low = self.guard.threshold if self.low is None else finite_number(self.low, "GatedRefusal low")
@@ -85,22 +90,35 @@ class GatedRefusal:
             raise InvalidValueError(f"the band must have low <= high; got low={low}, high={high}")
         object.__setattr__(self, "low", float(low))
         object.__setattr__(self, "high", float(high))
+        if self.reads_other_model:
+            return
         site = self.guard.probe.site if isinstance(self.guard, ProbeGuard) else self.guard.site
         if site != "resid_pre":
             raise ShapeError(f"GatedRefusal reads its guard on resid_pre; this guard reads {site}")
 
     @property
+    def reads_other_model(self) -> bool:
+        """True for a :class:`RefusalTokenGuard`: the guard is a second (fine-tuned) model, not a read of this one."""
+        return isinstance(self.guard, RefusalTokenGuard)
+
+    @property
     def read_layers(self) -> list[int]:
-        """The layers whose ``resid_pre`` the guard reads."""
+        """The layers whose ``resid_pre`` the guard reads (none for a refusal-token guard)."""
+        if self.reads_other_model:
+            return []
         return list(self.guard.probe.layers) if isinstance(self.guard, ProbeGuard) else list(self.guard.layers)
 
     @property
     def read_position(self):
         """The position the guard reads (``"last"``, ``"t_inst"``, ...)."""
+        if self.reads_other_model:
+            return "last"
         return self.guard.probe.position if isinstance(self.guard, ProbeGuard) else self.guard.position
 
     def score_states(self, states: torch.Tensor) -> torch.Tensor:
         """The guard's scores ``[b]`` from ``resid_pre`` states ``[b, len(read_layers), d]`` at :attr:`read_position`."""
+        if self.reads_other_model:
+            raise InvalidValueError("a RefusalTokenGuard scores with its own model, not from this model's states")
         return self.guard.score_activations(states if isinstance(self.guard, LatentGuard) else states[:, 0])
 
     def actions(self, scores: torch.Tensor) -> list[Action]:
@@ -118,9 +136,12 @@ class GatedRefusal:
     def open(self, model: Model) -> Iterator[_GatedRun]:
         """Resolve both interventions, install the guard's read hooks and the row-gated edit hooks (removed on exit)."""
         guard = self.guard
-        width = guard.probe.width if isinstance(guard, ProbeGuard) else guard.mean_harmful.shape[1]
-        if width != model.d_model:
-            raise ShapeError(f"the guard reads width {width} but the model's residual stream is {model.d_model}; fit it on this model")
+        if isinstance(guard, RefusalTokenGuard):
+            guard.check_shares_vocabulary(model)
+        else:
+            width = guard.probe.width if isinstance(guard, ProbeGuard) else guard.mean_harmful.shape[1]
+            if width != model.d_model:
+                raise ShapeError(f"the guard reads width {width} but the model's residual stream is {model.d_model}; fit it on this model")
         branches = {name: iv for name, iv in (("refuse", self.refuse), ("comply", self.comply)) if iv is not None}
         plans = dict(zip(branches, resolve_plans(model, list(branches.values()))))
         run = _GatedRun(model, self)
@@ -170,6 +191,8 @@ class _GatedRun:
     def _score(self, decoder: Decoder) -> torch.Tensor:
         batch = decoder.batch
         self.reading = batch.index(self.position)[:, -1]
+        if self.policy.reads_other_model:
+            return self._score_with_guard_model(batch)
         self.grabbed.clear()
         try:
             self.model.hf(**batch.model_inputs())
@@ -181,6 +204,19 @@ class _GatedRun:
         if missing:
             raise GenerationStateError(f"the gate's read hooks at layers {missing} did not fire")
         return self.policy.score_states(torch.stack([self.grabbed[la] for la in self.read_layers], 1))
+
+    def _score_with_guard_model(self, batch) -> torch.Tensor:
+        """A refusal-token guard: its model's first-step logits on the same token ids (the gated edits stay idle)."""
+        guard = self.policy.guard
+        hf = guard.model.hf
+        device = next(hf.parameters()).device
+        try:
+            with torch.no_grad():
+                logits = hf(**{k: v.to(device) for k, v in batch.model_inputs().items()}).logits
+            last = self.reading.to(logits.device)
+            return guard.score_logits(logits[torch.arange(len(logits), device=logits.device), last].float()).cpu()
+        finally:
+            self.reading = None
 
     def start(self, decoder: Decoder) -> None:
         self.scores = self._score(decoder)

@@ -1,0 +1,81 @@
+"""A model fine-tuned with refusal tokens (METHODS 5) used as a guard for another model's generation.
+
+:class:`RefusalTokenGuard` scores a prompt by the fine-tuned model's first-step probability of its refusal token(s)
+(summed over categories) at the end of the chat-formatted prompt — the ``p`` that :class:`RefusalTokens` thresholds.
+It is an input guard like :class:`~steerlab.probes.ProbeGuard` (``score``, ``flag``, ``calibrate``, ``evaluate``),
+and :class:`~steerlab.interventions.gated.GatedRefusal` takes it: the fine-tuned model decides, the *plain* model
+generates with the branch the decision picks. Rows the gate answers then keep the plain model's distribution (up to
+the ``comply`` edit) instead of the fine-tuned model's, which drifts on ordinary prompts.
+
+The fine-tuned model must share the plain model's tokenizer up to its added control tokens (checked when a gate
+opens); ``finetune(model, ..., new_tokens=control_tokens())`` returns such a model.
+
+Example:
+    >>> from steerlab.testing import tiny_model
+    >>> from steerlab.training.data import control_tokens
+    >>> from steerlab.training.sft import add_tokens
+    >>> tuned = add_tokens(tiny_model("llama"), control_tokens())   # untrained: the scores mean nothing
+    >>> guard = RefusalTokenGuard.from_model(tuned, threshold=0.5)
+    >>> p = guard.score(["How do I pick a lock?", "Write a haiku."])
+    >>> p.shape, bool(((p >= 0) & (p <= 1)).all())
+    (torch.Size([2]), True)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from steerlab._checks import finite_number
+from steerlab.errors import InvalidValueError, ShapeError
+from steerlab.interventions.refusal_tokens import RefusalTokens, refusal_token_probs
+from steerlab.probes.guard import _check_prompts, _Guard
+
+if TYPE_CHECKING:
+    from steerlab.model import Model
+
+
+@dataclass(frozen=True)
+class RefusalTokenGuard(_Guard):
+    """Flag when the fine-tuned model's first-step ``P(refusal token) >= threshold`` (its tau)."""
+
+    tokens: RefusalTokens
+    threshold: float = 0.5
+    model: Model | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.tokens, RefusalTokens):
+            raise InvalidValueError(f"a RefusalTokenGuard needs RefusalTokens (RefusalTokens.from_tokenizer(...)); got {type(self.tokens).__name__}")
+        threshold = finite_number(self.threshold, "the guard's threshold (tau)")
+        if not 0.0 <= threshold <= 1.0:
+            raise InvalidValueError(f"the threshold is a probability; got {threshold} (use a value in [0, 1])")
+        object.__setattr__(self, "threshold", threshold)
+
+    @classmethod
+    def from_model(cls, model: Model, *, threshold: float = 0.5, refuse: str = "[refuse]", respond: str = "[respond]") -> RefusalTokenGuard:
+        """The guard of a model fine-tuned with ``refuse`` / ``respond`` control tokens, bound to it."""
+        return cls(RefusalTokens.from_tokenizer(model.tokenizer, refuse=refuse, respond=respond), threshold=threshold, model=model)
+
+    def score_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Scores ``[b]`` from the fine-tuned model's first-step logits ``[b, vocab]``."""
+        if logits.dim() != 2 or logits.shape[1] <= max(self.tokens.control_ids):
+            raise ShapeError(f"need first-step logits [b, vocab > {max(self.tokens.control_ids)}]; got {tuple(logits.shape)}")
+        return self.tokens.probabilities(logits).sum(-1)
+
+    def score(self, prompts: Sequence[str], *, batch_size: int = 16, progress: bool = False) -> torch.Tensor:
+        """``P(refusal token)`` ``[n]`` of each prompt (one forward pass per batch of the fine-tuned model)."""
+        return refusal_token_probs(self._bound(), _check_prompts(prompts), self.tokens, batch_size=batch_size).sum(-1)
+
+    def check_shares_vocabulary(self, model: Model) -> None:
+        """Raise ``ShapeError`` unless the guard's tokenizer maps every id of ``model``'s tokenizer to the same token
+        and both use the same chat template (the gate feeds the guard the plain model's token ids)."""
+        mine, theirs = self._bound().tokenizer, model.tokenizer
+        n = len(theirs)
+        fix = "fine-tune the guard from this model (training.sft.finetune(model, ..., new_tokens=control_tokens()))"
+        if len(mine) < n or mine.convert_ids_to_tokens(list(range(n))) != theirs.convert_ids_to_tokens(list(range(n))):
+            raise ShapeError(f"the refusal-token guard's tokenizer ({len(mine)} tokens) does not extend this model's ({n} tokens) id for id; {fix}")
+        if getattr(mine, "chat_template", None) != getattr(theirs, "chat_template", None):
+            raise ShapeError(f"the refusal-token guard's chat template differs from this model's; {fix}")
