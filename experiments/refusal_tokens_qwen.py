@@ -30,15 +30,17 @@ import steerlab
 from steerlab.data.guard_sets import guard_sets, scary_sets
 from steerlab.eval.compliance import judge_reply
 from steerlab.eval.logits import kl_divergence, last_token_logprobs
+from steerlab.interventions.gated import GatedRefusal
 from steerlab.interventions.refusal_tokens import RefusalTokens, refusal_token_probs
+from steerlab.interventions.token_guard import RefusalTokenGuard
 from steerlab.probes.metrics import roc_auc
 from steerlab.reader import PerPrompt, Tap, read
-from steerlab.steering import Ablate, Direction
+from steerlab.steering import Ablate, AddVector, Direction
 from steerlab.training.data import control_tokens, refusal_token_examples
 from steerlab.training.sft import SFTConfig, finetune
 
 sys.path.insert(0, str(Path(__file__).parent))
-from calibrated_gate_qwen import GUARD_OUT, HELD_OUT, prompt_splits  # noqa: E402
+from calibrated_gate_qwen import GUARD_OUT, HELD_OUT, choose, prompt_splits, refused  # noqa: E402
 from refusal_tokens_smollm import REFUSALS  # noqa: E402
 
 OUT = Path("runs/refusal_tokens_qwen")
@@ -70,6 +72,76 @@ def respond_kl(base, model, tokens, prompts) -> dict[str, float]:
     return {"kl_first_answer_token": float(kl.mean()), "kl_first_answer_token_median": float(kl.median())}
 
 
+def token_gate(args, base, direction, model, tokens, p, tune, held) -> dict:
+    """GatedRefusal with the fine-tuned model as its guard (RefusalTokenGuard): the fine-tuned model's p([refuse])
+    decides, the *plain* model generates — the direction added at >= high, ablated (strength s) below low, plain in
+    between. s and the band are chosen on the tuning prompts exactly as experiments/calibrated_gate_qwen.py chooses
+    them for the probe guard (every tuning row generated once per branch), then the held-out prompts are generated
+    with the real gate."""
+    gen = {"max_new_tokens": args.max_new_tokens}
+    branches = {"refuse": AddVector(direction, coeff=args.coeff)} | {f"comply{s:g}": Ablate(direction, strength=s) for s in args.strengths}
+    scores, outcome, kl = {}, {}, {}
+    for name, prompts in tune.items():
+        t1 = time.time()
+        scores[name] = p[("tune", name)]
+        texts = {"plain": base.generate(prompts, **gen)}
+        for b, iv in branches.items():
+            with base.apply(iv):
+                texts[b] = base.generate(prompts, **gen)
+        outcome[name] = {b: refused(t) for b, t in texts.items()}
+        if name == "ordinary":
+            plain = last_token_logprobs(base, prompts)
+            kl["plain"] = torch.zeros(len(prompts), dtype=torch.float64)
+            for b, iv in branches.items():
+                with base.apply(iv):
+                    kl[b] = kl_divergence(plain, last_token_logprobs(base, prompts)).double()
+        print(f"token gate tune {name}: " + " ".join(f"{b} {float(o.mean()):.2f}" for b, o in outcome[name].items()) + f" [{time.time() - t1:.0f} s]", flush=True)
+    cuts = torch.unique(torch.cat(list(scores.values())))
+    cuts = torch.cat([cuts[:1] - 1, (cuts[1:] + cuts[:-1]) / 2, cuts[-1:] + 1])
+    best = None
+    for limit in args.max_over_refusal_gate:
+        best = choose(args, scores, outcome, kl, cuts, limit)
+        if best is not None:
+            break
+    out = {"tune_branches": {n: {b: float(o.mean()) for b, o in outcome[n].items()} for n in tune},
+           "tune_kl_branches": {b: float(v.mean()) for b, v in kl.items()}}  # fmt: skip
+    if best is None:
+        out["chosen"] = None
+        print("token gate: no strength and band meet the limits on the tuning prompts", flush=True)
+        return out
+    _, strength, low, high, r, k = best
+    out["chosen"] = {"strength": strength, "low": low, "high": high, "over_refusal_limit": limit, "tune_refusal": r, "tune_kl": k}
+    print(f"token gate: strength {strength}, low {low:.4f}, high {high:.4f} (limit {limit}); tuning refusal {r}, KL {k:.4f}", flush=True)
+    guard = RefusalTokenGuard(tokens, threshold=min(max(high, 0.0), 1.0), model=model)
+    comply = branches[f"comply{strength:g}"]
+    gated = GatedRefusal(guard, refuse=branches["refuse"], comply=comply, low=low, high=high)
+    out["held_out"] = {}
+    for name, prompts in held.items():
+        t1 = time.time()
+        plain_texts = base.generate(prompts, **gen)
+        outs = base.generate(prompts, policy=gated, **gen)
+        texts = [o.text for o in outs]
+        summary = {"plain": float(refused(plain_texts).mean()), "gated": float(refused(texts).mean()),
+                   "degenerate": sum(judge_reply(t) == "degenerate" for t in texts) / len(texts),
+                   "actions": {a: sum(o.action == a for o in outs) for a in ("refuse", "comply", "leave")}}  # fmt: skip
+        if name == "ordinary":
+            plain_lp = last_token_logprobs(base, prompts)
+            lp = plain_lp.clone()
+            for action, iv in (("refuse", branches["refuse"]), ("comply", comply)):
+                idx = [i for i, o in enumerate(outs) if o.action == action]
+                if idx:
+                    with base.apply(iv):
+                        lp[idx] = last_token_logprobs(base, [prompts[i] for i in idx])
+            per_row = kl_divergence(plain_lp, lp)
+            summary["kl_gated"] = float(per_row.mean())
+            summary["kl_gated_on_answered"] = float(per_row[~refused(plain_texts).bool()].mean())
+        out["held_out"][name] = summary
+        (OUT / f"token_gate_{name}.json").write_text(json.dumps({"prompts": prompts, "plain": plain_texts, "gated": texts,
+                                                                 "gate": [{"score": o.score, "action": o.action} for o in outs]}, indent=1))  # fmt: skip
+        print(f"token gate held-out {name}: {summary} [{time.time() - t1:.0f} s]", flush=True)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--direction", required=True)
@@ -80,6 +152,10 @@ def main():
     ap.add_argument("--max-over-refusal", type=float, default=0.10)
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--strengths", type=float, nargs="+", default=[1.0, 0.5, 0.3], help="token gate: comply branch Ablate strengths")
+    ap.add_argument("--coeff", type=float, default=1.0, help="token gate: refuse branch AddVector coefficient")
+    ap.add_argument("--max-over-refusal-gate", type=float, nargs="+", default=[0.10, 0.15], help="token gate: limits tried in order")
+    ap.add_argument("--max-kl", type=float, default=0.05)
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
@@ -135,6 +211,7 @@ def main():
         print(name, report["held_out"][name], flush=True)
     report["held_out"]["ordinary"] |= respond_kl(base, model, tokens, held["ordinary"])
     print("ordinary KL", {k: v for k, v in report["held_out"]["ordinary"].items() if k.startswith("kl")}, flush=True)
+    report["token_gate"] = token_gate(args, base, Direction.load(args.direction), model, tokens, p, tune, held)
     report["seconds"] = time.time() - t0
     (OUT / "report.json").write_text(json.dumps(report, indent=1))
 
