@@ -245,6 +245,43 @@ def test_steer_calibrated_gates_each_prompt(tiny_dir, probe_run, capsys):
     assert "leaves [0, 1]" in _one_error_line(capsys.readouterr().err)
 
 
+def test_steer_calibrated_with_a_refusal_token_model(tiny_dir, probe_run, tmp_path, capsys):
+    import steerlab
+    from steerlab.cli.inputs import short
+    from steerlab.interventions.gated import GatedRefusal
+    from steerlab.interventions.token_guard import RefusalTokenGuard
+    from steerlab.steering import Ablate, AddVector, Direction
+    from steerlab.training.data import control_tokens
+    from steerlab.training.sft import add_tokens
+
+    tuned = add_tokens(steerlab.load(tiny_dir), control_tokens())
+    tuned.hf.save_pretrained(tmp_path / "tuned")
+    tuned.tokenizer.save_pretrained(tmp_path / "tuned")
+    direction = str(probe_run / "direction.safetensors")
+    prompts = ["Hi there", "Tell me a joke.", HARMFUL[0], HARMLESS[1]]
+    scores = RefusalTokenGuard.from_model(steerlab.load(str(tmp_path / "tuned"))).score(prompts)
+    tau = float(scores.median())
+    argv = ["steer", "--model", tiny_dir, "--direction", direction, "--calibrated", str(tmp_path / "tuned"), "--tau", repr(tau),
+            "--refuse-coeff", "40", "--max-new-tokens", "3", *prompts]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("calibrated refusal: RefusalTokenGuard")
+    actions = [line.split("-> ")[1] for line in out.splitlines() if "-> " in line]
+    assert actions == ["refuse" if s >= tau else "comply" for s in scores.tolist()]
+    # the replies are the tiny model's under each row's branch (the Python gate, same settings)
+    model, d = steerlab.load(tiny_dir), Direction.load(direction)
+    layer = d.layers[0]
+    gated = GatedRefusal(RefusalTokenGuard.from_model(steerlab.load(str(tmp_path / "tuned")), threshold=tau),
+                         refuse=AddVector(d, coeff=40.0, layers=[layer], source_layer=layer), comply=Ablate(d, source_layer=layer))  # fmt: skip
+    texts = [o.text for o in model.generate(prompts, policy=gated, max_new_tokens=3)]
+    printed = [line.split("after:  ", 1)[1] for line in out.splitlines() if "after:  " in line]
+    assert printed == [short(t, 200) for t in texts]
+    assert main([*argv[:7], "Hi"]) == 2
+    assert "--tau" in _one_error_line(capsys.readouterr().err)
+    assert main(["steer", "--model", tiny_dir, "--direction", direction, "--calibrated", str(probe_run / "probe.safetensors"), "--tau", "0.5", "Hi"]) == 2
+    assert "carries its own" in _one_error_line(capsys.readouterr().err)
+
+
 def test_optimize_searches_writes_the_front_and_a_direction_steer_can_use(tiny_dir, probe_run, tmp_path, capsys):
     from steerlab.steering import Direction
 

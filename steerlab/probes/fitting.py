@@ -121,6 +121,10 @@ def describe_guard(guard: Guard) -> str:
             f"ProbeGuard: P(harmful) at layer {p.layers[0]}, position {p.position!r}, "
             f"flag when >= {guard.threshold:.4g}"
         )
+    from steerlab.interventions.token_guard import RefusalTokenGuard  # interventions import probes: import here
+
+    if isinstance(guard, RefusalTokenGuard):
+        return f"RefusalTokenGuard: the fine-tuned model's P([refuse]) at the first answer token, flag when >= {guard.threshold:.4g}"
     return (
         f"LatentGuard: cosine score over {len(guard.layers)} layers at {guard.position!r}, "
         f"flag when >= {guard.threshold:.4g}"
