@@ -112,7 +112,7 @@ def token_gate(args, base, direction, model, tokens, p, tune, held) -> dict:
     _, strength, low, high, r, k = best
     out["chosen"] = {"strength": strength, "low": low, "high": high, "over_refusal_limit": limit, "tune_refusal": r, "tune_kl": k}
     print(f"token gate: strength {strength}, low {low:.4f}, high {high:.4f} (limit {limit}); tuning refusal {r}, KL {k:.4f}", flush=True)
-    guard = RefusalTokenGuard(tokens, threshold=min(max(high, 0.0), 1.0), model=model)
+    guard = RefusalTokenGuard(tokens, threshold=high, model=model)
     comply = branches[f"comply{strength:g}"]
     gated = GatedRefusal(guard, refuse=branches["refuse"], comply=comply, low=low, high=high)
     out["held_out"] = {}

@@ -282,6 +282,30 @@ def test_steer_calibrated_with_a_refusal_token_model(tiny_dir, probe_run, tmp_pa
     assert "carries its own" in _one_error_line(capsys.readouterr().err)
 
 
+def test_refusal_tokens_saves_a_calibrated_guard_steer_can_use(tiny_dir, probe_run, tmp_path, capsys):
+    from steerlab.interventions.token_guard import SETTINGS_FILE, RefusalTokenGuard
+    from steerlab.probes.metrics import best_threshold
+
+    direction = str(probe_run / "direction.safetensors")
+    out = tmp_path / "token_guard"
+    argv = ["refusal-tokens", "--model", tiny_dir, "--direction", direction, "--out", str(out), "--per-set", "2",
+            "--max-steps", "2", "--answer-tokens", "4"]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "fine-tuned 2 steps" in printed
+    settings = json.loads((out / SETTINGS_FILE).read_text())
+    guard = RefusalTokenGuard.load(out)
+    assert guard.threshold == settings["threshold"] == settings["fit"]["threshold"]
+    # the saved threshold is the best balanced-accuracy cut of the reloaded model's scores on the held-back prompts
+    cal = settings["fit"]["calibration_prompts"]
+    assert len(cal["harmful"]) >= 10 and len(cal["harmless"]) >= 10
+    assert guard.threshold == pytest.approx(best_threshold(guard.score(cal["harmful"]), guard.score(cal["harmless"])), abs=1e-6)
+    assert main(["steer", "--model", tiny_dir, "--direction", direction, "--calibrated", str(out), "--max-new-tokens", "2", "Hi"]) == 0
+    assert capsys.readouterr().out.startswith(f"calibrated refusal: RefusalTokenGuard: the fine-tuned model's P([refuse]) at the first answer token, flag when >= {guard.threshold:.4g}")
+    assert main([*argv[:-6], "--holdout", "1.5"]) == 2
+    assert "--holdout" in _one_error_line(capsys.readouterr().err)
+
+
 def test_optimize_searches_writes_the_front_and_a_direction_steer_can_use(tiny_dir, probe_run, tmp_path, capsys):
     from steerlab.steering import Direction
 

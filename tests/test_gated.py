@@ -125,8 +125,8 @@ def test_refusal_token_guard_checks():
     other.model.tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     with pytest.raises(ShapeError, match="chat template"):
         model.generate(["Hi"], policy=GatedRefusal(other, comply=Ablate(d)), max_new_tokens=2)
-    with pytest.raises(InvalidValueError, match="probability"):
-        replace(guard, threshold=1.5)
+    with pytest.raises(InvalidValueError, match="threshold"):
+        replace(guard, threshold=float("nan"))
     with pytest.raises(InvalidValueError, match="own model"):
         GatedRefusal(guard, comply=Ablate(d)).score_states(torch.zeros(1, 1, model.d_model))
     assert not open_sessions(model)

@@ -4,7 +4,8 @@ Every subcommand takes ``--model`` (an embedded name, a HF id or local directory
 default: the embedded Qwen) and ``--help``. Bad arguments exit with status 2 and one ``error:`` line.
 This package only parses arguments, calls the library, prints and maps errors to exit codes; one module per
 group of commands (:mod:`~steerlab.cli.demo`, :mod:`~steerlab.cli.refusal`, :mod:`~steerlab.cli.probe`,
-:mod:`~steerlab.cli.guard`, :mod:`~steerlab.cli.steer`, :mod:`~steerlab.cli.unlearn`), shared options in :mod:`~steerlab.cli.args` and
+:mod:`~steerlab.cli.guard`, :mod:`~steerlab.cli.steer`, :mod:`~steerlab.cli.unlearn`,
+:mod:`~steerlab.cli.refusal_tokens`), shared options in :mod:`~steerlab.cli.args` and
 :mod:`~steerlab.cli.inputs`; report pages come from :mod:`steerlab.report`.
 
 Example:
@@ -15,6 +16,7 @@ Example:
     $ steerlab export --direction runs/refusal/refusal_direction.safetensors --ablate --out runs/ablated
     $ steerlab refusal --out runs/refusal --export          # also writes runs/refusal/model
     $ steerlab unlearn --concept python --target needles:20 --objective npo --export   # targeted unlearning
+    $ steerlab refusal-tokens --direction runs/refusal/refusal_direction.safetensors --out runs/token_guard
     $ steerlab serve --steer off=ablate:runs/refusal/refusal_direction.safetensors   # vLLM (make engines)
 """
 
@@ -26,7 +28,7 @@ from collections.abc import Callable
 from typing import NoReturn
 
 from steerlab import __version__
-from steerlab.cli import demo, guard, inputs, optimize, probe, refusal, serve, steer, unlearn
+from steerlab.cli import demo, guard, inputs, optimize, probe, refusal, refusal_tokens, serve, steer, unlearn
 from steerlab.cli.args import UsageError
 from steerlab.errors import SteerlabError
 
@@ -42,6 +44,7 @@ PARSERS: tuple[Callable, ...] = (
     serve.add_parser,
     unlearn.add_parser,
     optimize.add_parser,
+    refusal_tokens.add_parser,
 )
 
 

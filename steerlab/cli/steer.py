@@ -39,20 +39,26 @@ def _calibrated(args: argparse.Namespace, prompts: list[str]) -> int:
     """``--calibrated GUARD``: per prompt, the guard's score picks refusal added, removed, or left alone."""
     from steerlab.cli.args import UsageError
     from steerlab.interventions.gated import GatedRefusal
-    from steerlab.interventions.token_guard import RefusalTokenGuard
+    import torch
+
+    from steerlab.interventions.token_guard import SETTINGS_FILE, RefusalTokenGuard
     from steerlab.probes import LatentGuard, ProbeGuard
     from steerlab.probes.fitting import describe_guard, saved_guard_kind
     from steerlab.steering import Ablate, AddVector
 
     token_model = Path(args.calibrated).expanduser().is_dir()
-    if token_model and args.tau is None:
-        raise UsageError(f"--calibrated {args.calibrated} is a model directory (a refusal-token guard); give its threshold with --tau")
+    saved_settings = token_model and (Path(args.calibrated).expanduser() / SETTINGS_FILE).is_file()
+    if token_model and not saved_settings and args.tau is None:
+        raise UsageError(f"--calibrated {args.calibrated} is a model directory without {SETTINGS_FILE} (steerlab refusal-tokens "
+                         "writes one); give the refusal-token threshold with --tau")  # fmt: skip
     if not token_model and args.tau is not None:
         raise UsageError("--tau is the threshold of a refusal-token guard (--calibrated MODEL_DIR); a saved guard file carries its own")
     path = None if token_model else inputs.existing_file(args.calibrated, "guard")
     direction = inputs.load_direction(args.direction, args.layer, ablate=True)
     model = inputs.load(args)
-    if token_model:
+    if saved_settings:
+        guard = RefusalTokenGuard.load(Path(args.calibrated).expanduser(), dtype=getattr(torch, args.dtype), threshold=args.tau)
+    elif token_model:
         guard = RefusalTokenGuard.from_model(inputs.open_model(args.calibrated, args.dtype), threshold=args.tau)
     else:
         kind = ProbeGuard if saved_guard_kind(path) == "probe" else LatentGuard
@@ -60,7 +66,7 @@ def _calibrated(args: argparse.Namespace, prompts: list[str]) -> int:
     below = args.band if args.band_below is None else args.band_below
     above = args.band if args.band_above is None else args.band_above
     low, high = guard.threshold - below, guard.threshold + above
-    if isinstance(guard, ProbeGuard | RefusalTokenGuard) and not (0.0 <= low and high <= 1.0):
+    if isinstance(guard, ProbeGuard) and not (0.0 <= low and high <= 1.0):
         raise UsageError(f"the band [{low:.3g}, {high:.3g}) around the threshold {guard.threshold:.3g} leaves [0, 1]; use a smaller band")
     source = args.layer if args.layer is not None else direction.layers[0]
     refuse = AddVector(direction, coeff=args.refuse_coeff, layers=[source], source_layer=source)
@@ -135,7 +141,7 @@ def add_steer_parser(sub) -> None:
     how.add_argument("--ablate", action="store_true", help="project the direction out everywhere (Ablate)")
     how.add_argument("--calibrated", metavar="GUARD", default=None,
                      help="calibrated refusal: a saved guard (steerlab probe / guard --save), or the directory of a "
-                          "model fine-tuned with [refuse]/[respond] tokens (with --tau), scores each prompt; likely "
+                          "model fine-tuned with [refuse]/[respond] tokens (steerlab refusal-tokens), scores each prompt; likely "
                           "harmful -> the direction added (--refuse-coeff), likely safe -> ablated, --band in between -> "
                           "unchanged")  # fmt: skip
     p.add_argument(
@@ -147,7 +153,7 @@ def add_steer_parser(sub) -> None:
     p.add_argument("--unit", action="store_true", help="AddVector: scale the vector to norm 1 first")
     p.add_argument("--refuse-coeff", type=finite_float, default=1.0, help="--calibrated: coefficient on the harmful side")
     p.add_argument("--tau", type=finite_float, default=None,
-                   help="--calibrated MODEL_DIR: flag when the fine-tuned model's P([refuse]) >= tau")
+                   help="--calibrated MODEL_DIR: flag when the fine-tuned model's P([refuse]) >= tau (default: the saved one)")
     p.add_argument("--ablate-strength", type=strength, default=1.0,
                    help="--calibrated: share of the direction removed on the safe side (0 < s <= 1)")
     p.add_argument("--band", type=non_negative_float, default=0.0,

@@ -23,19 +23,24 @@ Example:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from steerlab._checks import finite_number
-from steerlab.errors import InvalidValueError, ShapeError
+from steerlab.errors import InvalidValueError, ShapeError, ValueFileError
 from steerlab.interventions.refusal_tokens import RefusalTokens, refusal_token_probs
 from steerlab.probes.guard import _check_prompts, _Guard
 
 if TYPE_CHECKING:
     from steerlab.model import Model
+
+TOKEN_GUARD_FORMAT = "steerlab.RefusalTokenGuard/1"
+SETTINGS_FILE = "refusal_token_guard.json"
 
 
 @dataclass(frozen=True)
@@ -49,10 +54,7 @@ class RefusalTokenGuard(_Guard):
     def __post_init__(self) -> None:
         if not isinstance(self.tokens, RefusalTokens):
             raise InvalidValueError(f"a RefusalTokenGuard needs RefusalTokens (RefusalTokens.from_tokenizer(...)); got {type(self.tokens).__name__}")
-        threshold = finite_number(self.threshold, "the guard's threshold (tau)")
-        if not 0.0 <= threshold <= 1.0:
-            raise InvalidValueError(f"the threshold is a probability; got {threshold} (use a value in [0, 1])")
-        object.__setattr__(self, "threshold", threshold)
+        object.__setattr__(self, "threshold", finite_number(self.threshold, "the guard's threshold (tau)"))
 
     @classmethod
     def from_model(cls, model: Model, *, threshold: float = 0.5, refuse: str = "[refuse]", respond: str = "[respond]") -> RefusalTokenGuard:
@@ -79,3 +81,35 @@ class RefusalTokenGuard(_Guard):
             raise ShapeError(f"the refusal-token guard's tokenizer ({len(mine)} tokens) does not extend this model's ({n} tokens) id for id; {fix}")
         if getattr(mine, "chat_template", None) != getattr(theirs, "chat_template", None):
             raise ShapeError(f"the refusal-token guard's chat template differs from this model's; {fix}")
+
+    def save(self, directory: str | Path, *, extra: dict | None = None) -> Path:
+        """Write the fine-tuned model (safetensors + tokenizer) and :data:`SETTINGS_FILE` (threshold, control tokens,
+        ``extra`` such as calibration metrics) to ``directory``; :meth:`load` reads it back."""
+        model, out = self._bound(), Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        model.hf.save_pretrained(out, safe_serialization=True)
+        model.tokenizer.save_pretrained(out)
+        names = dict(zip(self.tokens.refuse, model.tokenizer.convert_ids_to_tokens(list(self.tokens.refuse.values()))))
+        settings = {"format": TOKEN_GUARD_FORMAT, "threshold": self.threshold, "refuse": names,
+                    "respond": model.tokenizer.convert_ids_to_tokens(self.tokens.respond),
+                    "temperature": self.tokens.temperature, **(extra or {})}  # fmt: skip
+        (out / SETTINGS_FILE).write_text(json.dumps(settings, indent=1))
+        return out
+
+    @classmethod
+    def load(cls, directory: str | Path, *, dtype: torch.dtype = torch.float32, threshold: float | None = None) -> RefusalTokenGuard:
+        """The guard saved in ``directory`` by :meth:`save`, bound to its model; ``threshold`` overrides the saved one."""
+        import steerlab
+
+        path = Path(directory) / SETTINGS_FILE
+        try:
+            settings = json.loads(path.read_text())
+            if settings.get("format") != TOKEN_GUARD_FORMAT:
+                raise ValueError(f"format {settings.get('format')!r}, expected {TOKEN_GUARD_FORMAT!r}")
+            saved, refuse, respond = float(settings["threshold"]), settings["refuse"], str(settings["respond"])
+            temperature = float(settings.get("temperature", 1.0))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueFileError(f"{path} is not a refusal-token guard's settings ({exc}); write it with RefusalTokenGuard.save") from exc
+        model = steerlab.load(str(directory), dtype=dtype)
+        tokens = RefusalTokens.from_tokenizer(model.tokenizer, refuse=refuse, respond=respond, temperature=temperature)
+        return cls(tokens, threshold=saved if threshold is None else threshold, model=model)
