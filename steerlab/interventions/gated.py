@@ -211,10 +211,15 @@ class _GatedRun:
         hf = guard.model.hf
         device = next(hf.parameters()).device
         try:
-            with torch.no_grad():
-                logits = hf(**{k: v.to(device) for k, v in batch.model_inputs().items()}).logits
-            last = self.reading.to(logits.device)
-            return guard.score_logits(logits[torch.arange(len(logits), device=logits.device), last].float()).cpu()
+            width = batch.input_ids.shape[1]
+            if not bool((self.reading == width - 1).all()):
+                raise GenerationStateError(f"the refusal-token guard reads each row's last token, but this batch ends rows at "
+                                           f"{self.reading.tolist()} of width {width} (generation batches are left-padded)")  # fmt: skip
+            with torch.no_grad():  # the unembedding of the last position only (a 150k vocabulary x every token is large)
+                logits = hf(**{k: v.to(device) for k, v in batch.model_inputs().items()}, logits_to_keep=1).logits
+            if logits.shape[1] != 1:
+                raise GenerationStateError(f"{type(hf).__name__} ignored logits_to_keep=1 (returned {logits.shape[1]} positions)")
+            return guard.score_logits(logits[:, -1].float()).cpu()
         finally:
             self.reading = None
 
