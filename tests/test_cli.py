@@ -288,7 +288,7 @@ def test_refusal_tokens_saves_a_calibrated_guard_steer_can_use(tiny_dir, probe_r
 
     direction = str(probe_run / "direction.safetensors")
     out = tmp_path / "token_guard"
-    argv = ["refusal-tokens", "--model", tiny_dir, "--direction", direction, "--out", str(out), "--per-set", "2",
+    argv = ["refusal-tokens", "--model", tiny_dir, "--batch-size", "3", "--direction", direction, "--out", str(out), "--per-set", "2",
             "--max-steps", "2", "--answer-tokens", "4"]  # fmt: skip
     assert main(argv) == 0
     printed = capsys.readouterr().out

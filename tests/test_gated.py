@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from steerlab.data import DEMO_HARMFUL, DEMO_HARMLESS
-from steerlab.errors import GenerationStateError, InvalidValueError, ShapeError, UnknownSiteError
+from steerlab.errors import GenerationStateError, InvalidValueError, ShapeError, UnknownSiteError, ValueFileError
 from steerlab.hooks import open_sessions
 from steerlab.interventions.gated import GatedRefusal
 from steerlab.interventions.token_guard import RefusalTokenGuard
@@ -94,7 +94,7 @@ def test_rows_follow_their_branch_exactly(family, kind):
     assert not open_sessions(model)
 
 
-def test_refusal_token_guard_checks():
+def test_refusal_token_guard_checks(tmp_path):
     model = tiny_model("llama")
     d = tiny_direction(model, layer=1)
     guard = _token_guard(model)
@@ -106,6 +106,11 @@ def test_refusal_token_guard_checks():
         model.generate(["Hi"], policy=GatedRefusal(other, comply=Ablate(d)), max_new_tokens=2)
     with pytest.raises(InvalidValueError, match="threshold"):
         replace(guard, threshold=float("nan"))
+    saved = guard.save(tmp_path / "g", extra={"threshold": 9.0, "note": "kept"})
+    assert RefusalTokenGuard.load(saved).threshold == guard.threshold  # extra never overrides the guard's keys
+    (saved / "refusal_token_guard.json").write_text("{}")
+    with pytest.raises(ValueFileError, match="settings"):
+        RefusalTokenGuard.load(saved)
     with pytest.raises(InvalidValueError, match="own model"):
         GatedRefusal(guard, comply=Ablate(d)).score_states(torch.zeros(1, 1, model.d_model))
     assert not open_sessions(model)

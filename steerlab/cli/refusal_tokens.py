@@ -4,7 +4,6 @@ calibrated threshold) for ``steerlab steer --calibrated DIR``."""
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import replace
 
 from steerlab.cli import inputs
@@ -12,6 +11,7 @@ from steerlab.cli.args import UsageError, add_model_args, positive_float, positi
 
 
 def _refusal_tokens(args: argparse.Namespace) -> int:
+    from steerlab.interventions.token_guard import SETTINGS_FILE
     from steerlab.training.token_guard_fit import DEFAULT_CONFIG, fit_refusal_token_guard
 
     if not 0.0 < args.holdout < 1.0:
@@ -23,14 +23,14 @@ def _refusal_tokens(args: argparse.Namespace) -> int:
     model = inputs.load(args)
     config = replace(DEFAULT_CONFIG, epochs=args.epochs, max_steps=args.max_steps)
     fit = fit_refusal_token_guard(model, direction, per_set=args.per_set, holdout=args.holdout, answer_tokens=args.answer_tokens,
-                                  config=config, seed=args.seed, progress=True)  # fmt: skip
+                                  config=config, batch_size=args.batch_size, seed=args.seed, progress=True)  # fmt: skip
     summary = fit.summary() | {"calibration_prompts": {"harmful": list(fit.calibration_prompts[0]), "harmless": list(fit.calibration_prompts[1])}}
     fit.guard.save(out, extra={"fit": summary, "command": " ".join(args.argv)})
     c = fit.calibration
     print(f"fine-tuned {fit.steps} steps on {fit.n_train[0]} harmful + {fit.n_train[1]} harmless prompts in {fit.seconds:.0f} s")
     print(f"threshold {fit.guard.threshold:.4g} (best balanced accuracy on {fit.n_calibration[0]} + {fit.n_calibration[1]} held-back prompts): "
           f"AUC {c['auc']:.3f}, TPR {c['tpr']:.3f}, FPR {c['fpr']:.3f}")  # fmt: skip
-    print(f"wrote {out} (model and {json.dumps('refusal_token_guard.json')}); use it with: steerlab steer --direction {args.direction} --calibrated {out}")
+    print(f"wrote {out} (model and {SETTINGS_FILE}); use it with: steerlab steer --direction {args.direction} --calibrated {out}")
     return 0
 
 

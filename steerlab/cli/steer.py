@@ -37,10 +37,10 @@ def _label(args: argparse.Namespace, direction) -> str:
 
 def _calibrated(args: argparse.Namespace, prompts: list[str]) -> int:
     """``--calibrated GUARD``: per prompt, the guard's score picks refusal added, removed, or left alone."""
-    from steerlab.cli.args import UsageError
-    from steerlab.interventions.gated import GatedRefusal
     import torch
 
+    from steerlab.cli.args import UsageError
+    from steerlab.interventions.gated import GatedRefusal
     from steerlab.interventions.token_guard import SETTINGS_FILE, RefusalTokenGuard
     from steerlab.probes import LatentGuard, ProbeGuard
     from steerlab.probes.fitting import describe_guard, saved_guard_kind

@@ -90,9 +90,9 @@ class RefusalTokenGuard(_Guard):
         model.hf.save_pretrained(out, safe_serialization=True)
         model.tokenizer.save_pretrained(out)
         names = dict(zip(self.tokens.refuse, model.tokenizer.convert_ids_to_tokens(list(self.tokens.refuse.values()))))
-        settings = {"format": TOKEN_GUARD_FORMAT, "threshold": self.threshold, "refuse": names,
+        settings = {**(extra or {}), "format": TOKEN_GUARD_FORMAT, "threshold": self.threshold, "refuse": names,
                     "respond": model.tokenizer.convert_ids_to_tokens(self.tokens.respond),
-                    "temperature": self.tokens.temperature, **(extra or {})}  # fmt: skip
+                    "temperature": self.tokens.temperature}  # fmt: skip (the guard's own keys win over extra's)
         (out / SETTINGS_FILE).write_text(json.dumps(settings, indent=1))
         return out
 

@@ -92,12 +92,14 @@ def fit_refusal_token_guard(
     answer_tokens: int = 40,
     refusals: tuple[str, ...] = REFUSALS,
     config: SFTConfig = DEFAULT_CONFIG,
+    batch_size: int = 16,
     seed: int = 0,
     progress: bool = False,
 ) -> TokenGuardFit:
     """Fine-tune a copy of ``model`` with refusal tokens on ``data`` (default: :func:`guard_training_data` with
     ``per_set`` prompts of each source) minus a ``holdout`` share of every source, and calibrate the threshold on
-    that share. ``direction`` (the refusal direction) is ablated while the model writes the respond side's answers."""
+    that share. ``direction`` (the refusal direction) is ablated while the model writes the respond side's answers;
+    ``batch_size`` batches that generation and the calibration scoring (``config.batch_size`` the fine-tuning)."""
     from steerlab.steering import Ablate
 
     if not 0.0 < holdout < 1.0:
@@ -111,12 +113,12 @@ def fit_refusal_token_guard(
         raise InvalidValueError("each class needs at least two prompts (one to train on, one to calibrate on)")
     t0 = time.time()
     with model.apply(Ablate(direction)):
-        answers = [a.strip() for a in model.generate(harmless, max_new_tokens=answer_tokens, progress=progress)]
+        answers = [a.strip() for a in model.generate(harmless, max_new_tokens=answer_tokens, batch_size=batch_size, progress=progress)]
     complete = [len(model.tokenizer(a, add_special_tokens=False)["input_ids"]) < answer_tokens for a in answers]
     examples = refusal_token_examples(harmful, harmless, answers=answers, refusals=list(refusals), answers_complete=complete, seed=seed)
     result = finetune(model, examples, new_tokens=control_tokens(), config=replace(config, seed=seed), progress=progress)
     guard = RefusalTokenGuard.from_model(result.model)
-    pos, neg = guard.score(cal_harmful), guard.score(cal_harmless)
+    pos, neg = guard.score(cal_harmful, batch_size=batch_size), guard.score(cal_harmless, batch_size=batch_size)
     guard = replace(guard, threshold=best_threshold(pos, neg))
     return TokenGuardFit(
         guard=guard,
