@@ -358,8 +358,6 @@ def test_guard_rejects_bad_arguments(tmp_path, probe_run, capsys):
     assert "no prompts" in capsys.readouterr().err
     assert main(["guard", "--probe", str(probe_run / "sweep.json"), "x"]) == 2
     assert "not a safetensors file" in capsys.readouterr().err
-    assert main(["guard", "--mode", "probe", "x", "--layers", "1", "2"]) == 2
-    assert "reads one layer" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         main(["guard", "--fit", "--probe", "p.safetensors", "x"])
     assert exc.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
@@ -738,10 +736,8 @@ def test_fit_guard_describe_guard_and_saved_guard_kind(tiny_dir, tmp_path):
     (tmp_path / "x.txt").write_text("not safetensors")
     with pytest.raises(ValueFileError, match="is not a safetensors file"):
         saved_guard_kind(tmp_path / "x.txt")
-    with pytest.raises(InvalidValueError, match="reads one layer"):
-        fit_guard(
-            model, mode="probe", position="t_inst", layers=[0, 1], n_train=6, seed=0, batch_size=8, calibrate=False
-        )
+    two = fit_guard(model, mode="probe", position="t_inst", layers=[0, 1], n_train=6, seed=0, batch_size=8, calibrate=False)
+    assert set(two.probe.layers) <= {0, 1} and two.threshold == 0.5  # chosen among the layers given; uncalibrated
 
 
 def test_direction_edit_and_bake_and_export(tiny_dir, probe_run, tmp_path):

@@ -55,7 +55,10 @@ def _guards(model):
     latent = LatentGuard.fit(model, DEMO_HARMFUL[4:], DEMO_HARMLESS[4:], layers=[1, 2])
     acts = torch.randn(16, 1, model.d_model, generator=torch.Generator().manual_seed(0))
     probe = fit_probes(acts, [1] * 8 + [0] * 8, layers=[2], position="t_inst")
-    return {"latent": latent.bind(model), "probe": ProbeGuard(probe, model=model), "token": _token_guard(model)}
+    two = torch.randn(16, 2, model.d_model, generator=torch.Generator().manual_seed(1))
+    probes = fit_probes(two, [1] * 8 + [0] * 8, layers=[1, 2], position="last")  # two layers read as one (mean logit)
+    return {"latent": latent.bind(model), "probe": ProbeGuard(probe, model=model), "probes": ProbeGuard(probes, model=model),
+            "token": _token_guard(model)}  # fmt: skip
 
 
 def _band(scores):
@@ -65,7 +68,7 @@ def _band(scores):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2"])
-@pytest.mark.parametrize("kind", ["latent", "probe", "token"])
+@pytest.mark.parametrize("kind", ["latent", "probe", "probes", "token"])
 def test_rows_follow_their_branch_exactly(family, kind):
     """For ``token`` the guard is a second model (RefusalTokenGuard): it decides, the plain model generates."""
     model = tiny_model(family)

@@ -280,6 +280,13 @@ def test_gated_refusal_in_vllm_matches_the_hf_policy(qwen, engine, harm_directio
     print(f"gated: vLLM == HF policy on {same}/{len(rows)} rows")
     assert same >= len(rows) - 1
     assert engine.generate(rows[:2], steer="add", max_new_tokens=4)  # the engine's own steerings are still there
+    # a probe guard over two layers (mean logit) reads the same scores inside vLLM
+    from steerlab.probes import ProbeGuard
+
+    two = ProbeGuard.fit(qwen, prompts[6:16], prompts[16:26], layer=[12, 16], position="last", C=0.1)
+    two = GatedRefusal(two, comply=steerlab.Ablate(harm_direction))
+    read = engine.generate_gated(rows, two, max_new_tokens=2)
+    torch.testing.assert_close(torch.tensor([o.score for o in read]), two.guard.score(rows), rtol=1e-3, atol=1e-4)
 
 
 def test_a_request_naming_an_unregistered_steering_raises_in_the_worker():

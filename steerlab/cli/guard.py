@@ -35,8 +35,6 @@ def _check_options(args: argparse.Namespace, path: Path | None) -> str:
         raise UsageError(f"--save {args.save_to} is a directory; pass a file name such as guard.safetensors")
     if args.save_to:
         inputs.check_parent(Path(args.save_to).expanduser(), "--save file")
-    if mode == "probe" and args.layers is not None and len(args.layers) > 1:
-        raise UsageError(f"a probe guard reads one layer; got --layers {' '.join(map(str, args.layers))}")
     return mode
 
 
@@ -107,7 +105,8 @@ def add_parser(sub) -> None:
         nargs="+",
         type=int,
         default=None,
-        help="fitted guard layers (probe: one layer; default: best AUC with whole sources held out / all)",
+        help="fitted guard layers (probe: the layers it chooses among, one layer: exactly it; default: every layer, "
+             "choosing the set with the best AUC with whole sources and kinds held out / latent: all)",
     )
     p.add_argument(
         "--n-train",

@@ -36,8 +36,8 @@ def _probe(args: argparse.Namespace) -> int:
     print(run.result.table(args.metric))
     print(f"\nbest: layer {run.layer}, position {run.column} ({args.metric} {run.value:.3f}, {args.folds}-fold CV)")
     print(
-        f"wrote {out}/sweep.json, sweep.html (with plotly.min.js), probe.safetensors (layer {run.layer}, "
-        f"position {run.position!r}), direction.safetensors"
+        f"wrote {out}/sweep.json, sweep.html (with plotly.min.js), probe.safetensors (layers "
+        f"{list(run.probe.layers)}, position {run.position!r}), direction.safetensors (layer {run.layer})"
     )
     return 0
 

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -206,6 +207,19 @@ def guard_training_data(*, per_set: int | None = 120, seed: int = 0, packages: b
         out[s.harmful][0].extend(prompts)
         out[s.harmful][1].extend([name] * len(prompts))
     return SourcedPrompts(out[True][0], out[False][0], out[True][1], out[False][1])
+
+
+def kind_families(source_names: Sequence[str]) -> dict[str, str]:
+    """The safe-but-scary sources among ``source_names`` (as :func:`guard_training_data` names them, ``scary_safe:kind``
+    and ``scary_unsafe:kind``), mapped to their kind: each kind's safe and unsafe prompts are one family, to be held
+    out together when choosing a guard's layers (:func:`steerlab.probes.layer_choice.choose_layers`).
+
+    Example:
+        >>> kind_families(["advbench", "scary_safe:fiction", "scary_unsafe:fiction"])
+        {'scary_safe:fiction': 'fiction', 'scary_unsafe:fiction': 'fiction'}
+    """
+    prefixes = ("scary_safe:", "scary_unsafe:")
+    return {n: n.split(":", 1)[1] for n in dict.fromkeys(source_names) if n.startswith(prefixes)}
 
 
 def pick(sets: list[PromptSet], names: list[str] | tuple[str, ...]) -> list[PromptSet]:

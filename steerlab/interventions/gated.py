@@ -119,7 +119,7 @@ class GatedRefusal:
         """The guard's scores ``[b]`` from ``resid_pre`` states ``[b, len(read_layers), d]`` at :attr:`read_position`."""
         if self.reads_other_model:
             raise InvalidValueError("a RefusalTokenGuard scores with its own model, not from this model's states")
-        return self.guard.score_activations(states if isinstance(self.guard, LatentGuard) else states[:, 0])
+        return self.guard.score_activations(states)
 
     def actions(self, scores: torch.Tensor) -> list[Action]:
         """The action for each score: ``"refuse"`` (``>= high``), ``"comply"`` (``< low``) or ``"leave"``.

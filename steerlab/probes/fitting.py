@@ -65,8 +65,9 @@ def fit_guard(
     (``experiments/guards_cross_source.py``).
 
     ``mode="probe"``: a :class:`ProbeGuard` at ``position`` (default ``"last"``, the end of the chat template) with
-    L2 strength ``C`` (default 0.01), at ``layers[0]`` or, with ``layers=None``, the layer with the best AUC under
-    5-fold cross-validation that holds out whole sources; its threshold is calibrated on those out-of-fold scores.
+    L2 strength ``C`` (default 0.01), reading the layers :func:`~steerlab.probes.layer_choice.choose_layers` picks
+    among ``layers`` (``None``: all; one layer: exactly it) by cross-validation that holds out whole sources and
+    whole safe-but-scary kinds; its threshold is calibrated on out-of-fold scores.
     ``mode="latent"``: a :class:`LatentGuard` over ``layers`` (``None``: all) at ``position`` (default ``"t_inst"``,
     METHODS 2), fitted on 80% of each set and calibrated on the other 20%. ``calibrate=False`` keeps the default
     threshold (0.5 / alpha 0). ``progress`` shows progress bars; ``log`` receives a line before fitting.
@@ -78,8 +79,6 @@ def fit_guard(
 
     if mode not in ("probe", "latent"):
         raise InvalidValueError(f"mode must be 'probe' or 'latent'; got {mode!r}")
-    if mode == "probe" and layers is not None and len(layers) != 1:
-        raise InvalidValueError(f"a probe guard reads one layer; got layers {list(layers)}")
     say = log or (lambda message: None)
     if mode == "probe":
         data = probe_data(files=None, seed=seed, limit=n_train, n_folds=5)
@@ -89,7 +88,8 @@ def fit_guard(
         guard = ProbeGuard(probe=run.probe, model=model)
         if calibrate:
             guard = replace(guard, threshold=run.probe.info["guard_threshold"])
-            say(f"layer {run.layer} (source-held-out AUC {run.value:.3f}); threshold from its out-of-fold scores")
+            how = run.layer_choice.describe() if run.layer_choice else f"layer {run.layer} (source-held-out AUC {run.value:.3f})"
+            say(f"the guard reads {how}; threshold from out-of-fold scores")
         return guard
     data = guard_training_data(per_set=n_train, seed=seed)
     (fit_h, val_h), (fit_s, val_s) = _slices(data.harmful, data.harmful_sources), _slices(data.harmless, data.harmless_sources)
@@ -113,12 +113,16 @@ def _slices(prompts: list[str], sources: list[str]) -> tuple[list[str], list[str
     return fit, val
 
 
+def _layers(layers: Sequence[int]) -> str:
+    return f"layer {layers[0]}" if len(layers) == 1 else f"layers {', '.join(map(str, layers))} (mean logit)"
+
+
 def describe_guard(guard: Guard) -> str:
     """One line: the guard's kind, what it reads (layer(s), position) and its threshold."""
     if isinstance(guard, ProbeGuard):
         p = guard.probe
         return (
-            f"ProbeGuard: P(harmful) at layer {p.layers[0]}, position {p.position!r}, "
+            f"ProbeGuard: P(harmful) at {_layers(p.layers)}, position {p.position!r}, "
             f"flag when >= {guard.threshold:.4g}"
         )
     from steerlab.interventions.token_guard import RefusalTokenGuard  # interventions import probes: import here

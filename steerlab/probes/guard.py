@@ -3,8 +3,11 @@
 :class:`LatentGuard` (Zhao et al. 2025): at ``t_inst`` (the instruction's last token),
 ``score(x) = mean_l [cos(h_l, mu_harmful_l) - cos(h_l, mu_harmless_l)]`` over layers; flag when
 ``score >= alpha`` (paper: alpha = 0). :class:`ProbeGuard` is the probe-based variant: a logistic
-probe at one layer and position, flag when ``P(harmful) >= threshold``. Both calibrate their
-threshold on a validation split (best balanced accuracy) and report accuracy, TPR and FPR.
+probe at one layer (or several) and position, flag when ``P(harmful) >= threshold``. Both calibrate their
+threshold on a validation split (best balanced accuracy) and report accuracy, TPR and FPR. A ProbeGuard may read
+several layers: one probe per layer, ``P(harmful) = sigmoid(mean of their logits)``
+(:meth:`~steerlab.probes.probe.Probe.ensemble_proba`), which generalises across kinds of prompt better than any one
+layer on the Qwen default (``experiments/guard_layer_ensembles.py``).
 
 Example:
     >>> from steerlab.data import DEMO_HARMFUL, DEMO_HARMLESS
@@ -216,7 +219,8 @@ class LatentGuard(_Guard):
 
 @dataclass(frozen=True)
 class ProbeGuard(_Guard):
-    """A one-layer logistic probe as a guard: flag when ``P(harmful) >= threshold``."""
+    """A logistic probe as a guard: flag when ``P(harmful) >= threshold``. A probe over several layers reads them as
+    one classifier, ``P(harmful) = sigmoid(mean of the layers' logits)``."""
 
     probe: Probe
     threshold: float = 0.5
@@ -226,8 +230,8 @@ class ProbeGuard(_Guard):
         if not isinstance(self.probe, Probe):
             raise InvalidValueError(f"a ProbeGuard wraps a Probe (fit_probes(...)); got {type(self.probe).__name__}")
         object.__setattr__(self, "threshold", finite_number(self.threshold, "the guard's threshold"))
-        if len(self.probe.layers) != 1:
-            raise ShapeError(f"a ProbeGuard reads one layer; this probe covers {list(self.probe.layers)} (use probe.select(layer))")
+        if self.probe.position == "all":
+            raise ShapeError(f"a guard reads one position per prompt; this probe reads {self.probe.position!r} (use 't_inst' or 'last')")
 
     @classmethod
     def fit(
@@ -236,13 +240,14 @@ class ProbeGuard(_Guard):
         harmful: Sequence[str],
         harmless: Sequence[str],
         *,
-        layer: int | None = None,
+        layer: int | Sequence[int] | None = None,
         position: Position = "t_inst",
         C: float = 1.0,
         batch_size: int = 16,
         progress: bool = False,
     ) -> ProbeGuard:
-        """Fit probes at every layer and keep ``layer`` (default: the best one by 5-fold CV accuracy)."""
+        """Fit probes at every layer and keep ``layer`` (several layers: a probe per layer, read as one; default: the
+        best single layer by 5-fold CV accuracy)."""
         from steerlab.probes.sweep import sweep
 
         harmful, harmless = _check_prompts(harmful), _check_prompts(harmless)
@@ -252,20 +257,21 @@ class ProbeGuard(_Guard):
         if layer is None:
             result = sweep(x[:, :, None], y, layers=acts.layers, n_folds=min(5, len(harmful), len(harmless)), C=C)
             layer = result.best("accuracy")[0]
-        layer = model.layer_indices([layer])[0]
-        i = acts.layers.index(layer)
-        probe = fit_probes(x[:, i : i + 1], y, layers=[layer], C=C, position=position, labels=("harmless", "harmful"), model=model.name)
+        layers = model.layer_indices([layer] if isinstance(layer, int) else list(layer))
+        idx = [acts.layers.index(la) for la in layers]
+        probe = fit_probes(x[:, idx], y, layers=layers, C=C, position=position, labels=("harmless", "harmful"), model=model.name)
         return cls(probe=probe, model=model)
 
     def score_activations(self, acts: torch.Tensor) -> torch.Tensor:
-        """``P(harmful)`` ``[n]`` from activations ``[n, d]`` (or ``[n, 1, d]``) at the probe's layer and position."""
-        return self.probe.predict_proba(acts)[:, 0]
+        """``P(harmful)`` ``[n]`` from activations ``[n, n_layers, d]`` at the probe's layers and position (``[n, d]``
+        for a one-layer probe)."""
+        return self.probe.ensemble_proba(acts)
 
     def score(self, prompts: Sequence[str], *, batch_size: int = 16, progress: bool = False) -> torch.Tensor:
         """``P(harmful)`` ``[n]`` of each prompt."""
         p = self.probe
         acts = collect(self._bound(), _check_prompts(prompts), sites=[p.site], layers=list(p.layers), positions=[p.position], batch_size=batch_size, progress=progress)
-        return p.predict_proba(acts.get(p.site, p.position)[:, :, -1])[:, 0]
+        return p.ensemble_proba(acts.get(p.site, p.position)[:, :, -1])
 
     def save(self, path: str | Path) -> Path:
         """Write the probe with the threshold in its metadata."""

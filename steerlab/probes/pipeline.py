@@ -3,7 +3,9 @@ probe and difference-of-means direction -> files (what ``steerlab probe`` runs).
 
 * :func:`probe_data` — the two prompt sets: two prompt files, or the project's training split.
 * :func:`check_sweep_positions` — reject positions that cannot be swept (``"all"``) before loading a model.
-* :func:`probe_sweep` — collect, sweep, pick the best cell, fit its probe and direction: a :class:`ProbeRun`.
+* :func:`probe_sweep` — collect, sweep, pick the best cell, fit its probe and direction: a :class:`ProbeRun`. On
+  pooled sources the probe (the guard) reads the layers :func:`~steerlab.probes.layer_choice.choose_layers` picks at
+  the best cell's position, which generalise across sources and kinds of prompt better than one layer.
 * :func:`save_probe_run` — ``probe.safetensors``, ``direction.safetensors``, ``sweep.json`` and ``sweep.html``.
 
 Example:
@@ -33,6 +35,8 @@ import torch
 from steerlab.activations import collect
 from steerlab.chat import Position
 from steerlab.errors import InvalidValueError
+from steerlab.probes.layer_choice import LayerChoice
+from steerlab.probes.layer_choice import choose_layers as _choose
 from steerlab.probes.metrics import best_threshold, grouped_folds, source_weights, stratified_folds
 from steerlab.probes.probe import Probe, fit_probes
 from steerlab.probes.sweep import SweepResult, position_columns, sweep
@@ -54,18 +58,22 @@ Metric = Literal["accuracy", "auc"]
 class ProbeData:
     """The positive (e.g. harmful) and negative prompts of a sweep, and a line saying where they came from.
     ``groups`` names each prompt's source (positive ones first) when the prompts pool several sources: the sweep
-    then holds out whole sources per fold."""
+    then holds out whole sources per fold. ``families`` maps sources that share a style but differ in harmfulness
+    (a safe-but-scary kind's safe and unsafe prompts) to their family, held out together when the guard's layers are
+    chosen."""
 
     positive: list[str]
     negative: list[str]
     source: str
     groups: list[str] | None = None
+    families: dict[str, str] | None = None
 
 
 @dataclass(frozen=True)
 class ProbeRun:
     """A finished sweep: its result, the best cell (``layer``, ``column``, the ``position`` it reads, ``value`` of
-    ``metric``), the probe and direction fitted there, and the settings that produced it."""
+    ``metric``), the direction fitted there, the probe (at the best cell, or on pooled sources at the layers of
+    ``layer_choice``), and the settings that produced it."""
 
     model: str
     data: str
@@ -80,11 +88,21 @@ class ProbeRun:
     value: float
     probe: Probe
     direction: Direction
+    layer_choice: LayerChoice | None = None
 
     def best(self) -> dict[str, Any]:
         """The best cell as plain data (``layer``, ``column``, ``position``, ``metric``, ``value``)."""
         return {"layer": self.layer, "column": self.column, "position": self.position, "metric": self.metric,
                 "value": self.value}  # fmt: skip
+
+    def guard(self) -> dict[str, Any]:
+        """The probe's layers and, when they were chosen, how (plain data for ``sweep.json``)."""
+        out: dict[str, Any] = {"layers": list(self.probe.layers), "position": self.position}
+        if self.layer_choice is not None:
+            c = self.layer_choice
+            out |= {"chosen_by": "best mean of source-held-out and kind-held-out CV AUC (steerlab.probes.layer_choice)",
+                    "source_held_out_auc": c.pooled_auc, "kind_held_out_auc": c.family_auc}  # fmt: skip
+        return out
 
 
 def probe_data(*, files: tuple[str | Path, str | Path] | None, seed: int, limit: int | None, n_folds: int) -> ProbeData:
@@ -95,7 +113,7 @@ def probe_data(*, files: tuple[str | Path, str | Path] | None, seed: int, limit:
 
     Raises :class:`~steerlab.errors.InvalidValueError` when a class has fewer prompts than ``n_folds``.
     """
-    groups = None
+    groups, families = None, None
     if files is not None:
         from steerlab.data.files import read_prompts
 
@@ -103,16 +121,17 @@ def probe_data(*, files: tuple[str | Path, str | Path] | None, seed: int, limit:
         if limit is not None:
             pos, neg = pos[:limit], neg[:limit]
     else:
-        from steerlab.data.guard_sets import guard_training_data
+        from steerlab.data.guard_sets import guard_training_data, kind_families
 
         data = guard_training_data(per_set=limit or DEFAULT_PER_SET, seed=seed)
         pos, neg, groups = data.harmful, data.harmless, data.harmful_sources + data.harmless_sources
+        families = kind_families(groups)
         source = f"{DEFAULT_SOURCE} ({len(data.source_names)} sets, at most {limit or DEFAULT_PER_SET} prompts each)"
     if min(len(pos), len(neg)) < n_folds:
         raise InvalidValueError(
             f"{n_folds}-fold cross-validation needs at least {n_folds} prompts per class; got {len(pos)} and {len(neg)}"
         )
-    return ProbeData(positive=pos, negative=neg, source=source, groups=groups)
+    return ProbeData(positive=pos, negative=neg, source=source, groups=groups, families=families)
 
 
 def check_sweep_positions(positions: Sequence[Position]) -> None:
@@ -150,11 +169,15 @@ def probe_sweep(
     seed: int,
     batch_size: int,
     log: Callable[[str], None] | None = None,
+    choose_layers: bool = True,
 ) -> ProbeRun:
     """Collect ``site`` activations of both prompt sets at ``positions`` and ``layers`` (``None``: all), cross-validate
-    a logistic probe (inverse L2 strength ``C``) per cell, and fit the best cell's probe and difference of means.
+    a logistic probe (inverse L2 strength ``C``) per cell, and fit the best cell's difference of means and probe.
 
-    ``log`` receives one line before collecting.
+    When ``data`` pools sources (``groups``) and more than one layer is swept, the probe reads the layers
+    :func:`~steerlab.probes.layer_choice.choose_layers` picks at the best cell's position (``choose_layers=False``:
+    the best cell's layer only); its threshold is calibrated on out-of-fold scores either way. ``log`` receives one
+    line before collecting and one after choosing layers.
     """
     from steerlab.steering.fit import mean_difference, prompts_hash
 
@@ -179,8 +202,15 @@ def probe_sweep(
     i, j = acts.layers.index(layer), columns.index(column)
     position = column_position(positions, widths, j)
     meta = {"site": site, "position": position, "model": model.name}
-    probe = fit_probes(x[:, i : i + 1, j], y, layers=[layer], labels=("harmless", "harmful"), **fit_kw, **meta)
-    threshold = out_of_fold_threshold(x[:, i : i + 1, j], y, n_folds=n_folds, seed=seed, folds=folds, **fit_kw)
+    choice = None
+    if choose_layers and data.groups is not None and len(acts.layers) > 1:
+        choice = _choose(x[:, :, j], y, layers=acts.layers, groups=data.groups, families=data.families or {}, n_folds=n_folds, C=C)
+        if log is not None:
+            log(f"the guard reads {choice.describe()}")
+    read = [layer] if choice is None else list(choice.layers)
+    idx = [acts.layers.index(la) for la in read]
+    probe = fit_probes(x[:, idx, j], y, layers=read, labels=("harmless", "harmful"), **fit_kw, **meta)
+    threshold = out_of_fold_threshold(x[:, idx, j], y, n_folds=n_folds, seed=seed, folds=folds, **fit_kw)
     how = "source-held-out" if folds is not None else "stratified"
     probe = replace(probe, info={**probe.info, "guard_threshold": threshold, "threshold_from": f"{n_folds}-fold {how} out-of-fold scores"})
     direction = mean_difference(
@@ -188,7 +218,7 @@ def probe_sweep(
     )
     return ProbeRun(model=model.name, data=data.source, site=site, positions=positions, C=C, metric=metric,
                     result=result, layer=layer, column=column, position=position, value=value, probe=probe,
-                    direction=direction)  # fmt: skip
+                    direction=direction, layer_choice=choice)  # fmt: skip
 
 
 def out_of_fold_threshold(
@@ -203,8 +233,8 @@ def out_of_fold_threshold(
     sample_weight: torch.Tensor | None = None,
 ) -> float:
     """The best balanced-accuracy threshold on ``P(positive)`` of each example scored by a probe fitted on the other
-    folds (``x`` ``[n, 1, d]``; ``folds`` given, or seeded stratified ones): a threshold calibrated on data the
-    scoring probe did not see.
+    folds (``x`` ``[n, k, d]``, ``k`` layers read as one: :meth:`~steerlab.probes.probe.Probe.ensemble_proba`;
+    ``folds`` given, or seeded stratified ones): a threshold calibrated on data the scoring probe did not see.
 
     Example:
         >>> x = torch.randn(40, 1, 4); y = (x[:, 0, 0] > 0).long()
@@ -216,8 +246,8 @@ def out_of_fold_threshold(
     for f in range(int(folds.max()) + 1):
         test = folds == f
         weight = None if sample_weight is None else sample_weight[~test]
-        probe = fit_probes(x[~test], y[~test], layers=[0], C=C, balanced=balanced, sample_weight=weight)
-        scores[test] = probe.predict_proba(x[test])[:, 0]
+        probe = fit_probes(x[~test], y[~test], layers=list(range(x.shape[1])), C=C, balanced=balanced, sample_weight=weight)
+        scores[test] = probe.ensemble_proba(x[test])
     return best_threshold(scores[y == 1], scores[y == 0])
 
 
@@ -231,7 +261,7 @@ def save_probe_run(run: ProbeRun, out: Path, *, info: RunInfo) -> Path:
     run.direction.save(out / "direction.safetensors")
     best = run.best()
     summary = {"model": run.model, "data": run.data, "site": run.site, "positions": run.positions, "C": run.C,
-               "best": best,
+               "best": best, "guard": run.guard(),
                "files": {"probe": "probe.safetensors", "direction": "direction.safetensors", "heatmap": "sweep.html"},
                "sweep": run.result.to_dict(), "run": info.to_dict()}  # fmt: skip
     (out / "sweep.json").write_text(json.dumps(summary, indent=1))

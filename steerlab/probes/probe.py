@@ -109,6 +109,17 @@ class Probe:
         """``P(positive)`` per sample and layer, ``[n, n_layers]``."""
         return torch.sigmoid(self.decision_function(x))
 
+    def ensemble_proba(self, x: torch.Tensor) -> torch.Tensor:
+        """``P(positive)`` ``[n]`` from the mean of the layers' logits: the probe's layers read as one classifier
+        (what a :class:`~steerlab.probes.ProbeGuard` over several layers scores). One layer: ``predict_proba``.
+
+        Example:
+            >>> probe = Probe(weights=torch.eye(2), bias=torch.zeros(2), layers=(3, 5))
+            >>> probe.ensemble_proba(torch.tensor([[[2.0, 0.0], [0.0, -1.0]]])).tolist()  # sigmoid((2 - 1) / 2)
+            [0.622459352016449]
+        """
+        return torch.sigmoid(self.decision_function(x).double().mean(1)).float()
+
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """0/1 predictions per sample and layer."""
         return (self.decision_function(x) > 0).long()

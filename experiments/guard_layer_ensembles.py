@@ -1,0 +1,132 @@
+"""Issue 19, item 1: does a probe guard that averages its logits over a few layers generalise better than one layer?
+
+Reads the activations cached by experiments/guards_cross_source.py (runs/guards/acts.pt; ``last``, every layer). One
+probe per layer is fitted per split (C 0.01, balanced classes, every source weighing the same: the recipe of
+``steerlab probe``); a candidate guard averages the logits of its layers, so every candidate of a split comes from
+the same fits. Three cross-source axes, as in guards_cross_source.py:
+
+* ``public``: fit on the sets written for steerlab only, AUC of each package harmful set vs each package harmless set;
+* ``kinds``: leave one safe-but-scary kind out, AUC of its unsafe vs safe prompts;
+* ``lso``: leave a harmful and a harmless source out (each harmful source against two harmless ones).
+
+Then the *rule* ``steerlab probe`` uses to pick its layers from its own training pool
+(:func:`steerlab.probes.layer_choice.choose_layers`: the best mean of pooled source-held-out CV AUC and kind-held-out
+AUC) is judged nested: in every split of the three axes it chooses on the training sources only, and the held-out
+sources score the layers it chose. Those are the numbers to quote for the default guard.
+
+Run: ``python -u experiments/guard_layer_ensembles.py`` (~2 min for the table, ~25 min nested; ``--table`` skips
+the nested part); writes runs/guards/ensembles.json and runs/guards/rule.json.
+"""
+
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from steerlab.data.guard_sets import PromptSet, guard_sets, kind_families
+from steerlab.probes import fit_probes
+from steerlab.probes.cross_source import fit_on, leave_kind_out, leave_sources_out, score_pairs, summarize
+from steerlab.probes.layer_choice import choose_layers
+
+OUT = Path("runs/guards")
+LAST = 1  # position index of `last` in acts.pt
+
+
+def candidates(n_layers: int) -> dict[str, tuple[int, ...]]:
+    """Single layers, every pair, and contiguous windows of 3-6 layers."""
+    c = {f"L{a}": (a,) for a in range(n_layers)}
+    c |= {f"L{a}+{b}": (a, b) for a, b in itertools.combinations(range(n_layers), 2)}
+    for w in (3, 4, 6):
+        c |= {f"L{a}-{a + w - 1}": tuple(range(a, a + w)) for a in range(n_layers - w + 1)}
+    return c
+
+
+def main():
+    t0 = time.time()
+    cache = torch.load(OUT / "acts.pt", weights_only=True)["acts"]
+    sets = [s for s in guard_sets() if not s.name.startswith("scary_")]
+    feats = {s.name: cache[s.name][:, :, LAST] for s in sets}
+    scary_names = [n for n in cache if n.startswith("scary_")]
+    feats |= {n: cache[n][:, :, LAST] for n in scary_names}
+    n_layers = next(iter(feats.values())).shape[1]
+    cands = candidates(n_layers)
+    mix = torch.zeros(n_layers, len(cands))
+    for j, layers in enumerate(cands.values()):
+        mix[list(layers), j] = 1.0 / len(layers)
+
+    def fit(x, y, sample_weight=None):
+        probe = fit_probes(x, y, layers=list(range(n_layers)), C=0.01, balanced=True, sample_weight=sample_weight)
+        return lambda z: probe.decision_function(z) @ mix
+
+    scary = {(n.split(":")[1], n.startswith("scary_unsafe")): feats[n] for n in scary_names}
+    all_sets = sets + [PromptSet(n, n.startswith("scary_unsafe"), "steerlab", ("-",)) for n in scary_names]
+    harmless = [s.name for s in sets if not s.harmful]
+    harmful = [s.name for s in sets if s.harmful]
+    pairs = [(h, harmless[(2 * i + k) % len(harmless)]) for i, h in enumerate(harmful) for k in range(2)]
+    lso = leave_sources_out(feats, all_sets, fit, pairs=pairs, weigh_sources=True)
+    lko = leave_kind_out(feats, sets, scary, fit, weigh_sources=True)
+    own = [s for s in all_sets if s.origin == "steerlab"]
+    ext = [s for s in all_sets if s.origin != "steerlab"]
+    scorer, thresholds = fit_on(feats, own, fit, weigh_sources=True)
+    public = score_pairs(scorer, thresholds, feats, [(h.name, s.name) for h in ext if h.harmful for s in ext if not s.harmful])
+    axes = {"public": summarize(public), "kinds": summarize(lko), "lso": summarize(lso),
+            "lso_worst": torch.tensor([r["auc"] for r in lso]).min(0).values}  # fmt: skip
+    names = list(cands)
+    rows = {n: {k: float(v[j]) for k, v in axes.items()} for j, n in enumerate(names)}
+    (OUT / "ensembles.json").write_text(json.dumps(rows, indent=1))
+    meets = [n for n in names if rows[n]["public"] >= 0.95 and rows[n]["kinds"] >= 0.85]
+    print(f"{len(meets)} of {len(names)} candidates meet public >= 0.95 and kinds >= 0.85 [{time.time() - t0:.0f} s]")
+    for key in ("public", "kinds", "lso"):
+        print(f"top 8 by {key}:")
+        for n in sorted(names, key=lambda n: -rows[n][key])[:8]:
+            print(f"  {n:10s} " + "  ".join(f"{k} {v:.3f}" for k, v in rows[n].items()))
+    print("single layers:")
+    for a in range(n_layers):
+        print(f"  L{a:<8d} " + "  ".join(f"{k} {v:.3f}" for k, v in rows[f"L{a}"].items()))
+    if "--table" not in sys.argv:
+        nested(feats, sets, all_sets, scary_names, pairs, n_layers)
+
+
+def nested(feats, sets, all_sets, scary_names, pairs, n_layers):
+    """The layer rule judged on sources it did not choose on: per split, choose on the training sets, score held out."""
+
+    def fixed(layers):
+        def fit(x, y, sample_weight=None):
+            probe = fit_probes(x[:, list(layers)], y, layers=list(layers), C=0.01, balanced=True, sample_weight=sample_weight)
+            return lambda z: probe.decision_function(z[:, list(layers)]).mean(1, keepdim=True)
+
+        return fit
+
+    def split(train, held_pairs):
+        t0 = time.time()
+        x = torch.cat([feats[s.name] for s in train])
+        y = torch.tensor([int(s.harmful) for s in train for _ in range(len(feats[s.name]))])
+        groups = [s.name for s in train for _ in range(len(feats[s.name]))]
+        choice = choose_layers(x, y, layers=range(n_layers), groups=groups, families=kind_families(groups))
+        scorer, thresholds = fit_on(feats, train, fixed(choice.layers), weigh_sources=True)
+        rows = score_pairs(scorer, thresholds, feats, held_pairs)
+        print(f"  {held_pairs[0]} ...: chose {choice.describe()}; held-out AUC "
+              f"{sum(r['auc'][0] for r in rows) / len(rows):.3f} [{time.time() - t0:.0f} s]", flush=True)  # fmt: skip
+        return {"layers": list(choice.layers), "rows": rows}
+
+    out = {}
+    own = [s for s in all_sets if s.origin == "steerlab"]
+    ext = [s for s in all_sets if s.origin != "steerlab"]
+    print("nested, public (choose and fit on the steerlab-written sets):")
+    out["public"] = [split(own, [(h.name, s.name) for h in ext if h.harmful for s in ext if not s.harmful])]
+    print("nested, leave one kind out:")
+    kinds = sorted({n.split(":")[1] for n in scary_names})
+    out["kinds"] = [split([s for s in all_sets if not s.name.endswith(f":{k}")], [(f"scary_unsafe:{k}", f"scary_safe:{k}")]) for k in kinds]
+    print("nested, leave a harmful and a harmless source out:")
+    out["lso"] = [split([s for s in all_sets if s.name not in pair], [pair]) for pair in pairs]
+    summary = {axis: sum(r["auc"][0] for sp in splits for r in sp["rows"]) / sum(len(sp["rows"]) for sp in splits) for axis, splits in out.items()}
+    summary["lso_worst"] = min(sp["rows"][0]["auc"][0] for sp in out["lso"])
+    print("nested rule: " + "  ".join(f"{k} {v:.3f}" for k, v in summary.items()))
+    (OUT / "rule.json").write_text(json.dumps({"summary": summary, "splits": out}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

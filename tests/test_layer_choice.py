@@ -1,0 +1,114 @@
+"""Guards over several layers: the mean-logit probe guard against scikit-learn, and the layer choice that holds
+whole sources and whole safe-but-scary kinds out."""
+
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+import steerlab
+from steerlab.data import DEMO_HARMFUL, DEMO_HARMLESS
+from steerlab.data.guard_sets import kind_families
+from steerlab.errors import EmptyInputError, InvalidValueError, ShapeError
+from steerlab.probes import ProbeGuard, fit_probes
+from steerlab.probes.fitting import describe_guard
+from steerlab.probes.layer_choice import choose_layers, layer_candidates
+from steerlab.probes.metrics import grouped_folds, source_weights
+from steerlab.probes.pipeline import out_of_fold_threshold
+from steerlab.testing import tiny_model
+
+
+def test_a_probe_guard_over_two_layers_scores_the_mean_of_sklearn_logits(tmp_path):
+    model = tiny_model("qwen2")
+    prompts, y = DEMO_HARMFUL[:8] + DEMO_HARMLESS[:8], [1] * 8 + [0] * 8
+    x = steerlab.collect(model, prompts, layers=[1, 2], progress=False).get("resid_pre", "last")[:, :, -1]
+    probe = fit_probes(x, y, layers=[1, 2], C=0.5, dtype=torch.float64, position="last")
+    guard = ProbeGuard(probe, model=model)
+    logits = []
+    for i in range(2):
+        sk = make_pipeline(StandardScaler(), LogisticRegression(C=0.5, tol=1e-12, max_iter=10_000))
+        logits.append(sk.fit(x[:, i].double().numpy(), y).decision_function(x[:, i].double().numpy()))
+    expected = torch.sigmoid(torch.from_numpy(np.stack(logits)).mean(0)).float()
+    scores = guard.score(prompts)
+    torch.testing.assert_close(scores, expected, atol=1e-4, rtol=0)
+    torch.testing.assert_close(guard.score_activations(x), scores)
+    # one layer: the mean of one logit is the probe's own P(harmful)
+    one = probe.select(2)
+    torch.testing.assert_close(one.ensemble_proba(x[:, 1:]), one.predict_proba(x[:, 1:])[:, 0])
+    loaded = ProbeGuard.load(guard.calibrate(DEMO_HARMFUL[8:12], DEMO_HARMLESS[8:12]).save(tmp_path / "g.safetensors"), model=model)
+    assert loaded.probe.layers == (1, 2) and torch.allclose(loaded.score(prompts), scores)
+    assert "layers 1, 2 (mean logit)" in describe_guard(loaded)
+
+
+def _pool(seed=0, *, n=40, m=12):
+    """Generic harmful / harmless sources, plus safe-but-scary kinds (a safe and an unsafe source each).
+
+    Layer 0 reads style: generic harmful vs harmless apart, but every scary prompt looks harmful there. Layer 1 reads
+    intent, more weakly, for every prompt. Layer 2 is noise."""
+    g = torch.Generator().manual_seed(seed)
+    rows, ys, groups = [], [], []
+    for k in range(4):
+        for harmful in (1, 0):
+            sign = 1.0 if harmful else -1.0  # generic sources: style and intent agree
+            rows.append(torch.tensor([[sign, sign]]).expand(n, 2))
+            ys += [harmful] * n
+            groups += [f"{'h' if harmful else 's'}{k}"] * n
+        for harmful in (1, 0):
+            rows.append(torch.tensor([[1.0, 1.0 if harmful else -1.0]]).expand(m, 2))
+            ys += [harmful] * m
+            groups += [f"scary_{'unsafe' if harmful else 'safe'}:kind{k}"] * m
+    signal = torch.cat(rows)
+    x = torch.randn(len(ys), 3, 4, generator=g)
+    x[:, 0, 0] += 2.5 * signal[:, 0]
+    x[:, 1, 0] += 1.2 * signal[:, 1]
+    return x, torch.tensor(ys), groups
+
+
+def test_choose_layers_holds_kinds_out_and_its_pooled_auc_is_the_hand_computed_cv():
+    x, y, groups = _pool()
+    families = kind_families(groups)
+    assert len(families) == 8 and set(families.values()) == {f"kind{k}" for k in range(4)}
+    pooled_only = choose_layers(x, y, layers=[5, 6, 7], groups=groups, families={}, n_folds=4, C=1.0)
+    both = choose_layers(x, y, layers=[5, 6, 7], groups=groups, families=families, n_folds=4, C=1.0)
+    assert 5 in pooled_only.layers and pooled_only.family_auc is None
+    assert 6 in both.layers and both.family_auc > both.table[(5,)][1] + 0.2  # style alone cannot tell kinds apart
+    assert both.table[(5,)][1] < 0.7 and both.table[(6,)][1] > 0.9
+
+    # the pooled AUC of the pair (5, 7), by hand: source-whole folds, one probe per layer, mean of the two logits
+    folds, weight = grouped_folds(groups, y, n_folds=4), source_weights(groups)
+    scores = torch.empty(len(y), dtype=torch.float64)
+    for f in range(4):
+        test = folds == f
+        probe = fit_probes(x[~test], y[~test], layers=[0, 1, 2], C=1.0, balanced=True, sample_weight=weight[~test])
+        logits = probe.decision_function(x[test]).double()
+        scores[test] = (logits[:, 0] + logits[:, 2]) / 2
+    assert both.table[(5, 7)][0] == pytest.approx(roc_auc_score(y.numpy(), scores.numpy()), abs=1e-6)
+
+
+def test_choose_layers_rejects_bad_input():
+    x, y, groups = _pool(n=8, m=4)
+    with pytest.raises(InvalidValueError, match="no prompts"):
+        choose_layers(x, y, layers=[0, 1, 2], groups=groups, families={"nowhere": "k"}, n_folds=2)
+    with pytest.raises(EmptyInputError, match="needs harmful and harmless"):
+        choose_layers(x, y, layers=[0, 1, 2], groups=groups, families={"h0": "k"}, n_folds=2)
+    with pytest.raises(ShapeError):
+        choose_layers(x, y, layers=[0, 1], groups=groups, families={}, n_folds=2)
+    with pytest.raises(InvalidValueError, match="candidates"):
+        choose_layers(x, y, layers=[0, 1, 2], groups=groups, families={}, n_folds=2, candidates=[(3,)])
+    assert len(layer_candidates(24)) == 24 + 276 + 22 + 21 + 19
+
+
+def test_the_threshold_of_a_two_layer_probe_is_calibrated_on_its_mean_logit_out_of_fold():
+    x, y, groups = _pool(n=10, m=4)
+    folds = grouped_folds(groups, y, n_folds=2)
+    t = out_of_fold_threshold(x[:, :2], y, C=1.0, n_folds=2, seed=0, folds=folds)
+    scores = torch.empty(len(y))
+    for f in range(2):
+        test = folds == f
+        scores[test] = fit_probes(x[~test][:, :2], y[~test], layers=[0, 1], C=1.0).ensemble_proba(x[test][:, :2])
+    from steerlab.probes.metrics import best_threshold
+
+    assert t == pytest.approx(best_threshold(scores[y == 1], scores[y == 0]))
