@@ -107,6 +107,11 @@ def test_refusal_token_guard_checks(tmp_path):
     other.model.tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     with pytest.raises(ShapeError, match="chat template"):
         model.generate(["Hi"], policy=GatedRefusal(other, comply=Ablate(d)), max_new_tokens=2)
+    plain = tiny_model("llama")  # its own tokenizer: one more token, whose id the guard gives to a control token
+    grown = _token_guard(plain)
+    plain.tokenizer.add_tokens(["<extra>"])
+    with pytest.raises(ShapeError, match="does not extend this model's"):
+        plain.generate(["Hi"], policy=GatedRefusal(grown, comply=Ablate(tiny_direction(plain, layer=1))), max_new_tokens=2)
     with pytest.raises(InvalidValueError, match="threshold"):
         replace(guard, threshold=float("nan"))
     saved = guard.save(tmp_path / "g", extra={"threshold": 9.0, "note": "kept"})
