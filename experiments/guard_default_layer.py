@@ -5,6 +5,9 @@ The recipe of ``steerlab probe`` / ``steerlab guard --fit``: every set (at most 
 to 200, sampled here), each safe-but-scary kind and safety its own source, 5 folds keeping sources whole, C 0.01;
 with and without source weights. Prints the pooled source-held-out AUC per layer and the layer it picks.
 
+This is the single-layer, pooled-only rule ``steerlab probe`` used before it chose several layers on two axes;
+experiments/guard_layer_ensembles.py judges both rules nested.
+
 Run: ``python experiments/guard_default_layer.py`` (~1 min).
 """
 

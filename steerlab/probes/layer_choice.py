@@ -11,8 +11,12 @@ sources held out:
 * **families**: a family is a set of sources that share a style but differ in harmfulness (a kind's safe and unsafe
   prompts). Hold one family out, fit on everything else, AUC of its harmful vs harmless prompts; mean over families.
 
-The chosen candidate has the best mean of the two AUCs (ties: fewer layers, then earlier ones). Every candidate of a
-split comes from the same per-layer fits, so the search costs one fit per fold and per family.
+The chosen candidate has the best *worse* of the two AUCs (maximin: a guard must do both; ties: fewer layers, then
+earlier ones). Judged nested on the Qwen default (``experiments/guard_layer_ensembles.py``: in every split the rule
+chooses on the training sources only), this rule met both of issue 19's targets (AUC >= 0.95 harmful vs harmless
+on unseen public sets, >= 0.85 unsafe vs safe-but-scary on an unseen kind); the mean of the two, or either alone, did
+not. Every candidate of a split comes from the same per-layer fits, so the search costs one fit per
+fold and per family.
 
 Example:
     >>> g = torch.Generator().manual_seed(0)
@@ -95,7 +99,7 @@ def choose_layers(
     C: float = 0.01,
     candidates: Sequence[tuple[int, ...]] | None = None,
 ) -> LayerChoice:
-    """The candidate layer set with the best mean of pooled source-held-out AUC and family-held-out AUC.
+    """The candidate layer set with the best minimum of pooled source-held-out AUC and family-held-out AUC.
 
     ``x`` ``[n, n_layers, d]`` holds one position's activations at ``layers``; ``y`` is 1 for harmful; ``groups`` names
     each row's source; ``families`` maps a source to its family (sources not in it belong to none; an empty mapping
@@ -135,7 +139,7 @@ def choose_layers(
             s = _fit_scorer(x[~held], y[~held], source_weights([g for g, h in zip(groups, held.tolist()) if not h]), C=C, mix=mix)(x[held])
             per_family.append([roc_auc(s[:, j], y[held]) for j in range(len(candidates))])
         family_auc = torch.tensor(per_family).mean(0)
-    total = pooled if family_auc is None else (pooled + family_auc) / 2
+    total = pooled if family_auc is None else torch.minimum(pooled, family_auc)
     best = max(range(len(candidates)), key=lambda j: (round(float(total[j]), 12), -len(candidates[j]), [-c for c in candidates[j]]))
     table = {tuple(layers[i] for i in c): (float(pooled[j]), None if family_auc is None else float(family_auc[j]))
              for j, c in enumerate(candidates)}  # fmt: skip

@@ -100,7 +100,7 @@ class ProbeRun:
         out: dict[str, Any] = {"layers": list(self.probe.layers), "position": self.position}
         if self.layer_choice is not None:
             c = self.layer_choice
-            out |= {"chosen_by": "best mean of source-held-out and kind-held-out CV AUC (steerlab.probes.layer_choice)",
+            out |= {"chosen_by": "best minimum of source-held-out and kind-held-out CV AUC (steerlab.probes.layer_choice)",
                     "source_held_out_auc": c.pooled_auc, "kind_held_out_auc": c.family_auc}  # fmt: skip
         return out
 
