@@ -19,7 +19,6 @@ Run: ``python -u experiments/guard_layer_ensembles.py`` (~2 min for the table, ~
 the nested part); writes runs/guards/ensembles.json and runs/guards/rule.json.
 """
 
-import itertools
 import json
 import sys
 import time
@@ -30,19 +29,32 @@ import torch
 from steerlab.data.guard_sets import PromptSet, guard_sets, kind_families
 from steerlab.probes import fit_probes
 from steerlab.probes.cross_source import fit_on, leave_kind_out, leave_sources_out, score_pairs, summarize
-from steerlab.probes.layer_choice import choose_layers
+from steerlab.probes.layer_choice import choose_layers, layer_candidates
 
 OUT = Path("runs/guards")
 LAST = 1  # position index of `last` in acts.pt
 
 
 def candidates(n_layers: int) -> dict[str, tuple[int, ...]]:
-    """Single layers, every pair, and contiguous windows of 3-6 layers."""
-    c = {f"L{a}": (a,) for a in range(n_layers)}
-    c |= {f"L{a}+{b}": (a, b) for a, b in itertools.combinations(range(n_layers), 2)}
-    for w in (3, 4, 6):
-        c |= {f"L{a}-{a + w - 1}": tuple(range(a, a + w)) for a in range(n_layers - w + 1)}
-    return c
+    """The library's candidates (each layer, each pair, runs of 3, 4 or 6 neighbours), named L5, L5+9, L5-8."""
+
+    def name(c):
+        return f"L{c[0]}" if len(c) == 1 else f"L{c[0]}+{c[1]}" if len(c) == 2 else f"L{c[0]}-{c[-1]}"
+
+    return {name(c): c for c in layer_candidates(n_layers)}
+
+
+def candidate_fit(cands: dict[str, tuple[int, ...]], n_layers: int):
+    """A cross_source ``fit``: one probe per layer, scored as every candidate's mean logit ``[n, len(cands)]``."""
+    mix = torch.zeros(n_layers, len(cands))
+    for j, layers in enumerate(cands.values()):
+        mix[list(layers), j] = 1.0 / len(layers)
+
+    def fit(x, y, sample_weight=None):
+        probe = fit_probes(x, y, layers=list(range(n_layers)), C=0.01, balanced=True, sample_weight=sample_weight)
+        return lambda z: probe.decision_function(z) @ mix
+
+    return fit
 
 
 def main():
@@ -54,13 +66,7 @@ def main():
     feats |= {n: cache[n][:, :, LAST] for n in scary_names}
     n_layers = next(iter(feats.values())).shape[1]
     cands = candidates(n_layers)
-    mix = torch.zeros(n_layers, len(cands))
-    for j, layers in enumerate(cands.values()):
-        mix[list(layers), j] = 1.0 / len(layers)
-
-    def fit(x, y, sample_weight=None):
-        probe = fit_probes(x, y, layers=list(range(n_layers)), C=0.01, balanced=True, sample_weight=sample_weight)
-        return lambda z: probe.decision_function(z) @ mix
+    fit = candidate_fit(cands, n_layers)
 
     scary = {(n.split(":")[1], n.startswith("scary_unsafe")): feats[n] for n in scary_names}
     all_sets = sets + [PromptSet(n, n.startswith("scary_unsafe"), "steerlab", ("-",)) for n in scary_names]
@@ -97,13 +103,7 @@ def nested(feats, sets, all_sets, scary_names, pairs, n_layers):
     per-layer fits, so any rule's pick is looked up, not refitted)."""
     cands = candidates(n_layers)
     names = list(cands)
-    mix = torch.zeros(n_layers, len(cands))
-    for j, layers in enumerate(cands.values()):
-        mix[list(layers), j] = 1.0 / len(layers)
-
-    def fit(x, y, sample_weight=None):
-        probe = fit_probes(x, y, layers=list(range(n_layers)), C=0.01, balanced=True, sample_weight=sample_weight)
-        return lambda z: probe.decision_function(z) @ mix
+    fit = candidate_fit(cands, n_layers)
 
     def split(train, held_pairs):
         t0 = time.time()
