@@ -112,3 +112,31 @@ def test_the_threshold_of_a_two_layer_probe_is_calibrated_on_its_mean_logit_out_
     from steerlab.probes.metrics import best_threshold
 
     assert t == pytest.approx(best_threshold(scores[y == 1], scores[y == 0]))
+
+
+def test_probe_sweep_on_pooled_sources_fits_the_guard_on_the_chosen_layers(tmp_path):
+    import json
+    from dataclasses import replace
+
+    from steerlab.probes.pipeline import probe_data, probe_sweep, save_probe_run
+    from steerlab.report import RunInfo
+
+    model = tiny_model("llama")
+    data = probe_data(files=None, seed=0, limit=4, n_folds=3)
+    assert data.families == kind_families(data.groups)
+    kw = {"site": "resid_pre", "positions": ["last"], "layers": None, "n_folds": 3, "C": 0.1, "metric": "auc", "seed": 0, "batch_size": 16}
+    run = probe_sweep(model, data, **kw)
+    x = steerlab.collect(model, data.positive + data.negative, layers=None, progress=False).get("resid_pre", "last")[:, :, -1]
+    y = torch.tensor([1] * len(data.positive) + [0] * len(data.negative))
+    choice = choose_layers(x, y, layers=range(x.shape[1]), groups=data.groups, families=data.families, n_folds=3, C=0.1)
+    assert run.layer_choice.layers == run.probe.layers == choice.layers
+    folds = grouped_folds(data.groups, y, n_folds=3)
+    idx = list(choice.layers)
+    t = out_of_fold_threshold(x[:, idx], y, C=0.1, n_folds=3, seed=0, folds=folds, balanced=True, sample_weight=source_weights(data.groups))
+    assert run.probe.info["guard_threshold"] == pytest.approx(t, abs=1e-6)
+    out = save_probe_run(run, tmp_path / "run", info=RunInfo.collect(model=model.name, dtype="float32"))
+    assert json.loads((out / "sweep.json").read_text())["guard"]["layers"] == list(choice.layers)
+    single = probe_sweep(model, data, **kw, choose_layers=False)
+    assert single.layer_choice is None and single.probe.layers == (single.layer,)
+    with pytest.raises(ShapeError, match="one position"):
+        ProbeGuard(replace(single.probe, position="all"))

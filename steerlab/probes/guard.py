@@ -6,8 +6,8 @@
 probe at one layer (or several) and position, flag when ``P(harmful) >= threshold``. Both calibrate their
 threshold on a validation split (best balanced accuracy) and report accuracy, TPR and FPR. A ProbeGuard may read
 several layers: one probe per layer, ``P(harmful) = sigmoid(mean of their logits)``
-(:meth:`~steerlab.probes.probe.Probe.ensemble_proba`), which generalises across kinds of prompt better than any one
-layer on the Qwen default (``experiments/guard_layer_ensembles.py``).
+(:meth:`~steerlab.probes.probe.Probe.ensemble_proba`); ``steerlab probe`` chooses them
+(:mod:`steerlab.probes.layer_choice`).
 
 Example:
     >>> from steerlab.data import DEMO_HARMFUL, DEMO_HARMLESS
