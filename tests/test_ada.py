@@ -150,18 +150,20 @@ def test_recorded_header_states_equal_a_full_forward_with_the_header_appended(mo
             torch.testing.assert_close(check.states, want, atol=1e-4, rtol=1e-4)
 
 
-def test_a_probe_over_several_layers_scores_the_mean_probability():
+def test_a_probe_over_several_layers_scores_the_mean_logit():
     model = tiny_model("llama")
     g = torch.Generator().manual_seed(5)
-    probe = Probe(weights=torch.randn(2, model.d_model, generator=g), bias=torch.tensor([0.3, -0.2]), layers=(0, 2))
+    weights = 0.1 * torch.randn(2, model.d_model, generator=g)  # logits up to ~5: mean logit and mean probability differ
+    probe = Probe(weights=weights, bias=torch.tensor([0.3, -0.2]), layers=(0, 2))
     outs = ada_generate(model, PROMPTS, ADAGuard(probe=probe, every=4, threshold=2.0), max_new_tokens=5, record_layers=[0, 2])
     for out in outs:
         for check in out.checks:
-            assert check.score == pytest.approx(float(probe.predict_proba(check.states[None]).mean()), abs=1e-6)
+            assert check.score == pytest.approx(float(torch.sigmoid(probe.decision_function(check.states[None]).mean())), abs=1e-6)
     singles = [ada_generate(model, PROMPTS, ADAGuard(probe=probe.select(la), every=4, threshold=2.0), max_new_tokens=5) for la in (0, 2)]
     for out, a, b in zip(outs, *singles):
         for c, ca, cb in zip(out.checks, a.checks, b.checks):
-            assert c.score == pytest.approx((ca.score + cb.score) / 2, abs=1e-5)
+            logit = (torch.logit(torch.tensor(ca.score, dtype=torch.float64)) + torch.logit(torch.tensor(cb.score, dtype=torch.float64))) / 2
+            assert c.score == pytest.approx(float(torch.sigmoid(logit)), abs=1e-5)
 
 
 def _hook_counts(model):

@@ -9,7 +9,8 @@ never copied). Two readers:
 
 * ``ADA-LP`` (``mode="probe"``): a logistic probe on ``resid_pre`` at one layer, at the last header
   token; ``P(harmful) >= threshold`` stops the row. The forward pass stops at the probe's layer.
-  A probe over several layers scores the mean of its per-layer probabilities (an extension of the
+  A probe over several layers reads them as one classifier, ``sigmoid(mean of the per-layer logits)``
+  (:meth:`~steerlab.probes.probe.Probe.ensemble_proba`, as a multi-layer ``ProbeGuard``; an extension of the
   paper's one-layer reader).
 * ``ADA-RK`` (``mode="rethink"``): a short greedy look-ahead after the header, judged by the
   refusal-phrase judge; a refusal stops the row.
@@ -51,8 +52,8 @@ REFUSAL_TEXT = "I'm sorry, but I can't help with that."
 
 @dataclass(frozen=True)
 class ADAGuard:
-    """How and when to check: a probe on the header state (ADA-LP; several layers score the mean
-    probability) or a look-ahead judge (ADA-RK). A generation policy: ``model.generate(..., policy=guard)``.
+    """How and when to check: a probe on the header state (ADA-LP; several layers: sigmoid of the mean
+    logit) or a look-ahead judge (ADA-RK). A generation policy: ``model.generate(..., policy=guard)``.
 
     ``record_layers`` keeps the header states at those layers in every check (``check.states``): with
     ``threshold=float("inf")`` one run gives what any probe would read at every check.
@@ -241,7 +242,7 @@ class _ADARun:
             with decoder.branch(), self.tap.reading():
                 decoder.advance(self.header[None].expand(len(decoder), -1))
             states = self.tap.take()
-            scores = self.guard.probe.predict_proba(states[:, self.probe_rows]).mean(1)
+            scores = self.guard.probe.ensemble_proba(states[:, self.probe_rows])
         else:
             scores = self._rethink(decoder)
             states = self.tap.take() if self.tap.layers else None
