@@ -1,6 +1,7 @@
 """GatedRefusal: per-row scores equal the guard's own, and each row's generation equals the generation under the
 branch it was given (or plain generation for the band), on the same batches."""
 
+import copy
 from contextlib import contextmanager
 from dataclasses import replace
 
@@ -10,12 +11,13 @@ import torch
 from steerlab.data import DEMO_HARMFUL, DEMO_HARMLESS
 from steerlab.errors import GenerationStateError, InvalidValueError, ShapeError, UnknownSiteError, ValueFileError
 from steerlab.hooks import open_sessions
+from steerlab.model import load
 from steerlab.interventions.gated import GatedRefusal
 from steerlab.interventions.token_guard import RefusalTokenGuard
 from steerlab.probes import LatentGuard, ProbeGuard, fit_probes
 from steerlab.probes.guard import GuardNotBoundError
 from steerlab.steering import Ablate, AddVector
-from steerlab.testing import tiny_direction, tiny_model
+from steerlab.testing import tiny_direction, tiny_model, tiny_tokenizer
 from steerlab.training.data import control_tokens
 from steerlab.training.sft import add_tokens
 
@@ -107,11 +109,13 @@ def test_refusal_token_guard_checks(tmp_path):
     other.model.tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     with pytest.raises(ShapeError, match="chat template"):
         model.generate(["Hi"], policy=GatedRefusal(other, comply=Ablate(d)), max_new_tokens=2)
-    plain = tiny_model("llama")  # its own tokenizer: one more token, whose id the guard gives to a control token
+    # a copy of the shared tiny tokenizer with one more token, whose id the guard gives to a control token
+    plain = load(tiny_model("llama").hf, copy.deepcopy(tiny_tokenizer()))
     grown = _token_guard(plain)
     plain.tokenizer.add_tokens(["<extra>"])
     with pytest.raises(ShapeError, match="does not extend this model's"):
         plain.generate(["Hi"], policy=GatedRefusal(grown, comply=Ablate(tiny_direction(plain, layer=1))), max_new_tokens=2)
+    assert len(tiny_tokenizer()) < len(plain.tokenizer)  # the shared tokenizer is untouched
     with pytest.raises(InvalidValueError, match="threshold"):
         replace(guard, threshold=float("nan"))
     saved = guard.save(tmp_path / "g", extra={"threshold": 9.0, "note": "kept"})
