@@ -140,3 +140,11 @@ def test_probe_sweep_on_pooled_sources_fits_the_guard_on_the_chosen_layers(tmp_p
     assert single.layer_choice is None and single.probe.layers == (single.layer,)
     with pytest.raises(ShapeError, match="one position"):
         ProbeGuard(replace(single.probe, position="all"))
+
+
+def test_probe_guard_fit_takes_one_layer_as_any_integer_or_several():
+    model = tiny_model("llama")
+    one = ProbeGuard.fit(model, DEMO_HARMFUL[:6], DEMO_HARMLESS[:6], layer=np.int64(1), position="last")
+    two = ProbeGuard.fit(model, DEMO_HARMFUL[:6], DEMO_HARMLESS[:6], layer=(1, 2), position="last")
+    assert one.probe.layers == (1,) and two.probe.layers == (1, 2)
+    torch.testing.assert_close(two.probe.select(1).weights, one.probe.weights)  # each layer's probe is fitted alone

@@ -257,7 +257,7 @@ class ProbeGuard(_Guard):
         if layer is None:
             result = sweep(x[:, :, None], y, layers=acts.layers, n_folds=min(5, len(harmful), len(harmless)), C=C)
             layer = result.best("accuracy")[0]
-        layers = model.layer_indices([layer] if isinstance(layer, int) else list(layer))
+        layers = model.layer_indices(list(layer) if isinstance(layer, Sequence) else [layer])  # numpy ints too
         idx = [acts.layers.index(la) for la in layers]
         probe = fit_probes(x[:, idx], y, layers=layers, C=C, position=position, labels=("harmless", "harmful"), model=model.name)
         return cls(probe=probe, model=model)
