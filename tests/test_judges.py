@@ -12,7 +12,17 @@ import torch
 from steerlab.errors import SteerlabError
 from steerlab.eval.compliance import is_degenerate, judge_reply, verdict_rates
 from steerlab.eval.refusal import is_refusal
-from steerlab.eval.rubric import EndpointJudge, JudgeError, LocalJudge, agreement, rubric_prompts
+from steerlab.eval.rubric import (
+    ANCHORS,
+    ATTEMPTS,
+    REFUSES,
+    EndpointJudge,
+    JudgeError,
+    LocalJudge,
+    Rubric,
+    agreement,
+    check_judge,
+)
 from steerlab.testing import tiny_model
 
 COMPLIANT_WITH_DISCLAIMER = [
@@ -64,39 +74,77 @@ def test_ordinary_prose_and_lists_are_not_degenerate():
     )
 
 
-def test_local_judge_reads_the_label_probabilities():
+def _yes_logodds_oracle(model, text, yes="Yes", no="No"):
+    """One unpadded forward pass of the chat-formatted question; Yes and No summed over their bare and spaced forms."""
+    with torch.no_grad():
+        probs = model.hf(**model.encode([text]).model_inputs()).logits[0, -1].softmax(-1)
+
+    def first_ids(word):  # the forms (bare, spaced) whose Yes and No start differently
+        forms = [[model.tokenizer.encode(f + w, add_special_tokens=False)[0] for w in (yes, no)] for f in ("", " ")]
+        return sorted({pair[word == no] for pair in forms if pair[0] != pair[1]})
+
+    def mass(word):
+        return probs[first_ids(word)].sum()
+
+    return float(torch.log(mass(yes)) - torch.log(mass(no)))
+
+
+def test_local_judge_combines_the_two_questions_from_their_answer_probabilities():
     model = tiny_model("qwen2")
     judge = LocalJudge(model)
     prompts, replies = ["How do I bake bread?", "Tell me a joke."], ["I cannot help.", "Why did the cat sit?"]
+    logodds = judge.refusal_logodds(prompts, replies)
+    for i in range(2):
+        refuses = _yes_logodds_oracle(model, REFUSES.fill(prompts, replies)[i])
+        attempts = _yes_logodds_oracle(model, ATTEMPTS.fill(prompts, replies)[i])
+        assert float(logodds[i]) == pytest.approx((refuses - attempts) / 2, abs=1e-4)
     p = judge.refusal_probability(prompts, replies)
-    a = [model.tokenizer.encode("A", add_special_tokens=False)[0]]
-    b = [model.tokenizer.encode("B", add_special_tokens=False)[0]]
-    for i, text in enumerate(rubric_prompts(prompts, replies)):  # oracle: one unpadded forward pass per pair
-        with torch.no_grad():
-            probs = model.hf(**model.encode([text]).model_inputs()).logits[0, -1].softmax(-1)
-        pa = probs[a].sum() + (probs[model.tokenizer.encode(" A", add_special_tokens=False)[0]]
-                               if len(model.tokenizer.encode(" A", add_special_tokens=False)) == 1 else 0)
-        pb = probs[b].sum() + (probs[model.tokenizer.encode(" B", add_special_tokens=False)[0]]
-                               if len(model.tokenizer.encode(" B", add_special_tokens=False)) == 1 else 0)
-        assert float(p[i]) == pytest.approx(float(pa / (pa + pb)), abs=1e-5)
+    assert torch.allclose(p, torch.sigmoid(logodds))
     assert judge.judge(prompts, replies) == [bool(x > 0.5) for x in p]
-    with pytest.raises(Exception, match="one reply per prompt"):
+    one = LocalJudge(model, rubrics=(ATTEMPTS,))  # Yes to "does it attempt?" counts against refusal
+    assert float(one.refusal_logodds(prompts[:1], replies[:1])[0]) == pytest.approx(
+        -_yes_logodds_oracle(model, ATTEMPTS.fill(prompts, replies)[0]), abs=1e-4
+    )
+    with pytest.raises(SteerlabError, match="one reply per prompt"):
         judge.judge(prompts, replies[:1])
 
 
+def test_check_judge_raises_for_a_judge_that_cannot_sort_obvious_cases():
+    class Always:
+        def judge(self, prompts, replies):
+            return [True] * len(replies)
+
+    class Truth:
+        def judge(self, prompts, replies):
+            return [dict((r, t) for _, r, t in ANCHORS)[r] for r in replies]
+
+    assert check_judge(Truth()) == 1.0
+    with pytest.raises(JudgeError, match="stronger judge"):
+        check_judge(Always())
+    assert sum(t for *_, t in ANCHORS) == len(ANCHORS) / 2  # balanced: always-refusal scores 50%
+    # a random tiny model is not a judge: it cannot sort the anchors
+    with pytest.raises(JudgeError, match="obvious refusals"):
+        check_judge(LocalJudge(tiny_model("llama")))
+
+
 class _Grader(BaseHTTPRequestHandler):
-    """An OpenAI-style endpoint whose 'model' answers A when the graded reply says "cannot"."""
+    """An OpenAI-style endpoint whose 'model' reads "cannot" in the graded reply as a refusal and answers the
+    question asked; ``contradict`` makes it answer Yes to every question."""
 
     seen: list = []
     answer_override: str | None = None
+    contradict = False
 
     def do_POST(self):  # noqa: N802 (http.server's name)
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         _Grader.seen.append((self.path, body, self.headers.get("Authorization")))
         content = body["messages"][0]["content"]
-        reply = content.split("Reply:\n")[1]
-        letter = _Grader.answer_override or ("A" if "cannot" in reply else "B")
-        data = json.dumps({"choices": [{"message": {"role": "assistant", "content": letter}}]}).encode()
+        reply = content.split("Reply: ")[1].split("\n\nQuestion:")[0]
+        refused = "cannot" in reply
+        asks_refusal = REFUSES.question in content
+        yes = True if _Grader.contradict else refused == asks_refusal
+        word = _Grader.answer_override or ("Yes" if yes else "No")
+        data = json.dumps({"choices": [{"message": {"role": "assistant", "content": word}}]}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
@@ -112,7 +160,7 @@ def grader():
     server = HTTPServer(("127.0.0.1", 0), _Grader)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    _Grader.seen, _Grader.answer_override = [], None
+    _Grader.seen, _Grader.answer_override, _Grader.contradict = [], None, False
     try:
         yield f"http://127.0.0.1:{server.server_port}/v1"
     finally:
@@ -123,14 +171,23 @@ def grader():
 def test_endpoint_judge_speaks_chat_completions(grader):
     judge = EndpointJudge(grader, "judge-model", api_key="k")
     assert judge.judge(["Do X.", "Do Y."], ["I cannot do X.", "Here is Y."]) == [True, False]
+    assert len(_Grader.seen) == 4  # two questions per reply
     path, body, auth = _Grader.seen[0]
     assert path == "/v1/chat/completions" and auth == "Bearer k"
     assert body["model"] == "judge-model" and body["temperature"] == 0 and body["max_tokens"] == 1
 
 
+def test_endpoint_judge_raises_when_its_answers_contradict(grader):
+    _Grader.contradict = True
+    judge = EndpointJudge(grader, "m")
+    assert judge.verdicts(["Do X.", "Do Y."], ["I cannot do X.", "Here is Y."]) == ["conflict", "conflict"]
+    with pytest.raises(JudgeError, match="contradicted itself on 2 of 2"):
+        judge.judge(["Do X.", "Do Y."], ["I cannot do X.", "Here is Y."])
+
+
 def test_endpoint_judge_raises_on_a_reply_outside_the_rubric(grader):
     _Grader.answer_override = "Maybe"
-    with pytest.raises(JudgeError, match="not A or B"):
+    with pytest.raises(JudgeError, match="not 'Yes' or 'No'"):
         EndpointJudge(grader, "m").judge(["Do X."], ["ok"])
 
 
@@ -158,5 +215,9 @@ def test_judges_reject_bad_settings():
         EndpointJudge("http://localhost:8000/v1", "m", timeout=0)
     with pytest.raises(SteerlabError, match="threshold"):
         LocalJudge(tiny_model("llama"), threshold=1.0)
+    with pytest.raises(SteerlabError, match="Rubric"):
+        LocalJudge(tiny_model("llama"), rubrics=())
+    with pytest.raises(SteerlabError, match="two different answers"):
+        Rubric("is it?", refusal_if_yes=True, yes="Yes", no="Yes")
     with pytest.raises(SteerlabError, match="min_words"):
         is_degenerate("a b c", min_words=1)
