@@ -128,6 +128,22 @@ def test_refusal_token_guard_checks(tmp_path):
     assert not open_sessions(model)
 
 
+def test_refusal_token_guard_scores_token_ids_as_its_own_prompts():
+    """score_rows (what vLLM's gate calls on the engine model's token ids) equals the guard's scores of the prompts."""
+    model = tiny_model("qwen2")
+    guard = _token_guard(model)
+    rows = model.chat().tokenize(PROMPTS)
+    torch.testing.assert_close(guard.score_rows(model, rows, batch_size=3), guard.score(PROMPTS), rtol=1e-4, atol=1e-6)
+    right = model.chat().pad(rows[-2:], padding_side="right")  # "Hi" and a longer prompt
+    assert not bool(right.attention_mask[:, -1].all())
+    with pytest.raises(GenerationStateError, match="not left-padded"):
+        guard.score_batch(right)
+    other = _token_guard(model)
+    other.model.tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    with pytest.raises(ShapeError, match="chat template"):
+        other.score_rows(model, rows)
+
+
 def test_default_band_is_the_guard_threshold():
     model = tiny_model("llama")
     guard = _guards(model)["latent"]

@@ -289,6 +289,30 @@ def test_gated_refusal_in_vllm_matches_the_hf_policy(qwen, engine, harm_directio
     torch.testing.assert_close(torch.tensor([o.score for o in read]), two.guard.score(rows), rtol=1e-3, atol=1e-4)
 
 
+@needs_vllm
+@pytest.mark.slow
+def test_a_refusal_token_gate_in_vllm_matches_the_hf_policy(qwen, engine, harm_direction, prompts):
+    """The guard is a second (HF) model fine-tuned with refusal tokens; it reads the token ids vLLM generates from."""
+    from steerlab.interventions.gated import GatedRefusal
+    from steerlab.interventions.token_guard import RefusalTokenGuard
+    from steerlab.training.data import control_tokens
+    from steerlab.training.sft import add_tokens
+
+    rows = prompts[:4] + prompts[-4:]
+    guard = RefusalTokenGuard.from_model(add_tokens(qwen, control_tokens()))  # untrained tokens: arbitrary scores
+    scores = guard.score(rows)
+    cut = sorted(scores.tolist())
+    gated = GatedRefusal(guard, refuse=steerlab.AddVector(harm_direction, coeff=1.0), comply=steerlab.Ablate(harm_direction),
+                         low=(cut[2] + cut[3]) / 2, high=(cut[-3] + cut[-4]) / 2)  # fmt: skip
+    hf = qwen.generate(rows, policy=gated, max_new_tokens=12)
+    ours = engine.generate_gated(rows, gated, max_new_tokens=12)
+    assert [o.action for o in ours] == [o.action for o in hf] and {o.action for o in hf} == {"refuse", "comply", "leave"}
+    torch.testing.assert_close(torch.tensor([o.score for o in ours]).log(), scores.log(), rtol=0, atol=1e-3)  # tiny P
+    same = sum(a.text == b.text for a, b in zip(ours, hf))
+    print(f"refusal-token gate: vLLM == HF policy on {same}/{len(rows)} rows")
+    assert same >= len(rows) - 1
+
+
 def test_a_request_naming_an_unregistered_steering_raises_in_the_worker():
     with pytest.raises(EngineError, match="not registered"):
         Batch.of([_request("a", 0, 1, 1, "ghost")], torch.tensor([0]), known={"up"})

@@ -211,21 +211,23 @@ class VLLMEngine:
         self, prompts: Sequence[str], gated: Any, *, max_new_tokens: int = 64, chat: bool = True, system: str | None = None
     ) -> list[Any]:
         """A :class:`~steerlab.interventions.gated.GatedRefusal` inside vLLM: the guard reads each prompt in the engine
-        (:meth:`collect`), and each request is steered with ``gated.refuse`` (score >= high), ``gated.comply``
+        (:meth:`collect`; a :class:`~steerlab.interventions.token_guard.RefusalTokenGuard` reads the same token ids
+        with its own fine-tuned HF model), and each request is steered with ``gated.refuse`` (score >= high), ``gated.comply``
         (score < low) or nothing; greedy. One :class:`~steerlab.interventions.gated.GatedOutput` per prompt, as
         ``model.generate(prompts, policy=gated)`` returns on the HF path."""
         from steerlab.interventions.gated import GatedOutput, GatedRefusal
 
         if not isinstance(gated, GatedRefusal):
             raise InvalidValueError(f"generate_gated takes a GatedRefusal, not {type(gated).__name__}")
-        if gated.reads_other_model:
-            raise InvalidValueError("a gate whose guard is a second model (RefusalTokenGuard) runs on the HF path only: "
-                                    "model.generate(prompts, policy=gated); in vLLM use a ProbeGuard or LatentGuard")
         if isinstance(prompts, str) or not prompts:
             raise InvalidValueError("generate_gated takes a non-empty list of prompts")
-        position = gated.read_position
-        acts = self.collect(prompts, layers=gated.read_layers, positions=[position], chat=chat, system=system)
-        scores = gated.score_states(acts["resid_pre", position][:, :, -1])
+        if gated.reads_other_model:  # a refusal-token guard: its own (HF) model reads the token ids vLLM will get
+            rows = self.model.chat(system=system, chat=chat).tokenize(list(prompts))
+            scores = gated.guard.score_rows(self.model, rows)
+        else:
+            position = gated.read_position
+            acts = self.collect(prompts, layers=gated.read_layers, positions=[position], chat=chat, system=system)
+            scores = gated.score_states(acts["resid_pre", position][:, :, -1])
         actions = gated.actions(scores)
         branches = {GATED_NAMES[a]: iv for a, iv in (("refuse", gated.refuse), ("comply", gated.comply)) if iv is not None}
         self.register(branches)

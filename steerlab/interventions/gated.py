@@ -19,7 +19,7 @@ prompts in the engine, and each request is steered with the branch its score pic
 
 The guard may also be a second model: a :class:`~steerlab.interventions.token_guard.RefusalTokenGuard` (a copy of
 the model fine-tuned with refusal tokens) scores each batch on the same token ids, and the plain model generates
-with the branch its ``P(refusal token)`` picks. That gate runs on the HF path only.
+with the branch its ``P(refusal token)`` picks. In vLLM the fine-tuned copy reads the engine's token ids on the HF side.
 
 Example:
     >>> from steerlab import AddVector, Ablate
@@ -207,19 +207,8 @@ class _GatedRun:
 
     def _score_with_guard_model(self, batch) -> torch.Tensor:
         """A refusal-token guard: its model's first-step logits on the same token ids (the gated edits stay idle)."""
-        guard = self.policy.guard
-        hf = guard.model.hf
-        device = next(hf.parameters()).device
         try:
-            width = batch.input_ids.shape[1]
-            if not bool((self.reading == width - 1).all()):
-                raise GenerationStateError(f"the refusal-token guard reads each row's last token, but this batch ends rows at "
-                                           f"{self.reading.tolist()} of width {width} (generation batches are left-padded)")  # fmt: skip
-            with torch.no_grad():  # the unembedding of the last position only (a 150k vocabulary x every token is large)
-                logits = hf(**{k: v.to(device) for k, v in batch.model_inputs().items()}, logits_to_keep=1).logits
-            if logits.shape[1] != 1:
-                raise GenerationStateError(f"{type(hf).__name__} ignored logits_to_keep=1 (returned {logits.shape[1]} positions)")
-            return guard.score_logits(logits[:, -1].float()).cpu()
+            return self.policy.guard.score_batch(batch)
         finally:
             self.reading = None
 

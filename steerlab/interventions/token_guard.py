@@ -32,11 +32,12 @@ from typing import TYPE_CHECKING
 import torch
 
 from steerlab._checks import finite_number
-from steerlab.errors import InvalidValueError, ShapeError, ValueFileError
+from steerlab.errors import GenerationStateError, InvalidValueError, ShapeError, ValueFileError
 from steerlab.interventions.refusal_tokens import RefusalTokens, refusal_token_probs
 from steerlab.probes.guard import _check_prompts, _Guard
 
 if TYPE_CHECKING:
+    from steerlab.chat import EncodedBatch, TokenizedRow
     from steerlab.model import Model
 
 TOKEN_GUARD_FORMAT = "steerlab.RefusalTokenGuard/1"
@@ -70,6 +71,29 @@ class RefusalTokenGuard(_Guard):
     def score(self, prompts: Sequence[str], *, batch_size: int = 16, progress: bool = False) -> torch.Tensor:
         """``P(refusal token)`` ``[n]`` of each prompt (one forward pass per batch of the fine-tuned model)."""
         return refusal_token_probs(self._bound(), _check_prompts(prompts), self.tokens, batch_size=batch_size).sum(-1)
+
+    def score_batch(self, batch: EncodedBatch) -> torch.Tensor:
+        """Scores ``[b]`` of a left-padded batch of token ids (the plain model's, see :meth:`check_shares_vocabulary`):
+        the fine-tuned model's first-step logits after each row's last token, unembedded at that position only."""
+        if not bool(batch.attention_mask[:, -1].bool().all()):
+            raise GenerationStateError("the refusal-token guard reads each row's last token; this batch is not left-padded "
+                                       "(some rows end before the last column)")  # fmt: skip
+        hf = self._bound().hf
+        device = next(hf.parameters()).device
+        with torch.no_grad():  # the unembedding of the last position only (a 150k vocabulary x every token is large)
+            logits = hf(**{k: v.to(device) for k, v in batch.model_inputs().items()}, logits_to_keep=1).logits
+        if logits.shape[1] != 1:
+            raise GenerationStateError(f"{type(hf).__name__} ignored logits_to_keep=1 (returned {logits.shape[1]} positions)")
+        return self.score_logits(logits[:, -1].float()).cpu()
+
+    def score_rows(self, model: Model, rows: Sequence[TokenizedRow], *, batch_size: int = 16) -> torch.Tensor:
+        """Scores ``[n]`` of prompts already tokenized by ``model`` (``model.chat(...).tokenize``), as a gate on
+        ``model`` reads them: the same token ids, whatever engine generates afterwards."""
+        self.check_shares_vocabulary(model)
+        scores = torch.empty(len(rows))
+        for idx, batch in model.chat().batches(rows, batch_size):
+            scores[idx] = self.score_batch(batch)
+        return scores
 
     def check_shares_vocabulary(self, model: Model) -> None:
         """Raise ``ShapeError`` unless the guard's tokenizer maps every id of ``model``'s tokenizer to the same token
