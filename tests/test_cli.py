@@ -80,7 +80,7 @@ HARMLESS = [
     "Describe how to wash a car.",
     "Tell me how to make a kite.",
 ]
-NEW_COMMANDS = ["probe", "guard", "steer", "export", "serve", "unlearn", "optimize"]
+NEW_COMMANDS = ["probe", "guard", "steer", "export", "serve", "unlearn", "optimize", "judge"]
 
 
 @pytest.fixture(autouse=True)

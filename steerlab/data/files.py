@@ -1,6 +1,7 @@
 """Reading your own prompt sets from files: plain text (one prompt per line) or JSONL (a ``"prompt"`` field).
 
 * :func:`read_prompts` — the prompts of one file, or a :class:`PromptFileError` naming the file, the line and the fix.
+* :func:`read_replies` — (prompts, replies) of a JSONL file of ``{"prompt": ..., "reply": ...}`` lines, to judge.
 
 Example:
     >>> import pathlib, tempfile
@@ -52,6 +53,34 @@ def read_prompts(path: str | Path) -> list[str]:
     if p.suffix != ".jsonl" and not lines[0][1].startswith("{"):
         return [line for _, line in lines]
     return [_jsonl_prompt(p, number, line) for number, line in lines]
+
+
+def read_replies(path: str | Path) -> tuple[list[str], list[str]]:
+    """Prompts and replies from a JSONL file: one ``{"prompt": "...", "reply": "..."}`` object per line (blank lines
+    skipped; an empty reply is kept, it is a verdict of its own). Raises :class:`PromptFileError` naming the line.
+
+    Example:
+        >>> import json, pathlib, tempfile
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "replies.jsonl"
+        >>> _ = path.write_text(json.dumps({"prompt": "Hi", "reply": "Hello!"}) + "\\n")
+        >>> read_replies(path)
+        (['Hi'], ['Hello!'])
+    """
+    p = prompt_file(path)
+    try:
+        lines = [(i + 1, line.strip()) for i, line in enumerate(p.read_text(encoding="utf-8").splitlines()) if line.strip()]
+    except UnicodeDecodeError as exc:
+        raise PromptFileError(f"{p} is not UTF-8 text (byte {exc.start}); a reply file is JSONL") from exc
+    if not lines:
+        raise PromptFileError(f'{p} holds no replies; write one {{"prompt": "...", "reply": "..."}} object per line')
+    prompts, replies = [], []
+    for number, line in lines:
+        prompts.append(_jsonl_prompt(p, number, line))
+        reply = json.loads(line).get("reply")
+        if not isinstance(reply, str):
+            raise PromptFileError(f'{p}:{number} has no string \'reply\' field; each line needs {{"prompt": "...", "reply": "..."}}')
+        replies.append(reply)
+    return prompts, replies
 
 
 def _jsonl_prompt(path: Path, number: int, line: str) -> str:
