@@ -260,6 +260,27 @@ def test_activations_read_inside_vllm_equal_steerlab_collect(qwen, engine, promp
 
 
 # placed before the per-family engines below: closing those tears down vLLM's process groups
+def _gate_in_vllm_matches_hf(qwen, engine, harm_direction, rows, guard, *, max_new_tokens, log_scores=False):
+    """A three-way gate on ``guard`` (band cut at the scores' quartiles) generates the HF policy's rows in vLLM."""
+    from steerlab.interventions.gated import GatedRefusal
+
+    scores = guard.score(rows)
+    cut, k = sorted(scores.tolist()), len(rows) // 4
+    gated = GatedRefusal(guard, refuse=steerlab.AddVector(harm_direction, coeff=1.0), comply=steerlab.Ablate(harm_direction),
+                         low=(cut[k - 1] + cut[k]) / 2, high=(cut[-k] + cut[-k - 1]) / 2)  # fmt: skip
+    hf = qwen.generate(rows, policy=gated, max_new_tokens=max_new_tokens)
+    ours = engine.generate_gated(rows, gated, max_new_tokens=max_new_tokens)
+    assert [o.action for o in ours] == [o.action for o in hf] and {o.action for o in hf} == {"refuse", "comply", "leave"}
+    got = torch.tensor([o.score for o in ours])
+    if log_scores:  # probabilities of untrained tokens are tiny: compare them in log space
+        torch.testing.assert_close(got.log(), scores.log(), rtol=0, atol=1e-3)
+    else:
+        torch.testing.assert_close(got, scores, rtol=1e-3, atol=1e-4)
+    same = sum(a.text == b.text for a, b in zip(ours, hf))
+    print(f"{type(guard).__name__} gate: vLLM == HF policy on {same}/{len(rows)} rows")
+    assert same >= len(rows) - 1
+
+
 @needs_vllm
 @pytest.mark.slow
 def test_gated_refusal_in_vllm_matches_the_hf_policy(qwen, engine, harm_direction, prompts):
@@ -268,17 +289,7 @@ def test_gated_refusal_in_vllm_matches_the_hf_policy(qwen, engine, harm_directio
 
     rows = prompts[:6] + prompts[-6:]  # AdvBench and harmless past-tense questions
     guard = LatentGuard.fit(qwen, prompts[6:16], prompts[16:26], layers=[12, 16])
-    scores = guard.score(rows)
-    cut = sorted(scores.tolist())
-    gated = GatedRefusal(guard, refuse=steerlab.AddVector(harm_direction, coeff=1.0), comply=steerlab.Ablate(harm_direction),
-                         low=(cut[3] + cut[4]) / 2, high=(cut[-4] + cut[-5]) / 2)  # fmt: skip
-    hf = qwen.generate(rows, policy=gated, max_new_tokens=16)
-    ours = engine.generate_gated(rows, gated, max_new_tokens=16)
-    assert [o.action for o in ours] == [o.action for o in hf] and {o.action for o in hf} == {"refuse", "comply", "leave"}
-    torch.testing.assert_close(torch.tensor([o.score for o in ours]), scores, rtol=1e-3, atol=1e-4)
-    same = sum(a.text == b.text for a, b in zip(ours, hf))
-    print(f"gated: vLLM == HF policy on {same}/{len(rows)} rows")
-    assert same >= len(rows) - 1
+    _gate_in_vllm_matches_hf(qwen, engine, harm_direction, rows, guard, max_new_tokens=16)
     assert engine.generate(rows[:2], steer="add", max_new_tokens=4)  # the engine's own steerings are still there
     # a probe guard over two layers (mean logit) reads the same scores inside vLLM
     from steerlab.probes import ProbeGuard
@@ -293,24 +304,13 @@ def test_gated_refusal_in_vllm_matches_the_hf_policy(qwen, engine, harm_directio
 @pytest.mark.slow
 def test_a_refusal_token_gate_in_vllm_matches_the_hf_policy(qwen, engine, harm_direction, prompts):
     """The guard is a second (HF) model fine-tuned with refusal tokens; it reads the token ids vLLM generates from."""
-    from steerlab.interventions.gated import GatedRefusal
     from steerlab.interventions.token_guard import RefusalTokenGuard
     from steerlab.training.data import control_tokens
     from steerlab.training.sft import add_tokens
 
     rows = prompts[:4] + prompts[-4:]
     guard = RefusalTokenGuard.from_model(add_tokens(qwen, control_tokens()))  # untrained tokens: arbitrary scores
-    scores = guard.score(rows)
-    cut = sorted(scores.tolist())
-    gated = GatedRefusal(guard, refuse=steerlab.AddVector(harm_direction, coeff=1.0), comply=steerlab.Ablate(harm_direction),
-                         low=(cut[2] + cut[3]) / 2, high=(cut[-3] + cut[-4]) / 2)  # fmt: skip
-    hf = qwen.generate(rows, policy=gated, max_new_tokens=12)
-    ours = engine.generate_gated(rows, gated, max_new_tokens=12)
-    assert [o.action for o in ours] == [o.action for o in hf] and {o.action for o in hf} == {"refuse", "comply", "leave"}
-    torch.testing.assert_close(torch.tensor([o.score for o in ours]).log(), scores.log(), rtol=0, atol=1e-3)  # tiny P
-    same = sum(a.text == b.text for a, b in zip(ours, hf))
-    print(f"refusal-token gate: vLLM == HF policy on {same}/{len(rows)} rows")
-    assert same >= len(rows) - 1
+    _gate_in_vllm_matches_hf(qwen, engine, harm_direction, rows, guard, max_new_tokens=12, log_scores=True)
 
 
 def test_a_request_naming_an_unregistered_steering_raises_in_the_worker():
