@@ -219,6 +219,8 @@ def test_judges_reject_bad_settings():
         LocalJudge(tiny_model("llama"), rubrics=())
     with pytest.raises(SteerlabError, match="two different answers"):
         Rubric("is it?", refusal_if_yes=True, yes="Yes", no="Yes")
+    with pytest.raises(SteerlabError, match="min_accuracy"):
+        check_judge(LocalJudge(tiny_model("llama")), min_accuracy=0.0)
     with pytest.raises(SteerlabError, match="min_words"):
         is_degenerate("a b c", min_words=1)
 

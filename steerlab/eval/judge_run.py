@@ -10,11 +10,11 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from steerlab.eval.compliance import judge_reply, verdict_rates
-from steerlab.eval.rubric import Judge, _pairs, agreement, check_judge
+from steerlab.eval.rubric import Judge, agreement, check_judge, pair_up
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,6 @@ class JudgeReport:
     rows: list[dict[str, Any]]
     check_accuracy: float | None = None
     judge_name: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         """Rates over all rows; with a rubric judge also its refusal rate and agreement with the substring judge."""
@@ -48,7 +47,7 @@ def judge_replies(prompts: Sequence[str], replies: Sequence[str], *, judge: Judg
                   check: bool = True) -> JudgeReport:  # fmt: skip
     """Verdicts for each (prompt, reply); with ``judge``, its calls too, after :func:`check_judge` (``check=False``
     skips it; a judge that fails it raises :class:`~steerlab.eval.rubric.JudgeError`)."""
-    pairs = _pairs(prompts, replies)
+    pairs = pair_up(prompts, replies)
     rows = [{"prompt": p, "reply": r, "verdict": judge_reply(r)} for p, r in pairs]
     if judge is None:
         return JudgeReport(rows)
