@@ -187,6 +187,21 @@ def generate(
     ``responses`` prefills the start of each assistant turn; the continuation is what follows it.
     """
     check_batch_size(batch_size)
+    from steerlab.policy_scope import active_policy
+
+    scope = active_policy(model)
+    if scope is not None and not scope.generating:  # a policy applied with model.apply: decode with it, return texts
+        if policy is not None or kwargs:
+            raise InvalidValueError(f"{type(scope.policy).__name__} is applied (model.apply), so generate decodes with it "
+                                    "greedily; drop policy= and generation options inside the scope")  # fmt: skip
+        scope.generating = True
+        try:
+            outputs = generate(model, prompts, policy=scope.policy, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                               chat=chat, system=system, responses=responses, progress=progress)  # fmt: skip
+        finally:
+            scope.generating = False
+        scope.session.policy_outputs.extend(outputs)
+        return [o.text for o in outputs]
     if policy is not None and not isinstance(policy, GenerationPolicy):
         raise InvalidValueError(
             f"policy must be a generation policy such as ADAGuard(...) or RefusalTokens(...), not {type(policy).__name__}; "

@@ -119,6 +119,7 @@ class HookSession:
         self._torch_handles: list[Any] = []
         self._open = False
         self._entered = False
+        self.policy_outputs: list[Any] = []  # per-row outputs of a generation policy applied with model.apply
 
     # ----- scope -----
     def __enter__(self) -> HookSession:

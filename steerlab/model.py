@@ -34,7 +34,7 @@ from steerlab.arch import ArchSpec, normalize_layer, spec_for
 from steerlab.backends import hf as hf_backend
 from steerlab.chat import ChatFormat, EncodedBatch, check_template
 from steerlab.embedded import DEFAULT_MODEL, EMBEDDED, cached_checkpoint
-from steerlab.errors import HookSessionError, ModelLoadError
+from steerlab.errors import HookSessionError, InvalidValueError, ModelLoadError
 from steerlab.generation import GenerationPolicy
 from steerlab.generation import generate as generate_loop
 from steerlab.hooks import HookSession
@@ -185,7 +185,10 @@ class Model:
         """Apply interventions (or plans) as hooks for the duration of a ``with`` block.
 
         Each intervention is resolved to a :class:`~steerlab.plan.Plan` (:meth:`plan`) and rendered by
-        :mod:`steerlab.backends.hf`; every hook is removed on exit, and one that never acted raises.
+        :mod:`steerlab.backends.hf`; every hook is removed on exit, and one that never acted raises. A generation
+        policy (``GatedRefusal``, ``ADAGuard``, ``RefusalTokens``; at most one) makes every ``generate`` in the scope
+        decode with it and return texts; its per-row outputs collect in ``session.policy_outputs``
+        (:mod:`steerlab.policy_scope`).
 
         Example:
             >>> from steerlab.testing import tiny_model, tiny_direction
@@ -193,10 +196,22 @@ class Model:
             >>> with model.apply(steerlab.Ablate(tiny_direction(model, layer=1))):
             ...     _ = model.generate(["Hi"], max_new_tokens=2)
         """
-        plan = self.plan(*interventions)
+        from steerlab.generation import GenerationPolicy
+        from steerlab.policy_scope import applied_policy
+
+        policies = [iv for iv in interventions if isinstance(iv, GenerationPolicy) and not callable(getattr(iv, "resolve", None))]
+        edits = [iv for iv in interventions if not any(iv is p for p in policies)]
+        if len(policies) > 1:
+            raise InvalidValueError(f"one generation policy per scope, got {[type(p).__name__ for p in policies]}")
+        plan = self.plan(*edits) if edits or not policies else None
         with self.hooks(check_fired=check_fired) as session:
-            hf_backend.render(plan, session)
-            yield session
+            if plan is not None:
+                hf_backend.render(plan, session)
+            if not policies:
+                yield session
+                return
+            with applied_policy(self, policies[0], session):
+                yield session
 
     def generate(
         self,

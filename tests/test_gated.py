@@ -188,3 +188,63 @@ def test_a_forward_without_a_decision_raises_and_hooks_go():
         with gated.open(model):
             model.hf(**model.encode(["Hi"]).model_inputs())
     assert not open_sessions(model)
+
+
+# ----- the gate applied with model.apply: generate decodes with it and returns texts -----
+def _scope_gate(model):
+    guard = _guards(model)["latent"]
+    d = tiny_direction(model, layer=1)
+    low, high = _band(guard.score(PROMPTS))
+    return GatedRefusal(guard, refuse=AddVector(d, coeff=8.0), comply=Ablate(d), low=low, high=high), d
+
+
+def test_a_gate_in_model_apply_generates_as_the_policy_does():
+    from steerlab.eval.logits import last_token_logprobs
+    from steerlab.policy_scope import active_policy
+
+    model = tiny_model("qwen2")
+    gated, d = _scope_gate(model)
+    expected = model.generate(PROMPTS, policy=gated, max_new_tokens=6, batch_size=4)
+    with model.apply(gated) as session:
+        texts = model.generate(PROMPTS, max_new_tokens=6, batch_size=4)
+        with pytest.raises(GenerationStateError, match="acts only in model.generate"):  # no silent plain forward pass
+            last_token_logprobs(model, PROMPTS[:2])
+        with pytest.raises(InvalidValueError, match="drop policy="):
+            model.generate(PROMPTS[:1], policy=gated, max_new_tokens=2)
+        with pytest.raises(InvalidValueError, match="drop policy="):
+            model.generate(PROMPTS[:1], max_new_tokens=2, do_sample=True)
+    assert texts == [o.text for o in expected] and {o.action for o in expected} == {"refuse", "comply", "leave"}
+    assert [(o.score, o.action) for o in session.policy_outputs] == [(o.score, o.action) for o in expected]
+    assert active_policy(model) is None and not open_sessions(model)
+    # other interventions in the same scope act as they would around generate(policy=...)
+    other = AddVector(tiny_direction(model, layer=2), coeff=4.0)
+    with model.apply(other):
+        expected = model.generate(PROMPTS, policy=gated, max_new_tokens=6, batch_size=4)
+    with model.apply(gated, other):
+        assert model.generate(PROMPTS, max_new_tokens=6, batch_size=4) == [o.text for o in expected]
+    assert last_token_logprobs(model, PROMPTS[:2]).shape[0] == 2  # the forward-pass check is gone with the scope
+
+
+def test_a_policy_scope_that_never_generated_or_holds_two_policies_raises():
+    from steerlab.errors import InterventionNotFiredError
+    from steerlab.policy_scope import active_policy
+
+    model = tiny_model("llama")
+    gated, d = _scope_gate(model)
+    with pytest.raises(InterventionNotFiredError, match="never ran"):
+        with model.apply(gated):
+            pass
+    with model.apply(gated, check_fired=False):
+        pass
+    with pytest.raises(InvalidValueError, match="one generation policy per scope"):
+        with model.apply(gated, gated):
+            pass
+    with pytest.raises(InvalidValueError, match="already applied"):
+        with model.apply(gated, check_fired=False):
+            with model.apply(gated):
+                pass
+    with pytest.raises(RuntimeError, match="boom"):  # an exception in the block: hooks and scope are gone after it
+        with model.apply(gated):
+            raise RuntimeError("boom")
+    assert active_policy(model) is None and not open_sessions(model)
+    assert model.generate(["Hi"], max_new_tokens=2)  # plain generation again
