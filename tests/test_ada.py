@@ -66,6 +66,18 @@ def test_rows_stop_independently_and_report_where():
             assert not out.stopped and out.text == ref
 
 
+def test_ada_applied_with_model_apply_returns_the_policys_texts():
+    model = tiny_model("llama")
+    probe = _probe(model, 1, seed=3)
+    scores = [o.checks[0].score for o in ada_generate(model, PROMPTS, ADAGuard(probe=probe, threshold=2.0), max_new_tokens=1)]
+    guard = ADAGuard(probe=probe, threshold=sorted(scores)[1] + 1e-6, refusal_text="[stopped]")
+    expected = ada_generate(model, PROMPTS, guard, max_new_tokens=6, batch_size=4)
+    with model.apply(guard) as session:
+        texts = model.generate(PROMPTS, max_new_tokens=6, batch_size=4)
+    assert texts == [o.text for o in expected] and "[stopped]" in texts
+    assert [o.stopped for o in session.policy_outputs] == [o.stopped for o in expected]
+
+
 def test_rethink_mode_fires_on_a_refusal_lookahead(monkeypatch):
     model = tiny_model("llama")
     from steerlab.interventions import ada
