@@ -196,7 +196,6 @@ class Model:
             >>> with model.apply(steerlab.Ablate(tiny_direction(model, layer=1))):
             ...     _ = model.generate(["Hi"], max_new_tokens=2)
         """
-        from steerlab.generation import GenerationPolicy
         from steerlab.policy_scope import applied_policy
 
         policies = [iv for iv in interventions if isinstance(iv, GenerationPolicy) and not callable(getattr(iv, "resolve", None))]

@@ -75,8 +75,9 @@ def read_replies(path: str | Path) -> tuple[list[str], list[str]]:
         raise PromptFileError(f'{p} holds no replies; write one {{"prompt": "...", "reply": "..."}} object per line')
     prompts, replies = [], []
     for number, line in lines:
-        prompts.append(_jsonl_prompt(p, number, line))
-        reply = json.loads(line).get("reply")
+        record = _jsonl_record(p, number, line)
+        prompts.append(record["prompt"])
+        reply = record.get("reply")
         if not isinstance(reply, str):
             raise PromptFileError(f'{p}:{number} has no string \'reply\' field; each line needs {{"prompt": "...", "reply": "..."}}')
         replies.append(reply)
@@ -85,6 +86,11 @@ def read_replies(path: str | Path) -> tuple[list[str], list[str]]:
 
 def _jsonl_prompt(path: Path, number: int, line: str) -> str:
     """The ``"prompt"`` of line ``number`` of a JSONL prompt file."""
+    return _jsonl_record(path, number, line)["prompt"]
+
+
+def _jsonl_record(path: Path, number: int, line: str) -> dict:
+    """Line ``number`` of a JSONL file as an object with a string ``"prompt"``."""
     try:
         record = json.loads(line)
     except json.JSONDecodeError as exc:
@@ -95,4 +101,4 @@ def _jsonl_prompt(path: Path, number: int, line: str) -> str:
         raise PromptFileError(
             f'{path}:{number} has no string \'prompt\' field; each JSONL line needs {{"prompt": "..."}}'
         )
-    return record["prompt"]
+    return record
