@@ -1,0 +1,227 @@
+"""Choose a calibrated-refusal gate's comply branch and band on tuning prompts, robustly.
+
+A :class:`~steerlab.interventions.gated.GatedRefusal` sends each row to one branch: ``refuse`` at ``score >= high``,
+``comply`` below ``low``, the plain model in between. A row under the gate behaves exactly as it does under its
+branch alone, so once every tuning prompt has been measured under every branch (:class:`TuningRows`: 0/1 refusal
+per row and branch, KL on ordinary prompts per row and branch), the refusal rates of any band are read off those
+rows without generating again.
+
+The rule that reads them matters. Maximising "refusal on harmful minus refusal on safe" under a limit picks the
+band that barely fits the tuning rows, and a band chosen on 100-odd prompts is then as likely to miss the bar as
+to meet it on other prompts. :func:`choose_band` instead picks the setting most likely to *meet the bar*:
+
+* the bar: refusal on the safe set <= ``max_over_refusal``; refusal on each harmful set >= the plain model's on the
+  same rows; mean KL on the ordinary set <= ``max_kl``;
+* among the settings that meet it on the tuning rows, the one meeting it on the largest share of ``draws``
+  bootstrap resamples (each set resampled with replacement; plain and gate read on the same resampled rows); ties
+  go to the larger mean harmful refusal minus safe refusal on the tuning rows, then to the first setting.
+
+Candidate cuts are the midpoints between consecutive distinct tuning scores (and one below / above all of them);
+every pair ``low <= high`` and every comply branch is tried, all at once (cumulative sums over the rows sorted by
+score).
+
+Example:
+    >>> import torch
+    >>> s = {"safe": torch.tensor([0.1, 0.2, 0.3, 0.9]), "harmful": torch.tensor([0.6, 0.8, 0.9, 0.95]),
+    ...      "ordinary": torch.tensor([0.0, 0.1, 0.2, 0.3])}
+    >>> r = {"safe": {"plain": [0, 1, 1, 0], "refuse": [1, 1, 1, 1], "comply": [0, 0, 0, 0]},
+    ...      "harmful": {"plain": [0, 1, 1, 0], "refuse": [1, 1, 1, 1], "comply": [0, 0, 1, 0]},
+    ...      "ordinary": {"plain": [0, 0, 0, 0], "refuse": [1, 1, 1, 1], "comply": [0, 0, 0, 0]}}
+    >>> rows = TuningRows(s, r, kl={"refuse": [0.5] * 4, "comply": [0.01] * 4})
+    >>> choice = choose_band(rows, draws=50)
+    >>> choice.comply, choice.rates["safe"], choice.rates["harmful"] >= choice.plain["harmful"]
+    ('comply', 0.0, True)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from steerlab._checks import finite_number
+from steerlab.errors import EmptyInputError, InvalidValueError, ShapeError, SteerlabError
+
+FIXED_BRANCHES = ("plain", "refuse")
+
+
+class BandNotFoundError(SteerlabError, ValueError):
+    """No comply branch and band meet the bar even on the tuning rows they are chosen on."""
+
+
+def _vector(values: Any, what: str) -> torch.Tensor:
+    t = torch.as_tensor(values, dtype=torch.float64).flatten()
+    if t.numel() == 0:
+        raise EmptyInputError(f"{what} is empty")
+    if not torch.isfinite(t).all():
+        raise InvalidValueError(f"{what} has non-finite values")
+    return t
+
+
+@dataclass(frozen=True)
+class TuningRows:
+    """Tuning prompts measured once under each branch of a gate.
+
+    ``scores[set]``: the guard's score per row. ``refused[set][branch]``: 1 where the reply under that branch is a
+    refusal; branches are ``"plain"``, ``"refuse"`` and one or more comply options (any other names, e.g.
+    ``"comply0.3"``). ``kl[branch]``: KL(plain ‖ branch) per row of the ``ordinary`` set, for every branch but plain.
+    ``safe``, ``harmful`` and ``ordinary`` name the sets the bar reads.
+    """
+
+    scores: Mapping[str, Any]
+    refused: Mapping[str, Mapping[str, Any]]
+    kl: Mapping[str, Any]
+    safe: str = "safe"
+    harmful: Sequence[str] = ("harmful",)
+    ordinary: str = "ordinary"
+    comply: tuple[str, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        harmful = (self.harmful,) if isinstance(self.harmful, str) else tuple(self.harmful)
+        if not harmful:
+            raise EmptyInputError("TuningRows.harmful needs at least one set name")
+        object.__setattr__(self, "harmful", harmful)
+        sets = (self.safe, *harmful, self.ordinary)
+        if len(set(sets)) != len(sets):
+            raise InvalidValueError(f"safe, harmful and ordinary must name different sets; got {sets}")
+        missing = [n for n in sets if n not in self.scores or n not in self.refused]
+        if missing:
+            raise InvalidValueError(f"TuningRows has no scores or refusals for {missing}; give every set of {sets}")
+        branches = list(self.refused[self.safe])
+        comply = tuple(b for b in branches if b not in FIXED_BRANCHES)
+        if any(b not in branches for b in FIXED_BRANCHES) or not comply:
+            raise InvalidValueError(f"TuningRows needs branches 'plain', 'refuse' and at least one comply branch; got {branches}")
+        scores, refused = {}, {}
+        for n in sets:
+            scores[n] = _vector(self.scores[n], f"scores[{n!r}]")
+            if sorted(self.refused[n]) != sorted(branches):
+                raise InvalidValueError(f"refused[{n!r}] has branches {sorted(self.refused[n])}, refused[{self.safe!r}] has {sorted(branches)}")
+            refused[n] = {}
+            for b in branches:
+                v = _vector(self.refused[n][b], f"refused[{n!r}][{b!r}]")
+                if v.shape != scores[n].shape:
+                    raise ShapeError(f"refused[{n!r}][{b!r}] has {v.numel()} rows, scores[{n!r}] has {scores[n].numel()}")
+                if not ((v == 0) | (v == 1)).all():
+                    raise InvalidValueError(f"refused[{n!r}][{b!r}] must be 0/1 per row")
+                refused[n][b] = v
+        kl = {"plain": torch.zeros_like(scores[self.ordinary])}
+        for b in (b for b in branches if b != "plain"):
+            if b not in self.kl:
+                raise InvalidValueError(f"kl has no rows for branch {b!r}; give KL(plain || branch) on the {self.ordinary!r} set")
+            kl[b] = _vector(self.kl[b], f"kl[{b!r}]")
+            if kl[b].shape != scores[self.ordinary].shape:
+                raise ShapeError(f"kl[{b!r}] has {kl[b].numel()} rows, the {self.ordinary!r} set has {scores[self.ordinary].numel()}")
+        object.__setattr__(self, "scores", scores)
+        object.__setattr__(self, "refused", refused)
+        object.__setattr__(self, "kl", kl)
+        object.__setattr__(self, "comply", comply)
+
+    @property
+    def sets(self) -> tuple[str, ...]:
+        return (self.safe, *self.harmful, self.ordinary)
+
+    def cuts(self) -> torch.Tensor:
+        """Candidate cut points: midpoints between consecutive distinct scores, one below and one above all."""
+        u = torch.unique(torch.cat([self.scores[n] for n in self.sets]))
+        return torch.cat([u[:1] - 1.0, (u[1:] + u[:-1]) / 2, u[-1:] + 1.0])
+
+    def gate_rows(self, name: str, comply: str, low: float, high: float) -> torch.Tensor:
+        """Per-row refusal of set ``name`` under the gate ``(comply, low, high)``."""
+        return _gated(self.scores[name], self.refused[name], comply, low, high)
+
+    def gate_kl(self, comply: str, low: float, high: float) -> torch.Tensor:
+        """Per-row KL of the ordinary set under the gate ``(comply, low, high)``."""
+        return _gated(self.scores[self.ordinary], self.kl, comply, low, high)
+
+
+def _gated(scores: torch.Tensor, values: Mapping[str, torch.Tensor], comply: str, low: float, high: float) -> torch.Tensor:
+    return torch.where(scores >= high, values["refuse"], torch.where(scores < low, values[comply], values["plain"]))
+
+
+@dataclass(frozen=True)
+class BandChoice:
+    """The chosen comply branch and band ``[low, high)``, with what they give on the tuning rows."""
+
+    comply: str
+    low: float
+    high: float
+    p_meets_bar: float
+    rates: dict[str, float]
+    plain: dict[str, float]
+    kl: float
+
+    def gate(self, guard: Any, *, refuse: Any, comply: Any):
+        """The :class:`~steerlab.interventions.gated.GatedRefusal` with this band (``comply``: the chosen branch)."""
+        from steerlab.interventions.gated import GatedRefusal
+
+        return GatedRefusal(guard, refuse=refuse, comply=comply, low=self.low, high=self.high)
+
+
+def _resample_counts(n: int, draws: int, generator: torch.Generator) -> torch.Tensor:
+    """[draws, n]: how often each row appears in each bootstrap resample (row 0 is the tuning set itself)."""
+    idx = torch.randint(n, (draws, n), generator=generator)
+    counts = torch.zeros(draws, n, dtype=torch.float64).scatter_add_(1, idx, torch.ones(draws, n, dtype=torch.float64))
+    return torch.cat([torch.ones(1, n, dtype=torch.float64), counts])
+
+
+def _band_means(scores: torch.Tensor, values: Mapping[str, torch.Tensor], comply: str, counts: torch.Tensor, cuts: torch.Tensor) -> torch.Tensor:
+    """[draws, cuts(low), cuts(high)]: the weighted mean of the gate's per-row values for every band."""
+    order = torch.argsort(scores)
+    below = torch.searchsorted(scores[order], cuts)  # rows with score < cut (no score equals a cut)
+    w = counts[:, order]
+
+    def cum(branch: str) -> torch.Tensor:
+        c = torch.cumsum(w * values[branch][order], dim=1)
+        return torch.cat([torch.zeros(len(w), 1, dtype=c.dtype), c], dim=1)[:, below]
+
+    comply_below, plain_below, refuse_below = cum(comply), cum("plain"), cum("refuse")
+    refuse_total = (w * values["refuse"][order]).sum(1)
+    total = comply_below[:, :, None] + plain_below[:, None, :] - plain_below[:, :, None] + refuse_total[:, None, None] - refuse_below[:, None, :]
+    return total / w.sum(1)[:, None, None]
+
+
+def choose_band(rows: TuningRows, *, max_over_refusal: float = 0.15, max_kl: float = 0.05, draws: int = 400, seed: int = 0) -> BandChoice:
+    """The comply branch and band most likely to meet the bar (module docs); raises :class:`BandNotFoundError` if
+    none meets it on the tuning rows."""
+    max_over_refusal = finite_number(max_over_refusal, "max_over_refusal")
+    max_kl = finite_number(max_kl, "max_kl")
+    if not 0.0 <= max_over_refusal <= 1.0 or max_kl < 0.0:
+        raise InvalidValueError(f"need 0 <= max_over_refusal <= 1 and max_kl >= 0; got {max_over_refusal}, {max_kl}")
+    if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
+        raise InvalidValueError(f"draws must be a positive int; got {draws!r}")
+    gen = torch.Generator().manual_seed(seed)
+    counts = {n: _resample_counts(len(rows.scores[n]), draws, gen) for n in rows.sets}
+    cuts = rows.cuts()
+    valid = torch.ones(len(cuts), len(cuts), dtype=torch.bool).triu()  # low <= high
+    plain = {n: (counts[n] @ rows.refused[n]["plain"]) / counts[n].sum(1) for n in rows.harmful}
+    best = None
+    for comply in rows.comply:
+        rate = {n: _band_means(rows.scores[n], rows.refused[n], comply, counts[n], cuts) for n in rows.sets}
+        kl = _band_means(rows.scores[rows.ordinary], rows.kl, comply, counts[rows.ordinary], cuts)
+        ok = (rate[rows.safe] <= max_over_refusal + 1e-12) & (kl <= max_kl + 1e-12)
+        for n in rows.harmful:
+            ok &= rate[n] >= plain[n][:, None, None] - 1e-12
+        ok &= valid
+        meets = ok[0]  # on the tuning rows themselves
+        successes = ok[1:].double().sum(0)
+        gain = torch.stack([rate[n][0] for n in rows.harmful]).mean(0) - rate[rows.safe][0]  # in [-1, 1]
+        key = torch.where(meets, successes + (gain + 1.0) / 2.0 * 0.999, torch.full_like(gain, -1.0))  # successes first, then gain
+        flat = int(torch.argmax(key))
+        i, j = divmod(flat, len(cuts))
+        if key[i, j] < 0 or (best is not None and key[i, j] <= best[0]):
+            continue
+        best = (float(key[i, j]), comply, float(cuts[i]), float(cuts[j]), float(successes[i, j]) / draws)
+    if best is None:
+        raise BandNotFoundError(
+            f"no comply branch and band keep refusal on {rows.safe!r} <= {max_over_refusal:g}, refusal on {list(rows.harmful)} at least the plain "
+            f"model's and KL on {rows.ordinary!r} <= {max_kl:g}, even on the tuning rows; try a weaker comply branch, more tuning prompts or looser limits"
+        )
+    _, comply, low, high, p = best
+    return BandChoice(
+        comply=comply, low=low, high=high, p_meets_bar=p,
+        rates={n: float(rows.gate_rows(n, comply, low, high).mean()) for n in rows.sets},
+        plain={n: float(rows.refused[n]["plain"].mean()) for n in rows.sets},
+        kl=float(rows.gate_kl(comply, low, high).mean()),
+    )  # fmt: skip

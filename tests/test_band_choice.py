@@ -1,0 +1,154 @@
+"""choose_band: the vectorised band rates equal a per-band loop; the choice equals a brute-force search of the same
+bootstrap resamples; tuning rows read off the branches equal a real gated generation."""
+
+import pytest
+import torch
+
+from steerlab import Ablate, AddVector
+from steerlab.data import DEMO_HARMFUL, DEMO_HARMLESS
+from steerlab.errors import EmptyInputError, InvalidValueError, ShapeError
+from steerlab.eval.gate_tuning import calibrate_gate, measure_tuning_rows
+from steerlab.interventions.gated import GatedRefusal
+from steerlab.interventions.band_choice import BandNotFoundError, TuningRows, _band_means, _resample_counts, choose_band
+from steerlab.probes import LatentGuard
+from steerlab.testing import tiny_direction, tiny_model
+
+SIZES = {"safe": 12, "unsafe": 9, "harmbench": 10, "ordinary": 11}
+BRANCHES = ("plain", "refuse", "comply_a", "comply_b")
+
+
+def _rows(seed: int, *, refuse_p=0.9, comply_p=0.1, plain_p=0.4) -> TuningRows:
+    g = torch.Generator().manual_seed(seed)
+    # an informative but imperfect guard: harmful rows score high, safe and ordinary ones low, with overlap
+    scores = {n: torch.rand(k, generator=g).double() ** 2 for n, k in SIZES.items()}
+    scores |= {n: 1 - scores[n] for n in ("unsafe", "harmbench")}
+    p = {"plain": plain_p, "refuse": refuse_p, "comply_a": comply_p, "comply_b": comply_p * 2}
+    refused = {n: {b: (torch.rand(k, generator=g) < p[b]).double() for b in BRANCHES} for n, k in SIZES.items()}
+    kl = {"refuse": torch.rand(11, generator=g).double() * 0.3, "comply_a": torch.rand(11, generator=g).double() * 0.1,
+          "comply_b": torch.rand(11, generator=g).double() * 0.02}  # fmt: skip
+    return TuningRows(scores, refused, kl, harmful=("unsafe", "harmbench"))
+
+
+def _brute_force(rows: TuningRows, *, draws, seed, max_over_refusal=0.15, max_kl=0.05):
+    """Every (comply, low, high) scored with an explicit loop over the same resamples: {setting: (meets, successes, gain)}."""
+    gen = torch.Generator().manual_seed(seed)
+    counts = {n: _resample_counts(len(rows.scores[n]), draws, gen) for n in rows.sets}
+    mean = lambda n, v: (counts[n] @ v) / counts[n].sum(1)  # noqa: E731
+    cuts = rows.cuts().tolist()
+    out = {}
+    for comply in rows.comply:
+        for i, low in enumerate(cuts):
+            for high in cuts[i:]:
+                rate = {n: mean(n, rows.gate_rows(n, comply, low, high)) for n in rows.sets}
+                kl = mean(rows.ordinary, rows.gate_kl(comply, low, high))
+                ok = (rate[rows.safe] <= max_over_refusal + 1e-12) & (kl <= max_kl + 1e-12)
+                for n in rows.harmful:
+                    ok &= rate[n] >= mean(n, rows.refused[n]["plain"]) - 1e-12
+                gain = sum(float(rate[n][0]) for n in rows.harmful) / len(rows.harmful) - float(rate[rows.safe][0])
+                out[(comply, low, high)] = (bool(ok[0]), int(ok[1:].sum()), gain)
+    return out
+
+
+def test_band_means_equal_a_loop_over_bands():
+    rows = _rows(0)
+    counts = _resample_counts(SIZES["safe"], 5, torch.Generator().manual_seed(1))
+    cuts = rows.cuts()
+    got = _band_means(rows.scores["safe"], rows.refused["safe"], "comply_a", counts, cuts)
+    for i in range(0, len(cuts), 3):
+        for j in range(i, len(cuts), 2):
+            v = rows.gate_rows("safe", "comply_a", float(cuts[i]), float(cuts[j]))
+            torch.testing.assert_close(got[:, i, j], (counts @ v) / counts.sum(1))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_choice_is_the_brute_force_best_on_the_same_resamples(seed):
+    rows = _rows(seed)
+    choice = choose_band(rows, draws=40, seed=seed)
+    table = _brute_force(rows, draws=40, seed=seed)
+    meets = {k: v for k, v in table.items() if v[0]}
+    best = max((v[1], v[2]) for v in meets.values())
+    mine = table[(choice.comply, choice.low, choice.high)]
+    assert mine[0] and mine[1] == best[0] and mine[2] == pytest.approx(best[1])
+    assert choice.p_meets_bar == mine[1] / 40
+    # the reported rates are the gate's rates on the tuning rows, and they meet the bar
+    assert choice.rates["safe"] <= 0.15 and choice.kl <= 0.05
+    for n in ("unsafe", "harmbench"):
+        assert choice.rates[n] >= choice.plain[n]
+    # not every setting meets it, so the search had something to reject
+    assert len(meets) < len(table)
+
+
+def test_a_bar_no_band_meets_raises():
+    rows = _rows(0, refuse_p=0.9, comply_p=0.9, plain_p=0.9)  # every branch refuses safe prompts
+    with pytest.raises(BandNotFoundError, match="weaker comply branch"):
+        choose_band(rows, draws=10)
+
+
+def test_bad_rows_and_options_raise():
+    rows = _rows(0)
+    refused = {n: dict(v) for n, v in rows.refused.items()}
+    with pytest.raises(InvalidValueError, match="comply branch"):
+        TuningRows(rows.scores, {n: {b: v[b] for b in ("plain", "refuse")} for n, v in refused.items()}, rows.kl, harmful=("unsafe", "harmbench"))
+    bad = {n: dict(v) for n, v in refused.items()}
+    bad["safe"]["refuse"] = bad["safe"]["refuse"][:-1]
+    with pytest.raises(ShapeError, match="rows"):
+        TuningRows(rows.scores, bad, rows.kl, harmful=("unsafe", "harmbench"))
+    bad["safe"]["refuse"] = torch.full((12,), 0.5, dtype=torch.float64)
+    with pytest.raises(InvalidValueError, match="0/1"):
+        TuningRows(rows.scores, bad, rows.kl, harmful=("unsafe", "harmbench"))
+    with pytest.raises(InvalidValueError, match="no rows for branch 'comply_b'"):
+        TuningRows(rows.scores, refused, {"refuse": rows.kl["refuse"], "comply_a": rows.kl["comply_a"]}, harmful=("unsafe", "harmbench"))
+    with pytest.raises(InvalidValueError, match="no scores"):
+        TuningRows(rows.scores, refused, rows.kl)  # the default harmful set is not there
+    for kwargs in ({"draws": 0}, {"max_over_refusal": 1.5}, {"max_kl": -1.0}):
+        with pytest.raises(InvalidValueError):
+            choose_band(rows, **kwargs)
+
+
+def _length_judge(text: str) -> bool:
+    """A stand-in judge that depends on every token of the reply, so a row that did not follow its branch shows."""
+    return len(text) % 2 == 0
+
+
+def test_rows_read_off_the_branches_equal_real_gated_generation():
+    model = tiny_model("llama")
+    guard = LatentGuard.fit(model, DEMO_HARMFUL[4:], DEMO_HARMLESS[4:], layers=[1, 2])
+    d = tiny_direction(model, layer=1)
+    sets = {"safe": DEMO_HARMLESS[:5], "harmful": DEMO_HARMFUL[:5], "ordinary": DEMO_HARMLESS[5:9]}
+    refuse, comply = AddVector(d, coeff=8.0), {"ablate": Ablate(d), "half": Ablate(d, strength=0.5)}
+    rows = measure_tuning_rows(model, guard, sets, refuse=refuse, comply=comply, max_new_tokens=5, refused=_length_judge)
+    scores = torch.cat([rows.scores[n] for n in rows.sets]).sort().values
+    low, high = float(scores[4]), float(scores[-4])
+    actions = set()
+    for name in ("safe", "harmful", "ordinary"):
+        for option in ("ablate", "half"):
+            gated = GatedRefusal(guard, refuse=refuse, comply=comply[option], low=low, high=high)
+            outs = model.generate(sets[name], policy=gated, max_new_tokens=5)
+            real = torch.tensor([float(_length_judge(o.text)) for o in outs], dtype=torch.float64)
+            torch.testing.assert_close(real, rows.gate_rows(name, option, low, high))
+            actions |= {o.action for o in outs}
+    assert actions == {"refuse", "comply", "leave"}
+    # the branches differ on these rows, so reading the wrong branch would fail the comparison
+    assert any(not torch.equal(rows.refused[n]["refuse"], rows.refused[n]["plain"]) for n in rows.sets)
+    assert (rows.kl["ablate"] >= 0).all() and rows.kl["ablate"].sum() > rows.kl["half"].sum() > 0
+
+
+def test_calibrate_gate_returns_the_chosen_gate_and_checks_options():
+    model = tiny_model("llama")
+    guard = LatentGuard.fit(model, DEMO_HARMFUL[4:], DEMO_HARMLESS[4:], layers=[1])
+    d = tiny_direction(model, layer=1)
+    sets = {"safe": DEMO_HARMLESS[:4], "harmful": DEMO_HARMFUL[:4], "ordinary": DEMO_HARMLESS[4:8]}
+    comply = {"ablate": Ablate(d), "weak": Ablate(d, strength=0.1)}
+    try:
+        gated, choice, rows = calibrate_gate(model, guard, sets, refuse=AddVector(d, coeff=8.0), comply=comply, max_new_tokens=3,
+                                             max_kl=10.0, draws=20)  # fmt: skip
+    except BandNotFoundError:
+        pytest.fail("with KL allowed up to 10 and a random model's replies, some band meets the bar")
+    assert (gated.low, gated.high) == (choice.low, choice.high) and gated.comply is comply[choice.comply]
+    assert choice.rates == {n: float(rows.gate_rows(n, choice.comply, choice.low, choice.high).mean()) for n in rows.sets}
+    with pytest.raises(InvalidValueError, match="cannot be named"):
+        measure_tuning_rows(model, guard, sets, refuse=AddVector(d), comply={"plain": Ablate(d)})
+    with pytest.raises(EmptyInputError, match="comply"):
+        measure_tuning_rows(model, guard, sets, refuse=AddVector(d), comply={})
+    with pytest.raises(EmptyInputError, match="sets\\['ordinary'\\]"):
+        measure_tuning_rows(model, guard, {"safe": sets["safe"], "harmful": sets["harmful"]}, refuse=AddVector(d), comply=comply)
