@@ -1,6 +1,8 @@
 """choose_band: the vectorised band rates equal a per-band loop; the choice equals a brute-force search of the same
 bootstrap resamples; tuning rows read off the branches equal a real gated generation."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -9,7 +11,7 @@ from steerlab.data import DEMO_HARMFUL, DEMO_HARMLESS
 from steerlab.errors import EmptyInputError, InvalidValueError, ShapeError
 from steerlab.eval.gate_tuning import calibrate_gate, measure_tuning_rows
 from steerlab.interventions.gated import GatedRefusal
-from steerlab.interventions.band_choice import BandNotFoundError, TuningRows, _band_means, _resample_counts, choose_band
+from steerlab.interventions.band_choice import BandNotFoundError, FragileBandWarning, TuningRows, _band_means, _resample_counts, choose_band
 from steerlab.probes import LatentGuard
 from steerlab.testing import tiny_direction, tiny_model
 
@@ -63,7 +65,9 @@ def test_band_means_equal_a_loop_over_bands():
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_choice_is_the_brute_force_best_on_the_same_resamples(seed):
     rows = _rows(seed)
-    choice = choose_band(rows, draws=40, seed=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FragileBandWarning)
+        choice = choose_band(rows, draws=40, seed=seed)
     table = _brute_force(rows, draws=40, seed=seed)
     meets = {k: v for k, v in table.items() if v[0]}
     best = max((v[1], v[2]) for v in meets.values())
@@ -76,6 +80,15 @@ def test_choice_is_the_brute_force_best_on_the_same_resamples(seed):
         assert choice.rates[n] >= choice.plain[n]
     # not every setting meets it, so the search had something to reject
     assert len(meets) < len(table)
+
+
+def test_a_band_that_rarely_meets_the_bar_warns():
+    with pytest.warns(FragileBandWarning, match="only 20%"):
+        assert choose_band(_rows(0), draws=40, seed=0).p_meets_bar == 0.2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert choose_band(_rows(2), draws=40, seed=2).p_meets_bar == 1.0
+        choose_band(_rows(0), draws=40, seed=0, min_share=0.1)
 
 
 def test_a_bar_no_band_meets_raises():
@@ -100,7 +113,7 @@ def test_bad_rows_and_options_raise():
         TuningRows(rows.scores, refused, {"refuse": rows.kl["refuse"], "comply_a": rows.kl["comply_a"]}, harmful=("unsafe", "harmbench"))
     with pytest.raises(InvalidValueError, match="no scores"):
         TuningRows(rows.scores, refused, rows.kl)  # the default harmful set is not there
-    for kwargs in ({"draws": 0}, {"max_over_refusal": 1.5}, {"max_kl": -1.0}):
+    for kwargs in ({"draws": 0}, {"max_over_refusal": 1.5}, {"max_kl": -1.0}, {"min_share": 2.0}):
         with pytest.raises(InvalidValueError):
             choose_band(rows, **kwargs)
 

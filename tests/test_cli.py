@@ -80,7 +80,7 @@ HARMLESS = [
     "Describe how to wash a car.",
     "Tell me how to make a kite.",
 ]
-NEW_COMMANDS = ["probe", "guard", "steer", "export", "serve", "unlearn", "optimize", "judge"]
+NEW_COMMANDS = ["probe", "guard", "steer", "export", "serve", "unlearn", "optimize", "judge", "calibrate"]
 
 
 @pytest.fixture(autouse=True)
@@ -304,6 +304,51 @@ def test_refusal_tokens_saves_a_calibrated_guard_steer_can_use(tiny_dir, probe_r
     assert capsys.readouterr().out.startswith(f"calibrated refusal: RefusalTokenGuard: the fine-tuned model's P([refuse]) at the first answer token, flag when >= {guard.threshold:.4g}")
     assert main([*argv[:-6], "--holdout", "1.5"]) == 2
     assert "--holdout" in _one_error_line(capsys.readouterr().err)
+
+
+def test_calibrate_chooses_a_band_steer_applies(tiny_dir, probe_run, tmp_path, capsys):
+    import steerlab
+    from steerlab.eval.gate_tuning import measure_tuning_rows
+    from steerlab.interventions.band_choice import choose_band
+    from steerlab.probes import ProbeGuard
+    from steerlab.steering import Ablate, AddVector, Direction
+
+    files = {"safe": HARMLESS, "harmful": HARMFUL, "ordinary": ["Hi there", "Tell me a joke.", "Name a colour.", "Count to three."]}
+    for name, prompts in files.items():
+        (tmp_path / f"{name}.txt").write_text("\n".join(prompts))
+    direction, guard = str(probe_run / "direction.safetensors"), str(probe_run / "probe.safetensors")
+    argv = ["calibrate", "--model", tiny_dir, "--guard", guard, "--direction", direction, "--strengths", "1", "0.5", "--refuse-coeff", "40",
+            "--safe", str(tmp_path / "safe.txt"), "--harmful", str(tmp_path / "harmful.txt"), "--ordinary", str(tmp_path / "ordinary.txt"),
+            "--max-new-tokens", "2", "--max-over-refusal", "1", "--max-kl", "1e9", "--draws", "30", "--out", str(tmp_path / "cal")]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    summary = json.loads((tmp_path / "cal" / "calibration.json").read_text())
+    # the CLI's choice is the library's on the same rows (branches: the direction's first layer, x40 added, ablated x1 / x0.5)
+    model, d = steerlab.load(tiny_dir), Direction.load(direction)
+    layer = d.layers[0]
+    rows = measure_tuning_rows(model, ProbeGuard.load(guard, model=model), files, refuse=AddVector(d, coeff=40.0, layers=[layer], source_layer=layer),
+                               comply={f"ablate{s:g}": Ablate(d, source_layer=layer, strength=s) for s in (1.0, 0.5)}, max_new_tokens=2)  # fmt: skip
+    choice = choose_band(rows, max_over_refusal=1.0, max_kl=1e9, draws=30)
+    assert (summary["low"], summary["high"], summary["ablate_strength"]) == (choice.low, choice.high, float(choice.comply.removeprefix("ablate")))
+    assert summary["tuning"]["gate"] == choice.rates and summary["p_meets_bar"] == choice.p_meets_bar
+    # the printed command applies exactly that gate
+    apply = out.strip().splitlines()[-1].split("apply it with: steerlab ")[1].split()
+    apply = [a for a in apply if a != "PROMPT"]
+    prompts = files["safe"] + files["harmful"]
+    assert main([*apply, "--model", tiny_dir, "--max-new-tokens", "2", *prompts]) == 0
+    steered = capsys.readouterr().out
+    scores = [float(line.split("score ")[1].split(" ->")[0]) for line in steered.splitlines() if " -> " in line]
+    actions = [line.split("-> ")[1] for line in steered.splitlines() if " -> " in line]
+    assert actions == ["refuse" if sc >= choice.high else "comply" if sc < choice.low else "leave" for sc in scores]
+    # usage errors: one line, exit 2
+    assert main([*argv[:5], "--tau", "0.5", *argv[5:]]) == 2
+    assert "carries its own" in _one_error_line(capsys.readouterr().err)
+    with pytest.raises(SystemExit) as exc:
+        main([*argv[:9], "0", *argv[10:]])
+    assert exc.value.code == 2 and "--strengths" in _one_error_line(capsys.readouterr().err)
+    for band in (["--low", "0.2"], ["--low", "0.6", "--high", "0.4"], ["--low", "0.2", "--high", "0.4", "--band", "0.1"]):
+        assert main([*apply[:apply.index("--low")], *band, "--model", tiny_dir, "Hi"]) == 2
+        assert "--low" in _one_error_line(capsys.readouterr().err)
 
 
 def test_optimize_searches_writes_the_front_and_a_direction_steer_can_use(tiny_dir, probe_run, tmp_path, capsys):

@@ -5,7 +5,7 @@ default: the embedded Qwen) and ``--help``. Bad arguments exit with status 2 and
 This package only parses arguments, calls the library, prints and maps errors to exit codes; one module per
 group of commands (:mod:`~steerlab.cli.demo`, :mod:`~steerlab.cli.refusal`, :mod:`~steerlab.cli.probe`,
 :mod:`~steerlab.cli.guard`, :mod:`~steerlab.cli.steer`, :mod:`~steerlab.cli.unlearn`,
-:mod:`~steerlab.cli.refusal_tokens`, :mod:`~steerlab.cli.judge`), shared options in :mod:`~steerlab.cli.args` and
+:mod:`~steerlab.cli.refusal_tokens`, :mod:`~steerlab.cli.judge`, :mod:`~steerlab.cli.calibrate`), shared options in :mod:`~steerlab.cli.args` and
 :mod:`~steerlab.cli.inputs`; report pages come from :mod:`steerlab.report`.
 
 Example:
@@ -17,6 +17,7 @@ Example:
     $ steerlab refusal --out runs/refusal --export          # also writes runs/refusal/model
     $ steerlab unlearn --concept python --target needles:20 --objective npo --export   # targeted unlearning
     $ steerlab refusal-tokens --direction runs/refusal/refusal_direction.safetensors --out runs/token_guard
+    $ steerlab calibrate --guard runs/token_guard --direction runs/refusal/refusal_direction.safetensors  # the gate's band
     $ steerlab serve --steer off=ablate:runs/refusal/refusal_direction.safetensors   # vLLM (make engines)
     $ steerlab judge replies.jsonl --endpoint http://localhost:8000/v1 --endpoint-model judge   # rubric vs substring
 """
@@ -29,7 +30,7 @@ from collections.abc import Callable
 from typing import NoReturn
 
 from steerlab import __version__
-from steerlab.cli import demo, guard, inputs, judge, optimize, probe, refusal, refusal_tokens, serve, steer, unlearn
+from steerlab.cli import calibrate, demo, guard, inputs, judge, optimize, probe, refusal, refusal_tokens, serve, steer, unlearn
 from steerlab.cli.args import UsageError
 from steerlab.errors import SteerlabError
 
@@ -45,6 +46,7 @@ PARSERS: tuple[Callable, ...] = (
     serve.add_parser,
     unlearn.add_parser,
     optimize.add_parser,
+    calibrate.add_parser,
     refusal_tokens.add_parser,
     judge.add_parser,
 )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from steerlab.cli import inputs
+from steerlab.cli import gate, inputs
 from steerlab.cli.args import add_model_args, add_prompt_args, finite_float, non_negative_float, positive_int
 
 
@@ -37,40 +37,30 @@ def _label(args: argparse.Namespace, direction) -> str:
 
 def _calibrated(args: argparse.Namespace, prompts: list[str]) -> int:
     """``--calibrated GUARD``: per prompt, the guard's score picks refusal added, removed, or left alone."""
-    import torch
-
     from steerlab.cli.args import UsageError
     from steerlab.interventions.gated import GatedRefusal
-    from steerlab.interventions.token_guard import SETTINGS_FILE, RefusalTokenGuard
-    from steerlab.probes import LatentGuard, ProbeGuard
-    from steerlab.probes.fitting import describe_guard, saved_guard_kind
-    from steerlab.steering import Ablate, AddVector
+    from steerlab.probes import ProbeGuard
+    from steerlab.probes.fitting import describe_guard
 
-    token_model = Path(args.calibrated).expanduser().is_dir()
-    saved_settings = token_model and (Path(args.calibrated).expanduser() / SETTINGS_FILE).is_file()
-    if token_model and not saved_settings and args.tau is None:
-        raise UsageError(f"--calibrated {args.calibrated} is a model directory without {SETTINGS_FILE} (steerlab refusal-tokens "
-                         "writes one); give the refusal-token threshold with --tau")  # fmt: skip
-    if not token_model and args.tau is not None:
-        raise UsageError("--tau is the threshold of a refusal-token guard (--calibrated MODEL_DIR); a saved guard file carries its own")
-    path = None if token_model else inputs.existing_file(args.calibrated, "guard")
+    if args.low is not None or args.high is not None:
+        if args.low is None or args.high is None or args.band or args.band_below is not None or args.band_above is not None:
+            raise UsageError("--low and --high give the band's two cuts together (steerlab calibrate prints them); leave out --band*")
+        if args.low > args.high:
+            raise UsageError(f"--low {args.low:g} exceeds --high {args.high:g}")
+    gate.check_guard_spec(args.calibrated, args.tau)
     direction = inputs.load_direction(args.direction, args.layer, ablate=True)
     model = inputs.load(args)
-    if saved_settings:
-        guard = RefusalTokenGuard.load(Path(args.calibrated).expanduser(), dtype=getattr(torch, args.dtype), threshold=args.tau)
-    elif token_model:
-        guard = RefusalTokenGuard.from_model(inputs.open_model(args.calibrated, args.dtype), threshold=args.tau)
+    guard = gate.open_guard(args.calibrated, tau=args.tau, model=model, dtype=args.dtype)
+    if args.low is not None:
+        low, high = args.low, args.high
     else:
-        kind = ProbeGuard if saved_guard_kind(path) == "probe" else LatentGuard
-        guard = inputs.read_saved(path, f"steerlab {kind.__name__}", lambda f: kind.load(f, model=model))
-    below = args.band if args.band_below is None else args.band_below
-    above = args.band if args.band_above is None else args.band_above
-    low, high = guard.threshold - below, guard.threshold + above
-    if isinstance(guard, ProbeGuard) and not (0.0 <= low and high <= 1.0):
-        raise UsageError(f"the band [{low:.3g}, {high:.3g}) around the threshold {guard.threshold:.3g} leaves [0, 1]; use a smaller band")
-    source = args.layer if args.layer is not None else direction.layers[0]
-    refuse = AddVector(direction, coeff=args.refuse_coeff, layers=[source], source_layer=source)
-    comply = Ablate(direction, source_layer=source, strength=args.ablate_strength)
+        below = args.band if args.band_below is None else args.band_below
+        above = args.band if args.band_above is None else args.band_above
+        low, high = guard.threshold - below, guard.threshold + above
+        if isinstance(guard, ProbeGuard) and not (0.0 <= low and high <= 1.0):
+            raise UsageError(f"the band [{low:.3g}, {high:.3g}) around the threshold {guard.threshold:.3g} leaves [0, 1]; use a smaller band")
+    refuse, comply, source = gate.branches(args, direction, [args.ablate_strength])
+    comply = comply[f"ablate{args.ablate_strength:g}"]
     gated = GatedRefusal(guard, refuse=refuse, comply=comply, low=low, high=high)
     gen = {"max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "progress": True}
     before = model.generate(prompts, **gen)
@@ -160,6 +150,8 @@ def add_steer_parser(sub) -> None:
                    help="--calibrated: half-width of the leave-alone band around the guard's threshold (score units)")  # fmt: skip
     p.add_argument("--band-below", type=non_negative_float, default=None, help="--calibrated: the band's lower side (default --band)")
     p.add_argument("--band-above", type=non_negative_float, default=None, help="--calibrated: the band's upper side (default --band)")
+    p.add_argument("--low", type=finite_float, default=None, help="--calibrated: the band's lower cut (absolute; with --high)")
+    p.add_argument("--high", type=finite_float, default=None, help="--calibrated: the band's upper cut (absolute; with --low)")
     p.add_argument("--max-new-tokens", type=positive_int, default=48)
     p.set_defaults(func=_steer)
 

@@ -15,6 +15,8 @@ to meet it on other prompts. :func:`choose_band` instead picks the setting most 
 * among the settings that meet it on the tuning rows, the one meeting it on the largest share of ``draws``
   bootstrap resamples (each set resampled with replacement; plain and gate read on the same resampled rows); ties
   go to the larger mean harmful refusal minus safe refusal on the tuning rows, then to the first setting.
+  A best setting that meets the bar on fewer than ``min_share`` of the resamples is returned with a
+  :class:`FragileBandWarning`: expect it to miss the bar on other prompts as often as not.
 
 Candidate cuts are the midpoints between consecutive distinct tuning scores (and one below / above all of them);
 every pair ``low <= high`` and every comply branch is tried, all at once (cumulative sums over the rows sorted by
@@ -42,13 +44,19 @@ from typing import Any
 import torch
 
 from steerlab._checks import finite_number
-from steerlab.errors import EmptyInputError, InvalidValueError, ShapeError, SteerlabError
+import warnings
+
+from steerlab.errors import EmptyInputError, InvalidValueError, ShapeError, SteerlabError, SteerlabWarning
 
 FIXED_BRANCHES = ("plain", "refuse")
 
 
 class BandNotFoundError(SteerlabError, ValueError):
     """No comply branch and band meet the bar even on the tuning rows they are chosen on."""
+
+
+class FragileBandWarning(SteerlabWarning):
+    """The chosen band meets the bar on the tuning rows but on few bootstrap resamples of them."""
 
 
 def _vector(values: Any, what: str) -> torch.Tensor:
@@ -182,13 +190,16 @@ def _band_means(scores: torch.Tensor, values: Mapping[str, torch.Tensor], comply
     return total / w.sum(1)[:, None, None]
 
 
-def choose_band(rows: TuningRows, *, max_over_refusal: float = 0.15, max_kl: float = 0.05, draws: int = 400, seed: int = 0) -> BandChoice:
+def choose_band(
+    rows: TuningRows, *, max_over_refusal: float = 0.15, max_kl: float = 0.05, draws: int = 400, seed: int = 0, min_share: float = 0.5
+) -> BandChoice:
     """The comply branch and band most likely to meet the bar (module docs); raises :class:`BandNotFoundError` if
     none meets it on the tuning rows."""
     max_over_refusal = finite_number(max_over_refusal, "max_over_refusal")
     max_kl = finite_number(max_kl, "max_kl")
-    if not 0.0 <= max_over_refusal <= 1.0 or max_kl < 0.0:
-        raise InvalidValueError(f"need 0 <= max_over_refusal <= 1 and max_kl >= 0; got {max_over_refusal}, {max_kl}")
+    min_share = finite_number(min_share, "min_share")
+    if not 0.0 <= max_over_refusal <= 1.0 or max_kl < 0.0 or not 0.0 <= min_share <= 1.0:
+        raise InvalidValueError(f"need 0 <= max_over_refusal <= 1, max_kl >= 0 and 0 <= min_share <= 1; got {max_over_refusal}, {max_kl}, {min_share}")
     if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
         raise InvalidValueError(f"draws must be a positive int; got {draws!r}")
     gen = torch.Generator().manual_seed(seed)
@@ -219,6 +230,12 @@ def choose_band(rows: TuningRows, *, max_over_refusal: float = 0.15, max_kl: flo
             f"model's and KL on {rows.ordinary!r} <= {max_kl:g}, even on the tuning rows; try a weaker comply branch, more tuning prompts or looser limits"
         )
     _, comply, low, high, p = best
+    if p < min_share:
+        warnings.warn(
+            f"the best band ({comply}, [{low:.4g}, {high:.4g})) meets the bar on only {p:.0%} of bootstrap resamples of the tuning rows; "
+            "expect it to miss on other prompts (more tuning prompts or a better guard make it firmer)",
+            FragileBandWarning, stacklevel=2,
+        )  # fmt: skip
     return BandChoice(
         comply=comply, low=low, high=high, p_meets_bar=p,
         rates={n: float(rows.gate_rows(n, comply, low, high).mean()) for n in rows.sets},
