@@ -15,16 +15,18 @@ fine-tune. This experiment separates the two sources of variation:
 3. **Selection on the tuning prompts only**, by two rules:
    - ``gain`` (the old rule): most refusal on harmful + unsafe minus refusal on safe, safe <= 10% (else 15%),
      KL <= 0.05;
-   - ``robust``: :func:`steerlab.interventions.band_choice.choose_band` — among the settings meeting the bar on the
+   - ``robust``: :func:`steerlab.measure.gate_band.choose_band` — among the settings meeting the bar on the
      tuning rows, the one meeting it on the most bootstrap resamples of them (each set resampled, plain and gate
      read on the same rows): safe refusal <= 15%, refusal on unsafe and on HarmBench each >= the plain model's, KL
      on ordinary <= 0.05.
    - ``tau`` (fixed in advance, registered before seeds 1 and 2 were scored): no band, the cut at the refusal
      tokens' own tau (forced [refuse] on safe tuning prompts <= 10%), the strongest ablation with KL <= 0.05.
-   Held-out results of each rule's choice are then read off the held-out branch rows.
+   Held-out results of each rule's choice are then read off the held-out branch rows. Also reported, as a bound and
+   not a method: whether any setting meets the bar on the held-out rows themselves (``held_out_oracle``).
 
 Run: ``python -u experiments/token_gate_seeds.py --direction runs/refusal/refusal_direction.safetensors --seeds 0 1 2``
-(~15 min of branch rows once, then ~17 min per seed on 2 cores); writes runs/token_gate_seeds/report.json.
+(~15 min of branch rows once, then ~18 min per seed on 2 cores; a seed already scored is read from its file);
+writes runs/token_gate_seeds/report.json.
 """
 
 import argparse
@@ -37,7 +39,7 @@ import torch
 
 import steerlab
 from steerlab.eval.logits import kl_divergence, last_token_logprobs
-from steerlab.interventions.band_choice import BandNotFoundError, TuningRows, choose_band
+from steerlab.measure.gate_band import BandNotFoundError, TuningRows, choose_band
 from steerlab.interventions.gated import GatedRefusal
 from steerlab.interventions.refusal_tokens import RefusalTokens, refusal_token_probs
 from steerlab.interventions.token_guard import RefusalTokenGuard
@@ -213,6 +215,12 @@ def main():
                 "tune": evaluate(rows_of["tune"], *picked), "held": evaluate(rows_of["held"], *picked)}  # fmt: skip
         if choice is not None:
             entry["robust"]["p_meets_bar_on_tuning_resamples"] = choice.p_meets_bar
+        # not a method: is the bar reachable at all on the held-out rows with this fine-tune's scores?
+        try:
+            oracle = choose_band(rows_of["held"], max_over_refusal=0.15, max_kl=0.05)
+            entry["held_out_oracle"] = {"comply": oracle.comply, "low": oracle.low, "high": oracle.high, "held": oracle.rates}
+        except BandNotFoundError:
+            entry["held_out_oracle"] = None
         if args.verify and k == 0 and model is not None and robust is not None:
             comply, low, high = robust
             guard = RefusalTokenGuard(tokens, threshold=high, model=model)

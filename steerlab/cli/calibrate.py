@@ -28,8 +28,8 @@ def _tuning_sets(args: argparse.Namespace) -> dict[str, list[str]]:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from steerlab.eval.gate_tuning import measure_tuning_rows
-    from steerlab.interventions.band_choice import BandNotFoundError, choose_band
+    from steerlab.measure.gate_rows import measure_tuning_rows
+    from steerlab.measure.gate_band import BandNotFoundError, choose_band
     from steerlab.probes.fitting import describe_guard
 
     out = inputs.output_dir(args.out)

@@ -9,9 +9,9 @@ import torch
 from steerlab import Ablate, AddVector
 from steerlab.data import DEMO_HARMFUL, DEMO_HARMLESS
 from steerlab.errors import EmptyInputError, InvalidValueError, ShapeError
-from steerlab.eval.gate_tuning import calibrate_gate, measure_tuning_rows
+from steerlab.measure.gate_rows import calibrate_gate, measure_tuning_rows
 from steerlab.interventions.gated import GatedRefusal
-from steerlab.interventions.band_choice import BandNotFoundError, FragileBandWarning, TuningRows, _band_means, _resample_counts, choose_band
+from steerlab.measure.gate_band import BandNotFoundError, FragileBandWarning, TuningRows, _band_means, _resample_counts, choose_band
 from steerlab.probes import LatentGuard
 from steerlab.testing import tiny_direction, tiny_model
 

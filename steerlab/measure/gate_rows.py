@@ -3,7 +3,7 @@
 :func:`measure_tuning_rows` generates every tuning prompt under each branch of a gate (the plain model, the
 ``refuse`` intervention, each ``comply`` option), judges each reply, and measures KL(plain ‖ branch) of the next
 token on the ordinary prompts; the guard scores every prompt once. :func:`calibrate_gate` then picks the comply
-option and band with :func:`~steerlab.interventions.band_choice.choose_band` (the setting most likely to meet the
+option and band with :func:`~steerlab.measure.gate_band.choose_band` (the setting most likely to meet the
 bar: over-refusal, refusal on harmful at least the plain model's, KL) and returns the gate with it.
 
 Tune on prompts the guard was not fitted on, and measure the gate on others again: the choice only transfers as
@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from steerlab.errors import EmptyInputError, InvalidValueError
 from steerlab.eval.compliance import judge_reply
 from steerlab.eval.logits import kl_divergence, last_token_logprobs
-from steerlab.interventions.band_choice import FIXED_BRANCHES, BandChoice, TuningRows, choose_band
+from steerlab.measure.gate_band import FIXED_BRANCHES, BandChoice, TuningRows, choose_band
 
 if TYPE_CHECKING:
     from steerlab.interventions.gated import GatedRefusal

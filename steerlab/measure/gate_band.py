@@ -191,7 +191,7 @@ def _band_means(scores: torch.Tensor, values: Mapping[str, torch.Tensor], comply
 
 
 def choose_band(
-    rows: TuningRows, *, max_over_refusal: float = 0.15, max_kl: float = 0.05, draws: int = 400, seed: int = 0, min_share: float = 0.5
+    rows: TuningRows, *, max_over_refusal: float = 0.15, max_kl: float = 0.05, draws: int = 400, seed: int = 0, min_share: float = 0.8
 ) -> BandChoice:
     """The comply branch and band most likely to meet the bar (module docs); raises :class:`BandNotFoundError` if
     none meets it on the tuning rows."""
