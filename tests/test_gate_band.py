@@ -55,7 +55,7 @@ def test_band_means_equal_a_loop_over_bands():
     rows = _rows(0)
     counts = _resample_counts(SIZES["safe"], 5, torch.Generator().manual_seed(1))
     cuts = rows.cuts()
-    got = _band_means(rows.scores["safe"], rows.refused["safe"], "comply_a", counts, cuts)
+    got = _band_means(rows.scores["safe"], rows.refused["safe"], "comply_a", counts, cuts, slice(0, len(cuts)))
     for i in range(0, len(cuts), 3):
         for j in range(i, len(cuts), 2):
             v = rows.gate_rows("safe", "comply_a", float(cuts[i]), float(cuts[j]))
@@ -80,6 +80,17 @@ def test_choice_is_the_brute_force_best_on_the_same_resamples(seed):
         assert choice.rates[n] >= choice.plain[n]
     # not every setting meets it, so the search had something to reject
     assert len(meets) < len(table)
+
+
+def test_the_choice_does_not_depend_on_how_the_bands_are_chunked(monkeypatch):
+    from steerlab.measure import gate_band
+
+    rows = _rows(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FragileBandWarning)
+        whole = choose_band(rows, draws=30, seed=1)
+        monkeypatch.setattr(gate_band, "_CHUNK", 31 * len(rows.cuts()) * 7)  # seven low cuts at a time
+        assert choose_band(rows, draws=30, seed=1) == whole
 
 
 def test_a_band_that_rarely_meets_the_bar_warns():

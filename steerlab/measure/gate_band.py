@@ -174,8 +174,10 @@ def _resample_counts(n: int, draws: int, generator: torch.Generator) -> torch.Te
     return torch.cat([torch.ones(1, n, dtype=torch.float64), counts])
 
 
-def _band_means(scores: torch.Tensor, values: Mapping[str, torch.Tensor], comply: str, counts: torch.Tensor, cuts: torch.Tensor) -> torch.Tensor:
-    """[draws, cuts(low), cuts(high)]: the weighted mean of the gate's per-row values for every band."""
+def _band_means(
+    scores: torch.Tensor, values: Mapping[str, torch.Tensor], comply: str, counts: torch.Tensor, cuts: torch.Tensor, lows: slice
+) -> torch.Tensor:
+    """[draws, cuts(low) in ``lows``, cuts(high)]: the weighted mean of the gate's per-row values for every band."""
     order = torch.argsort(scores)
     below = torch.searchsorted(scores[order], cuts)  # rows with score < cut (no score equals a cut)
     w = counts[:, order]
@@ -184,10 +186,13 @@ def _band_means(scores: torch.Tensor, values: Mapping[str, torch.Tensor], comply
         c = torch.cumsum(w * values[branch][order], dim=1)
         return torch.cat([torch.zeros(len(w), 1, dtype=c.dtype), c], dim=1)[:, below]
 
-    comply_below, plain_below, refuse_below = cum(comply), cum("plain"), cum("refuse")
+    comply_below, plain_below, refuse_below = cum(comply)[:, lows], cum("plain"), cum("refuse")
     refuse_total = (w * values["refuse"][order]).sum(1)
-    total = comply_below[:, :, None] + plain_below[:, None, :] - plain_below[:, :, None] + refuse_total[:, None, None] - refuse_below[:, None, :]
+    total = comply_below[:, :, None] + plain_below[:, None, :] - plain_below[:, lows, None] + refuse_total[:, None, None] - refuse_below[:, None, :]
     return total / w.sum(1)[:, None, None]
+
+
+_CHUNK = 20_000_000  # bands x draws evaluated at once (~160 MB of float64)
 
 
 def choose_band(
@@ -207,23 +212,23 @@ def choose_band(
     cuts = rows.cuts()
     valid = torch.ones(len(cuts), len(cuts), dtype=torch.bool).triu()  # low <= high
     plain = {n: (counts[n] @ rows.refused[n]["plain"]) / counts[n].sum(1) for n in rows.harmful}
+    step = max(1, _CHUNK // ((draws + 1) * len(cuts)))
     best = None
     for comply in rows.comply:
-        rate = {n: _band_means(rows.scores[n], rows.refused[n], comply, counts[n], cuts) for n in rows.sets}
-        kl = _band_means(rows.scores[rows.ordinary], rows.kl, comply, counts[rows.ordinary], cuts)
-        ok = (rate[rows.safe] <= max_over_refusal + 1e-12) & (kl <= max_kl + 1e-12)
-        for n in rows.harmful:
-            ok &= rate[n] >= plain[n][:, None, None] - 1e-12
-        ok &= valid
-        meets = ok[0]  # on the tuning rows themselves
-        successes = ok[1:].double().sum(0)
-        gain = torch.stack([rate[n][0] for n in rows.harmful]).mean(0) - rate[rows.safe][0]  # in [-1, 1]
-        key = torch.where(meets, successes + (gain + 1.0) / 2.0 * 0.999, torch.full_like(gain, -1.0))  # successes first, then gain
-        flat = int(torch.argmax(key))
-        i, j = divmod(flat, len(cuts))
-        if key[i, j] < 0 or (best is not None and key[i, j] <= best[0]):
-            continue
-        best = (float(key[i, j]), comply, float(cuts[i]), float(cuts[j]), float(successes[i, j]) / draws)
+        for start in range(0, len(cuts), step):
+            lows = slice(start, min(start + step, len(cuts)))
+            rate = {n: _band_means(rows.scores[n], rows.refused[n], comply, counts[n], cuts, lows) for n in rows.sets}
+            kl = _band_means(rows.scores[rows.ordinary], rows.kl, comply, counts[rows.ordinary], cuts, lows)
+            ok = (rate[rows.safe] <= max_over_refusal + 1e-12) & (kl <= max_kl + 1e-12) & valid[lows]
+            for n in rows.harmful:
+                ok &= rate[n] >= plain[n][:, None, None] - 1e-12
+            successes = ok[1:].double().sum(0)
+            gain = torch.stack([rate[n][0] for n in rows.harmful]).mean(0) - rate[rows.safe][0]  # in [-1, 1]
+            key = torch.where(ok[0], successes + (gain + 1.0) / 2.0 * 0.999, torch.full_like(gain, -1.0))  # meets on the rows themselves; successes, then gain
+            i, j = divmod(int(torch.argmax(key)), len(cuts))
+            if key[i, j] < 0 or (best is not None and key[i, j] <= best[0]):
+                continue
+            best = (float(key[i, j]), comply, float(cuts[start + i]), float(cuts[j]), float(successes[i, j]) / draws)
     if best is None:
         raise BandNotFoundError(
             f"no comply branch and band keep refusal on {rows.safe!r} <= {max_over_refusal:g}, refusal on {list(rows.harmful)} at least the plain "
