@@ -332,6 +332,7 @@ def test_calibrate_chooses_a_band_steer_applies(tiny_dir, probe_run, tmp_path, c
     choice = choose_band(rows, max_over_refusal=1.0, max_kl=1e9, draws=30)
     assert (summary["low"], summary["high"], summary["ablate_strength"]) == (choice.low, choice.high, float(choice.comply.removeprefix("ablate")))
     assert summary["tuning"]["gate"] == choice.rates and summary["p_meets_bar"] == choice.p_meets_bar
+    assert ("warning: the best band" in out) == (choice.p_meets_bar < 0.8)
     # the printed command applies exactly that gate
     apply = out.strip().splitlines()[-1].split("apply it with: steerlab ")[1].split()
     apply = [a for a in apply if a != "PROMPT"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import warnings
 
 from steerlab.cli import gate, inputs
 from steerlab.cli.args import UsageError, add_model_args, finite_float, float_in, fraction, non_negative_float, non_negative_int, positive_int
@@ -11,7 +12,7 @@ from steerlab.cli.args import UsageError, add_model_args, finite_float, float_in
 
 def _calibrate(args: argparse.Namespace) -> int:
     from steerlab.measure.gate_rows import measure_tuning_rows
-    from steerlab.measure.gate_band import BandNotFoundError, choose_band
+    from steerlab.measure.gate_band import BandNotFoundError, FragileBandWarning, choose_band
     from steerlab.probes.fitting import describe_guard
 
     out = inputs.output_dir(args.out)
@@ -25,7 +26,9 @@ def _calibrate(args: argparse.Namespace) -> int:
                f"({len(sets['safe'])} safe-but-scary, {len(sets['harmful'])} harmful, {len(sets['ordinary'])} ordinary)")  # fmt: skip
     rows = measure_tuning_rows(model, guard, sets, refuse=refuse, comply=comply, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     try:
-        choice = choose_band(rows, max_over_refusal=args.max_over_refusal, max_kl=args.max_kl, draws=args.draws, seed=args.seed)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", FragileBandWarning)
+            choice = choose_band(rows, max_over_refusal=args.max_over_refusal, max_kl=args.max_kl, draws=args.draws, seed=args.seed)
     except BandNotFoundError as e:
         raise UsageError(str(e)) from None
     strength = float(choice.comply.removeprefix("ablate"))
@@ -46,6 +49,9 @@ def _calibrate(args: argparse.Namespace) -> int:
     print("  tuning refusal, gate vs plain: " + ", ".join(f"{n} {choice.rates[n]:.2f} vs {choice.plain[n]:.2f}" for n in rows.sets)
           + f"; KL {choice.kl:.4f}")  # fmt: skip
     print(f"  meets the bar on {choice.p_meets_bar:.0%} of {args.draws} bootstrap resamples of the tuning prompts")
+    for w in caught:
+        if issubclass(w.category, FragileBandWarning):
+            print(f"warning: {w.message}")
     tau = [] if args.tau is None else ["--tau", repr(args.tau)]
     layer = [] if args.layer is None else ["--layer", str(args.layer)]
     command = ["steerlab steer --calibrated", args.guard, *tau, "--direction", args.direction, *layer, "--refuse-coeff", f"{args.refuse_coeff:g}",

@@ -12,23 +12,19 @@ from steerlab.cli.args import UsageError
 
 def open_guard(spec: str, *, tau: float | None, model: Any, dtype: str) -> Any:
     """A saved ProbeGuard / LatentGuard file, or the directory of a refusal-token model (threshold: ``tau`` or the
-    saved one)."""
+    saved one); usage errors as :func:`check_guard_spec`."""
     import torch
 
     from steerlab.interventions.token_guard import SETTINGS_FILE, RefusalTokenGuard
     from steerlab.probes import LatentGuard, ProbeGuard
     from steerlab.probes.fitting import saved_guard_kind
 
+    check_guard_spec(spec, tau)
     root = Path(spec).expanduser()
     if root.is_dir():
         if (root / SETTINGS_FILE).is_file():
             return RefusalTokenGuard.load(root, dtype=getattr(torch, dtype), threshold=tau)
-        if tau is None:
-            raise UsageError(f"{spec} is a model directory without {SETTINGS_FILE} (steerlab refusal-tokens writes one); give the "
-                             "refusal-token threshold with --tau")  # fmt: skip
         return RefusalTokenGuard.from_model(inputs.open_model(spec, dtype), threshold=tau)
-    if tau is not None:
-        raise UsageError("--tau is the threshold of a refusal-token guard (a model directory); a saved guard file carries its own")
     path = inputs.existing_file(spec, "guard")
     kind = ProbeGuard if saved_guard_kind(path) == "probe" else LatentGuard
     return inputs.read_saved(path, f"steerlab {kind.__name__}", lambda f: kind.load(f, model=model))
