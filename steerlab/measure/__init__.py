@@ -18,14 +18,10 @@ Example:
 
 from steerlab.measure.columns import column_activations
 from steerlab.measure.experts import expert_attribution, expert_contrast, expert_usage
-from steerlab.measure.gate_band import choose_band
-from steerlab.measure.gate_rows import calibrate_gate, measure_tuning_rows
 from steerlab.measure.heads import head_ablation_effect, head_attribution, head_means
 from steerlab.measure.keys import estimate_key_covariance, linear_redirect_from_prompts, module_keys
 
 __all__ = [
-    "calibrate_gate",
-    "choose_band",
     "column_activations",
     "estimate_key_covariance",
     "expert_attribution",
@@ -35,6 +31,5 @@ __all__ = [
     "head_attribution",
     "head_means",
     "linear_redirect_from_prompts",
-    "measure_tuning_rows",
     "module_keys",
 ]
