@@ -8,8 +8,8 @@ import torch
 
 from steerlab import Ablate, AddVector
 from steerlab.data import DEMO_HARMFUL, DEMO_HARMLESS
-from steerlab.errors import EmptyInputError, InvalidValueError, ShapeError
-from steerlab.measure.gate_rows import calibrate_gate, measure_tuning_rows
+from steerlab.errors import EmptyInputError, InvalidValueError, NonFiniteError, ShapeError
+from steerlab.measure.gate_rows import measure_tuning_rows
 from steerlab.interventions.gated import GatedRefusal
 from steerlab.measure.gate_band import BandNotFoundError, FragileBandWarning, TuningRows, _band_means, _resample_counts, choose_band
 from steerlab.probes import LatentGuard
@@ -122,6 +122,8 @@ def test_bad_rows_and_options_raise():
         TuningRows(rows.scores, bad, rows.kl, harmful=("unsafe", "harmbench"))
     with pytest.raises(InvalidValueError, match="no rows for branch 'comply_b'"):
         TuningRows(rows.scores, refused, {"refuse": rows.kl["refuse"], "comply_a": rows.kl["comply_a"]}, harmful=("unsafe", "harmbench"))
+    with pytest.raises(NonFiniteError, match="scores\\['safe'\\]"):
+        TuningRows({**rows.scores, "safe": torch.full((12,), float("nan"))}, refused, rows.kl, harmful=("unsafe", "harmbench"))
     with pytest.raises(InvalidValueError, match="no scores"):
         TuningRows(rows.scores, refused, rows.kl)  # the default harmful set is not there
     for kwargs in ({"draws": 0}, {"max_over_refusal": 1.5}, {"max_kl": -1.0}, {"min_share": 2.0}):
@@ -157,15 +159,16 @@ def test_rows_read_off_the_branches_equal_real_gated_generation():
     assert (rows.kl["ablate"] >= 0).all() and rows.kl["ablate"].sum() > rows.kl["half"].sum() > 0
 
 
-def test_calibrate_gate_returns_the_chosen_gate_and_checks_options():
+def test_the_chosen_band_builds_its_gate_and_bad_options_raise():
     model = tiny_model("llama")
     guard = LatentGuard.fit(model, DEMO_HARMFUL[4:], DEMO_HARMLESS[4:], layers=[1])
     d = tiny_direction(model, layer=1)
     sets = {"safe": DEMO_HARMLESS[:4], "harmful": DEMO_HARMFUL[:4], "ordinary": DEMO_HARMLESS[4:8]}
     comply = {"ablate": Ablate(d), "weak": Ablate(d, strength=0.1)}
     try:
-        gated, choice, rows = calibrate_gate(model, guard, sets, refuse=AddVector(d, coeff=8.0), comply=comply, max_new_tokens=3,
-                                             max_kl=10.0, draws=20)  # fmt: skip
+        rows = measure_tuning_rows(model, guard, sets, refuse=AddVector(d, coeff=8.0), comply=comply, max_new_tokens=3)
+        choice = choose_band(rows, max_kl=10.0, draws=20, min_share=0.0)
+        gated = choice.gate(guard, refuse=AddVector(d, coeff=8.0), comply=comply[choice.comply])
     except BandNotFoundError:
         pytest.fail("with KL allowed up to 10 and a random model's replies, some band meets the bar")
     assert (gated.low, gated.high) == (choice.low, choice.high) and gated.comply is comply[choice.comply]

@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from steerlab._checks import finite_number
+from steerlab._checks import check_finite, finite_number
 import warnings
 
 from steerlab.errors import EmptyInputError, InvalidValueError, ShapeError, SteerlabError, SteerlabWarning
@@ -63,8 +63,7 @@ def _vector(values: Any, what: str) -> torch.Tensor:
     t = torch.as_tensor(values, dtype=torch.float64).flatten()
     if t.numel() == 0:
         raise EmptyInputError(f"{what} is empty")
-    if not torch.isfinite(t).all():
-        raise InvalidValueError(f"{what} has non-finite values")
+    check_finite(t, what, "give finite scores, 0/1 refusals and KL values")
     return t
 
 

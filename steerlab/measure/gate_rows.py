@@ -1,10 +1,11 @@
-"""Calibrate a refusal gate on tuning prompts: measure every branch once, then choose the band that holds.
+"""A refusal gate's tuning rows: every tuning prompt measured once under each branch.
 
 :func:`measure_tuning_rows` generates every tuning prompt under each branch of a gate (the plain model, the
 ``refuse`` intervention, each ``comply`` option), judges each reply, and measures KL(plain ‖ branch) of the next
-token on the ordinary prompts; the guard scores every prompt once. :func:`calibrate_gate` then picks the comply
-option and band with :func:`~steerlab.measure.gate_band.choose_band` (the setting most likely to meet the
-bar: over-refusal, refusal on harmful at least the plain model's, KL) and returns the gate with it.
+token on the ordinary prompts; the guard scores every prompt once.
+:func:`~steerlab.measure.gate_band.choose_band` then picks the comply option and band most likely to meet the bar
+(over-refusal, refusal on harmful at least the plain model's, KL), and ``choice.gate(guard, refuse=, comply=)``
+builds the gate.
 
 Tune on prompts the guard was not fitted on, and measure the gate on others again: the choice only transfers as
 far as the tuning prompts resemble what the gate will see.
@@ -22,6 +23,9 @@ Example:
     ...                            max_new_tokens=2)
     >>> rows.comply, sorted(rows.refused["safe"])
     (('ablate',), ['ablate', 'plain', 'refuse'])
+    >>> from steerlab.measure.gate_band import choose_band
+    >>> choice = choose_band(rows, max_kl=100.0, draws=20, min_share=0.0)   # a random model: loose limits
+    >>> gated = choice.gate(guard, refuse=AddVector(d, coeff=4.0), comply=Ablate(d))
 """
 
 from __future__ import annotations
@@ -32,10 +36,9 @@ from typing import TYPE_CHECKING, Any
 from steerlab.errors import EmptyInputError, InvalidValueError
 from steerlab.eval.compliance import judge_reply
 from steerlab.eval.logits import kl_divergence, last_token_logprobs
-from steerlab.measure.gate_band import FIXED_BRANCHES, BandChoice, TuningRows, choose_band
+from steerlab.measure.gate_band import FIXED_BRANCHES, TuningRows
 
 if TYPE_CHECKING:
-    from steerlab.interventions.gated import GatedRefusal
     from steerlab.model import Model
 
 
@@ -72,10 +75,11 @@ def measure_tuning_rows(
         if not prompts:
             raise EmptyInputError(f"sets[{name!r}] needs prompts")
         scores[name] = guard.score(prompts, batch_size=batch_size).double()
-        texts = {"plain": model.generate(prompts, max_new_tokens=max_new_tokens)}
+        gen = {"max_new_tokens": max_new_tokens, "batch_size": batch_size}
+        texts = {"plain": model.generate(prompts, **gen)}
         for branch, iv in branches.items():
             with model.apply(iv):
-                texts[branch] = model.generate(prompts, max_new_tokens=max_new_tokens)
+                texts[branch] = model.generate(prompts, **gen)
         judged[name] = {b: [float(bool(refused(t))) for t in ts] for b, ts in texts.items()}
         if name == ordinary:
             plain = last_token_logprobs(model, prompts, batch_size=batch_size)
@@ -85,27 +89,4 @@ def measure_tuning_rows(
     return TuningRows(scores, judged, kl, safe=safe, harmful=harmful, ordinary=ordinary)
 
 
-def calibrate_gate(
-    model: Model,
-    guard: Any,
-    sets: Mapping[str, Sequence[str]],
-    *,
-    refuse: Any,
-    comply: Mapping[str, Any],
-    safe: str = "safe",
-    harmful: Sequence[str] = ("harmful",),
-    ordinary: str = "ordinary",
-    max_new_tokens: int = 24,
-    max_over_refusal: float = 0.15,
-    max_kl: float = 0.05,
-    draws: int = 400,
-    seed: int = 0,
-) -> tuple[GatedRefusal, BandChoice, TuningRows]:
-    """The gate whose comply option and band :func:`choose_band` picks on ``sets``, with the choice and the rows."""
-    rows = measure_tuning_rows(model, guard, sets, refuse=refuse, comply=comply, safe=safe, harmful=harmful, ordinary=ordinary,
-                               max_new_tokens=max_new_tokens)  # fmt: skip
-    choice = choose_band(rows, max_over_refusal=max_over_refusal, max_kl=max_kl, draws=draws, seed=seed)
-    return choice.gate(guard, refuse=refuse, comply=comply[choice.comply]), choice, rows
-
-
-__all__ = ["calibrate_gate", "measure_tuning_rows"]
+__all__ = ["measure_tuning_rows"]
