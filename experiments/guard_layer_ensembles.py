@@ -27,9 +27,8 @@ from pathlib import Path
 import torch
 
 from steerlab.data.guard_sets import PromptSet, guard_sets, kind_families
-from steerlab.probes import fit_probes
 from steerlab.probes.cross_source import fit_on, leave_kind_out, leave_sources_out, score_pairs, summarize
-from steerlab.probes.layer_choice import choose_layers, layer_candidates
+from steerlab.probes.layer_choice import _fit_scorer, _mixer, choose_layers, layer_candidates
 
 OUT = Path("runs/guards")
 LAST = 1  # position index of `last` in acts.pt
@@ -45,16 +44,10 @@ def candidates(n_layers: int) -> dict[str, tuple[int, ...]]:
 
 
 def candidate_fit(cands: dict[str, tuple[int, ...]], n_layers: int):
-    """A cross_source ``fit``: one probe per layer, scored as every candidate's mean logit ``[n, len(cands)]``."""
-    mix = torch.zeros(n_layers, len(cands))
-    for j, layers in enumerate(cands.values()):
-        mix[list(layers), j] = 1.0 / len(layers)
-
-    def fit(x, y, sample_weight=None):
-        probe = fit_probes(x, y, layers=list(range(n_layers)), C=0.01, balanced=True, sample_weight=sample_weight)
-        return lambda z: probe.decision_function(z) @ mix
-
-    return fit
+    """A cross_source ``fit``: one probe per layer, scored as every candidate's mean logit ``[n, len(cands)]``
+    (the scorer steerlab.probes.layer_choice.choose_layers uses)."""
+    mix = _mixer(list(cands.values()), n_layers)
+    return lambda x, y, sample_weight=None: _fit_scorer(x, y, sample_weight, C=0.01, mix=mix)
 
 
 def main():

@@ -221,8 +221,8 @@ class VLLMEngine:
             raise InvalidValueError(f"generate_gated takes a GatedRefusal, not {type(gated).__name__}")
         if isinstance(prompts, str) or not prompts:
             raise InvalidValueError("generate_gated takes a non-empty list of prompts")
+        rows = self.model.chat(system=system, chat=chat).tokenize(list(prompts))  # once: guard and engine get these ids
         if gated.reads_other_model:  # a refusal-token guard: its own (HF) model reads the token ids vLLM will get
-            rows = self.model.chat(system=system, chat=chat).tokenize(list(prompts))
             scores = gated.guard.score_rows(self.model, rows)
         else:
             position = gated.read_position
@@ -232,18 +232,19 @@ class VLLMEngine:
         branches = {GATED_NAMES[a]: iv for a, iv in (("refuse", gated.refuse), ("comply", gated.comply)) if iv is not None}
         self.register(branches)
         steer = [GATED_NAMES[a] if a != "leave" else None for a in actions]
-        ids = self._generate_ids(prompts, steer=steer, max_new_tokens=max_new_tokens, chat=chat, system=system)
+        ids = self._generate_ids(prompts, steer=steer, max_new_tokens=max_new_tokens, chat=chat, system=system, rows=rows)
         texts = self.model.tokenizer.batch_decode(ids, skip_special_tokens=True)
         return [GatedOutput(text=t, tokens=i, score=float(s), action=a) for t, i, s, a in zip(texts, ids, scores.tolist(), actions)]
 
     def _generate_ids(
         self, prompts: Sequence[str], *, steer: Any, max_new_tokens: int, chat: bool, system: str | None,
-        temperature: float = 0.0, ignore_eos: bool = False,
+        temperature: float = 0.0, ignore_eos: bool = False, rows: list | None = None,
     ) -> list[list[int]]:  # fmt: skip
-        """The generated ids of each prompt (see :meth:`generate`)."""
+        """The generated ids of each prompt (see :meth:`generate`); ``rows``: the prompts already tokenized."""
         vllm = compat.import_vllm()
         requests = self.requests(steer, len(prompts))
-        rows = self.model.chat(system=system, chat=chat).tokenize(list(prompts))
+        if rows is None:
+            rows = self.model.chat(system=system, chat=chat).tokenize(list(prompts))
         inputs, params, tags = [], [], []
         for (ids, *_), request in zip(rows, requests):
             tag = uuid.uuid4().hex
