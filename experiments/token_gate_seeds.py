@@ -168,6 +168,7 @@ def main():
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--branches-only", action="store_true")
+    ap.add_argument("--report", default="report.json", help="file name of the report under runs/token_gate_seeds/")
     ap.add_argument("--verify", action="store_true", help="run the real gate on the held-out prompts for the first seed")
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
@@ -182,7 +183,7 @@ def main():
         return
     report = {"args": vars(args), "plain": {split: {n: float(refused(rows[split][n]["texts"]["plain"]).mean()) for n in SETS} for split in rows},
               "seeds": {}}  # fmt: skip
-    report_path = OUT / "report.json"
+    report_path = OUT / args.report
     if report_path.is_file():
         report["seeds"] = json.loads(report_path.read_text()).get("seeds", {})
     for k, seed in enumerate(args.seeds):

@@ -31,8 +31,9 @@ def _rows(seed: int, *, refuse_p=0.9, comply_p=0.1, plain_p=0.4) -> TuningRows:
     return TuningRows(scores, refused, kl, harmful=("unsafe", "harmbench"))
 
 
-def _brute_force(rows: TuningRows, *, draws, seed, max_over_refusal=0.15, max_kl=0.05):
-    """Every (comply, low, high) scored with an explicit loop over the same resamples: {setting: (meets, successes, gain)}."""
+def _brute_force(rows: TuningRows, *, draws, seed, max_over_refusal=0.15, max_kl=0.05, floors=False):
+    """Every (comply, low, high[, floor]) scored with an explicit loop over the same resamples:
+    {setting: (meets, successes, gain)}; ``floors``: also every cut as a floor (<= low)."""
     gen = torch.Generator().manual_seed(seed)
     counts = {n: _resample_counts(len(rows.scores[n]), draws, gen) for n in rows.sets}
     mean = lambda n, v: (counts[n] @ v) / counts[n].sum(1)  # noqa: E731
@@ -41,13 +42,14 @@ def _brute_force(rows: TuningRows, *, draws, seed, max_over_refusal=0.15, max_kl
     for comply in rows.comply:
         for i, low in enumerate(cuts):
             for high in cuts[i:]:
-                rate = {n: mean(n, rows.gate_rows(n, comply, low, high)) for n in rows.sets}
-                kl = mean(rows.ordinary, rows.gate_kl(comply, low, high))
-                ok = (rate[rows.safe] <= max_over_refusal + 1e-12) & (kl <= max_kl + 1e-12)
-                for n in rows.harmful:
-                    ok &= rate[n] >= mean(n, rows.refused[n]["plain"]) - 1e-12
-                gain = sum(float(rate[n][0]) for n in rows.harmful) / len(rows.harmful) - float(rate[rows.safe][0])
-                out[(comply, low, high)] = (bool(ok[0]), int(ok[1:].sum()), gain)
+                for floor in [None, *(cuts[1 : i + 1] if floors else [])]:
+                    rate = {n: mean(n, rows.gate_rows(n, comply, low, high, floor)) for n in rows.sets}
+                    kl = mean(rows.ordinary, rows.gate_kl(comply, low, high, floor))
+                    ok = (rate[rows.safe] <= max_over_refusal + 1e-12) & (kl <= max_kl + 1e-12)
+                    for n in rows.harmful:
+                        ok &= rate[n] >= mean(n, rows.refused[n]["plain"]) - 1e-12
+                    gain = sum(float(rate[n][0]) for n in rows.harmful) / len(rows.harmful) - float(rate[rows.safe][0])
+                    out[(comply, low, high) + ((floor,) if floors else ())] = (bool(ok[0]), int(ok[1:].sum()), gain)
     return out
 
 
@@ -80,6 +82,34 @@ def test_choice_is_the_brute_force_best_on_the_same_resamples(seed):
         assert choice.rates[n] >= choice.plain[n]
     # not every setting meets it, so the search had something to reject
     assert len(meets) < len(table)
+
+
+@pytest.mark.parametrize("seed", [0, 4])
+def test_a_floor_search_is_the_brute_force_best_over_every_floor(seed):
+    """floors >= the number of cuts tries every cut as a floor; the choice is the best of an explicit search over
+    (comply, floor <= low <= high) on the same resamples, and no worse than the best setting without a floor."""
+    rows = _rows(seed, comply_p=0.0)
+    # ordinary rows score lowest; comply_a removes every refusal but costs more KL than the bar allows, so only a
+    # floor that spares the ordinary rows admits it
+    scores = {**rows.scores, "ordinary": rows.scores["ordinary"] * 0.2, "safe": 0.2 + rows.scores["safe"] * 0.5}
+    rows = TuningRows(scores, rows.refused, {**rows.kl, "comply_a": torch.full((11,), 0.2, dtype=torch.float64)}, harmful=("unsafe", "harmbench"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FragileBandWarning)
+        choice = choose_band(rows, draws=20, seed=seed, floors=len(rows.cuts()))
+        plain_choice = choose_band(rows, draws=20, seed=seed)
+    table = _brute_force(rows, draws=20, seed=seed, floors=True)
+    best = max((v[1], v[2]) for v in table.values() if v[0])
+    mine = table[(choice.comply, choice.low, choice.high, choice.floor)]
+    assert mine[0] and mine[1] == best[0] and mine[2] == pytest.approx(best[1])
+    assert choice.p_meets_bar == mine[1] / 20 >= plain_choice.p_meets_bar
+    assert choice.rates["safe"] == pytest.approx(float(rows.gate_rows("safe", choice.comply, choice.low, choice.high, choice.floor).mean()))
+    # the floor mattered: some floor setting with comply_a meets the bar, and no comply_a setting without one does
+    assert any(v[0] for k, v in table.items() if k[0] == "comply_a" and k[3] is not None)
+    assert not any(v[0] for k, v in table.items() if k[0] == "comply_a" and k[3] is None)
+    gate = choice.gate(LatentGuard(torch.ones(1, 2), -torch.ones(1, 2), layers=(0,)), refuse=object(), comply=object())
+    assert gate.floor == choice.floor
+    with pytest.raises(InvalidValueError, match="floors"):
+        choose_band(rows, floors=-1)
 
 
 def test_the_choice_does_not_depend_on_how_the_bands_are_chunked(monkeypatch):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from steerlab.data import DEMO_HARMFUL, DEMO_HARMLESS
-from steerlab.errors import GenerationStateError, InvalidValueError, ShapeError, UnknownSiteError, ValueFileError
+from steerlab.errors import GenerationStateError, InvalidValueError, NonFiniteError, ShapeError, UnknownSiteError, ValueFileError
 from steerlab.hooks import open_sessions
 from steerlab.model import load
 from steerlab.interventions.gated import GatedRefusal
@@ -144,6 +144,30 @@ def test_refusal_token_guard_scores_token_ids_as_its_own_prompts():
         other.score_rows(model, rows)
 
 
+def test_rows_below_the_floor_are_left_alone():
+    """With a floor the comply branch acts only on floor <= score < low; lower rows generate as the plain model."""
+    model = tiny_model("llama")
+    guard = _guards(model)["probe"]
+    d = tiny_direction(model, layer=1)
+    refuse, comply = AddVector(d, coeff=8.0), Ablate(d)
+    scores = guard.score(PROMPTS)
+    s = sorted(scores.tolist())
+    floor, low, high = (s[1] + s[2]) / 2, (s[3] + s[4]) / 2, (s[-2] + s[-3]) / 2  # two rows below the floor, two complied
+    outs = model.generate(PROMPTS, policy=GatedRefusal(guard, refuse=refuse, comply=comply, low=low, high=high, floor=floor), max_new_tokens=6)
+    plain = model.generate(PROMPTS, policy=_Plain(), max_new_tokens=6)
+    with model.apply(comply):
+        complied = model.generate(PROMPTS, policy=_Plain(), max_new_tokens=6)
+    below = [r for r, v in enumerate(scores.tolist()) if v < floor]
+    band = [r for r, v in enumerate(scores.tolist()) if floor <= v < low]
+    assert len(below) == 2 and len(band) == 2
+    for r in below:
+        assert outs[r].action == "leave" and outs[r].tokens == plain[r]
+    for r in band:
+        assert outs[r].action == "comply" and outs[r].tokens == complied[r]
+    assert any(complied[r] != plain[r] for r in below)  # without the floor these rows would have differed
+    assert not open_sessions(model)
+
+
 def test_default_band_is_the_guard_threshold():
     model = tiny_model("llama")
     guard = _guards(model)["latent"]
@@ -160,6 +184,12 @@ def test_checks():
         GatedRefusal(guard)
     with pytest.raises(InvalidValueError, match="low <= high"):
         GatedRefusal(guard, comply=Ablate(d), low=1.0, high=0.0)
+    with pytest.raises(InvalidValueError, match="floor must be <= low"):
+        GatedRefusal(guard, comply=Ablate(d), low=0.0, high=1.0, floor=0.5)
+    with pytest.raises(InvalidValueError, match="floor limits the comply branch"):
+        GatedRefusal(guard, refuse=Ablate(d), low=0.0, high=1.0, floor=-1.0)
+    with pytest.raises(NonFiniteError):
+        GatedRefusal(guard, comply=Ablate(d), low=0.0, high=1.0, floor=float("nan"))
     with pytest.raises(InvalidValueError, match="ProbeGuard, LatentGuard or RefusalTokenGuard"):
         GatedRefusal(d, comply=Ablate(d))
     other = tiny_model("gemma2")

@@ -6,7 +6,10 @@ guard's deepest layer), scores each row, and then generates with a per-row choic
 
 * ``score >= high`` (likely harmful): the ``refuse`` intervention (e.g. ``AddVector(refusal_direction, coeff=…)``);
 * ``score < low`` (likely safe): the ``comply`` intervention (e.g. ``Ablate(refusal_direction)``);
-* in between: nothing — the band where the guard is unsure keeps the model's own judgement.
+* in between: nothing — the band where the guard is unsure keeps the model's own judgement;
+* optionally ``score < floor`` (clearly ordinary): nothing either. Such prompts are not refused, so there is no
+  refusal to remove, and leaving them alone keeps the comply branch's cost (KL on ordinary prompts) off them; a
+  stronger comply branch (a full ablation) can then act on the safe-but-scary prompts between ``floor`` and ``low``.
 
 Both interventions are ordinary values (anything with ``resolve(model)`` whose plan acts on named sites); their
 hooks act only on the rows chosen for them, on every token of those rows. The decision precedes the first edited
@@ -37,6 +40,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -71,13 +75,15 @@ class GatedOutput:
 @dataclass(frozen=True)
 class GatedRefusal:
     """Per-row calibrated refusal (see the module docs): ``refuse`` where ``score >= high``, ``comply`` where
-    ``score < low``, nothing in between. ``low`` / ``high`` default to the guard's calibrated threshold (no band)."""
+    ``floor <= score < low``, nothing in between. ``low`` / ``high`` default to the guard's calibrated threshold (no
+    band); ``floor`` defaults to none (comply on every score below ``low``)."""
 
     guard: ProbeGuard | LatentGuard | RefusalTokenGuard
     refuse: Any | None = None
     comply: Any | None = None
     low: float | None = None
     high: float | None = None
+    floor: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.guard, ProbeGuard | LatentGuard | RefusalTokenGuard):
@@ -90,6 +96,13 @@ class GatedRefusal:
             raise InvalidValueError(f"the band must have low <= high; got low={low}, high={high}")
         object.__setattr__(self, "low", float(low))
         object.__setattr__(self, "high", float(high))
+        if self.floor is not None:
+            floor = finite_number(self.floor, "GatedRefusal floor")
+            if floor > low:
+                raise InvalidValueError(f"the floor must be <= low (comply acts on floor <= score < low); got floor={floor}, low={low}")
+            if self.comply is None:
+                raise InvalidValueError("a floor limits the comply branch; give comply=... or leave floor=None")
+            object.__setattr__(self, "floor", float(floor))
         if self.reads_other_model:
             return
         site = self.guard.probe.site if isinstance(self.guard, ProbeGuard) else self.guard.site
@@ -122,15 +135,18 @@ class GatedRefusal:
         return self.guard.score_activations(states)
 
     def actions(self, scores: torch.Tensor) -> list[Action]:
-        """The action for each score: ``"refuse"`` (``>= high``), ``"comply"`` (``< low``) or ``"leave"``.
+        """The action for each score: ``"refuse"`` (``>= high``), ``"comply"`` (``floor <= score < low``) or ``"leave"``.
 
         Example:
             >>> from steerlab.probes import LatentGuard
             >>> g = LatentGuard(torch.ones(1, 2), -torch.ones(1, 2), layers=(0,))
             >>> GatedRefusal(g, comply=object(), low=-0.5, high=0.5).actions(torch.tensor([-1.0, 0.0, 1.0]))
             ['comply', 'leave', 'refuse']
+            >>> GatedRefusal(g, comply=object(), low=-0.5, high=0.5, floor=-0.8).actions(torch.tensor([-1.0, -0.6, 1.0]))
+            ['leave', 'comply', 'refuse']
         """
-        return ["refuse" if s >= self.high else "comply" if s < self.low else "leave" for s in scores.tolist()]
+        floor = -math.inf if self.floor is None else self.floor
+        return ["refuse" if s >= self.high else "comply" if floor <= s < self.low else "leave" for s in scores.tolist()]
 
     @contextmanager
     def open(self, model: Model) -> Iterator[_GatedRun]:

@@ -22,6 +22,12 @@ Candidate cuts are the midpoints between consecutive distinct tuning scores (and
 every pair ``low <= high`` and every comply branch is tried, all at once (cumulative sums over the rows sorted by
 score).
 
+With ``floors=k`` the gate may also leave the lowest scores alone (``GatedRefusal(floor=...)``: comply acts only on
+``floor <= score < low``), trying no floor and ``k`` floors spread evenly over the candidate cuts. Ordinary prompts
+score lowest and are not refused, so a floor keeps the comply branch's KL off them; a stronger comply branch (e.g. a
+full ablation, whose KL alone is far above the limit) may then be the one that meets the bar. A floor is kept only
+when it meets the bar on more resamples (or with more gain) than every setting without one.
+
 Example:
     >>> import torch
     >>> s = {"safe": torch.tensor([0.1, 0.2, 0.3, 0.9]), "harmful": torch.tensor([0.6, 0.8, 0.9, 0.95]),
@@ -134,22 +140,33 @@ class TuningRows:
         u = torch.unique(torch.cat([self.scores[n] for n in self.sets]))
         return torch.cat([u[:1] - 1.0, (u[1:] + u[:-1]) / 2, u[-1:] + 1.0])
 
-    def gate_rows(self, name: str, comply: str, low: float, high: float) -> torch.Tensor:
-        """Per-row refusal of set ``name`` under the gate ``(comply, low, high)``."""
-        return _gated(self.scores[name], self.refused[name], comply, low, high)
+    def gate_rows(self, name: str, comply: str, low: float, high: float, floor: float | None = None) -> torch.Tensor:
+        """Per-row refusal of set ``name`` under the gate ``(comply, low, high)`` (comply only at ``score >= floor``)."""
+        return _gated(self.scores[name], self.refused[name], comply, low, high, floor)
 
-    def gate_kl(self, comply: str, low: float, high: float) -> torch.Tensor:
-        """Per-row KL of the ordinary set under the gate ``(comply, low, high)``."""
-        return _gated(self.scores[self.ordinary], self.kl, comply, low, high)
+    def gate_kl(self, comply: str, low: float, high: float, floor: float | None = None) -> torch.Tensor:
+        """Per-row KL of the ordinary set under the gate ``(comply, low, high)`` (comply only at ``score >= floor``)."""
+        return _gated(self.scores[self.ordinary], self.kl, comply, low, high, floor)
 
 
-def _gated(scores: torch.Tensor, values: Mapping[str, torch.Tensor], comply: str, low: float, high: float) -> torch.Tensor:
-    return torch.where(scores >= high, values["refuse"], torch.where(scores < low, values[comply], values["plain"]))
+def _gated(
+    scores: torch.Tensor, values: Mapping[str, torch.Tensor], comply: str, low: float, high: float, floor: float | None = None
+) -> torch.Tensor:
+    complied = scores < low if floor is None else (scores < low) & (scores >= floor)
+    return torch.where(scores >= high, values["refuse"], torch.where(complied, values[comply], values["plain"]))
+
+
+def _with_floor(scores: torch.Tensor, values: Mapping[str, torch.Tensor], comply: str, floor: float | None) -> dict[str, torch.Tensor]:
+    """``values`` whose comply branch is the plain model below ``floor``: a floor gate is a no-floor gate of it."""
+    if floor is None:
+        return dict(values)
+    return {**values, comply: torch.where(scores >= floor, values[comply], values["plain"])}
 
 
 @dataclass(frozen=True)
 class BandChoice:
-    """The chosen comply branch and band ``[low, high)``, with what they give on the tuning rows."""
+    """The chosen comply branch, band ``[low, high)`` and floor (``None``: comply on every score below ``low``), with
+    what they give on the tuning rows."""
 
     comply: str
     low: float
@@ -158,12 +175,13 @@ class BandChoice:
     rates: dict[str, float]
     plain: dict[str, float]
     kl: float
+    floor: float | None = None
 
     def gate(self, guard: Any, *, refuse: Any, comply: Any):
         """The :class:`~steerlab.interventions.gated.GatedRefusal` with this band (``comply``: the chosen branch)."""
         from steerlab.interventions.gated import GatedRefusal
 
-        return GatedRefusal(guard, refuse=refuse, comply=comply, low=self.low, high=self.high)
+        return GatedRefusal(guard, refuse=refuse, comply=comply, low=self.low, high=self.high, floor=self.floor)
 
 
 def _resample_counts(n: int, draws: int, generator: torch.Generator) -> torch.Tensor:
@@ -195,10 +213,17 @@ _CHUNK = 20_000_000  # bands x draws evaluated at once (~160 MB of float64)
 
 
 def choose_band(
-    rows: TuningRows, *, max_over_refusal: float = 0.15, max_kl: float = 0.05, draws: int = 400, seed: int = 0, min_share: float = 0.8
+    rows: TuningRows,
+    *,
+    max_over_refusal: float = 0.15,
+    max_kl: float = 0.05,
+    draws: int = 400,
+    seed: int = 0,
+    min_share: float = 0.8,
+    floors: int = 0,
 ) -> BandChoice:
-    """The comply branch and band most likely to meet the bar (module docs); raises :class:`BandNotFoundError` if
-    none meets it on the tuning rows."""
+    """The comply branch and band (and, with ``floors > 0``, floor) most likely to meet the bar (module docs); raises
+    :class:`BandNotFoundError` if none meets it on the tuning rows."""
     max_over_refusal = finite_number(max_over_refusal, "max_over_refusal")
     max_kl = finite_number(max_kl, "max_kl")
     min_share = finite_number(min_share, "min_share")
@@ -206,6 +231,8 @@ def choose_band(
         raise InvalidValueError(f"need 0 <= max_over_refusal <= 1, max_kl >= 0 and 0 <= min_share <= 1; got {max_over_refusal}, {max_kl}, {min_share}")
     if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
         raise InvalidValueError(f"draws must be a positive int; got {draws!r}")
+    if isinstance(floors, bool) or not isinstance(floors, int) or floors < 0:
+        raise InvalidValueError(f"floors must be an int >= 0 (how many floor cuts to try besides none); got {floors!r}")
     gen = torch.Generator().manual_seed(seed)
     counts = {n: _resample_counts(len(rows.scores[n]), draws, gen) for n in rows.sets}
     cuts = rows.cuts()
@@ -213,36 +240,42 @@ def choose_band(
     plain = {n: (counts[n] @ rows.refused[n]["plain"]) / counts[n].sum(1) for n in rows.harmful}
     step = max(1, _CHUNK // ((draws + 1) * len(cuts)))
     best = None
+    floor_at = [None, *torch.linspace(1, len(cuts) - 1, floors).round().long().unique().tolist()] if floors else [None]
     for comply in rows.comply:
-        for start in range(0, len(cuts), step):
-            lows = slice(start, min(start + step, len(cuts)))
-            rate = {n: _band_means(rows.scores[n], rows.refused[n], comply, counts[n], cuts, lows) for n in rows.sets}
-            kl = _band_means(rows.scores[rows.ordinary], rows.kl, comply, counts[rows.ordinary], cuts, lows)
-            ok = (rate[rows.safe] <= max_over_refusal + 1e-12) & (kl <= max_kl + 1e-12) & valid[lows]
-            for n in rows.harmful:
-                ok &= rate[n] >= plain[n][:, None, None] - 1e-12
-            successes = ok[1:].double().sum(0)
-            gain = torch.stack([rate[n][0] for n in rows.harmful]).mean(0) - rate[rows.safe][0]  # in [-1, 1]
-            key = torch.where(ok[0], successes + (gain + 1.0) / 2.0 * 0.999, torch.full_like(gain, -1.0))  # meets on the rows themselves; successes, then gain
-            i, j = divmod(int(torch.argmax(key)), len(cuts))
-            if key[i, j] < 0 or (best is not None and key[i, j] <= best[0]):
-                continue
-            best = (float(key[i, j]), comply, float(cuts[start + i]), float(cuts[j]), float(successes[i, j]) / draws)
+        for f in floor_at:
+            floor = None if f is None else float(cuts[f])
+            refused = {n: _with_floor(rows.scores[n], rows.refused[n], comply, floor) for n in rows.sets}
+            kl_values = _with_floor(rows.scores[rows.ordinary], rows.kl, comply, floor)
+            for start in range(0 if f is None else f, len(cuts), step):  # low >= floor
+                lows = slice(start, min(start + step, len(cuts)))
+                rate = {n: _band_means(rows.scores[n], refused[n], comply, counts[n], cuts, lows) for n in rows.sets}
+                kl = _band_means(rows.scores[rows.ordinary], kl_values, comply, counts[rows.ordinary], cuts, lows)
+                ok = (rate[rows.safe] <= max_over_refusal + 1e-12) & (kl <= max_kl + 1e-12) & valid[lows]
+                for n in rows.harmful:
+                    ok &= rate[n] >= plain[n][:, None, None] - 1e-12
+                successes = ok[1:].double().sum(0)
+                gain = torch.stack([rate[n][0] for n in rows.harmful]).mean(0) - rate[rows.safe][0]  # in [-1, 1]
+                key = torch.where(ok[0], successes + (gain + 1.0) / 2.0 * 0.999, torch.full_like(gain, -1.0))  # meets on the rows themselves; successes, then gain
+                i, j = divmod(int(torch.argmax(key)), len(cuts))
+                if key[i, j] < 0 or (best is not None and key[i, j] <= best[0]):
+                    continue
+                best = (float(key[i, j]), comply, float(cuts[start + i]), float(cuts[j]), float(successes[i, j]) / draws, floor)
     if best is None:
         raise BandNotFoundError(
             f"no comply branch and band keep refusal on {rows.safe!r} <= {max_over_refusal:g}, refusal on {list(rows.harmful)} at least the plain "
             f"model's and KL on {rows.ordinary!r} <= {max_kl:g}, even on the tuning rows; try a weaker comply branch, more tuning prompts or looser limits"
         )
-    _, comply, low, high, p = best
+    _, comply, low, high, p, floor = best
     if p < min_share:
+        at = "" if floor is None else f", floor {floor:.4g}"
         warnings.warn(
-            f"the best band ({comply}, [{low:.4g}, {high:.4g})) meets the bar on only {p:.0%} of bootstrap resamples of the tuning rows; "
+            f"the best band ({comply}, [{low:.4g}, {high:.4g}){at}) meets the bar on only {p:.0%} of bootstrap resamples of the tuning rows; "
             "expect it to miss on other prompts (more tuning prompts or a better guard make it firmer)",
             FragileBandWarning, stacklevel=2,
         )  # fmt: skip
     return BandChoice(
-        comply=comply, low=low, high=high, p_meets_bar=p,
-        rates={n: float(rows.gate_rows(n, comply, low, high).mean()) for n in rows.sets},
+        comply=comply, low=low, high=high, p_meets_bar=p, floor=floor,
+        rates={n: float(rows.gate_rows(n, comply, low, high, floor).mean()) for n in rows.sets},
         plain={n: float(rows.refused[n]["plain"].mean()) for n in rows.sets},
-        kl=float(rows.gate_kl(comply, low, high).mean()),
+        kl=float(rows.gate_kl(comply, low, high, floor).mean()),
     )  # fmt: skip
