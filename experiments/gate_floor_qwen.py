@@ -42,8 +42,9 @@ BRANCHES = ("plain", "refuse", "comply0.3", "comply0.5", "comply1")
 POSITION = {"t_inst": 0, "last": 1}  # index into runs/guards/acts.pt
 
 
-def probe_scores(position: str, tune: dict, held: dict) -> dict:
-    """The probe guard's mean logit on every tuning and held-out prompt, layers chosen by choose_layers."""
+def guard_training(position: str):
+    """(feats, x, y, groups, layers): the probe guard's training rows at ``position`` (every source but the held-out
+    ones and the gate's kinds) and its layers by choose_layers; ``feats(prompts)`` reads cached activations."""
     cache = torch.load("runs/guards/acts.pt", weights_only=True)
     index = {p: (n, i) for n, ps in reversed(cache["prompts"].items()) for i, p in enumerate(ps)}
 
@@ -56,18 +57,43 @@ def probe_scores(position: str, tune: dict, held: dict) -> dict:
     groups = [g for _, _, g in train]
     x, y = feats([p for p, _, _ in train]), torch.tensor([t for _, t, _ in train])
     layers = list(choose_layers(x, y, layers=range(x.shape[1]), groups=groups, families=kind_families(groups)).layers)
-    probe = fit_probes(x[:, layers], y, layers=layers, C=0.01, balanced=True, sample_weight=source_weights(groups))
+    return feats, x, y, groups, layers
+
+
+def fit_guard(x, y, groups, layers, keep=None):
+    """The probe over ``layers`` (mean logit), fitted as steerlab probe fits it, on the rows in ``keep``."""
+    keep = torch.ones(len(y), dtype=torch.bool) if keep is None else keep
+    kept = [g for g, k in zip(groups, keep.tolist()) if k]
+    return fit_probes(x[keep][:, layers], y[keep], layers=layers, C=0.01, balanced=True, sample_weight=source_weights(kept))
+
+
+def probe_scores(position: str, tune: dict, held: dict) -> dict:
+    """The probe guard's mean logit on every tuning and held-out prompt."""
+    feats, x, y, groups, layers = guard_training(position)
+    probe = fit_guard(x, y, groups, layers)
     return {"layers": layers} | {split: {n: probe.decision_function(feats(ps)[:, layers]).double().mean(1) for n, ps in d.items()}
                                  for split, d in (("tune", tune), ("held", held))}  # fmt: skip
 
 
-def rows_of(split: str, scores: dict) -> TuningRows:
-    rows = {n: json.loads((ROWS / f"branches_{split}_{n}.json").read_text()) for n in SETS}
-    missing = [b for b in BRANCHES if b not in rows["safe"]["texts"]]
+def branch_refusals(split: str, names=SETS) -> dict:
+    """{set: {branch: 0/1 refusal per row}} of the cached branch rows, and the ordinary set's KL rows."""
+    rows = {n: json.loads((ROWS / f"branches_{split}_{n}.json").read_text()) for n in names}
+    missing = [b for b in BRANCHES if b not in rows[names[0]]["texts"]]
     if missing:
         raise SystemExit(f"no branch rows for {missing}: run experiments/token_gate_seeds.py --strengths 0.3 0.25 0.2 0.15 0.1 1 0.5 --branches-only")
-    refusals = {n: {b: refused(rows[n]["texts"][b]) for b in BRANCHES} for n in SETS}
-    return TuningRows(scores, refusals, {b: rows["ordinary"]["kl"][b] for b in BRANCHES[1:]}, harmful=("unsafe", "harmbench"))
+    return {n: {b: refused(rows[n]["texts"][b]) for b in BRANCHES} for n in names}, rows.get("ordinary", {}).get("kl")
+
+
+def rows_of(split: str, scores: dict, extra: tuple[dict, dict] | None = None) -> TuningRows:
+    """TuningRows of one split; ``extra`` = (refusals, scores) of more safe / unsafe rows appended to those sets."""
+    refusals, kl = branch_refusals(split)
+    scores = dict(scores)
+    if extra is not None:
+        more, more_scores = extra
+        for n in more:
+            refusals[n] = {b: torch.cat([refusals[n][b], more[n][b]]) for b in BRANCHES}
+            scores[n] = torch.cat([scores[n], more_scores[n]])
+    return TuningRows(scores, refusals, {b: kl[b] for b in BRANCHES[1:]}, harmful=("unsafe", "harmbench"))
 
 
 def evaluate(rows: TuningRows, comply: str, low: float, high: float, floor: float | None) -> dict:

@@ -3,6 +3,7 @@ arguments exit non-zero with one error line."""
 
 import json
 import re
+import warnings
 
 import pytest
 import torch
@@ -244,6 +245,14 @@ def test_steer_calibrated_gates_each_prompt(tiny_dir, probe_run, capsys):
     assert counts == f"refuse {actions.count('refuse')}, comply {actions.count('comply')}, unchanged 0 of 4"
     assert main([*argv[:7], "--band", "0.9", "Hi"]) == 2
     assert "leaves [0, 1]" in _one_error_line(capsys.readouterr().err)
+    # a floor: prompts scoring below it are left alone, those in [floor, low) ablated
+    scores = sorted(float(line.split("score ")[1].split(" ->")[0]) for line in out.splitlines() if " -> " in line)
+    floor, low, high = (scores[0] + scores[1]) / 2, (scores[1] + scores[2]) / 2, (scores[2] + scores[3]) / 2
+    assert main([*argv[:-4], "--low", repr(low), "--high", repr(high), "--floor", repr(floor), *prompts]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if " -> " in line]
+    got = [(float(line.split("score ")[1].split(" ->")[0]), line.split("-> ")[1]) for line in lines]
+    assert [a for _, a in got] == ["refuse" if sc >= high else "comply" if floor <= sc < low else "leave" for sc, _ in got]
+    assert {a for _, a in got} == {"refuse", "comply", "leave"}
 
 
 def test_steer_calibrated_with_a_refusal_token_model(tiny_dir, probe_run, tmp_path, capsys):
@@ -351,6 +360,18 @@ def test_calibrate_chooses_a_band_steer_applies(tiny_dir, probe_run, tmp_path, c
     for band in (["--low", "0.2"], ["--low", "0.6", "--high", "0.4"], ["--low", "0.2", "--high", "0.4", "--band", "0.1"]):
         assert main([*apply[:apply.index("--low")], *band, "--model", tiny_dir, "Hi"]) == 2
         assert "--low" in _one_error_line(capsys.readouterr().err)
+    for band in (["--floor", "0.1"], ["--low", "0.2", "--high", "0.4", "--floor", "0.3"]):
+        assert main([*apply[:apply.index("--low")], *band, "--model", tiny_dir, "Hi"]) == 2
+        assert "--floor" in _one_error_line(capsys.readouterr().err)
+    # with --floors the choice is again the library's, and a floor it picks reaches the printed command
+    assert main([*argv, "--floors", "8", "--max-kl", "0.0"]) == 0
+    floored = capsys.readouterr().out
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        choice = choose_band(rows, max_over_refusal=1.0, max_kl=0.0, draws=30, floors=8)
+    summary = json.loads((tmp_path / "cal" / "calibration.json").read_text())
+    assert (summary["low"], summary["high"], summary["floor"], summary["p_meets_bar"]) == (choice.low, choice.high, choice.floor, choice.p_meets_bar)
+    assert ("--floor" in floored.splitlines()[-1]) == (choice.floor is not None)
 
 
 def test_optimize_searches_writes_the_front_and_a_direction_steer_can_use(tiny_dir, probe_run, tmp_path, capsys):

@@ -298,6 +298,14 @@ def test_gated_refusal_in_vllm_matches_the_hf_policy(qwen, engine, harm_directio
     two = GatedRefusal(two, comply=steerlab.Ablate(harm_direction))
     read = engine.generate_gated(rows, two, max_new_tokens=2)
     torch.testing.assert_close(torch.tensor([o.score for o in read]), two.guard.score(rows), rtol=1e-3, atol=1e-4)
+    # a floor: the lowest quarter is left alone in vLLM as on the HF path
+    cut, k = sorted(guard.score(rows).tolist()), len(rows) // 4
+    floored = GatedRefusal(guard, refuse=steerlab.AddVector(harm_direction, coeff=1.0), comply=steerlab.Ablate(harm_direction),
+                           floor=(cut[k - 1] + cut[k]) / 2, low=(cut[2 * k - 1] + cut[2 * k]) / 2, high=(cut[-k] + cut[-k - 1]) / 2)  # fmt: skip
+    hf = qwen.generate(rows, policy=floored, max_new_tokens=8)
+    ours = engine.generate_gated(rows, floored, max_new_tokens=8)
+    assert [o.action for o in ours] == [o.action for o in hf] == floored.actions(guard.score(rows))
+    assert sum(o.action == "leave" for o in hf) >= 2 * k and sum(a.text == b.text for a, b in zip(ours, hf)) >= len(rows) - 1
 
 
 @needs_vllm

@@ -28,14 +28,15 @@ def _calibrate(args: argparse.Namespace) -> int:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", FragileBandWarning)
-            choice = choose_band(rows, max_over_refusal=args.max_over_refusal, max_kl=args.max_kl, draws=args.draws, seed=args.seed)
+            choice = choose_band(rows, max_over_refusal=args.max_over_refusal, max_kl=args.max_kl, draws=args.draws, seed=args.seed,
+                                 floors=args.floors)  # fmt: skip
     except BandNotFoundError as e:
         raise UsageError(str(e)) from None
     strength = float(choice.comply.removeprefix("ablate"))
     branch_rates = {n: {b: float(v.mean()) for b, v in rows.refused[n].items()} for n in rows.sets}
     out.mkdir(parents=True, exist_ok=True)
     summary = {"guard": args.guard, "direction": args.direction, "source_layer": source, "refuse_coeff": args.refuse_coeff,
-               "ablate_strength": strength, "low": choice.low, "high": choice.high, "p_meets_bar": choice.p_meets_bar,
+               "ablate_strength": strength, "low": choice.low, "high": choice.high, "floor": choice.floor, "p_meets_bar": choice.p_meets_bar,
                "bar": {"max_over_refusal": args.max_over_refusal, "max_kl": args.max_kl, "harmful": "at least the plain model's"},
                "tuning": {"gate": choice.rates, "plain": choice.plain, "kl": choice.kl, "branches": branch_rates,
                           "kl_branches": {b: float(v.mean()) for b, v in rows.kl.items()}},
@@ -44,7 +45,8 @@ def _calibrate(args: argparse.Namespace) -> int:
     print("branches on the tuning prompts (refusal rate; KL on ordinary):")
     for b in ("plain", "refuse", *rows.comply):
         print(f"  {b:>12}: " + ", ".join(f"{n} {branch_rates[n][b]:.2f}" for n in rows.sets) + f"; KL {float(rows.kl[b].mean()):.4f}")
-    print(f"chosen: ablation x{strength:g} below {choice.low:.6g}, refusal added x{args.refuse_coeff:g} at >= {choice.high:.6g}, "
+    where = f"below {choice.low:.6g}" if choice.floor is None else f"on [{choice.floor:.6g}, {choice.low:.6g})"
+    print(f"chosen: ablation x{strength:g} {where}, refusal added x{args.refuse_coeff:g} at >= {choice.high:.6g}, "
           f"unchanged between")  # fmt: skip
     print("  tuning refusal, gate vs plain: " + ", ".join(f"{n} {choice.rates[n]:.2f} vs {choice.plain[n]:.2f}" for n in rows.sets)
           + f"; KL {choice.kl:.4f}")  # fmt: skip
@@ -55,7 +57,8 @@ def _calibrate(args: argparse.Namespace) -> int:
     tau = [] if args.tau is None else ["--tau", repr(args.tau)]
     layer = [] if args.layer is None else ["--layer", str(args.layer)]
     command = ["steerlab steer --calibrated", args.guard, *tau, "--direction", args.direction, *layer, "--refuse-coeff", f"{args.refuse_coeff:g}",
-               "--ablate-strength", f"{strength:g}", "--low", repr(choice.low), "--high", repr(choice.high), "PROMPT"]  # fmt: skip
+               "--ablate-strength", f"{strength:g}", "--low", repr(choice.low), "--high", repr(choice.high),
+               *([] if choice.floor is None else ["--floor", repr(choice.floor)]), "PROMPT"]  # fmt: skip
     print(f"wrote {out}/calibration.json; apply it with: {' '.join(command)}")
     return 0
 
@@ -82,6 +85,9 @@ def add_parser(sub) -> None:
     p.add_argument("--n", type=positive_int, default=40, help="at most this many prompts per set")
     p.add_argument("--max-over-refusal", type=fraction, default=0.15, help="the bar: refusal on safe prompts at most this")
     p.add_argument("--max-kl", type=non_negative_float, default=0.05, help="the bar: KL on ordinary prompts at most this")
+    p.add_argument("--floors", type=non_negative_int, default=0,
+                   help="also try this many floors (prompts scoring below a floor are left alone, so a stronger ablation "
+                        "can meet the KL limit); 0: none")  # fmt: skip
     p.add_argument("--draws", type=positive_int, default=400, help="bootstrap resamples of the tuning prompts")
     p.add_argument("--max-new-tokens", type=positive_int, default=24)
     p.add_argument("--seed", type=non_negative_int, default=0)

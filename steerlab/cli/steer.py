@@ -47,6 +47,8 @@ def _calibrated(args: argparse.Namespace, prompts: list[str]) -> int:
             raise UsageError("--low and --high give the band's two cuts together (steerlab calibrate prints them); leave out --band*")
         if args.low > args.high:
             raise UsageError(f"--low {args.low:g} exceeds --high {args.high:g}")
+    if args.floor is not None and (args.low is None or args.floor > args.low):
+        raise UsageError("--floor needs --low and --high, and must not exceed --low (comply acts on floor <= score < low)")
     gate.check_guard_spec(args.calibrated, args.tau)
     direction = inputs.load_direction(args.direction, args.layer, ablate=True)
     model = inputs.load(args)
@@ -61,12 +63,13 @@ def _calibrated(args: argparse.Namespace, prompts: list[str]) -> int:
             raise UsageError(f"the band [{low:.3g}, {high:.3g}) around the threshold {guard.threshold:.3g} leaves [0, 1]; use a smaller band")
     refuse, comply, source = gate.branches(args, direction, [args.ablate_strength])
     comply = comply[f"ablate{args.ablate_strength:g}"]
-    gated = GatedRefusal(guard, refuse=refuse, comply=comply, low=low, high=high)
+    gated = GatedRefusal(guard, refuse=refuse, comply=comply, low=low, high=high, floor=args.floor)
     gen = {"max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "progress": True}
     before = model.generate(prompts, **gen)
     after = model.generate(prompts, policy=gated, **gen)
+    below = f"score < {low:.4g}" if args.floor is None else f"{args.floor:.4g} <= score < {low:.4g}"
     print(f"calibrated refusal: {describe_guard(guard)}; score >= {high:.4g}: refusal direction added x{args.refuse_coeff:g} "
-          f"at layer {source}; score < {low:.4g}: ablated x{args.ablate_strength:g} (vector of layer {source}); in between: unchanged\n")  # fmt: skip
+          f"at layer {source}; {below}: ablated x{args.ablate_strength:g} (vector of layer {source}); otherwise unchanged\n")  # fmt: skip
     for prompt, b, out in zip(prompts, before, after):
         print(f"prompt: {prompt}\n  score {out.score:.4f} -> {out.action}\n  before: {inputs.short(b, 200)}\n  "
               f"after:  {inputs.short(out.text, 200)}\n")  # fmt: skip
@@ -152,6 +155,8 @@ def add_steer_parser(sub) -> None:
     p.add_argument("--band-above", type=non_negative_float, default=None, help="--calibrated: the band's upper side (default --band)")
     p.add_argument("--low", type=finite_float, default=None, help="--calibrated: the band's lower cut (absolute; with --high)")
     p.add_argument("--high", type=finite_float, default=None, help="--calibrated: the band's upper cut (absolute; with --low)")
+    p.add_argument("--floor", type=finite_float, default=None,
+                   help="--calibrated: leave prompts scoring below this alone (ablate only on floor <= score < --low)")  # fmt: skip
     p.add_argument("--max-new-tokens", type=positive_int, default=48)
     p.set_defaults(func=_steer)
 
