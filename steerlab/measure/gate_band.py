@@ -16,7 +16,10 @@ to meet it on other prompts. :func:`choose_band` instead picks the setting most 
   bootstrap resamples (each set resampled with replacement; plain and gate read on the same resampled rows); ties
   go to the larger mean harmful refusal minus safe refusal on the tuning rows, then to the first setting.
   A best setting that meets the bar on fewer than ``min_share`` of the resamples is returned with a
-  :class:`FragileBandWarning`: expect it to miss the bar on other prompts as often as not.
+  :class:`FragileBandWarning`: expect it to miss the bar on other prompts as often as not. The share is a necessary
+  check, not a guarantee: resampling the tuning prompts cannot show how prompts of other kinds score, and the best
+  share among many settings is optimistic (on the Qwen default, choices at 80-99% missed the bar on held-out kinds;
+  README, "A floor under the gate").
 
 Candidate cuts are the midpoints between consecutive distinct tuning scores (and one below / above all of them);
 every pair ``low <= high`` and every comply branch is tried, all at once (cumulative sums over the rows sorted by
