@@ -14,20 +14,18 @@ writes runs/gate_floor/crossfit.json.
 import argparse
 import json
 import sys
-import warnings
 from pathlib import Path
 
 import torch
 
 import steerlab
 from steerlab.data.guard_sets import scary_sets
-from steerlab.measure.gate_band import BandNotFoundError, FragileBandWarning, choose_band
 from steerlab.probes.metrics import roc_auc
 from steerlab.steering import Direction
 
 sys.path.insert(0, str(Path(__file__).parent))
 from calibrated_gate_qwen import GUARD_OUT, prompt_splits  # noqa: E402
-from gate_floor_qwen import BRANCHES, OUT, POSITION, branch_refusals, evaluate, fit_guard, guard_training, rows_of  # noqa: E402
+from gate_floor_qwen import BRANCHES, OUT, POSITION, branch_refusals, choose, fit_guard, guard_training, rows_of  # noqa: E402
 from token_gate_seeds import branch_rows  # noqa: E402
 
 
@@ -61,15 +59,7 @@ def main():
         entry = {"layers": layers, "out_of_fold_auc": roc_auc(torch.cat([oof["unsafe"], oof["safe"]]), [1] * len(oof["unsafe"]) + [0] * len(oof["safe"])),
                  "branch_refusal_on_the_added_kinds": {n: {b: float(v.mean()) for b, v in more[n].items()} for n in more}}  # fmt: skip
         for floors in (0, args.floors):
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always", FragileBandWarning)
-                try:
-                    c = choose_band(tuned, floors=floors)
-                    entry[f"floors={floors}"] = {"comply": c.comply, "low": c.low, "high": c.high, "floor": c.floor, "share": c.p_meets_bar,
-                                                 "warned": bool(caught), "tune": evaluate(tuned, c.comply, c.low, c.high, c.floor),
-                                                 "held": evaluate(held_rows, c.comply, c.low, c.high, c.floor)}  # fmt: skip
-                except BandNotFoundError:
-                    entry[f"floors={floors}"] = None
+            entry[f"floors={floors}"] = choose(tuned, held_rows, floors)
         report[position] = entry
         print(position, json.dumps(entry), flush=True)
     OUT.mkdir(parents=True, exist_ok=True)

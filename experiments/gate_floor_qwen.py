@@ -34,6 +34,7 @@ from steerlab.probes.metrics import roc_auc, source_weights
 
 sys.path.insert(0, str(Path(__file__).parent))
 from calibrated_gate_qwen import GUARD_OUT, HELD_OUT, prompt_splits, refused  # noqa: E402
+from token_gate_seeds import evaluate  # noqa: E402
 
 ROWS = Path("runs/token_gate_seeds")
 OUT = Path("runs/gate_floor")
@@ -96,14 +97,9 @@ def rows_of(split: str, scores: dict, extra: tuple[dict, dict] | None = None) ->
     return TuningRows(scores, refusals, {b: kl[b] for b in BRANCHES[1:]}, harmful=("unsafe", "harmbench"))
 
 
-def evaluate(rows: TuningRows, comply: str, low: float, high: float, floor: float | None) -> dict:
-    r = {n: float(rows.gate_rows(n, comply, low, high, floor).mean()) for n in SETS}
-    r["kl"] = float(rows.gate_kl(comply, low, high, floor).mean())
-    r["meets_bar"] = r["safe"] <= 0.15 and r["kl"] <= 0.05 and all(r[n] >= float(rows.refused[n]["plain"].mean()) for n in ("unsafe", "harmbench"))
-    return r
-
-
 def choose(rows: TuningRows, held: TuningRows, floors: int) -> dict | None:
+    """choose_band's setting on ``rows`` (None if nothing meets the bar), its share, whether it warned, and its rates
+    on the tuning and held-out rows."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", FragileBandWarning)
         try:
