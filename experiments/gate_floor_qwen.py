@@ -43,10 +43,10 @@ BRANCHES = ("plain", "refuse", "comply0.3", "comply0.5", "comply1")
 POSITION = {"t_inst": 0, "last": 1}  # index into runs/guards/acts.pt
 
 
-def guard_training(position: str):
+def guard_training(position: str, cache_file: str = "runs/guards/acts.pt"):
     """(feats, x, y, groups, layers): the probe guard's training rows at ``position`` (every source but the held-out
     ones and the gate's kinds) and its layers by choose_layers; ``feats(prompts)`` reads cached activations."""
-    cache = torch.load("runs/guards/acts.pt", weights_only=True)
+    cache = torch.load(cache_file, weights_only=True)
     index = {p: (n, i) for n, ps in reversed(cache["prompts"].items()) for i, p in enumerate(ps)}
 
     def feats(prompts):
@@ -68,9 +68,9 @@ def fit_guard(x, y, groups, layers, keep=None):
     return fit_probes(x[keep][:, layers], y[keep], layers=layers, C=0.01, balanced=True, sample_weight=source_weights(kept))
 
 
-def probe_scores(position: str, tune: dict, held: dict) -> dict:
+def probe_scores(position: str, tune: dict, held: dict, cache_file: str = "runs/guards/acts.pt") -> dict:
     """The probe guard's mean logit on every tuning and held-out prompt."""
-    feats, x, y, groups, layers = guard_training(position)
+    feats, x, y, groups, layers = guard_training(position, cache_file)
     probe = fit_guard(x, y, groups, layers)
     return {"layers": layers} | {split: {n: probe.decision_function(feats(ps)[:, layers]).double().mean(1) for n, ps in d.items()}
                                  for split, d in (("tune", tune), ("held", held))}  # fmt: skip
