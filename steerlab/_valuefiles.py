@@ -50,9 +50,10 @@ def write(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mappi
 
 
 def read(
-    path: str | Path, *, fmt: str, tensors: Sequence[str], keys: Sequence[str]
+    path: str | Path, *, fmt: str, tensors: Sequence[str], keys: Sequence[str], optional: Sequence[str] = ()
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The named ``tensors`` and the metadata of a ``fmt`` file; every listed metadata key must be there."""
+    """The named ``tensors`` (and those of ``optional`` the file has) and the metadata of a ``fmt`` file; every
+    listed metadata key must be there."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
@@ -93,7 +94,7 @@ def read(
             f"{path} is a damaged {kind} file: its contents do not match the checksum it was saved with "
             f"(changed bytes?); save the {kind} again, or restore the file from a copy"
         )
-    return {name: out[name] for name in tensors}, meta
+    return {name: out[name] for name in [*tensors, *optional] if name in out}, meta
 
 
 @contextlib.contextmanager

@@ -93,5 +93,9 @@ class ProvenanceWarning(SteerlabWarning):
     """A direction is applied to another model or at another site than it was fitted on."""
 
 
+class InSampleWarning(SteerlabWarning):
+    """A guard is measured or tuned on prompts it was fitted on: the numbers are optimistic."""
+
+
 class ZeroVectorError(ShapeError):
     """A direction's vector is zero where an op needs it (adding it does nothing; it cannot be normalised)."""

@@ -16,8 +16,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     from steerlab.probes.fitting import describe_guard
 
     out = inputs.output_dir(args.out)
-    gate.check_guard_spec(args.guard, args.tau)
-    sets = inputs.tuning_sets(args)
+    sets = inputs.tuning_sets(args, trained_on=gate.guard_record(args.guard, args.tau))
     direction = inputs.load_direction(args.direction, args.layer, ablate=True)
     model = inputs.load(args)
     guard = gate.open_guard(args.guard, tau=args.tau, model=model, dtype=args.dtype)

@@ -30,6 +30,17 @@ def open_guard(spec: str, *, tau: float | None, model: Any, dtype: str) -> Any:
     return inputs.read_saved(path, f"steerlab {kind.__name__}", lambda f: kind.load(f, model=model))
 
 
+def guard_record(spec: str, tau: float | None) -> Any:
+    """The prompts a saved guard file records it was fitted on (``Fingerprints``), read without a model; ``None`` for
+    a file without a record or a refusal-token model directory. Usage errors as :func:`check_guard_spec`."""
+    from steerlab.data.fingerprints import training_record
+
+    check_guard_spec(spec, tau)
+    if Path(spec).expanduser().is_dir():
+        return None
+    return training_record(open_guard(spec, tau=tau, model=None, dtype="float32"))
+
+
 def check_guard_spec(spec: str, tau: float | None) -> None:
     """The usage errors :func:`open_guard` would raise, before a model is loaded."""
     from steerlab.interventions.token_guard import SETTINGS_FILE

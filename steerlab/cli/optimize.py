@@ -39,7 +39,10 @@ def _optimize(args: argparse.Namespace) -> int:
     kind = ProbeGuard if saved_guard_kind(path) == "probe" else LatentGuard
     if args.layers and args.layers[0] > args.layers[1]:
         raise UsageError(f"--layers {args.layers[0]} {args.layers[1]}: the first must not exceed the second")
-    sets = PromptSets(**inputs.tuning_sets(args))
+    from steerlab.data.fingerprints import training_record
+
+    record = training_record(inputs.read_saved(path, f"steerlab {kind.__name__}", kind.load))
+    sets = PromptSets(**inputs.tuning_sets(args, trained_on=record))
     model = inputs.load(args)
     guard = inputs.read_saved(path, f"steerlab {kind.__name__}", lambda f: kind.load(f, model=model))
     directions = _directions(args, model)

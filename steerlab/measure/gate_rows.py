@@ -16,9 +16,9 @@ Example:
     >>> from steerlab.probes import LatentGuard
     >>> from steerlab.testing import tiny_direction, tiny_model
     >>> model = tiny_model("llama")
-    >>> guard = LatentGuard.fit(model, DEMO_HARMFUL, DEMO_HARMLESS, layers=[1])
+    >>> guard = LatentGuard.fit(model, DEMO_HARMFUL[:6], DEMO_HARMLESS[:6], layers=[1])
     >>> d = tiny_direction(model, layer=1)
-    >>> sets = {"safe": DEMO_HARMLESS[:3], "harmful": DEMO_HARMFUL[:3], "ordinary": DEMO_HARMLESS[3:6]}
+    >>> sets = {"safe": DEMO_HARMLESS[6:9], "harmful": DEMO_HARMFUL[6:9], "ordinary": DEMO_HARMLESS[9:]}  # new to the guard
     >>> rows = measure_tuning_rows(model, guard, sets, refuse=AddVector(d, coeff=4.0), comply={"ablate": Ablate(d)},
     ...                            max_new_tokens=2)
     >>> rows.comply, sorted(rows.refused["safe"])
@@ -37,6 +37,7 @@ from steerlab.errors import EmptyInputError, InvalidValueError
 from steerlab.eval.compliance import judge_reply
 from steerlab.eval.logits import kl_divergence, last_token_logprobs
 from steerlab.measure.gate_band import FIXED_BRANCHES, TuningRows
+from steerlab.probes.guard import warn_in_sample
 
 if TYPE_CHECKING:
     from steerlab.model import Model
@@ -61,7 +62,8 @@ def measure_tuning_rows(
     batch_size: int = 16,
 ) -> TuningRows:
     """Every prompt of ``sets`` generated (greedy) under the plain model, ``refuse`` and each ``comply`` option;
-    ``refused(text)`` judges each reply (default: the substring judge's ``"refusal"`` verdict)."""
+    ``refused(text)`` judges each reply (default: the substring judge's ``"refusal"`` verdict). An
+    :class:`~steerlab.errors.InSampleWarning` names the prompts the guard records it was fitted on."""
     harmful = (harmful,) if isinstance(harmful, str) else tuple(harmful)
     if not comply:
         raise EmptyInputError("comply needs at least one named intervention, e.g. {'ablate': Ablate(direction)}")
@@ -69,6 +71,7 @@ def measure_tuning_rows(
     if clash:
         raise InvalidValueError(f"comply options cannot be named {clash}: 'plain' and 'refuse' are the gate's other branches")
     branches = {"refuse": refuse, **comply}
+    warn_in_sample(guard, {name: list(sets.get(name, ())) for name in (safe, *harmful, ordinary)}, doing="tuning")
     scores, judged, kl = {}, {}, {}
     for name in (safe, *harmful, ordinary):
         prompts = list(sets.get(name, ()))

@@ -59,6 +59,7 @@ def fit_guard(
     C: float | None = None,
     progress: bool = False,
     log: Callable[[str], None] | None = None,
+    leave_out: Sequence[str] = (),
 ) -> Guard:
     """A guard fitted on the pooled prompt sets of :func:`steerlab.data.guard_sets.guard_training_data` (at most
     ``n_train`` prompts per set), the configuration that generalised best across sources
@@ -70,7 +71,8 @@ def fit_guard(
     whole safe-but-scary kinds; its threshold is calibrated on out-of-fold scores.
     ``mode="latent"``: a :class:`LatentGuard` over ``layers`` (``None``: all) at ``position`` (default ``"t_inst"``,
     METHODS 2), fitted on 80% of each set and calibrated on the other 20%. ``calibrate=False`` keeps the default
-    threshold (0.5 / alpha 0). ``progress`` shows progress bars; ``log`` receives a line before fitting.
+    threshold (0.5 / alpha 0). ``progress`` shows progress bars; ``log`` receives a line before fitting. ``leave_out``
+    keeps sources out of the pool (see :func:`~steerlab.data.guard_sets.guard_training_data`), to tune or judge on.
     """
     from dataclasses import replace
 
@@ -81,7 +83,7 @@ def fit_guard(
         raise InvalidValueError(f"mode must be 'probe' or 'latent'; got {mode!r}")
     say = log or (lambda message: None)
     if mode == "probe":
-        data = probe_data(files=None, seed=seed, limit=n_train, n_folds=5)
+        data = probe_data(files=None, seed=seed, limit=n_train, n_folds=5, leave_out=leave_out)
         say(f"fitting a probe guard on {len(data.positive)} + {len(data.negative)} prompts from {len(set(data.groups or []))} sets")
         run = probe_sweep(model, data, site="resid_pre", positions=[position or "last"], layers=layers, n_folds=5,
                           C=DEFAULT_C if C is None else C, metric="auc", seed=seed, batch_size=batch_size)  # fmt: skip
@@ -91,7 +93,7 @@ def fit_guard(
             how = run.layer_choice.describe() if run.layer_choice else f"layer {run.layer} (source-held-out AUC {run.value:.3f})"
             say(f"the guard reads {how}; threshold from out-of-fold scores")
         return guard
-    data = guard_training_data(per_set=n_train, seed=seed)
+    data = guard_training_data(per_set=n_train, seed=seed, leave_out=leave_out)
     (fit_h, val_h), (fit_s, val_s) = _slices(data.harmful, data.harmful_sources), _slices(data.harmless, data.harmless_sources)
     say(f"fitting a latent guard on {len(fit_h)} + {len(fit_s)} prompts from {len(data.source_names)} sets")
     kw = {"position": position or "t_inst", "batch_size": batch_size, "progress": progress}

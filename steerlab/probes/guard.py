@@ -33,7 +33,8 @@ from steerlab import _valuefiles
 from steerlab._checks import check_finite, finite_number, layer_tuple
 from steerlab.activations import collect
 from steerlab.chat import Position
-from steerlab.errors import EmptyInputError, InvalidValueError, ShapeError, SteerlabError
+from steerlab.data.fingerprints import Fingerprints
+from steerlab.errors import EmptyInputError, InSampleWarning, InvalidValueError, ShapeError, SteerlabError
 from steerlab.probes.metrics import best_threshold, roc_auc
 from steerlab.probes.probe import Probe, fit_probes
 from steerlab.steering.direction import check_position
@@ -82,17 +83,45 @@ class _Guard:
         """Boolean ``[n]``: True where the prompt is judged harmful."""
         return self.score(prompts, batch_size=batch_size, progress=progress) >= self.threshold
 
+    trained_on: Fingerprints | None = None  # the prompts it was fitted and calibrated on (None: not recorded)
+
+    def _recorded(self, record: Fingerprints | None):
+        """The same guard with this training record."""
+        raise NotImplementedError
+
     def calibrate(self, harmful: Sequence[str], harmless: Sequence[str], *, batch_size: int = 16, progress: bool = False):
-        """A copy whose threshold maximises balanced accuracy on these (validation) prompts."""
+        """A copy whose threshold maximises balanced accuracy on these (validation) prompts; a guard that records its
+        training prompts adds these to the record."""
         pos = self.score(_check_prompts(harmful), batch_size=batch_size, progress=progress)
         neg = self.score(_check_prompts(harmless), batch_size=batch_size, progress=progress)
-        return replace(self, threshold=best_threshold(pos, neg))
+        guard = self if self.trained_on is None else self._recorded(self.trained_on.union(Fingerprints.of(harmful, harmless)))
+        return replace(guard, threshold=best_threshold(pos, neg))
 
     def evaluate(self, harmful: Sequence[str], harmless: Sequence[str], *, batch_size: int = 16, progress: bool = False) -> dict[str, float]:
-        """Accuracy, balanced accuracy, TPR (harmful flagged), FPR (harmless flagged) and AUC."""
+        """Accuracy, balanced accuracy, TPR (harmful flagged), FPR (harmless flagged) and AUC; an
+        :class:`~steerlab.errors.InSampleWarning` when some prompts are among those the guard was fitted on."""
+        warn_in_sample(self, {"harmful": _check_prompts(harmful), "harmless": _check_prompts(harmless)}, doing="evaluating")
         pos = self.score(_check_prompts(harmful), batch_size=batch_size, progress=progress)
         neg = self.score(_check_prompts(harmless), batch_size=batch_size, progress=progress)
         return guard_metrics(pos, neg, threshold=self.threshold)
+
+
+def warn_in_sample(guard: object, sets: dict[str, Sequence[str]], *, doing: str) -> dict[str, int]:
+    """How many prompts of each set the guard's record holds; an :class:`~steerlab.errors.InSampleWarning` naming
+    them when any does (a guard without a record: nothing to check, ``{}``)."""
+    from steerlab.data.fingerprints import training_record
+
+    record = training_record(guard)
+    if record is None:
+        return {}
+    counts = {name: int(record.seen(list(ps)).sum()) if len(ps) else 0 for name, ps in sets.items()}
+    if any(counts.values()):
+        import warnings
+
+        which = ", ".join(f"{n} of the {len(sets[k])} {k}" for k, n in counts.items() if n)
+        warnings.warn(f"{doing} the guard on prompts it was fitted on ({which} prompts): the numbers are optimistic; "
+                      "drop them with steerlab.data.fingerprints.split_unseen(guard.trained_on, prompts)", InSampleWarning, stacklevel=3)  # fmt: skip
+    return counts
 
 
 def guard_metrics(harmful_scores: torch.Tensor, harmless_scores: torch.Tensor, *, threshold: float) -> dict[str, float]:
@@ -132,9 +161,12 @@ class LatentGuard(_Guard):
     site: str = "resid_pre"
     model_name: str = ""
     model: Model | None = field(default=None, compare=False, repr=False)
+    trained_on: Fingerprints | None = field(default=None, compare=False, repr=False)  # the prompts it was fitted on
 
     def __post_init__(self) -> None:
         layers = layer_tuple(self.layers, "layers")
+        if self.trained_on is not None and not isinstance(self.trained_on, Fingerprints):
+            raise InvalidValueError(f"trained_on must be Fingerprints.of(prompts) or None; got {type(self.trained_on).__name__}")
         pos, neg = torch.as_tensor(self.mean_harmful), torch.as_tensor(self.mean_harmless)
         if pos.dim() != 2 or pos.shape != neg.shape or pos.shape[0] != len(layers) or not layers:
             raise ShapeError(f"class means must both be [{len(layers)} layers, d] (at least one layer); got {tuple(pos.shape)} and {tuple(neg.shape)}")
@@ -170,7 +202,10 @@ class LatentGuard(_Guard):
         pos = collect(model, _check_prompts(harmful), **kw)
         neg = collect(model, _check_prompts(harmless), **kw)
         guard = cls.from_activations(pos.get("resid_pre", position)[:, :, -1], neg.get("resid_pre", position)[:, :, -1], layers=pos.layers, position=position)
-        return replace(guard, model_name=model.name, model=model)
+        return replace(guard, model_name=model.name, model=model, trained_on=Fingerprints.of(harmful, harmless))
+
+    def _recorded(self, record: Fingerprints | None) -> LatentGuard:
+        return replace(self, trained_on=record)
 
     @classmethod
     def from_activations(cls, harmful: torch.Tensor, harmless: torch.Tensor, *, layers: Sequence[int], position: Position = "t_inst") -> LatentGuard:
@@ -197,13 +232,14 @@ class LatentGuard(_Guard):
         """Write a ``.safetensors`` file (class means + threshold and metadata), atomically and with a checksum."""
         meta = {"format": LATENT_FORMAT, "layers": json.dumps(list(self.layers)), "threshold": repr(float(self.threshold)),
                 "position": json.dumps(self.position), "site": self.site, "model": self.model_name}  # fmt: skip
-        return _valuefiles.write(path, {"mean_harmful": self.mean_harmful, "mean_harmless": self.mean_harmless}, meta)
+        record = {} if self.trained_on is None else {"trained_on": self.trained_on.hashes}
+        return _valuefiles.write(path, {"mean_harmful": self.mean_harmful, "mean_harmless": self.mean_harmless, **record}, meta)
 
     @classmethod
     def load(cls, path: str | Path, *, model: Model | None = None) -> LatentGuard:
         """Read a file written by :meth:`save`; ``model`` binds it for scoring. Bad files raise ``ValueFileError``."""
         keys = ("layers", "threshold", "position", "model")
-        tensors, meta = _valuefiles.read(path, fmt=LATENT_FORMAT, tensors=["mean_harmful", "mean_harmless"], keys=keys)
+        tensors, meta = _valuefiles.read(path, fmt=LATENT_FORMAT, tensors=["mean_harmful", "mean_harmless"], keys=keys, optional=["trained_on"])
         with _valuefiles.parsing(path, "LatentGuard"):
             return cls(
                 mean_harmful=tensors["mean_harmful"],
@@ -214,6 +250,7 @@ class LatentGuard(_Guard):
                 site=meta.get("site", "resid_pre"),  # files from before the site was saved: resid_pre
                 model_name=meta["model"],
                 model=model,
+                trained_on=Fingerprints(tensors["trained_on"]) if "trained_on" in tensors else None,
             )
 
 
@@ -260,7 +297,15 @@ class ProbeGuard(_Guard):
         layers = model.layer_indices(list(layer) if isinstance(layer, Sequence) else [layer])  # numpy ints too
         idx = [acts.layers.index(la) for la in layers]
         probe = fit_probes(x[:, idx], y, layers=layers, C=C, position=position, labels=("harmless", "harmful"), model=model.name)
-        return cls(probe=probe, model=model)
+        return cls(probe=replace(probe, trained_on=Fingerprints.of(harmful, harmless)), model=model)
+
+    @property
+    def trained_on(self) -> Fingerprints | None:  # type: ignore[override]
+        """The fingerprints of the prompts the probe was fitted and calibrated on (``None``: not recorded)."""
+        return self.probe.trained_on
+
+    def _recorded(self, record: Fingerprints | None) -> ProbeGuard:
+        return replace(self, probe=replace(self.probe, trained_on=record))
 
     def score_activations(self, acts: torch.Tensor) -> torch.Tensor:
         """``P(harmful)`` ``[n]`` from activations ``[n, n_layers, d]`` at the probe's layers and position (``[n, d]``

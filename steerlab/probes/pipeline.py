@@ -105,15 +105,20 @@ class ProbeRun:
         return out
 
 
-def probe_data(*, files: tuple[str | Path, str | Path] | None, seed: int, limit: int | None, n_folds: int) -> ProbeData:
+def probe_data(
+    *, files: tuple[str | Path, str | Path] | None, seed: int, limit: int | None, n_folds: int, leave_out: Sequence[str] = ()
+) -> ProbeData:
     """The two prompt sets of a sweep: ``files`` (positive, negative; see :func:`steerlab.data.files.read_prompts`;
     ``limit`` keeps at most that many prompts per class), or with ``files=None`` the guard training pool of
     :func:`steerlab.data.guard_sets.guard_training_data` (every set written for steerlab and every packaged public
-    set; ``limit`` prompts per set, default 120), whose sources the folds keep whole.
+    set; ``limit`` prompts per set, default 120; without the sources ``leave_out`` names), whose sources the folds keep
+    whole.
 
     Raises :class:`~steerlab.errors.InvalidValueError` when a class has fewer prompts than ``n_folds``.
     """
     groups, families = None, None
+    if files is not None and leave_out:
+        raise InvalidValueError("leave_out selects sources of the built-in pool; with files, leave the prompts out of the files")
     if files is not None:
         from steerlab.data.files import read_prompts
 
@@ -123,10 +128,12 @@ def probe_data(*, files: tuple[str | Path, str | Path] | None, seed: int, limit:
     else:
         from steerlab.data.guard_sets import guard_training_data, kind_families
 
-        data = guard_training_data(per_set=limit or DEFAULT_PER_SET, seed=seed)
+        data = guard_training_data(per_set=limit or DEFAULT_PER_SET, seed=seed, leave_out=leave_out)
         pos, neg, groups = data.harmful, data.harmless, data.harmful_sources + data.harmless_sources
         families = kind_families(groups)
         source = f"{DEFAULT_SOURCE} ({len(data.source_names)} sets, at most {limit or DEFAULT_PER_SET} prompts each)"
+        if leave_out:
+            source += f", without {', '.join(leave_out)}"
     if min(len(pos), len(neg)) < n_folds:
         raise InvalidValueError(
             f"{n_folds}-fold cross-validation needs at least {n_folds} prompts per class; got {len(pos)} and {len(neg)}"
@@ -179,6 +186,7 @@ def probe_sweep(
     the best cell's layer only); its threshold is calibrated on out-of-fold scores either way. ``log`` receives one
     line before collecting and one after choosing layers.
     """
+    from steerlab.data.fingerprints import Fingerprints
     from steerlab.steering.fit import mean_difference, prompts_hash
 
     check_sweep_positions(positions)
@@ -212,7 +220,8 @@ def probe_sweep(
     probe = fit_probes(x[:, idx, j], y, layers=read, labels=("harmless", "harmful"), **fit_kw, **meta)
     threshold = out_of_fold_threshold(x[:, idx, j], y, n_folds=n_folds, seed=seed, folds=folds, **fit_kw)
     how = "source-held-out" if folds is not None else "stratified"
-    probe = replace(probe, info={**probe.info, "guard_threshold": threshold, "threshold_from": f"{n_folds}-fold {how} out-of-fold scores"})
+    probe = replace(probe, info={**probe.info, "guard_threshold": threshold, "threshold_from": f"{n_folds}-fold {how} out-of-fold scores"},
+                    trained_on=Fingerprints.of(pos, neg))  # fmt: skip
     direction = mean_difference(
         x[y == 1][:, i : i + 1, j], x[y == 0][:, i : i + 1, j], layers=[layer], data_hash=prompts_hash(pos, neg), **meta
     )

@@ -29,6 +29,7 @@ import torch
 from steerlab import _valuefiles
 from steerlab._checks import check_finite, layer_index, layer_tuple
 from steerlab.chat import Position
+from steerlab.data.fingerprints import Fingerprints
 from steerlab.errors import EmptyInputError, InvalidValueError, LayerIndexError, ShapeError, ZeroVectorError
 from steerlab.probes.fast import fit_standardized
 from steerlab.probes.metrics import roc_auc
@@ -49,6 +50,7 @@ class Probe:
     labels: tuple[str, str] = ("negative", "positive")
     model: str = ""
     info: dict = field(default_factory=dict, compare=False)
+    trained_on: Fingerprints | None = field(default=None, compare=False, repr=False)  # the prompts it was fitted on
 
     def __post_init__(self) -> None:
         layers = layer_tuple(self.layers, "layers")
@@ -70,6 +72,8 @@ class Probe:
             raise InvalidValueError(f"labels must be two names (negative, positive); got {self.labels!r}")
         if not isinstance(self.site, str) or not isinstance(self.info, dict):
             raise InvalidValueError(f"site must be a str and info a dict; got {type(self.site).__name__} and {type(self.info).__name__}")
+        if self.trained_on is not None and not isinstance(self.trained_on, Fingerprints):
+            raise InvalidValueError(f"trained_on must be Fingerprints.of(prompts) or None; got {type(self.trained_on).__name__}")
         object.__setattr__(self, "weights", weights)
         object.__setattr__(self, "bias", bias)
         object.__setattr__(self, "layers", layers)
@@ -198,13 +202,14 @@ class Probe:
             "model": self.model,
             "info": json.dumps(self.info),
         }
-        return _valuefiles.write(path, {"weights": self.weights, "bias": self.bias}, meta)
+        record = {} if self.trained_on is None else {"trained_on": self.trained_on.hashes}
+        return _valuefiles.write(path, {"weights": self.weights, "bias": self.bias, **record}, meta)
 
     @classmethod
     def load(cls, path: str | Path) -> Probe:
         """Read a file written by :meth:`save`; a missing, damaged or foreign file raises ``ValueFileError``."""
         keys = ("layers", "site", "position", "labels", "model", "info")
-        tensors, meta = _valuefiles.read(path, fmt=FORMAT, tensors=["weights", "bias"], keys=keys)
+        tensors, meta = _valuefiles.read(path, fmt=FORMAT, tensors=["weights", "bias"], keys=keys, optional=["trained_on"])
         with _valuefiles.parsing(path, "Probe"):
             return cls(
                 weights=tensors["weights"],
@@ -215,6 +220,7 @@ class Probe:
                 labels=json.loads(meta["labels"]),
                 model=meta["model"],
                 info=json.loads(meta["info"]),
+                trained_on=Fingerprints(tensors["trained_on"]) if "trained_on" in tensors else None,
             )
 
 
