@@ -313,6 +313,12 @@ def test_refusal_tokens_saves_a_calibrated_guard_steer_can_use(tiny_dir, probe_r
     cal = settings["fit"]["calibration_prompts"]
     assert len(cal["harmful"]) >= 10 and len(cal["harmless"]) >= 10
     assert guard.threshold == pytest.approx(best_threshold(guard.score(cal["harmful"]), guard.score(cal["harmless"])), abs=1e-6)
+    # it records every prompt it was fine-tuned or calibrated on: the whole pool of 2 per source
+    from steerlab.data.fingerprints import Fingerprints
+    from steerlab.data.guard_sets import guard_training_data
+
+    pool = guard_training_data(per_set=2, seed=0)
+    assert guard.trained_on == RefusalTokenGuard.saved_record(out) == Fingerprints.of(pool.harmful, pool.harmless)
     assert main(["steer", "--model", tiny_dir, "--direction", direction, "--calibrated", str(out), "--max-new-tokens", "2", "Hi"]) == 0
     assert capsys.readouterr().out.startswith(f"calibrated refusal: RefusalTokenGuard: the fine-tuned model's P([refuse]) at the first answer token, flag when >= {guard.threshold:.4g}")
     assert main([*argv[:-6], "--holdout", "1.5"]) == 2

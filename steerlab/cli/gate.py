@@ -31,13 +31,16 @@ def open_guard(spec: str, *, tau: float | None, model: Any, dtype: str) -> Any:
 
 
 def guard_record(spec: str, tau: float | None) -> Any:
-    """The prompts a saved guard file records it was fitted on (``Fingerprints``), read without a model; ``None`` for
-    a file without a record or a refusal-token model directory. Usage errors as :func:`check_guard_spec`."""
+    """The prompts a saved guard records it was fitted on (``Fingerprints``), read without loading a model; ``None``
+    for a guard saved without a record. Usage errors as :func:`check_guard_spec`."""
     from steerlab.data.fingerprints import training_record
 
+    from steerlab.interventions.token_guard import SETTINGS_FILE, RefusalTokenGuard
+
     check_guard_spec(spec, tau)
-    if Path(spec).expanduser().is_dir():
-        return None
+    root = Path(spec).expanduser()
+    if root.is_dir():
+        return RefusalTokenGuard.saved_record(root) if (root / SETTINGS_FILE).is_file() else None
     return training_record(open_guard(spec, tau=tau, model=None, dtype="float32"))
 
 

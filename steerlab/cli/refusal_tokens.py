@@ -11,6 +11,7 @@ from steerlab.cli.args import UsageError, add_model_args, positive_float, positi
 
 
 def _refusal_tokens(args: argparse.Namespace) -> int:
+    from steerlab.data.guard_sets import guard_training_data
     from steerlab.interventions.token_guard import SETTINGS_FILE
     from steerlab.training.token_guard_fit import DEFAULT_CONFIG, fit_refusal_token_guard
 
@@ -22,7 +23,8 @@ def _refusal_tokens(args: argparse.Namespace) -> int:
     out = inputs.output_dir(args.out)
     model = inputs.load(args)
     config = replace(DEFAULT_CONFIG, epochs=args.epochs, max_steps=args.max_steps)
-    fit = fit_refusal_token_guard(model, direction, per_set=args.per_set, holdout=args.holdout, answer_tokens=args.answer_tokens,
+    data = guard_training_data(per_set=args.per_set, seed=args.seed, leave_out=args.leave_out)
+    fit = fit_refusal_token_guard(model, direction, data=data, holdout=args.holdout, answer_tokens=args.answer_tokens,
                                   config=config, batch_size=args.batch_size, seed=args.seed, progress=True)  # fmt: skip
     summary = fit.summary() | {"calibration_prompts": {"harmful": list(fit.calibration_prompts[0]), "harmless": list(fit.calibration_prompts[1])}}
     fit.guard.save(out, extra={"fit": summary, "command": " ".join(args.argv)})
@@ -45,5 +47,7 @@ def add_parser(sub) -> None:
     p.add_argument("--epochs", type=positive_float, default=1.5)
     p.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many optimiser steps (overrides --epochs)")
     p.add_argument("--answer-tokens", type=positive_int, default=40, help="length of the [respond] answers the model writes")
+    p.add_argument("--leave-out", nargs="+", default=[], metavar="SOURCE",
+                   help="keep these sources out of the fine-tuning and calibration (a set such as harmbench, or a safe-but-scary kind)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_refusal_tokens)

@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from steerlab._checks import finite_number
+from steerlab.data.fingerprints import Fingerprints
 from steerlab.errors import GenerationStateError, InvalidValueError, ShapeError, ValueFileError
 from steerlab.interventions.refusal_tokens import RefusalTokens, refusal_token_probs
 from steerlab.probes.guard import _check_prompts, _Guard
@@ -51,16 +52,22 @@ class RefusalTokenGuard(_Guard):
     tokens: RefusalTokens
     threshold: float = 0.5
     model: Model | None = field(default=None, compare=False, repr=False)
+    trained_on: Fingerprints | None = field(default=None, compare=False, repr=False)  # fine-tuned and calibrated on
 
     def __post_init__(self) -> None:
         if not isinstance(self.tokens, RefusalTokens):
             raise InvalidValueError(f"a RefusalTokenGuard needs RefusalTokens (RefusalTokens.from_tokenizer(...)); got {type(self.tokens).__name__}")
+        if self.trained_on is not None and not isinstance(self.trained_on, Fingerprints):
+            raise InvalidValueError(f"trained_on must be Fingerprints.of(prompts) or None; got {type(self.trained_on).__name__}")
         object.__setattr__(self, "threshold", finite_number(self.threshold, "the guard's threshold (tau)"))
 
     @classmethod
     def from_model(cls, model: Model, *, threshold: float = 0.5, refuse: str = "[refuse]", respond: str = "[respond]") -> RefusalTokenGuard:
         """The guard of a model fine-tuned with ``refuse`` / ``respond`` control tokens, bound to it."""
         return cls(RefusalTokens.from_tokenizer(model.tokenizer, refuse=refuse, respond=respond), threshold=threshold, model=model)
+
+    def _recorded(self, record: Fingerprints | None) -> RefusalTokenGuard:
+        return replace(self, trained_on=record)
 
     def score_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """Scores ``[b]`` from the fine-tuned model's first-step logits ``[b, vocab]``."""
@@ -117,6 +124,8 @@ class RefusalTokenGuard(_Guard):
         settings = {**(extra or {}), "format": TOKEN_GUARD_FORMAT, "threshold": self.threshold, "refuse": names,
                     "respond": model.tokenizer.convert_ids_to_tokens(self.tokens.respond),
                     "temperature": self.tokens.temperature}  # fmt: skip (the guard's own keys win over extra's)
+        if self.trained_on is not None:
+            settings["trained_on"] = self.trained_on.hashes.tolist()
         (out / SETTINGS_FILE).write_text(json.dumps(settings, indent=1))
         return out
 
@@ -136,4 +145,14 @@ class RefusalTokenGuard(_Guard):
             raise ValueFileError(f"{path} is not a refusal-token guard's settings ({exc}); write it with RefusalTokenGuard.save") from exc
         model = steerlab.load(str(directory), dtype=dtype)
         tokens = RefusalTokens.from_tokenizer(model.tokenizer, refuse=refuse, respond=respond, temperature=temperature)
-        return cls(tokens, threshold=saved if threshold is None else threshold, model=model)
+        return cls(tokens, threshold=saved if threshold is None else threshold, model=model, trained_on=cls.saved_record(directory))
+
+    @staticmethod
+    def saved_record(directory: str | Path) -> Fingerprints | None:
+        """The training record saved in ``directory``'s settings (without loading the model); ``None`` if it has none."""
+        path = Path(directory) / SETTINGS_FILE
+        try:
+            hashes = json.loads(path.read_text()).get("trained_on")
+            return None if hashes is None else Fingerprints(torch.tensor(hashes, dtype=torch.int64))
+        except (OSError, ValueError, TypeError, RuntimeError) as exc:
+            raise ValueFileError(f"{path} holds no readable training record ({exc}); write it with RefusalTokenGuard.save") from exc

@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+from steerlab.data.fingerprints import Fingerprints
 from steerlab.data.guard_sets import SourcedPrompts, guard_training_data
 from steerlab.errors import InvalidValueError
 from steerlab.interventions.token_guard import RefusalTokenGuard
@@ -119,7 +120,7 @@ def fit_refusal_token_guard(
     result = finetune(model, examples, new_tokens=control_tokens(), config=replace(config, seed=seed), progress=progress)
     guard = RefusalTokenGuard.from_model(result.model)
     pos, neg = guard.score(cal_harmful, batch_size=batch_size), guard.score(cal_harmless, batch_size=batch_size)
-    guard = replace(guard, threshold=best_threshold(pos, neg))
+    guard = replace(guard, threshold=best_threshold(pos, neg), trained_on=Fingerprints.of(harmful, harmless, cal_harmful, cal_harmless))
     return TokenGuardFit(
         guard=guard,
         calibration=guard_metrics(pos, neg, threshold=guard.threshold),
