@@ -5,7 +5,7 @@ import torch
 
 import steerlab
 from steerlab.data import DEMO_HARMFUL, DEMO_HARMLESS
-from steerlab.errors import InvalidValueError
+from steerlab.errors import InSampleWarning, InvalidValueError
 from steerlab.eval.logits import kl_divergence, last_token_logprobs
 from steerlab.eval.refusal import refusal_token_ids
 from steerlab.probes import LatentGuard
@@ -78,7 +78,9 @@ def test_search_finds_a_front_and_writes_the_plot(setup, tmp_path):
     model, guard, r = setup
     single = Direction(vectors=r.at(1)[None], layers=(1,), site=r.site, model=r.model)
     baseline = GatedParams(layer=1.0, refuse_coeff=1.0, ablate_strength=1.0).build(guard, single)
-    result = search(model, guard, r, SETS, space=SearchSpace(layers=(0.0, 2.0)), n_trials=6, seed=0, baseline=baseline)
+    # the guard was fitted on 4 of the 6 ordinary prompts (DEMO_HARMLESS[6:10]): the search says so
+    with pytest.warns(InSampleWarning, match=r"searching the guard on prompts it was fitted on \(4 of the 6 ordinary prompts\)"):
+        result = search(model, guard, r, SETS, space=SearchSpace(layers=(0.0, 2.0)), n_trials=6, seed=0, baseline=baseline)
     assert len(result.params) == len(result.objectives) == 6 and result.baseline is not None
     front = [result.objectives[i] for i in result.pareto]
     assert front and not any(o.dominates(f) for o in result.objectives for f in front)

@@ -256,8 +256,12 @@ def search(
     log: Any = None,
 ) -> SearchResult:
     """Optuna NSGA-II over ``space`` for ``n_trials``; ``baseline`` (e.g. the hand-picked gate) is measured on the
-    same sets so the front can be compared with it."""
+    same sets so the front can be compared with it. An :class:`~steerlab.errors.InSampleWarning` names the prompts the
+    guard records it was fitted on."""
+    from steerlab.probes.guard import warn_in_sample
+
     optuna = _optuna()
+    warn_in_sample(guard, {"harmful": sets.harmful, "safe": sets.safe, "ordinary": sets.ordinary}, doing="searching")
     if isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1:
         raise InvalidValueError(f"n_trials must be a positive int; got {n_trials!r}")
     cache = _Cache(model, guard, sets, batch_size)
