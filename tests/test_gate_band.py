@@ -168,7 +168,7 @@ def _length_judge(text: str) -> bool:
 
 def test_rows_read_off_the_branches_equal_real_gated_generation():
     model = tiny_model("llama")
-    guard = LatentGuard.fit(model, DEMO_HARMFUL[4:], DEMO_HARMLESS[4:], layers=[1, 2])
+    guard = LatentGuard.fit(model, DEMO_HARMFUL[5:], DEMO_HARMLESS[9:], layers=[1, 2])  # none of the tuning prompts
     d = tiny_direction(model, layer=1)
     sets = {"safe": DEMO_HARMLESS[:5], "harmful": DEMO_HARMFUL[:5], "ordinary": DEMO_HARMLESS[5:9]}
     refuse, comply = AddVector(d, coeff=8.0), {"ablate": Ablate(d), "half": Ablate(d, strength=0.5)}
@@ -191,7 +191,7 @@ def test_rows_read_off_the_branches_equal_real_gated_generation():
 
 def test_the_chosen_band_builds_its_gate_and_bad_options_raise():
     model = tiny_model("llama")
-    guard = LatentGuard.fit(model, DEMO_HARMFUL[4:], DEMO_HARMLESS[4:], layers=[1])
+    guard = LatentGuard.fit(model, DEMO_HARMFUL[4:], DEMO_HARMLESS[8:], layers=[1])  # none of the tuning prompts
     d = tiny_direction(model, layer=1)
     sets = {"safe": DEMO_HARMLESS[:4], "harmful": DEMO_HARMFUL[:4], "ordinary": DEMO_HARMLESS[4:8]}
     comply = {"ablate": Ablate(d), "weak": Ablate(d, strength=0.1)}
