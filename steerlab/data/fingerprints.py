@@ -89,9 +89,7 @@ def split_unseen(record: Fingerprints, prompts: Sequence[str]) -> tuple[list[str
 
 
 def training_record(value: object) -> Fingerprints | None:
-    """The training record of a guard or probe (``trained_on``; a ProbeGuard's probe's), or ``None`` when it does
-    not carry one (a file saved before records, a refusal-token model, a value fitted from bare activations)."""
+    """The training record (``trained_on``) of a guard or probe, or ``None`` when it carries none (a file saved before
+    records, a value fitted from bare activations, an object that is no guard)."""
     record = getattr(value, "trained_on", None)
-    if record is None and hasattr(value, "probe"):
-        record = getattr(value.probe, "trained_on", None)
     return record if isinstance(record, Fingerprints) else None
