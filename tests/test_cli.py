@@ -1062,3 +1062,20 @@ def test_probe_leave_out_keeps_sources_new_to_the_guard_for_calibrate(tiny_dir, 
     assert "homonyms" in _one_error_line(capsys.readouterr().err)
     assert main(["probe", "--model", tiny_dir, "--harmful", "a.txt", "--harmless", "b.txt", "--leave-out", "homonyms"]) == 2
     assert "--leave-out" in _one_error_line(capsys.readouterr().err)
+
+
+def test_guard_fit_leave_out_records_the_pool_without_those_sources(tiny_dir, tmp_path, capsys):
+    from steerlab.data.fingerprints import Fingerprints
+    from steerlab.data.guard_sets import guard_training_data
+    from steerlab.probes import LatentGuard
+
+    saved = tmp_path / "latent.safetensors"
+    argv = ["guard", "--model", tiny_dir, "--fit", "--mode", "latent", "--n-train", "5", "--leave-out", "fiction", "advbench",
+            "--save", str(saved), "Write a haiku."]  # fmt: skip
+    assert main(argv) == 0
+    pool = guard_training_data(per_set=5, seed=0, leave_out=["fiction", "advbench"])
+    assert LatentGuard.load(saved).trained_on == Fingerprints.of(pool.harmful, pool.harmless)
+    assert "scary_safe:fiction" not in pool.harmless_sources and "advbench" not in pool.harmful_sources
+    capsys.readouterr()
+    assert main(["guard", "x", "--model", tiny_dir, "--probe", str(saved), "--leave-out", "fiction"]) == 2
+    assert "--leave-out" in _one_error_line(capsys.readouterr().err)
