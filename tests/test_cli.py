@@ -1038,6 +1038,7 @@ def test_probe_leave_out_keeps_sources_new_to_the_guard_for_calibrate(tiny_dir, 
             "--out", str(tmp_path / "p")]  # fmt: skip
     assert main(argv) == 0
     record = Probe.load(tmp_path / "p" / "probe.safetensors").trained_on
+    assert f"recording the {len(record)} prompts it was fitted on" in capsys.readouterr().out
     data = guard_training_data(per_set=5, seed=0, leave_out=left)
     assert record == Fingerprints.of(data.harmful, data.harmless)
     from steerlab.data.guard_sets import scary_sets

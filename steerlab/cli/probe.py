@@ -39,7 +39,8 @@ def _probe(args: argparse.Namespace) -> int:
     print(f"\nbest: layer {run.layer}, position {run.column} ({args.metric} {run.value:.3f}, {args.folds}-fold CV)")
     print(
         f"wrote {out}/sweep.json, sweep.html (with plotly.min.js), probe.safetensors (layers "
-        f"{list(run.probe.layers)}, position {run.position!r}), direction.safetensors (layer {run.layer})"
+        f"{list(run.probe.layers)}, position {run.position!r}, recording the {len(run.probe.trained_on)} prompts it was fitted on), "
+        f"direction.safetensors (layer {run.layer})"
     )
     return 0
 
