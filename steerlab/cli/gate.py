@@ -34,7 +34,6 @@ def guard_record(spec: str, tau: float | None) -> Any:
     """The prompts a saved guard records it was fitted on (``Fingerprints``), read without loading a model; ``None``
     for a guard saved without a record. Usage errors as :func:`check_guard_spec`."""
     from steerlab.data.fingerprints import training_record
-
     from steerlab.interventions.token_guard import SETTINGS_FILE, RefusalTokenGuard
 
     check_guard_spec(spec, tau)

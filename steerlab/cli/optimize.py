@@ -29,6 +29,7 @@ def _directions(args: argparse.Namespace, model):
 def _optimize(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
+    from steerlab.data.fingerprints import training_record
     from steerlab.probes import LatentGuard, ProbeGuard
     from steerlab.probes.fitting import saved_guard_kind
     from steerlab.steering import Direction
@@ -39,12 +40,10 @@ def _optimize(args: argparse.Namespace) -> int:
     kind = ProbeGuard if saved_guard_kind(path) == "probe" else LatentGuard
     if args.layers and args.layers[0] > args.layers[1]:
         raise UsageError(f"--layers {args.layers[0]} {args.layers[1]}: the first must not exceed the second")
-    from steerlab.data.fingerprints import training_record
-
-    record = training_record(inputs.read_saved(path, f"steerlab {kind.__name__}", kind.load))
-    sets = PromptSets(**inputs.tuning_sets(args, trained_on=record))
+    saved = inputs.read_saved(path, f"steerlab {kind.__name__}", kind.load)
+    sets = PromptSets(**inputs.tuning_sets(args, trained_on=training_record(saved)))
     model = inputs.load(args)
-    guard = inputs.read_saved(path, f"steerlab {kind.__name__}", lambda f: kind.load(f, model=model))
+    guard = saved.bind(model)
     directions = _directions(args, model)
     layers = (float(directions.layers[0]), float(directions.layers[-1]))
     hand = GatedParams(layer=layers[0] if len(directions.layers) == 1 else float(directions.layers[len(directions.layers) // 2]),

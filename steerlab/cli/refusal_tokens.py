@@ -21,9 +21,9 @@ def _refusal_tokens(args: argparse.Namespace) -> int:
     if args.layer is not None:
         direction = direction.select(args.layer)
     out = inputs.output_dir(args.out)
+    data = guard_training_data(per_set=args.per_set, seed=args.seed, leave_out=args.leave_out)  # bad names fail before loading
     model = inputs.load(args)
     config = replace(DEFAULT_CONFIG, epochs=args.epochs, max_steps=args.max_steps)
-    data = guard_training_data(per_set=args.per_set, seed=args.seed, leave_out=args.leave_out)
     fit = fit_refusal_token_guard(model, direction, data=data, holdout=args.holdout, answer_tokens=args.answer_tokens,
                                   config=config, batch_size=args.batch_size, seed=args.seed, progress=True)  # fmt: skip
     summary = fit.summary() | {"calibration_prompts": {"harmful": list(fit.calibration_prompts[0]), "harmless": list(fit.calibration_prompts[1])}}

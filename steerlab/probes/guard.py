@@ -22,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -33,7 +34,7 @@ from steerlab import _valuefiles
 from steerlab._checks import check_finite, finite_number, layer_tuple
 from steerlab.activations import collect
 from steerlab.chat import Position
-from steerlab.data.fingerprints import Fingerprints
+from steerlab.data.fingerprints import Fingerprints, training_record
 from steerlab.errors import EmptyInputError, InSampleWarning, InvalidValueError, ShapeError, SteerlabError
 from steerlab.probes.metrics import best_threshold, roc_auc
 from steerlab.probes.probe import Probe, fit_probes
@@ -66,6 +67,7 @@ class _Guard:
 
     threshold: float
     model: Model | None
+    trained_on: Fingerprints | None = None  # the prompts it was fitted and calibrated on (None: not recorded)
 
     def _bound(self) -> Model:
         if self.model is None:
@@ -82,8 +84,6 @@ class _Guard:
     def flag(self, prompts: Sequence[str], *, batch_size: int = 16, progress: bool = False) -> torch.Tensor:
         """Boolean ``[n]``: True where the prompt is judged harmful."""
         return self.score(prompts, batch_size=batch_size, progress=progress) >= self.threshold
-
-    trained_on: Fingerprints | None = None  # the prompts it was fitted and calibrated on (None: not recorded)
 
     def _recorded(self, record: Fingerprints | None):
         """The same guard with this training record."""
@@ -109,15 +109,11 @@ class _Guard:
 def warn_in_sample(guard: object, sets: dict[str, Sequence[str]], *, doing: str) -> dict[str, int]:
     """How many prompts of each set the guard's record holds; an :class:`~steerlab.errors.InSampleWarning` naming
     them when any does (a guard without a record: nothing to check, ``{}``)."""
-    from steerlab.data.fingerprints import training_record
-
     record = training_record(guard)
     if record is None:
         return {}
     counts = {name: int(record.seen(list(ps)).sum()) if len(ps) else 0 for name, ps in sets.items()}
     if any(counts.values()):
-        import warnings
-
         which = ", ".join(f"{n} of the {len(sets[k])} {k}" for k, n in counts.items() if n)
         warnings.warn(f"{doing} the guard on prompts it was fitted on ({which} prompts): the numbers are optimistic; "
                       "drop them with steerlab.data.fingerprints.split_unseen(guard.trained_on, prompts)", InSampleWarning, stacklevel=3)  # fmt: skip
