@@ -29,14 +29,14 @@ from pathlib import Path
 import torch
 
 import steerlab
-from steerlab.data.guard_sets import PromptSet, guard_sets, scary_sets
+from steerlab.data.guard_sets import guard_sets
 from steerlab.probes.cross_source import leave_kind_out, summarize
 from steerlab.probes.metrics import roc_auc
 
 sys.path.insert(0, str(Path(__file__).parent))
 from calibrated_gate_qwen import HELD_OUT, prompt_splits  # noqa: E402
 from gate_floor_qwen import branch_refusals, probe_scores  # noqa: E402
-from guards_cross_source import LAYERS, POSITIONS, _sample, probe_fit  # noqa: E402
+from guards_cross_source import LAYERS, POSITIONS, at_positions, probe_fit, read_cached  # noqa: E402
 
 OUT = Path("runs/guards")
 FRAMING = ("You review requests for a safety team. Judge each request by what it actually asks for, not by the words it "
@@ -46,23 +46,7 @@ FRAMING = ("You review requests for a safety team. Judge each request by what it
 
 def collect_framed() -> dict:
     """{"prompts": {set: [...]}, "acts": {set: [n, L, 2, d]}}: every guard set read under FRAMING (t_inst, last)."""
-    want = {s.name: _sample(s.prompts, s.name) for s in guard_sets() if not s.name.startswith("scary_")}
-    want |= {f"{s.name}:{s.kind}": list(s.prompts) for s in scary_sets()}
-    cache = OUT / "acts_framed.pt"
-    have = torch.load(cache, weights_only=True) if cache.exists() else {"prompts": {}, "acts": {}, "framing": FRAMING}
-    if have.get("framing") != FRAMING:
-        have = {"prompts": {}, "acts": {}, "framing": FRAMING}
-    todo = [n for n, p in want.items() if have["prompts"].get(n) != p]
-    if todo:
-        model = steerlab.load(dtype=torch.float32)
-        for name in todo:
-            t0 = time.time()
-            acts = steerlab.collect(model, want[name], positions=list(POSITIONS), system=FRAMING, progress=False, batch_size=16)
-            have["acts"][name] = torch.stack([acts.get("resid_pre", p)[:, :, -1] for p in POSITIONS], 2).float()
-            have["prompts"][name] = want[name]
-            print(f"collected {name}: {len(want[name])} prompts in {time.time() - t0:.0f} s", flush=True)
-            torch.save(have, cache)
-    return have
+    return read_cached(OUT / "acts_framed.pt", lambda model, prompts: at_positions(model, prompts, system=FRAMING), tag=FRAMING)
 
 
 CACHES = {"plain": OUT / "acts.pt", "framed": OUT / "acts_framed.pt"}

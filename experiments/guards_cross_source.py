@@ -41,23 +41,40 @@ def _sample(prompts, name):
 LAYERS = tuple(range(2, 24, 2))  # every other layer: the probe fits dominate the run time
 
 
-def collect_all():
-    sets = [s for s in guard_sets() if not s.name.startswith("scary_")]
-    want = {s.name: _sample(s.prompts, s.name) for s in sets}
-    want |= {f"{s.name}:{s.kind}": list(s.prompts) for s in scary_sets()}
-    cache = OUT / "acts.pt"
-    have = torch.load(cache, weights_only=True) if cache.exists() else {"prompts": {}, "acts": {}}
+def guard_prompts() -> dict[str, list[str]]:
+    """Every guard set's prompts as read into the caches (at most CAP per set; each safe-but-scary kind its own set)."""
+    want = {s.name: _sample(s.prompts, s.name) for s in guard_sets() if not s.name.startswith("scary_")}
+    return want | {f"{s.name}:{s.kind}": list(s.prompts) for s in scary_sets()}
+
+
+def read_cached(cache: Path, read, *, tag: str = "") -> dict:
+    """{"prompts", "acts", "tag"}: every set of :func:`guard_prompts` read once with ``read(model, prompts)`` ->
+    ``[n, L, 2, d]`` and cached in ``cache``; a cache made with another ``tag`` (another reading) is read again."""
+    want = guard_prompts()
+    have = torch.load(cache, weights_only=True) if cache.exists() else {}
+    if have.get("tag", "") != tag or "acts" not in have:
+        have = {"prompts": {}, "acts": {}, "tag": tag}
     todo = [n for n, p in want.items() if have["prompts"].get(n) != p]
     if todo:
         model = steerlab.load(dtype=torch.float32)
         for name in todo:
             t0 = time.time()
-            acts = steerlab.collect(model, want[name], positions=list(POSITIONS), progress=False, batch_size=16)
-            x = torch.stack([acts.get("resid_pre", p)[:, :, -1] for p in POSITIONS], 2)  # [n, L, P, d]
-            have["acts"][name], have["prompts"][name] = x.float(), want[name]
-            print(f"collected {name}: {len(want[name])} prompts in {time.time() - t0:.0f} s", flush=True)
+            have["acts"][name], have["prompts"][name] = read(model, want[name]).float(), want[name]
+            print(f"read {name}: {len(want[name])} prompts in {time.time() - t0:.0f} s", flush=True)
             torch.save(have, cache)
-    return sets, {n: have["acts"][n][:, list(LAYERS)] for n in want}
+    return have
+
+
+def at_positions(model, prompts: list[str], *, system: str | None = None) -> torch.Tensor:
+    """``[n, L, 2, d]``: resid_pre at ``t_inst`` and ``last`` (under ``system``, or the template's default)."""
+    acts = steerlab.collect(model, prompts, positions=list(POSITIONS), system=system, progress=False, batch_size=16)
+    return torch.stack([acts.get("resid_pre", p)[:, :, -1] for p in POSITIONS], 2)
+
+
+def collect_all():
+    sets = [s for s in guard_sets() if not s.name.startswith("scary_")]
+    have = read_cached(OUT / "acts.pt", at_positions)
+    return sets, {n: have["acts"][n][:, list(LAYERS)] for n in guard_prompts()}
 
 
 def probe_fit(pos: int, C: float):

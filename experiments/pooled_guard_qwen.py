@@ -15,19 +15,16 @@ runs/guards/acts_pooled.pt, then ~4 min); writes runs/guards/pooled.json. Compar
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-import steerlab
-from steerlab.data.guard_sets import guard_sets, scary_sets
 
 sys.path.insert(0, str(Path(__file__).parent))
 from calibrated_gate_qwen import prompt_splits  # noqa: E402
 from framed_guard_qwen import OUT, gate_split_aucs, kind_aucs  # noqa: E402
 from gate_floor_qwen import branch_refusals  # noqa: E402
-from guards_cross_source import LAYERS, POSITIONS, _sample  # noqa: E402
+from guards_cross_source import LAYERS, POSITIONS, read_cached  # noqa: E402
 
 CACHE = OUT / "acts_pooled.pt"
 SLOTS = {"t_inst": "mean over the instruction", "last": "mean over instruction + template suffix"}  # cache slot names
@@ -53,17 +50,7 @@ def pooled(model, prompts: list[str], batch_size: int = 16) -> torch.Tensor:
 
 
 def collect_pooled() -> None:
-    want = {s.name: _sample(s.prompts, s.name) for s in guard_sets() if not s.name.startswith("scary_")}
-    want |= {f"{s.name}:{s.kind}": list(s.prompts) for s in scary_sets()}
-    have = torch.load(CACHE, weights_only=True) if CACHE.exists() else {"prompts": {}, "acts": {}}
-    todo = [n for n, p in want.items() if have["prompts"].get(n) != p]
-    if todo:
-        model = steerlab.load(dtype=torch.float32)
-        for name in todo:
-            t0 = time.time()
-            have["acts"][name], have["prompts"][name] = pooled(model, want[name]), want[name]
-            print(f"pooled {name}: {len(want[name])} prompts in {time.time() - t0:.0f} s", flush=True)
-            torch.save(have, CACHE)
+    read_cached(CACHE, pooled, tag="pooled")
 
 
 def main():
