@@ -223,11 +223,12 @@ def guard_training_data(*, per_set: int | None = 120, seed: int = 0, packages: b
 
 def _left_out(sources: list[str], names: list[str]) -> set[str]:
     """The sources ``names`` select: a source's own name, or a safe-but-scary kind (both of its halves)."""
-    kinds = {n.split(":", 1)[1] for n in sources if ":" in n}
+    families = kind_families(sources)
+    kinds = set(families.values())
     unknown = [n for n in names if n not in sources and n not in kinds]
     if unknown:
         raise InvalidValueError(f"unknown sources {unknown} to leave out; known: {', '.join(sources)}, or a kind: {', '.join(sorted(kinds))}")
-    return {n for n in sources if n in names or (":" in n and n.split(":", 1)[1] in names)}
+    return {n for n in sources if n in names or families.get(n) in names}
 
 
 def kind_families(source_names: Sequence[str]) -> dict[str, str]:
