@@ -8,7 +8,7 @@ returned in the caller's prompt order. With ``out_dir`` each batch is written to
 produced, so memory is bounded by one batch.
 
 Layout: for a fixed-width position (``"t_inst"``, ``"last"``, ``"post_inst"``, ``-3``) the
-tensor is ``[n_prompts, n_layers, n_positions, d]`` (``head``: ``[..., H, dh]``); for ``"all"``
+tensor is ``[n_prompts, n_layers, n_positions, d]`` (a pooled position such as ``"inst_mean"`` is one) (``head``: ``[..., H, dh]``); for ``"all"``
 it is ``[n_tokens, n_layers, d]`` with ``offsets[i]:offsets[i+1]`` the tokens of prompt ``i``.
 
 Example:
@@ -173,12 +173,6 @@ def _stop_at(model: Model, layer_list: list[int], site_list: list[str]) -> tuple
     return ("resid_pre" if site_list == ["resid_pre"] else "resid_post"), last
 
 
-def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x [b, s, ...] at index [b, k] -> [b, k, ...]."""
-    rows = torch.arange(x.shape[0], device=x.device)[:, None]
-    return x[rows, index.to(x.device)]
-
-
 def collect(
     model: Model,
     prompts: Sequence[str],
@@ -292,7 +286,7 @@ def _selecting(buffer, state, pos_list):
                 mask = batch.attention_mask.bool().to(x.device)
                 kept[p] = x[mask].float().cpu()  # row-major: prompt by prompt
             else:
-                kept[p] = _gather(x, batch.index(p) - state.get("shift", 0)).float().cpu()
+                kept[p] = batch.take(x, p, shift=state.get("shift", 0)).float().cpu()
         buffer[(ctx.site, ctx.layer)] = kept
 
     return hook

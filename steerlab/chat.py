@@ -7,6 +7,9 @@ padding):
 * the *post-instruction* span — the template tokens after the instruction (end-of-turn plus
   assistant header), where refusal directions are read;
 * ``last`` — the last input token (end of the assistant header, or of a prefilled response);
+* ``inst_mean`` / ``inst_to_last_mean`` — pooled positions: the mean over the instruction's tokens, and over those
+  plus the template after them up to ``last``. A pooled position is one vector per prompt; read it with
+  :meth:`EncodedBatch.take` (``index`` has no single token for it);
 * ``reasoning_end`` — the last occurrence of an end-of-reasoning marker such as ``</think>``;
 * the assistant-header token ids (the post-instruction span), which ADA re-inserts.
 
@@ -20,6 +23,9 @@ Example:
     >>> batch = fmt.encode(["Write a poem.", "Hi"])
     >>> batch.index("t_inst").shape             # one token index per prompt
     torch.Size([2, 1])
+    >>> x = torch.randn(2, batch.input_ids.shape[1], 8)
+    >>> batch.take(x, "inst_mean").shape        # pooled: the mean over each row's instruction tokens
+    torch.Size([2, 1, 8])
 """
 
 from __future__ import annotations
@@ -33,9 +39,10 @@ import torch
 
 from steerlab.errors import ChatTemplateError, EmptyInputError, InvalidValueError, UnknownPositionError
 
-NAMED_POSITIONS = ("t_inst", "post_inst", "last", "reasoning_end", "all")
+POOLED_POSITIONS = ("inst_mean", "inst_to_last_mean")  # one vector per prompt: a mean over a span of tokens
+NAMED_POSITIONS = ("t_inst", "post_inst", "last", "reasoning_end", *POOLED_POSITIONS, "all")
 Position = str | int
-TokenizedRow = tuple[list[int], int, int, int, int]  # ids, t_inst, post_inst_start, prompt_end, reasoning_end
+TokenizedRow = tuple[list[int], int, int, int, int, int]  # ids, t_inst, post_inst_start, prompt_end, reasoning_end, inst_start
 
 _PROBES = ("Alpha beta gamma.", "Zeta eta theta iota kappa")
 
@@ -91,6 +98,7 @@ class RenderedPrompt:
     text: str
     inst_end: int  # first character after the instruction
     prompt_end: int  # first character of the (prefilled) response
+    inst_start: int = -1  # first character of the instruction; -1 where the template changed its text
 
 
 @dataclass
@@ -106,6 +114,7 @@ class EncodedBatch:
     reasoning_end: torch.Tensor  # [b], -1 where the marker is absent
     lengths: torch.Tensor  # [b] real (unpadded) lengths
     padding_side: str = "left"
+    inst_start: torch.Tensor | None = None  # [b] first token of the instruction, -1 where unknown
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -164,9 +173,47 @@ class EncodedBatch:
             return self.post_inst_start[:, None] + torch.arange(int(width[0]))[None, :]
         if position == "all":
             raise UnknownPositionError("'all' is ragged; use EncodedBatch.attention_mask to select tokens")
+        if position in POOLED_POSITIONS:
+            raise UnknownPositionError(f"{position!r} is a mean over a span of tokens, not a token; read it with EncodedBatch.take")
         raise UnknownPositionError(
             f"unknown position {position!r}; use one of {', '.join(NAMED_POSITIONS)} or a negative int"
         )
+
+
+    def span(self, position: str) -> torch.Tensor:
+        """[b, S] bool: the tokens a pooled position averages (``inst_mean``: the instruction; ``inst_to_last_mean``:
+        the instruction through ``last``). Raises where a row's instruction could not be located."""
+        if position not in POOLED_POSITIONS:
+            raise UnknownPositionError(f"{position!r} is not a pooled position; use one of {', '.join(POOLED_POSITIONS)}")
+        start = self.inst_start
+        if start is None or bool((start < 0).any()) or bool((start > self.t_inst).any()):
+            rows = list(range(len(self))) if start is None else torch.nonzero((start < 0) | (start > self.t_inst)).flatten().tolist()
+            raise UnknownPositionError(
+                f"the instruction's first token is unknown in rows {rows[:8]} (the chat template changed the instruction's "
+                "text, or it is empty), so a pooled position cannot be read; read 't_inst' or 'last' instead"
+            )
+        end = self.t_inst if position == "inst_mean" else self.last
+        cols = torch.arange(self.input_ids.shape[1])[None, :]
+        return (cols >= start[:, None]) & (cols <= end[:, None])
+
+    def take(self, x: torch.Tensor, position: Position, *, shift: int = 0) -> torch.Tensor:
+        """``x [b, s, ...]`` (token ``i`` of the batch at ``x[:, i - shift]``) at ``position``: ``[b, k, ...]`` for a
+        token position, ``[b, 1, ...]`` (a mean in float32, or float64 for float64 ``x``) for a pooled one."""
+        rows = torch.arange(x.shape[0], device=x.device)
+        if position in POOLED_POSITIONS:
+            span = self.span(position)[:, shift:]
+            if shift and bool(self.span(position)[:, :shift].any()):
+                raise UnknownPositionError(f"{position!r} reaches into the {shift} tokens this tensor leaves out")
+            x = x if x.dtype in (torch.float32, torch.float64) else x.float()
+            weight = (span.to(x.dtype) / span.sum(1, keepdim=True)).to(x.device)
+            return torch.einsum("bs,bs...->b...", weight, x).unsqueeze(1)
+        return x[rows[:, None], (self.index(position) - shift).to(x.device)]
+
+    def tokens(self, position: Position) -> list[list[int]]:
+        """Per row, the token indices ``position`` reads (every token of the span for a pooled position)."""
+        if position in POOLED_POSITIONS:
+            return [torch.nonzero(row).flatten().tolist() for row in self.span(position)]
+        return self.index(position).tolist()
 
 
 class ChatFormat:
@@ -247,12 +294,14 @@ class ChatFormat:
         """Render one instruction (plus an optional prefilled response) and locate its parts."""
         if not self.chat:
             text = instruction + response
-            return RenderedPrompt(text=text, inst_end=len(instruction), prompt_end=len(instruction))
+            return RenderedPrompt(text=text, inst_end=len(instruction), prompt_end=len(instruction), inst_start=0)
         text = self._apply(instruction)
         suffix = self.suffix
         if not text.endswith(suffix):
             raise ChatTemplateError(f"rendered prompt does not end with the template suffix {suffix!r}")
-        return RenderedPrompt(text=text + response, inst_end=len(text) - len(suffix), prompt_end=len(text))
+        inst_end = len(text) - len(suffix)
+        inst_start = inst_end - len(instruction) if instruction and text[:inst_end].endswith(instruction) else -1
+        return RenderedPrompt(text=text + response, inst_end=inst_end, prompt_end=len(text), inst_start=inst_start)
 
     def encode(
         self,
@@ -294,7 +343,7 @@ class ChatFormat:
         return 0
 
     def _locate(self, r: RenderedPrompt) -> TokenizedRow:
-        """(ids, t_inst, post_inst_start, prompt_end, reasoning_end) for one rendered prompt."""
+        """(ids, t_inst, post_inst_start, prompt_end, reasoning_end, inst_start) for one rendered prompt."""
         tok = self.tokenizer
         add_special = not self.chat
         try:
@@ -316,7 +365,8 @@ class ChatFormat:
             at = r.text.rfind(self.reasoning_end_marker)
             if at >= 0:
                 reasoning = char_to_token(at + len(self.reasoning_end_marker) - 1)
-        return ids, t_inst, post, prompt_end, reasoning
+        inst_start = char_to_token(r.inst_start) if 0 <= r.inst_start < r.inst_end else -1
+        return ids, t_inst, post, prompt_end, reasoning, inst_start
 
 
 def _token_starts(offsets: list[tuple[int, int]]) -> list[int]:
@@ -346,6 +396,7 @@ def _pad(rows: list[TokenizedRow], *, pad_id: int, padding_side: str) -> Encoded
     col = lambda k: torch.tensor([r[k] for r in rows]) + s
     lengths = torch.tensor([len(r[0]) for r in rows])
     reasoning = torch.tensor([r[4] for r in rows])
+    inst_start = torch.tensor([r[5] for r in rows])
     return EncodedBatch(
         input_ids=ids,
         attention_mask=mask,
@@ -356,4 +407,5 @@ def _pad(rows: list[TokenizedRow], *, pad_id: int, padding_side: str) -> Encoded
         reasoning_end=torch.where(reasoning >= 0, reasoning + s, reasoning),
         lengths=lengths,
         padding_side=padding_side,
+        inst_start=torch.where(inst_start >= 0, inst_start + s, inst_start),
     )

@@ -62,7 +62,8 @@ def shared_prefix_length(
     for batch in batches:
         start = batch.input_ids.shape[1] - batch.lengths  # left padding: first real token of each row
         for p in positions:
-            shared = min(shared, int((batch.index(p) - start[:, None]).min()))
+            first = torch.tensor([min(row) for row in batch.tokens(p)])
+            shared = min(shared, int((first - start).min()))
     return shared if shared >= MIN_SHARED else 0
 
 

@@ -95,8 +95,7 @@ def select_tokens(x: torch.Tensor, rows: Rows, position: Position) -> torch.Tens
     if position == "all":
         mask = rows.mask(x.device).to(x.dtype).reshape(*x.shape[:2], *([1] * (x.dim() - 2)))
         return (x * mask).sum(1) / mask.sum(1)
-    index = rows.index(position, x.device)
-    return x[torch.arange(x.shape[0], device=x.device)[:, None], index].mean(1)
+    return rows.batch.take(x, position, shift=rows.offset).mean(1)
 
 
 class PerPrompt:
@@ -130,8 +129,7 @@ class TokenMean:
         if self.position == "all":
             picked = x[rows.mask(x.device)]
         else:
-            picked = x[torch.arange(x.shape[0], device=x.device)[:, None], rows.index(self.position, x.device)]
-            picked = picked.reshape(-1, *x.shape[2:])
+            picked = rows.batch.take(x, self.position, shift=rows.offset).reshape(-1, *x.shape[2:])
         self.sum = self.sum + picked.double().sum(0).cpu()
         self.count += picked.shape[0]
 

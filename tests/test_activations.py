@@ -150,12 +150,25 @@ def test_one_site_or_one_position_on_its_own_is_a_one_item_list():
     torch.testing.assert_close(one.get("resid_pre", -1), ints.get("resid_pre", -1))
 
 
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_pooled_positions_are_the_mean_of_their_tokens_read_one_by_one(batch_size):
+    model = tiny_model("qwen2")
+    acts = steerlab.collect(model, PROMPTS, positions=["inst_mean", "inst_to_last_mean"], batch_size=batch_size, progress=False)
+    every = steerlab.collect(model, PROMPTS, positions=["all"], batch_size=batch_size, progress=False)
+    tokens, offsets = every.get("resid_pre", "all"), every.offsets()
+    for i, (_ids, t_inst, _post, _end, _reasoning, start) in enumerate(model.chat().tokenize(PROMPTS)):
+        row = tokens[int(offsets[i]) : int(offsets[i + 1])]  # [n_tokens, n_layers, d] of prompt i
+        torch.testing.assert_close(acts.get("resid_pre", "inst_mean")[i, :, 0], row[start : t_inst + 1].mean(0))
+        torch.testing.assert_close(acts.get("resid_pre", "inst_to_last_mean")[i, :, 0], row[start:].mean(0))
+        assert 0 < start <= t_inst and (start < t_inst or PROMPTS[i] == "Hi")  # the instruction: not the system turn
+
+
 def test_positions_outside_the_documented_set_are_named_whole_with_the_valid_ones():
     model = tiny_model("llama")
     for positions, bad in ((["t_inst", 0], 0), (["first"], "first"), ([-1.0], -1.0), ([True], True), ("middle", "middle")):
         with pytest.raises(UnknownPositionError) as err:
             steerlab.collect(model, PROMPTS, positions=positions, progress=False)
-        assert f"unknown position {bad!r}; use one of t_inst, post_inst, last, reasoning_end, all" in str(err.value)
+        assert f"unknown position {bad!r}; use one of t_inst, post_inst, last, reasoning_end, inst_mean, inst_to_last_mean, all" in str(err.value)
 
 
 def test_bad_batch_size_and_empty_layers():

@@ -54,6 +54,33 @@ def test_anatomy_per_row_under_padding(template, padding_side):
             assert bool(batch.attention_mask[row, idx].all())
 
 
+@pytest.mark.parametrize("template", list(TEMPLATES))
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_pooled_positions_average_exactly_the_instruction_and_what_follows(template, padding_side):
+    tok = tiny_tokenizer(template)
+    batch = ChatFormat(tok).encode(PROMPTS, padding_side=padding_side)
+    inst, turn = batch.span("inst_mean"), batch.span("inst_to_last_mean")
+    x = torch.randn(*batch.input_ids.shape, 5, dtype=torch.float64)
+    for row, prompt in enumerate(PROMPTS):
+        assert _decode(tok, batch.input_ids[row][inst[row]]) == prompt
+        assert _decode(tok, batch.input_ids[row][turn[row]]) == prompt + SUFFIX[template]
+        torch.testing.assert_close(batch.take(x, "inst_mean")[row, 0], x[row][inst[row]].mean(0))
+        assert batch.tokens("inst_to_last_mean")[row] == torch.nonzero(turn[row]).flatten().tolist()
+    with pytest.raises(UnknownPositionError, match="take"):
+        batch.index("inst_mean")
+
+
+def test_pooled_positions_raise_where_the_template_changed_the_instruction():
+    tok = tiny_tokenizer("chatml")
+    trimming = tok.__class__(tokenizer_object=tok.backend_tokenizer, eos_token="<|im_end|>")
+    trimming.chat_template = "<|im_start|>user\n{{ messages[-1]['content'] | trim }}<|im_end|>\n<|im_start|>assistant\n"
+    batch = ChatFormat(trimming).encode(["Hi there", "  padded with spaces  "])
+    assert int(batch.inst_start[0]) >= 0 and int(batch.inst_start[1]) == -1
+    with pytest.raises(UnknownPositionError, match=r"unknown in rows \[1\]"):
+        batch.take(torch.zeros(2, batch.input_ids.shape[1], 3), "inst_mean")
+    assert batch.take(torch.zeros(2, batch.input_ids.shape[1], 3), "t_inst").shape == (2, 1, 3)  # token positions still read
+
+
 def test_post_inst_is_the_span_before_the_response():
     fmt = ChatFormat(tiny_tokenizer("chatml"))
     batch = fmt.encode(PROMPTS)

@@ -18,7 +18,7 @@ PROMPTS = ["Write a short poem about the sea.", "Hi!", "Explain how vaccines wor
 @pytest.mark.parametrize("family", FAMILIES)
 def test_shared_prefix_gives_the_same_activations(family):
     model = tiny_model(family)
-    kw = {"sites": ["resid_pre", "resid_post", "attn_out", "mlp_out"], "positions": ["last", "t_inst", "post_inst", -2]}
+    kw = {"sites": ["resid_pre", "resid_post", "attn_out", "mlp_out"], "positions": ["last", "t_inst", "post_inst", -2, "inst_mean", "inst_to_last_mean"]}
     widths = []
     embed = model.hf.get_input_embeddings()
     handle = embed.register_forward_hook(lambda mod, args, out: widths.append(int(args[0].shape[1])))

@@ -59,8 +59,9 @@ def _guards(model):
     probe = fit_probes(acts, [1] * 8 + [0] * 8, layers=[2], position="t_inst")
     two = torch.randn(16, 2, model.d_model, generator=torch.Generator().manual_seed(1))
     probes = fit_probes(two, [1] * 8 + [0] * 8, layers=[1, 2], position="last")  # two layers read as one (mean logit)
+    pooled = fit_probes(acts, [1] * 8 + [0] * 8, layers=[2], position="inst_to_last_mean")  # a mean over many tokens
     return {"latent": latent.bind(model), "probe": ProbeGuard(probe, model=model), "probes": ProbeGuard(probes, model=model),
-            "token": _token_guard(model)}  # fmt: skip
+            "pooled": ProbeGuard(pooled, model=model), "token": _token_guard(model)}  # fmt: skip
 
 
 def _band(scores):
@@ -70,7 +71,7 @@ def _band(scores):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2"])
-@pytest.mark.parametrize("kind", ["latent", "probe", "probes", "token"])
+@pytest.mark.parametrize("kind", ["latent", "probe", "probes", "pooled", "token"])
 def test_rows_follow_their_branch_exactly(family, kind):
     """For ``token`` the guard is a second model (RefusalTokenGuard): it decides, the plain model generates."""
     model = tiny_model(family)

@@ -246,7 +246,7 @@ def test_bad_requests_raise_before_the_engine_runs(engine):
 @needs_vllm
 @pytest.mark.slow
 def test_activations_read_inside_vllm_equal_steerlab_collect(qwen, engine, prompts):
-    kw = {"layers": [0, 7, 12, 23], "positions": ["t_inst", "last", "post_inst"]}
+    kw = {"layers": [0, 7, 12, 23], "positions": ["t_inst", "last", "post_inst", "inst_mean", "inst_to_last_mean"]}
     ours = steerlab.collect(qwen, prompts, progress=False, **kw)
     engine.generate(prompts[:4], max_new_tokens=4)  # cached blocks of these prompts must not hide their tokens
     theirs = engine.collect(prompts, **kw)
@@ -298,6 +298,10 @@ def test_gated_refusal_in_vllm_matches_the_hf_policy(qwen, engine, harm_directio
     two = GatedRefusal(two, comply=steerlab.Ablate(harm_direction))
     read = engine.generate_gated(rows, two, max_new_tokens=2)
     torch.testing.assert_close(torch.tensor([o.score for o in read]), two.guard.score(rows), rtol=1e-3, atol=1e-4)
+    # a guard on the mean over the instruction and template reads its span inside vLLM
+    pooled = ProbeGuard.fit(qwen, prompts[6:16], prompts[16:26], layer=[12, 16], position="inst_to_last_mean", C=0.1)
+    read = engine.generate_gated(rows, GatedRefusal(pooled, comply=steerlab.Ablate(harm_direction)), max_new_tokens=2)
+    torch.testing.assert_close(torch.tensor([o.score for o in read]), pooled.score(rows), rtol=1e-3, atol=1e-4)
     # a floor: the lowest quarter is left alone in vLLM as on the HF path
     cut, k = sorted(guard.score(rows).tolist()), len(rows) // 4
     floored = GatedRefusal(guard, refuse=steerlab.AddVector(harm_direction, coeff=1.0), comply=steerlab.Ablate(harm_direction),

@@ -34,6 +34,7 @@ import torch
 from steerlab import compat
 from steerlab._checks import finite_number
 from steerlab.backends import vllm_worker
+from steerlab.chat import POOLED_POSITIONS
 from steerlab.errors import (
     EngineError,
     InterventionNotFiredError,
@@ -273,7 +274,7 @@ class VLLMEngine:
         chat: bool = True,
         system: str | None = None,
     ) -> Activations:
-        """``resid_pre`` at ``layers`` and fixed-width ``positions`` for every prompt, read inside vLLM (one prefill
+        """``resid_pre`` at ``layers`` and fixed-width or pooled ``positions`` for every prompt, read inside vLLM (one prefill
         per prompt, batched by vLLM's scheduler): the same :class:`~steerlab.activations.Activations` layout as
         :func:`steerlab.collect` (``[n_prompts, n_layers, n_positions, d]``, float32). Prompts run plain, and
         without the prefix cache (a token read from the cache is never computed, so it could not be recorded)."""
@@ -288,13 +289,13 @@ class VLLMEngine:
             raise UnknownPositionError("VLLMEngine.collect reads fixed-width positions; use steerlab.collect for 'all'")
         fmt = self.model.chat(system=system, chat=chat)
         rows = fmt.tokenize(list(prompts))
-        index = [torch.cat([fmt.pad([row]).index(p)[0] for p in names]).tolist() for row in rows]
-        widths = [len(fmt.pad([rows[0]]).index(p)[0]) for p in names]
+        reads = [[fmt.pad([row]).tokens(p)[0] for p in names] for row in rows]  # per prompt, per position: its tokens
+        widths = [1 if p in POOLED_POSITIONS else len(t) for p, t in zip(names, reads[0])]
         inputs, params, tags = [], [], []
-        for (ids, *_), wanted in zip(rows, index):
+        for (ids, *_), wanted in zip(rows, reads):
             tag = uuid.uuid4().hex
             inputs.append(vllm.inputs.TokensPrompt(prompt_token_ids=list(ids), cache_salt=f"steerlab-read-{tag}"))
-            extra = {vllm_worker.READ_KEY: sorted(set(wanted)), vllm_worker.TAG_KEY: tag}
+            extra = {vllm_worker.READ_KEY: sorted({t for tokens in wanted for t in tokens}), vllm_worker.TAG_KEY: tag}
             params.append(vllm.SamplingParams(max_tokens=1, temperature=0.0, extra_args=extra))
             tags.append(tag)
         self._engine().collective_rpc("steerlab_install", args=(*install_args(self.model, self.plans), wanted_layers))
@@ -304,19 +305,18 @@ class VLLMEngine:
             recorded = self._engine().collective_rpc("steerlab_take_recorded")[0]  # every rank holds the whole stream
         finally:
             self._engine().collective_rpc("steerlab_install", args=install_args(self.model, self.plans))
-        out = torch.empty(len(rows), len(wanted_layers), len(index[0]), self.model.d_model)
-        for i, (tag, wanted) in enumerate(zip(tags, index)):
-            got = recorded.get(tag, {})
-            for j, layer in enumerate(wanted_layers):
-                for k, token in enumerate(wanted):
-                    if (layer, token) not in got:
-                        raise EngineError(f"vLLM never computed token {token} of prompt {i} at layer {layer}")
-                    out[i, j, k] = got[(layer, token)]
         shard: dict[str, torch.Tensor] = {"__order__": torch.arange(len(rows)), "__lengths__": torch.tensor([len(r[0]) for r in rows])}
-        start = 0
-        for name, width in zip(names, widths):
-            shard[f"resid_pre/{name}"] = out[:, :, start : start + width].contiguous()
-            start += width
+        for k, (name, width) in enumerate(zip(names, widths)):
+            out = torch.empty(len(rows), len(wanted_layers), width, self.model.d_model)
+            for i, (tag, wanted) in enumerate(zip(tags, reads)):
+                got = recorded.get(tag, {})
+                for j, layer in enumerate(wanted_layers):
+                    missing = [t for t in wanted[k] if (layer, t) not in got]
+                    if missing:
+                        raise EngineError(f"vLLM never computed token {missing[0]} of prompt {i} at layer {layer}")
+                    states = torch.stack([got[(layer, t)].float() for t in wanted[k]])
+                    out[i, j] = states.mean(0, keepdim=True) if name in POOLED_POSITIONS else states
+            shard[f"resid_pre/{name}"] = out
         return Activations(layers=wanted_layers, sites=["resid_pre"], positions=names, n_prompts=len(rows), _shards=[shard])
 
     def _check_fired(self, requests: Sequence[Steer | None], tags: Sequence[str]) -> None:

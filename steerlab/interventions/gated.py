@@ -56,6 +56,7 @@ from steerlab.plan import resolve_plans
 from steerlab.probes.guard import LatentGuard, ProbeGuard
 
 if TYPE_CHECKING:
+    from steerlab.chat import EncodedBatch
     from steerlab.generation import Decoder
     from steerlab.model import Model
 
@@ -175,7 +176,7 @@ class _GatedRun:
     def __init__(self, model: Model, policy: GatedRefusal) -> None:
         self.model, self.policy = model, policy
         self.read_layers, self.position = policy.read_layers, policy.read_position
-        self.reading: torch.Tensor | None = None  # [b] token index per row while the read pass runs
+        self.reading: EncodedBatch | None = None  # the batch whose prompts the read pass runs
         self.grabbed: dict[int, torch.Tensor] = {}
         self.rows: dict[str, torch.Tensor] | None = None
         self.scores: torch.Tensor | None = None
@@ -185,7 +186,7 @@ class _GatedRun:
         def grab(x: torch.Tensor, ctx) -> None:
             if self.reading is None:
                 return None
-            self.grabbed[layer] = x[torch.arange(len(x), device=x.device), self.reading.to(x.device)].float().cpu()
+            self.grabbed[layer] = self.reading.take(x, self.position)[:, -1].float().cpu()
             if layer == self.read_layers[-1]:
                 raise StopForward
             return None
@@ -206,7 +207,7 @@ class _GatedRun:
 
     def _score(self, decoder: Decoder) -> torch.Tensor:
         batch = decoder.batch
-        self.reading = batch.index(self.position)[:, -1]
+        self.reading = batch
         if self.policy.reads_other_model:
             return self._score_with_guard_model(batch)
         self.grabbed.clear()
