@@ -9,9 +9,13 @@ kinds, judged on the held-out kinds (Qwen default, float32, greedy 24 tokens, su
    runs/refusal/refusal_direction.safetensors --strengths 1 0.5 0.3 --floors 24 --safe runs/calibrate_leftout/safe.txt
    --harmful runs/calibrate_leftout/harmful.txt --ordinary runs/calibrate_leftout/ordinary.txt --out
    runs/calibrate_leftout`` chooses the gate (~10 min); it leaves no prompt out, since the guard saw none of them.
-4. ``python -u experiments/calibrate_leftout_qwen.py evaluate`` scores the held-out prompts with that guard and reads
+4. ``python -u experiments/calibrate_leftout_qwen.py evaluate [DIR]`` scores the held-out prompts with that guard and reads
    the chosen gate's refusal rates off the held-out branch rows of experiments/token_gate_seeds.py (a gated row
-   follows its branch exactly; the CLI's branches reproduce those rows, README); writes runs/calibrate_leftout/held_out.json.
+   follows its branch exactly; the CLI's branches reproduce those rows, README); writes DIR/held_out.json (DIR: step 3's
+   ``--out``, default runs/calibrate_leftout).
+
+The pooled guard: step 2 with ``--positions inst_mean inst_to_last_mean --out runs/probe_pooled_leftout``, step 3 with
+that guard and ``--out runs/calibrate_pooled``, step 4 with ``evaluate runs/calibrate_pooled``.
 """
 
 import json
@@ -40,8 +44,8 @@ def write_files() -> None:
         (OUT / f"{name}.txt").write_text("\n".join(tune[split_name]) + "\n")
 
 
-def held_out() -> dict:
-    cal = json.loads((OUT / "calibration.json").read_text())
+def held_out(out: Path = OUT) -> dict:
+    cal = json.loads((out / "calibration.json").read_text())
     tune, held = prompt_splits()
     if any(cal["prompts"][name] != tune[split_name] for name, split_name in FILES.items()):
         raise SystemExit("calibration.json was not made on this experiment's tuning files: run steps 1-3 of the docstring")
@@ -61,14 +65,14 @@ def held_out() -> dict:
               "held_auc_unsafe_vs_safe": roc_auc(torch.cat([u, s]), [1] * len(u) + [0] * len(s)),
               "held_auc_unsafe_vs_refused_safe": roc_auc(torch.cat([u, s[refused_safe]]), [1] * len(u) + [0] * int(refused_safe.sum())),
               "guard_layers": list(guard.probe.layers), "guard_position": guard.probe.position}  # fmt: skip
-    (OUT / "held_out.json").write_text(json.dumps(report, indent=1))
+    (out / "held_out.json").write_text(json.dumps(report, indent=1))
     return report
 
 
 if __name__ == "__main__":
     if sys.argv[1:] == ["files"]:
         write_files()
-    elif sys.argv[1:] == ["evaluate"]:
-        print(json.dumps(held_out(), indent=1))
+    elif sys.argv[1:2] == ["evaluate"] and len(sys.argv) <= 3:
+        print(json.dumps(held_out(Path(sys.argv[2]) if len(sys.argv) == 3 else OUT), indent=1))
     else:
-        raise SystemExit("usage: calibrate_leftout_qwen.py files | evaluate")
+        raise SystemExit("usage: calibrate_leftout_qwen.py files | evaluate [DIR]")

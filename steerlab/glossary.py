@@ -66,6 +66,9 @@ GLOSSARY: dict[str, str] = {
     "header), one column per token, labelled post_inst:'<token>'.",
     "last": "The last prompt token (the same as offset -1).",
     "reasoning_end": "The end-of-reasoning marker of reasoning models.",
+    "inst_mean": "The mean over the tokens of the user's instruction (one vector per prompt).",
+    "inst_to_last_mean": "The mean over the instruction's tokens and the template after them, up to the last prompt "
+    "token (one vector per prompt).",
     # run metadata
     "model sha256": "For an embedded model, the sha256 of its GGUF file, which steerlab checks before loading; other "
     "models have no recorded checksum and show 'unknown'.",

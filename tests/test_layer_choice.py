@@ -142,6 +142,26 @@ def test_probe_sweep_on_pooled_sources_fits_the_guard_on_the_chosen_layers(tmp_p
         ProbeGuard(replace(single.probe, position="all"))
 
 
+def test_the_guard_reads_the_position_whose_chosen_layers_do_best_on_both_axes():
+    from steerlab.probes.pipeline import probe_data, probe_sweep
+
+    model = tiny_model("qwen2")
+    data = probe_data(files=None, seed=0, limit=4, n_folds=3)
+    positions = ["t_inst", "post_inst", "last", "inst_to_last_mean"]  # post_inst is several columns: no guard reads it
+    kw = {"site": "resid_pre", "layers": None, "n_folds": 3, "C": 0.1, "metric": "auc", "seed": 0, "batch_size": 16}
+    run = probe_sweep(model, data, positions=positions, **kw)
+    acts = steerlab.collect(model, data.positive + data.negative, layers=None, positions=positions, progress=False)
+    y = torch.tensor([1] * len(data.positive) + [0] * len(data.negative))
+    value = {}
+    for p in ("t_inst", "last", "inst_to_last_mean"):
+        c = choose_layers(acts.get("resid_pre", p)[:, :, -1], y, layers=acts.layers, groups=data.groups, families=data.families, n_folds=3, C=0.1)
+        value[p] = (min(c.pooled_auc, c.family_auc), c.layers)
+    best = max(value, key=lambda p: value[p][0])
+    assert run.probe.position == best and run.probe.layers == value[best][1]
+    assert len(set(v for v, _ in value.values())) > 1  # the positions differ, so a wrong pick would show
+    assert probe_sweep(model, data, positions=["last"], **kw).probe.position == "last"
+
+
 def test_probe_guard_fit_takes_one_layer_as_any_integer_or_several():
     model = tiny_model("llama")
     one = ProbeGuard.fit(model, DEMO_HARMFUL[:6], DEMO_HARMLESS[:6], layer=np.int64(1), position="last")

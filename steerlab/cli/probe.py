@@ -14,7 +14,7 @@ from steerlab.cli.args import (
     positive_float,
     positive_int,
 )
-from steerlab.probes.pipeline import DEFAULT_C, SWEEP_SITES
+from steerlab.probes.pipeline import DEFAULT_C, DEFAULT_POSITIONS, SWEEP_SITES
 
 
 def _probe(args: argparse.Namespace) -> int:
@@ -39,7 +39,7 @@ def _probe(args: argparse.Namespace) -> int:
     print(f"\nbest: layer {run.layer}, position {run.column} ({args.metric} {run.value:.3f}, {args.folds}-fold CV)")
     print(
         f"wrote {out}/sweep.json, sweep.html (with plotly.min.js), probe.safetensors (layers "
-        f"{list(run.probe.layers)}, position {run.position!r}, recording the {len(run.probe.trained_on)} prompts it was fitted on), "
+        f"{list(run.probe.layers)}, position {run.probe.position!r}, recording the {len(run.probe.trained_on)} prompts it was fitted on), "
         f"direction.safetensors (layer {run.layer})"
     )
     return 0
@@ -64,8 +64,9 @@ def add_parser(sub) -> None:
         "--positions",
         nargs="+",
         type=position,
-        default=["t_inst", "last"],
-        help="positions to sweep (default: t_inst last)",
+        default=list(DEFAULT_POSITIONS),
+        help=f"positions to sweep (default: {' '.join(DEFAULT_POSITIONS)}; the guard reads the one where its layers do "
+             "best across held-out sources and kinds)",
     )
     p.add_argument("--layers", nargs="+", type=int, default=None, help="layers to sweep (default: all)")
     p.add_argument("--site", choices=SWEEP_SITES, default="resid_pre")

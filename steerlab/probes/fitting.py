@@ -65,10 +65,11 @@ def fit_guard(
     ``n_train`` prompts per set), the configuration that generalised best across sources
     (``experiments/guards_cross_source.py``).
 
-    ``mode="probe"``: a :class:`ProbeGuard` at ``position`` (default ``"last"``, the end of the chat template) with
-    L2 strength ``C`` (default 0.01), reading the layers :func:`~steerlab.probes.layer_choice.choose_layers` picks
-    among ``layers`` (``None``: all; one layer: exactly it) by cross-validation that holds out whole sources and
-    whole safe-but-scary kinds; its threshold is calibrated on out-of-fold scores.
+    ``mode="probe"``: a :class:`ProbeGuard` at ``position`` (default: the one of
+    :data:`~steerlab.probes.pipeline.DEFAULT_POSITIONS` where its layers do best) with L2 strength ``C`` (default
+    0.01), reading the layers :func:`~steerlab.probes.layer_choice.choose_layers` picks among ``layers`` (``None``:
+    all; one layer: exactly it) by cross-validation that holds out whole sources and whole safe-but-scary kinds; its
+    threshold is calibrated on out-of-fold scores.
     ``mode="latent"``: a :class:`LatentGuard` over ``layers`` (``None``: all) at ``position`` (default ``"t_inst"``,
     METHODS 2), fitted on 80% of each set and calibrated on the other 20%. ``calibrate=False`` keeps the default
     threshold (0.5 / alpha 0). ``progress`` shows progress bars; ``log`` receives a line before fitting. ``leave_out``
@@ -77,7 +78,7 @@ def fit_guard(
     from dataclasses import replace
 
     from steerlab.data.guard_sets import guard_training_data
-    from steerlab.probes.pipeline import DEFAULT_C, probe_data, probe_sweep
+    from steerlab.probes.pipeline import DEFAULT_C, DEFAULT_POSITIONS, probe_data, probe_sweep
 
     if mode not in ("probe", "latent"):
         raise InvalidValueError(f"mode must be 'probe' or 'latent'; got {mode!r}")
@@ -85,7 +86,7 @@ def fit_guard(
     if mode == "probe":
         data = probe_data(files=None, seed=seed, limit=n_train, n_folds=5, leave_out=leave_out)
         say(f"fitting a probe guard on {len(data.positive)} + {len(data.negative)} prompts from {len(set(data.groups or []))} sets")
-        run = probe_sweep(model, data, site="resid_pre", positions=[position or "last"], layers=layers, n_folds=5,
+        run = probe_sweep(model, data, site="resid_pre", positions=list(DEFAULT_POSITIONS) if position is None else [position], layers=layers, n_folds=5,
                           C=DEFAULT_C if C is None else C, metric="auc", seed=seed, batch_size=batch_size)  # fmt: skip
         guard = ProbeGuard(probe=run.probe, model=model)
         if calibrate:

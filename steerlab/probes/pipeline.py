@@ -4,8 +4,9 @@ probe and difference-of-means direction -> files (what ``steerlab probe`` runs).
 * :func:`probe_data` — the two prompt sets: two prompt files, or the project's training split.
 * :func:`check_sweep_positions` — reject positions that cannot be swept (``"all"``) before loading a model.
 * :func:`probe_sweep` — collect, sweep, pick the best cell, fit its probe and direction: a :class:`ProbeRun`. On
-  pooled sources the probe (the guard) reads the layers :func:`~steerlab.probes.layer_choice.choose_layers` picks at
-  the best cell's position, which generalise across sources and kinds of prompt better than one layer.
+  pooled sources the probe (the guard) reads the layers :func:`~steerlab.probes.layer_choice.choose_layers` picks,
+  at the one-column position where they do best; they generalise across sources and kinds of prompt better than
+  the best cell's one layer.
 * :func:`save_probe_run` — ``probe.safetensors``, ``direction.safetensors``, ``sweep.json`` and ``sweep.html``.
 
 Example:
@@ -25,6 +26,7 @@ Example:
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -49,7 +51,7 @@ if TYPE_CHECKING:
 SWEEP_SITES = ("resid_pre", "resid_post", "attn_out", "mlp_out")
 DEFAULT_SOURCE = "steerlab.data.guard_sets.guard_training_data()"
 DEFAULT_PER_SET = 120
-DEFAULT_POSITIONS: tuple[Position, ...] = ("t_inst", "last")
+DEFAULT_POSITIONS: tuple[Position, ...] = ("t_inst", "last", "inst_mean", "inst_to_last_mean")  # tokens and pooled means
 DEFAULT_C = 0.01  # stronger L2 than sklearn's default generalised better across sources (experiments/guards_cross_source.py)
 Metric = Literal["accuracy", "auc"]
 
@@ -97,7 +99,7 @@ class ProbeRun:
 
     def guard(self) -> dict[str, Any]:
         """The probe's layers and, when they were chosen, how (plain data for ``sweep.json``)."""
-        out: dict[str, Any] = {"layers": list(self.probe.layers), "position": self.position}
+        out: dict[str, Any] = {"layers": list(self.probe.layers), "position": self.probe.position}
         if self.layer_choice is not None:
             c = self.layer_choice
             out |= {"chosen_by": "best minimum of source-held-out and kind-held-out CV AUC (steerlab.probes.layer_choice)",
@@ -182,9 +184,10 @@ def probe_sweep(
     a logistic probe (inverse L2 strength ``C``) per cell, and fit the best cell's difference of means and probe.
 
     When ``data`` pools sources (``groups``) and more than one layer is swept, the probe reads the layers
-    :func:`~steerlab.probes.layer_choice.choose_layers` picks at the best cell's position (``choose_layers=False``:
-    the best cell's layer only); its threshold is calibrated on out-of-fold scores either way. ``log`` receives one
-    line before collecting and one after choosing layers.
+    :func:`~steerlab.probes.layer_choice.choose_layers` picks, at the one-column position (a token or a pooled mean)
+    whose choice has the best minimum of its two AUCs (``choose_layers=False``: the best cell's layer and position);
+    its threshold is calibrated on out-of-fold scores either way. ``log`` receives a line before collecting and one
+    per position compared.
     """
     from steerlab.data.fingerprints import Fingerprints
     from steerlab.steering.fit import mean_difference, prompts_hash
@@ -210,15 +213,14 @@ def probe_sweep(
     i, j = acts.layers.index(layer), columns.index(column)
     position = column_position(positions, widths, j)
     meta = {"site": site, "position": position, "model": model.name}
-    choice = None
+    choice, g = None, j  # the guard's layers and column: the best cell's unless chosen on pooled sources
     if choose_layers and data.groups is not None and len(acts.layers) > 1:
-        choice = _choose(x[:, :, j], y, layers=acts.layers, groups=data.groups, families=data.families or {}, n_folds=n_folds, C=C)
-        if log is not None:
-            log(f"the guard reads {choice.describe()}")
+        choice, g = _choose_guard(x, y, data, columns=columns, widths=widths, layers=acts.layers, n_folds=n_folds, C=C, log=log)
     read = [layer] if choice is None else list(choice.layers)
     idx = [acts.layers.index(la) for la in read]
-    probe = fit_probes(x[:, idx, j], y, layers=read, labels=("harmless", "harmful"), **fit_kw, **meta)
-    threshold = out_of_fold_threshold(x[:, idx, j], y, n_folds=n_folds, seed=seed, folds=folds, **fit_kw)
+    guard_meta = {**meta, "position": column_position(positions, widths, g)}
+    probe = fit_probes(x[:, idx, g], y, layers=read, labels=("harmless", "harmful"), **fit_kw, **guard_meta)
+    threshold = out_of_fold_threshold(x[:, idx, g], y, n_folds=n_folds, seed=seed, folds=folds, **fit_kw)
     how = "source-held-out" if folds is not None else "stratified"
     probe = replace(probe, info={**probe.info, "guard_threshold": threshold, "threshold_from": f"{n_folds}-fold {how} out-of-fold scores"},
                     trained_on=Fingerprints.of(pos, neg))  # fmt: skip
@@ -228,6 +230,28 @@ def probe_sweep(
     return ProbeRun(model=model.name, data=data.source, site=site, positions=positions, C=C, metric=metric,
                     result=result, layer=layer, column=column, position=position, value=value, probe=probe,
                     direction=direction, layer_choice=choice)  # fmt: skip
+
+
+def _choose_guard(x, y, data: ProbeData, *, columns, widths, layers, n_folds, C, log) -> tuple[LayerChoice, int]:
+    """The guard's layers and column: :func:`~steerlab.probes.layer_choice.choose_layers` at every position that is
+    one column (a token or a pooled mean; ``widths`` per position, in column order), keeping the position whose
+    choice has the best minimum of its two AUCs (ties: the first)."""
+    starts = [sum(widths[:k]) for k in range(len(widths))]
+    single = [start for start, width in zip(starts, widths) if width == 1]
+    if not single:
+        raise InvalidValueError("no swept position is one column a guard can read; add 'last' or 'inst_to_last_mean'")
+    best: tuple[float, LayerChoice, int] | None = None
+    for j in single:
+        choice = _choose(x[:, :, j], y, layers=layers, groups=data.groups, families=data.families or {}, n_folds=n_folds, C=C)
+        value = min(choice.pooled_auc, math.inf if choice.family_auc is None else choice.family_auc)
+        if log is not None and len(single) > 1:
+            log(f"at {columns[j]}, the guard would read {choice.describe()}")
+        if best is None or value > best[0]:
+            best = (value, choice, j)
+    assert best is not None
+    if log is not None:
+        log(f"the guard reads {columns[best[2]]}, {best[1].describe()}")
+    return best[1], best[2]
 
 
 def out_of_fold_threshold(
