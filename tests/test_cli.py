@@ -794,6 +794,7 @@ def test_fit_guard_describe_guard_and_saved_guard_kind(tiny_dir, tmp_path):
     from steerlab.errors import InvalidValueError, ValueFileError
     from steerlab.probes import LatentGuard
     from steerlab.probes.fitting import describe_guard, fit_guard, saved_guard_kind
+    from steerlab.probes.pipeline import DEFAULT_POSITIONS
 
     model = steerlab.load(tiny_dir)
     lines: list[str] = []
@@ -808,7 +809,7 @@ def test_fit_guard_describe_guard_and_saved_guard_kind(tiny_dir, tmp_path):
     lines.clear()
     probe_guard = fit_guard(model, mode="probe", position=None, layers=None, n_train=5, seed=0, batch_size=8,
                             calibrate=True, log=lines.append)  # fmt: skip
-    assert probe_guard.probe.position == "last" and probe_guard.threshold == probe_guard.probe.info["guard_threshold"]
+    assert probe_guard.probe.position in DEFAULT_POSITIONS and probe_guard.threshold == probe_guard.probe.info["guard_threshold"]
     assert probe_guard.probe.info["C"] == 0.01 and probe_guard.probe.info["balanced"] and probe_guard.probe.info["weighted"]
     assert lines[0] == "fitting a probe guard on 80 + 65 prompts from 29 sets" and "source-held-out AUC" in lines[1]
     assert saved_guard_kind(guard.save(tmp_path / "g.safetensors")) == "latent"
@@ -817,6 +818,7 @@ def test_fit_guard_describe_guard_and_saved_guard_kind(tiny_dir, tmp_path):
         saved_guard_kind(tmp_path / "x.txt")
     two = fit_guard(model, mode="probe", position="t_inst", layers=[0, 1], n_train=6, seed=0, batch_size=8, calibrate=False)
     assert set(two.probe.layers) <= {0, 1} and two.threshold == 0.5  # chosen among the layers given; uncalibrated
+    assert two.probe.position == "t_inst"  # the position given, not a choice
 
 
 def test_direction_edit_and_bake_and_export(tiny_dir, probe_run, tmp_path):

@@ -75,7 +75,7 @@ class ProbeData:
 class ProbeRun:
     """A finished sweep: its result, the best cell (``layer``, ``column``, the ``position`` it reads, ``value`` of
     ``metric``), the direction fitted there, the probe (at the best cell, or on pooled sources at the layers of
-    ``layer_choice``), and the settings that produced it."""
+    ``layer_choice`` and the position where they did best: ``probe.position``), and the settings that produced it."""
 
     model: str
     data: str
