@@ -7,8 +7,8 @@ enclosing ``model.apply`` / ``model.hooks`` scope hooks, so those hooks still fi
 returned in the caller's prompt order. With ``out_dir`` each batch is written to disk as it is
 produced, so memory is bounded by one batch.
 
-Layout: for a fixed-width position (``"t_inst"``, ``"last"``, ``"post_inst"``, ``-3``) the
-tensor is ``[n_prompts, n_layers, n_positions, d]`` (a pooled position such as ``"inst_mean"`` is one) (``head``: ``[..., H, dh]``); for ``"all"``
+Layout: for a fixed-width position (``"t_inst"``, ``"last"``, ``"post_inst"``, ``-3``; a pooled mean such as
+``"inst_mean"`` is one column) the tensor is ``[n_prompts, n_layers, n_positions, d]`` (``head``: ``[..., H, dh]``); for ``"all"``
 it is ``[n_tokens, n_layers, d]`` with ``offsets[i]:offsets[i+1]`` the tokens of prompt ``i``.
 
 Example:

@@ -201,9 +201,10 @@ class EncodedBatch:
         token position, ``[b, 1, ...]`` (a mean in float32, or float64 for float64 ``x``) for a pooled one."""
         rows = torch.arange(x.shape[0], device=x.device)
         if position in POOLED_POSITIONS:
-            span = self.span(position)[:, shift:]
-            if shift and bool(self.span(position)[:, :shift].any()):
+            span = self.span(position)
+            if bool(span[:, :shift].any()):
                 raise UnknownPositionError(f"{position!r} reaches into the {shift} tokens this tensor leaves out")
+            span = span[:, shift:]
             x = x if x.dtype in (torch.float32, torch.float64) else x.float()
             weight = (span.to(x.dtype) / span.sum(1, keepdim=True)).to(x.device)
             return torch.einsum("bs,bs...->b...", weight, x).unsqueeze(1)

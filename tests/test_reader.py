@@ -22,6 +22,15 @@ def test_site_taps_match_collect_in_prompt_order():
     torch.testing.assert_close(token_mean, every.get("resid_pre", "all")[:, 0].double().mean(0).float(), atol=1e-5, rtol=1e-5)
 
 
+def test_a_pooled_position_reads_as_in_collect():
+    model = tiny_model("llama")
+    pooled, heads = PerPrompt("inst_to_last_mean"), PerPrompt("inst_mean")
+    got, per_head = read(model, PROMPTS, taps=[Tap("resid_pre", 2, pooled), Tap("head", 1, heads)], batch_size=3)
+    acts = steerlab.collect(model, PROMPTS, sites=["resid_pre", "head"], layers=[1, 2], positions=["inst_to_last_mean", "inst_mean"], progress=False)
+    torch.testing.assert_close(got.float(), acts.get("resid_pre", "inst_to_last_mean")[:, 1, 0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(per_head.float(), acts.get("head", "inst_mean")[:, 0, 0], atol=1e-5, rtol=1e-5)  # [n, H, dh]
+
+
 def test_stops_after_the_last_tapped_layer_and_reads_module_inputs():
     model = tiny_model("llama")
     seen = []
