@@ -14,7 +14,8 @@ sources weighted), and the held-out sources score it. Beside it, each position f
 
 Activations: runs/guards/acts.pt (``t_inst``, ``last``; experiments/guards_cross_source.py) and the pooled positions
 read with ``steerlab.collect`` into runs/guards/acts_pooled_lib.pt (~4 min once). Run: ``python -u
-experiments/guard_positions_nested.py [--lso]`` (~20 min, ~35 with ``--lso``); writes runs/guards/positions.json.
+experiments/guard_positions_nested.py [--lso]`` (~20 min, ~35 with ``--lso``; ``--summary`` re-reads the splits);
+writes runs/guards/positions.json.
 """
 
 import json
@@ -91,19 +92,38 @@ def main():
         for train, held in splits:
             r = split(feats, train, held)
             best = max(POSITIONS, key=lambda p: r[p]["value"])  # ties: the first, as _choose_guard
-            r["rule"] = best
             results[axis].append(r)
             print(f"{axis} {held[0]}: rule picks {best} {r[best]['layers']} -> held-out {r[best]['held']:.3f}; "
                   + ", ".join(f"{p} {r[p]['layers']} {r[p]['value']:.3f}->{r[p]['held']:.3f}" for p in POSITIONS)
                   + f" [{time.time() - t0:.0f} s]", flush=True)  # fmt: skip
+    (OUT / "positions.json").write_text(json.dumps({"splits": results}, indent=1))
+    summarize(results)
+
+
+RULES = {"rule over all four (the default)": POSITIONS, "rule over t_inst, last": ("t_inst", "last"),
+         "rule over last, inst_to_last_mean": ("last", "inst_to_last_mean")}  # fmt: skip
+
+
+def summarize(results: dict) -> dict:
+    """Mean held-out AUC per axis of each rule (the position with the best rule value among its positions; ties: the
+    first) and of each position fixed; written into runs/guards/positions.json beside the splits."""
     summary = {}
     for axis, rows in results.items():
-        summary[axis] = {"rule (default)": sum(r[r["rule"]]["held"] for r in rows) / len(rows),
-                         **{f"{p} fixed": sum(r[p]["held"] for r in rows) / len(rows) for p in POSITIONS},
-                         "rule picks": [r["rule"] for r in rows]}  # fmt: skip
-        print(f"{axis}: " + ", ".join(f"{k} {v:.3f}" for k, v in summary[axis].items() if k != "rule picks") + f"; picks {summary[axis]['rule picks']}")
+        row = {}
+        for rule, allowed in RULES.items():
+            picks = [max(allowed, key=lambda p: r[p]["value"]) for r in rows]
+            row[rule] = sum(r[p]["held"] for r, p in zip(rows, picks)) / len(rows)
+            row[f"{rule}: picks"] = picks
+        row |= {f"{p} fixed": sum(r[p]["held"] for r in rows) / len(rows) for p in POSITIONS}
+        summary[axis] = row
+        print(f"{axis}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if not k.endswith("picks")))
+        for rule in RULES:
+            print(f"  {rule} picks {row[f'{rule}: picks']}")
     (OUT / "positions.json").write_text(json.dumps({"summary": summary, "splits": results}, indent=1))
-
+    return summary
 
 if __name__ == "__main__":
-    main()
+    if "--summary" in sys.argv:  # again from runs/guards/positions.json
+        summarize(json.loads((OUT / "positions.json").read_text())["splits"])
+    else:
+        main()

