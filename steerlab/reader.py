@@ -67,10 +67,6 @@ class Rows:
         """[b, s] bool: the real (non-pad) tokens of the tensor's span."""
         return self.batch.attention_mask[:, self.offset :].bool().to(device)
 
-    def index(self, position: Position, device: torch.device) -> torch.Tensor:
-        """[b, k] token indices of ``position`` into the tensor's span."""
-        return (self.batch.index(position) - self.offset).to(device)
-
 
 class Reducer(Protocol):
     """Keeps what a measurement needs from each batch."""

@@ -289,7 +289,7 @@ class VLLMEngine:
             raise UnknownPositionError("VLLMEngine.collect reads fixed-width positions; use steerlab.collect for 'all'")
         fmt = self.model.chat(system=system, chat=chat)
         rows = fmt.tokenize(list(prompts))
-        reads = [[fmt.pad([row]).tokens(p)[0] for p in names] for row in rows]  # per prompt, per position: its tokens
+        reads = [[tokens[0] for tokens in map(fmt.pad([row]).tokens, names)] for row in rows]  # per prompt, per position
         widths = [1 if p in POOLED_POSITIONS else len(t) for p, t in zip(names, reads[0])]
         inputs, params, tags = [], [], []
         for (ids, *_), wanted in zip(rows, reads):
