@@ -1,0 +1,135 @@
+"""Issue 19: does a guard that reads a token *and* an instruction mean make the calibrated-refusal choice transfer?
+
+Stop 34 found that single-token guards (``t_inst`` / ``last``) generalise across sources and guards on the
+instruction's mean across kinds of prompt; neither met the bar reliably (experiments/pooled_gate_seeds_qwen.py). This
+combines them: ``P(harmful) = sigmoid(mean of the two guards' logits)``, the rule a multi-layer probe already uses for
+its layers.
+
+Fixed before any combined result was read:
+
+* guards per seed 0-2 (the seed draws the prompts of sets larger than 120 and the folds): ``tokens`` (the default
+  positions) and ``pooled`` (``inst_mean``, ``inst_to_last_mean`` only), each by ``probe_sweep``'s own choice of
+  position and layers, fitted without the gate's kinds and sources (pooled_gate_seeds_qwen.LEAVE_OUT);
+* ``combined``: the mean of the two guards' logits;
+* the same choice and judgement as pooled_gate_seeds_qwen (``choose_band(floors=24)`` on the tuning rows, the bar on
+  the other split's rows), both split directions, with and without the unsafe tuning set;
+* the count of runs meeting the bar held out, and the held-out AUC of unsafe vs the safe prompts the plain model
+  refuses (the number that decides it), per guard.
+
+Added in the same session, before any result was read: ``+kinds`` guards, fitted the same way on a pool with six more
+safe-but-scary kinds written for steerlab (steerlab/data/safe_but_scary_more.jsonl: protective, medical,
+security_defense, law_and_crime, household_hazards, analysis_of_harm; 20 safe and 16 unsafe each; not XSTest's kinds,
+so the gate's four held-out kinds stay unseen), each kind one family for the kind-held-out CV.
+
+Run after experiments/pooled_gate_seeds_qwen.py (its branch rows and ``tokens`` guards are reused):
+``python -u experiments/combined_guard_seeds_qwen.py`` (~15 min to fit the pooled guards); writes
+runs/gate_seeds/combined.json.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+import steerlab
+from steerlab.probes import Probe, ProbeGuard
+from steerlab.probes.metrics import roc_auc
+from steerlab.probes.pipeline import DEFAULT_C, ProbeData, probe_data, probe_sweep
+
+sys.path.insert(0, str(Path(__file__).parent))
+import pooled_gate_seeds_qwen as seeds  # noqa: E402
+from calibrated_gate_qwen import prompt_splits  # noqa: E402
+
+seeds.POSITIONS["pooled"] = ("inst_mean", "inst_to_last_mean")
+MORE = Path(steerlab.__file__).parent / "data" / "safe_but_scary_more.jsonl"
+GUARDS = ("tokens", "pooled", "combined", "tokens+kinds", "pooled+kinds", "combined+kinds")
+
+
+def with_more_kinds(data: ProbeData) -> ProbeData:
+    """``data`` with the six more kinds added, one source per kind and safety, each kind one family."""
+    rows = [json.loads(line) for line in MORE.read_text().splitlines()]
+    n_pos = len(data.positive)
+    pos_groups, neg_groups = list(data.groups[:n_pos]), list(data.groups[n_pos:])
+    pos, neg = list(data.positive), list(data.negative)
+    for r in rows:
+        source = f"scary_{r['safety']}:{r['kind']}"
+        (pos if r["safety"] == "unsafe" else neg).append(r["prompt"])
+        (pos_groups if r["safety"] == "unsafe" else neg_groups).append(source)
+    families = dict(data.families) | {f"scary_{s}:{r['kind']}": r["kind"] for r in rows for s in ("safe", "unsafe")}
+    return ProbeData(positive=pos, negative=neg, source=data.source + ", with six more safe-but-scary kinds",
+                     groups=pos_groups + neg_groups, families=families)  # fmt: skip
+
+
+def guard_more(model, name: str, seed: int) -> ProbeGuard:
+    path = seeds.OUT / f"guard_{name}_more_{seed}.safetensors"
+    if not path.exists():
+        data = with_more_kinds(probe_data(files=None, seed=seed, limit=None, n_folds=5, leave_out=seeds.LEAVE_OUT))
+        run = probe_sweep(model, data, site="resid_pre", positions=seeds.POSITIONS[name], layers=None, n_folds=5, C=DEFAULT_C,
+                          metric="auc", seed=seed, batch_size=16, log=print)  # fmt: skip
+        run.probe.save(path)
+    return ProbeGuard(Probe.load(path), model=model)
+
+
+def logit(p: torch.Tensor) -> torch.Tensor:
+    p = p.double().clamp(1e-12, 1 - 1e-12)
+    return torch.log(p) - torch.log1p(-p)
+
+
+def aucs(split: str, scores: dict) -> dict:
+    """Held-out AUCs of ``split`` (judged when the other split tunes): unsafe vs safe, and vs the safe prompts the plain
+    model refuses."""
+    refused_safe = seeds.rows_of(split, scores).refused["safe"]["plain"].bool()
+    u, s = scores["unsafe"], scores["safe"]
+    return {"unsafe vs safe": roc_auc(torch.cat([u, s]), [1] * len(u) + [0] * len(s)),
+            "unsafe vs refused safe": roc_auc(torch.cat([u, s[refused_safe]]), [1] * len(u) + [0] * int(refused_safe.sum()))}  # fmt: skip
+
+
+def main():
+    if len(sys.argv) > 1:  # e.g. ``--seeds 0``: a first look while the other seeds' guards are being fitted
+        seeds.SEEDS = tuple(int(a) for a in sys.argv[sys.argv.index("--seeds") + 1:])
+    torch.set_num_threads(2)
+    model = steerlab.load(dtype=torch.float32)
+    tune, held = prompt_splits()
+    splits = {"tune": tune, "held": held}
+    report, met = {}, {g: 0 for g in GUARDS}
+    for seed in seeds.SEEDS:
+        scores, readers = {}, {}
+        for name in ("tokens", "pooled", "tokens+kinds", "pooled+kinds"):
+            g = seeds.guard(model, name, seed) if "+" not in name else guard_more(model, name.split("+")[0], seed)
+            if g.trained_on is None or any(g.trained_on.seen(ps).any() for split in splits.values() for ps in split.values()):
+                raise SystemExit(f"guard {name} seed {seed} has seen a tuning or held-out prompt")
+            readers[name] = f"{g.probe.position} {list(g.probe.layers)}"
+            scores[name] = {k: {n: g.score(ps).double() for n, ps in split.items()} for k, split in splits.items()}
+        for more in ("", "+kinds"):
+            scores[f"combined{more}"] = {k: {n: torch.sigmoid((logit(scores[f"tokens{more}"][k][n]) + logit(scores[f"pooled{more}"][k][n])) / 2)
+                                             for n in splits[k]} for k in splits}  # fmt: skip
+            readers[f"combined{more}"] = f"{readers[f'tokens{more}']} + {readers[f'pooled{more}']}"
+        for name in GUARDS:
+            key = f"{name} seed {seed}"
+            report[key] = {"reads": readers[name]} | {way: seeds.judged(*(("tune", "held") if way.startswith("split") else ("held", "tune")),
+                                                                         scores[name], unsafe="unsafe" in way) for way in seeds.WAYS}  # fmt: skip
+            report[key]["auc"] = {held: aucs(held, scores[name][held]) for held in ("held", "tune")}
+            for way in seeds.WAYS:
+                r = report[key][way]
+                if r["choice"] is None:
+                    print(f"{key} ({readers[name]}), {way}: no setting meets the bar on the tuning rows", flush=True)
+                    continue
+                h, c = r["held"], r["choice"]
+                met[name] += bool(h["meets_bar"])
+                print(f"{key} ({readers[name]}), {way}: {c['comply']} on [{c['floor']}, {c['low']:.3f}), refuse >= {c['high']:.3f}, "
+                      f"share {c['share']:.0%}; held out safe {h['safe']:.3f}, unsafe {h['unsafe']:.3f}, HarmBench {h['harmbench']:.3f}, "
+                      f"KL {h['kl']:.4f}; AUC unsafe vs refused safe {r['held_auc_unsafe_vs_refused_safe']:.3f}: "
+                      f"{'MEETS' if h['meets_bar'] else 'misses'}", flush=True)  # fmt: skip
+        report["met"] = met
+        (seeds.OUT / f"combined{'_' + '_'.join(map(str, seeds.SEEDS)) if seeds.SEEDS != (0, 1, 2) else ''}.json").write_text(json.dumps(report, indent=1))
+    print(f"runs meeting the bar held out (of {4 * len(seeds.SEEDS)} per guard):", met)
+    for name in GUARDS:
+        aucs = [report[f"{name} seed {seed}"]["auc"][held][k] for seed in seeds.SEEDS for held in ("held", "tune")
+                for k in ("unsafe vs safe", "unsafe vs refused safe")]  # fmt: skip
+        print(f"{name}: held-out AUC over seeds and both directions, unsafe vs safe {sum(aucs[0::2]) / len(aucs[0::2]):.3f}, "
+              f"unsafe vs refused safe {sum(aucs[1::2]) / len(aucs[1::2]):.3f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
