@@ -76,7 +76,7 @@ def logit(p: torch.Tensor) -> torch.Tensor:
     return torch.log(p) - torch.log1p(-p)
 
 
-def aucs(split: str, scores: dict) -> dict:
+def held_aucs(split: str, scores: dict) -> dict:
     """Held-out AUCs of ``split`` (judged when the other split tunes): unsafe vs safe, and vs the safe prompts the plain
     model refuses."""
     refused_safe = seeds.rows_of(split, scores).refused["safe"]["plain"].bool()
@@ -109,7 +109,7 @@ def main():
             key = f"{name} seed {seed}"
             report[key] = {"reads": readers[name]} | {way: seeds.judged(*(("tune", "held") if way.startswith("split") else ("held", "tune")),
                                                                          scores[name], unsafe="unsafe" in way) for way in seeds.WAYS}  # fmt: skip
-            report[key]["auc"] = {held: aucs(held, scores[name][held]) for held in ("held", "tune")}
+            report[key]["auc"] = {held: held_aucs(held, scores[name][held]) for held in ("held", "tune")}
             for way in seeds.WAYS:
                 r = report[key][way]
                 if r["choice"] is None:
