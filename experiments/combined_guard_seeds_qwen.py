@@ -21,9 +21,9 @@ safe-but-scary kinds written for steerlab (steerlab/data/safe_but_scary_more.jso
 security_defense, law_and_crime, household_hazards, analysis_of_harm; 20 safe and 16 unsafe each; not XSTest's kinds,
 so the gate's four held-out kinds stay unseen), each kind one family for the kind-held-out CV.
 
-Run after experiments/pooled_gate_seeds_qwen.py (its branch rows and ``tokens`` guards are reused):
-``python -u experiments/combined_guard_seeds_qwen.py`` (~15 min to fit the pooled guards); writes
-runs/gate_seeds/combined.json.
+Run after the branch rows exist (``experiments/token_gate_seeds.py --strengths 0.3 0.5 1 --branches-only``):
+``python -u experiments/combined_guard_seeds_qwen.py [--seeds 0 ...]`` (~5 min per guard not yet cached in
+runs/gate_seeds, then ~6 min per seed); writes runs/gate_seeds/combined[_SEEDS].json.
 """
 
 import json
@@ -71,11 +71,6 @@ def guard_more(model, name: str, seed: int) -> ProbeGuard:
     return ProbeGuard(Probe.load(path), model=model)
 
 
-def logit(p: torch.Tensor) -> torch.Tensor:
-    p = p.double().clamp(1e-12, 1 - 1e-12)
-    return torch.log(p) - torch.log1p(-p)
-
-
 def held_aucs(split: str, scores: dict) -> dict:
     """Held-out AUCs of ``split`` (judged when the other split tunes): unsafe vs safe, and vs the safe prompts the plain
     model refuses."""
@@ -102,7 +97,7 @@ def main():
             readers[name] = f"{g.probe.position} {list(g.probe.layers)}"
             scores[name] = {k: {n: g.score(ps).double() for n, ps in split.items()} for k, split in splits.items()}
         for more in ("", "+kinds"):
-            scores[f"combined{more}"] = {k: {n: torch.sigmoid((logit(scores[f"tokens{more}"][k][n]) + logit(scores[f"pooled{more}"][k][n])) / 2)
+            scores[f"combined{more}"] = {k: {n: torch.sigmoid((torch.logit(scores[f"tokens{more}"][k][n], eps=1e-12) + torch.logit(scores[f"pooled{more}"][k][n], eps=1e-12)) / 2)
                                              for n in splits[k]} for k in splits}  # fmt: skip
             readers[f"combined{more}"] = f"{readers[f'tokens{more}']} + {readers[f'pooled{more}']}"
         for name in GUARDS:
