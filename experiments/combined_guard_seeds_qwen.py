@@ -19,7 +19,9 @@ Fixed before any combined result was read:
 Added in the same session, before any result was read: ``+kinds`` guards, fitted the same way on a pool with six more
 safe-but-scary kinds written for steerlab (steerlab/data/safe_but_scary_more.jsonl: protective, medical,
 security_defense, law_and_crime, household_hazards, analysis_of_harm; 20 safe and 16 unsafe each; not XSTest's kinds,
-so the gate's four held-out kinds stay unseen), each kind one family for the kind-held-out CV.
+so the gate's four held-out kinds stay unseen), each kind one family for the kind-held-out CV. (Since stop 36 the
+library builds this pool: ``probe_data(scary_kinds=ALL_SCARY_KINDS)``, ``steerlab probe --more-kinds``; the same
+prompts, sources and order as the experiment's own first version, so the cached guards stay valid.)
 
 Run after the branch rows exist (``experiments/token_gate_seeds.py --strengths 0.3 0.5 1 --branches-only``):
 ``python -u experiments/combined_guard_seeds_qwen.py [--seeds 0 ...]`` (~5 min per guard not yet cached in
@@ -33,38 +35,23 @@ from pathlib import Path
 import torch
 
 import steerlab
+from steerlab.data.guard_sets import ALL_SCARY_KINDS
 from steerlab.probes import Probe, ProbeGuard
 from steerlab.probes.metrics import roc_auc
-from steerlab.probes.pipeline import DEFAULT_C, ProbeData, probe_data, probe_sweep
+from steerlab.probes.pipeline import DEFAULT_C, probe_data, probe_sweep
 
 sys.path.insert(0, str(Path(__file__).parent))
 import pooled_gate_seeds_qwen as seeds  # noqa: E402
 from calibrated_gate_qwen import prompt_splits  # noqa: E402
 
 seeds.POSITIONS["pooled"] = ("inst_mean", "inst_to_last_mean")
-MORE = Path(steerlab.__file__).parent / "data" / "safe_but_scary_more.jsonl"
 GUARDS = ("tokens", "pooled", "combined", "tokens+kinds", "pooled+kinds", "combined+kinds")
-
-
-def with_more_kinds(data: ProbeData) -> ProbeData:
-    """``data`` with the six more kinds added, one source per kind and safety, each kind one family."""
-    rows = [json.loads(line) for line in MORE.read_text().splitlines()]
-    n_pos = len(data.positive)
-    pos_groups, neg_groups = list(data.groups[:n_pos]), list(data.groups[n_pos:])
-    pos, neg = list(data.positive), list(data.negative)
-    for r in rows:
-        source = f"scary_{r['safety']}:{r['kind']}"
-        (pos if r["safety"] == "unsafe" else neg).append(r["prompt"])
-        (pos_groups if r["safety"] == "unsafe" else neg_groups).append(source)
-    families = dict(data.families) | {f"scary_{s}:{r['kind']}": r["kind"] for r in rows for s in ("safe", "unsafe")}
-    return ProbeData(positive=pos, negative=neg, source=data.source + ", with six more safe-but-scary kinds",
-                     groups=pos_groups + neg_groups, families=families)  # fmt: skip
 
 
 def guard_more(model, name: str, seed: int) -> ProbeGuard:
     path = seeds.OUT / f"guard_{name}_more_{seed}.safetensors"
     if not path.exists():
-        data = with_more_kinds(probe_data(files=None, seed=seed, limit=None, n_folds=5, leave_out=seeds.LEAVE_OUT))
+        data = probe_data(files=None, seed=seed, limit=None, n_folds=5, leave_out=seeds.LEAVE_OUT, scary_kinds=ALL_SCARY_KINDS)
         run = probe_sweep(model, data, site="resid_pre", positions=seeds.POSITIONS[name], layers=None, n_folds=5, C=DEFAULT_C,
                           metric="auc", seed=seed, batch_size=16, log=print)  # fmt: skip
         run.probe.save(path)

@@ -1072,6 +1072,30 @@ def test_probe_leave_out_keeps_sources_new_to_the_guard_for_calibrate(tiny_dir, 
     assert "--leave-out" in _one_error_line(capsys.readouterr().err)
 
 
+def test_more_kinds_adds_the_six_kinds_to_the_probe_and_guard_pools(tiny_dir, tmp_path, capsys):
+    from steerlab.data.fingerprints import Fingerprints
+    from steerlab.data.guard_sets import ALL_SCARY_KINDS, MORE_SCARY_KINDS, guard_training_data, scary_sets
+    from steerlab.probes import LatentGuard, Probe
+
+    argv = ["probe", "--model", tiny_dir, "--limit", "5", "--positions", "last", "--layers", "1", "--folds", "2", "--more-kinds",
+            "--leave-out", "medical", "--out", str(tmp_path / "p")]  # fmt: skip
+    assert main(argv) == 0
+    record = Probe.load(tmp_path / "p" / "probe.safetensors").trained_on
+    pool = guard_training_data(per_set=5, seed=0, leave_out=["medical"], scary_kinds=ALL_SCARY_KINDS)
+    assert record == Fingerprints.of(pool.harmful, pool.harmless)
+    more = {s.kind: list(s.prompts) for s in scary_sets(MORE_SCARY_KINDS) if not s.harmful}
+    assert int(record.seen(more["protective"]).sum()) == 5 and not record.seen(more["medical"]).any()  # --limit 5 per source
+    saved = tmp_path / "latent.safetensors"
+    assert main(["guard", "--model", tiny_dir, "--fit", "--mode", "latent", "--n-train", "5", "--more-kinds", "--save", str(saved), "Hi."]) == 0
+    pool = guard_training_data(per_set=5, seed=0, scary_kinds=ALL_SCARY_KINDS)
+    assert LatentGuard.load(saved).trained_on == Fingerprints.of(pool.harmful, pool.harmless)
+    capsys.readouterr()
+    assert main(["probe", "--model", tiny_dir, "--harmful", "a.txt", "--harmless", "b.txt", "--more-kinds"]) == 2
+    assert "--more-kinds" in _one_error_line(capsys.readouterr().err)
+    assert main(["guard", "x", "--model", tiny_dir, "--probe", str(saved), "--more-kinds"]) == 2
+    assert "--more-kinds" in _one_error_line(capsys.readouterr().err)
+
+
 def test_guard_fit_leave_out_records_the_pool_without_those_sources(tiny_dir, tmp_path, capsys):
     from steerlab.data.fingerprints import Fingerprints
     from steerlab.data.guard_sets import guard_training_data

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from steerlab.data import PromptSetNotInstalledError
-from steerlab.data.guard_sets import SCARY_KINDS, PromptSet, guard_sets, pick, scary_sets
+from steerlab.data.guard_sets import ALL_SCARY_KINDS, MORE_SCARY_KINDS, SCARY_KINDS, PromptSet, guard_sets, guard_training_data, kind_families, pick, scary_sets
 from steerlab.errors import EmptyInputError, InvalidValueError
 from steerlab.probes.cross_source import fit_on, leave_kind_out, leave_sources_out, score_pairs, summarize
 from steerlab.probes.metrics import roc_auc
@@ -21,6 +21,30 @@ def test_steerlab_sets_are_distinct_and_complete():
     kinds = scary_sets()
     assert {(s.kind, s.harmful) for s in kinds} == {(k, h) for k in SCARY_KINDS for h in (True, False)}
     assert all(len(s.prompts) == (12 if s.harmful else 20) for s in kinds)
+
+
+def test_more_scary_kinds_are_opt_in_new_and_whole_families():
+    more = scary_sets(MORE_SCARY_KINDS)
+    assert {(s.kind, s.harmful) for s in more} == {(k, h) for k in MORE_SCARY_KINDS for h in (True, False)}
+    assert all(len(s.prompts) == (16 if s.harmful else 20) for s in more)
+    every = [p.lower() for s in guard_sets(packages=False) for p in s.prompts] + [p.lower() for s in more for p in s.prompts]
+    assert len(every) == len(set(every)), "a prompt of the six more kinds repeats another set's"
+    plain = guard_training_data(per_set=None, packages=False)
+    pool = guard_training_data(per_set=None, packages=False, scary_kinds=ALL_SCARY_KINDS)
+    assert pool.harmful[: len(plain.harmful)] == plain.harmful and pool.harmless[: len(plain.harmless)] == plain.harmless  # appended
+    assert (len(pool.harmful) - len(plain.harmful), len(pool.harmless) - len(plain.harmless)) == (96, 120)
+    families = kind_families(pool.harmful_sources + pool.harmless_sources)
+    assert sorted(set(families.values())) == sorted(ALL_SCARY_KINDS)
+    assert families["scary_unsafe:medical"] == families["scary_safe:medical"] == "medical"
+    fewer = guard_training_data(per_set=None, packages=False, scary_kinds=ALL_SCARY_KINDS, leave_out=["medical"])
+    assert len(pool.harmful) - len(fewer.harmful) == 16 and len(pool.harmless) - len(fewer.harmless) == 20
+
+
+def test_unknown_scary_kind_names_the_known_ones():
+    with pytest.raises(InvalidValueError, match="unknown safe-but-scary kinds.*household_hazards"):
+        scary_sets(["medical", "cooking"])
+    with pytest.raises(InvalidValueError, match="unknown safe-but-scary kinds"):
+        guard_training_data(packages=False, scary_kinds=[])
 
 
 def test_package_sets_do_not_overlap_steerlab_sets():

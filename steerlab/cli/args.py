@@ -87,6 +87,20 @@ def add_model_args(p: argparse.ArgumentParser, *, dtype: bool = True, batch_size
     p.add_argument("--batch-size", type=positive_int, default=batch_size)
 
 
+def add_more_kinds_arg(p: argparse.ArgumentParser) -> None:
+    """``--more-kinds``: the guard pool with six more safe-but-scary kinds (read back with :func:`scary_kinds`)."""
+    p.add_argument("--more-kinds", action="store_true",
+                   help="add six more safe-but-scary kinds written for steerlab (protective, medical, security_defense, "
+                        "law_and_crime, household_hazards, analysis_of_harm) to the built-in training prompts")  # fmt: skip
+
+
+def scary_kinds(args: argparse.Namespace) -> tuple[str, ...] | None:
+    """The safe-but-scary kinds ``--more-kinds`` selects (``None``: the default eight)."""
+    from steerlab.data.guard_sets import ALL_SCARY_KINDS
+
+    return ALL_SCARY_KINDS if args.more_kinds else None
+
+
 def add_prompt_args(p: argparse.ArgumentParser) -> None:
     """Positional prompts and ``--file``."""
     p.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompts (quote each one)")

@@ -9,11 +9,13 @@ from steerlab.cli import inputs
 from steerlab.cli.args import (
     UsageError,
     add_model_args,
+    add_more_kinds_arg,
     add_prompt_args,
     finite_float,
     int_at_least,
     non_negative_int,
     position,
+    scary_kinds,
 )
 
 
@@ -33,6 +35,8 @@ def _check_options(args: argparse.Namespace, path: Path | None) -> str:
         raise UsageError("--save writes a freshly fitted guard; it cannot be combined with --probe")
     if args.leave_out and path is not None:
         raise UsageError("--leave-out keeps sources out of a freshly fitted guard; it cannot be combined with --probe")
+    if args.more_kinds and path is not None:
+        raise UsageError("--more-kinds adds prompts to a freshly fitted guard's pool; it cannot be combined with --probe")
     if args.save_to and Path(args.save_to).expanduser().is_dir():
         raise UsageError(f"--save {args.save_to} is a directory; pass a file name such as guard.safetensors")
     if args.save_to:
@@ -60,7 +64,7 @@ def _guard(args: argparse.Namespace) -> int:
     else:
         guard = fit_guard(model, mode=mode, position=args.position, layers=args.layers, n_train=args.n_train,
                           seed=args.seed, batch_size=args.batch_size, calibrate=args.threshold is None, progress=True,
-                          log=inputs.log, leave_out=args.leave_out)  # fmt: skip
+                          log=inputs.log, leave_out=args.leave_out, scary_kinds=scary_kinds(args))  # fmt: skip
     if args.threshold is not None:
         guard = replace(guard, threshold=args.threshold)
     if args.save_to:
@@ -129,5 +133,6 @@ def add_parser(sub) -> None:
     p.add_argument("--save", dest="save_to", default=None, metavar="FILE", help="save the fitted guard here")
     p.add_argument("--leave-out", nargs="+", default=[], metavar="SOURCE",
                    help="--fit: keep these sources out of the training pool (a set such as harmbench, or a safe-but-scary kind)")
+    add_more_kinds_arg(p)
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.set_defaults(func=_guard)

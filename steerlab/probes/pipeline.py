@@ -110,19 +110,27 @@ class ProbeRun:
 
 
 def probe_data(
-    *, files: tuple[str | Path, str | Path] | None, seed: int, limit: int | None, n_folds: int, leave_out: Sequence[str] = ()
+    *,
+    files: tuple[str | Path, str | Path] | None,
+    seed: int,
+    limit: int | None,
+    n_folds: int,
+    leave_out: Sequence[str] = (),
+    scary_kinds: Sequence[str] | None = None,
 ) -> ProbeData:
     """The two prompt sets of a sweep: ``files`` (positive, negative; see :func:`steerlab.data.files.read_prompts`;
     ``limit`` keeps at most that many prompts per class), or with ``files=None`` the guard training pool of
     :func:`steerlab.data.guard_sets.guard_training_data` (every set written for steerlab and every packaged public
-    set; ``limit`` prompts per set, default 120; without the sources ``leave_out`` names), whose sources the folds keep
-    whole.
+    set; ``limit`` prompts per set, default 120; without the sources ``leave_out`` names; with the safe-but-scary kinds
+    ``scary_kinds`` names, default :data:`~steerlab.data.guard_sets.SCARY_KINDS`), whose sources the folds keep whole.
 
     Raises :class:`~steerlab.errors.InvalidValueError` when a class has fewer prompts than ``n_folds``.
     """
     groups, families = None, None
     if files is not None and leave_out:
         raise InvalidValueError("leave_out selects sources of the built-in pool; with files, leave the prompts out of the files")
+    if files is not None and scary_kinds is not None:
+        raise InvalidValueError("scary_kinds selects kinds of the built-in pool; with files, put the prompts in the files")
     if files is not None:
         from steerlab.data.files import read_prompts
 
@@ -130,12 +138,15 @@ def probe_data(
         if limit is not None:
             pos, neg = pos[:limit], neg[:limit]
     else:
-        from steerlab.data.guard_sets import guard_training_data, kind_families
+        from steerlab.data.guard_sets import ALL_SCARY_KINDS, SCARY_KINDS, guard_training_data, kind_families
 
-        data = guard_training_data(per_set=limit or DEFAULT_PER_SET, seed=seed, leave_out=leave_out)
+        kinds = SCARY_KINDS if scary_kinds is None else tuple(scary_kinds)
+        data = guard_training_data(per_set=limit or DEFAULT_PER_SET, seed=seed, leave_out=leave_out, scary_kinds=kinds)
         pos, neg, groups = data.harmful, data.harmless, data.harmful_sources + data.harmless_sources
         families = kind_families(groups)
         source = f"{DEFAULT_SOURCE} ({len(data.source_names)} sets, at most {limit or DEFAULT_PER_SET} prompts each)"
+        if kinds != SCARY_KINDS:
+            source += ", with six more safe-but-scary kinds" if kinds == ALL_SCARY_KINDS else f", safe-but-scary kinds {', '.join(kinds)}"
         if leave_out:
             source += f", without {', '.join(leave_out)}"
     if min(len(pos), len(neg)) < n_folds:
