@@ -17,6 +17,11 @@ sources score the layers it chose. Those are the numbers to quote for the defaul
 
 Run: ``python -u experiments/guard_layer_ensembles.py`` (~2 min for the table, ~35 min nested; ``--table`` skips
 the nested part); writes runs/guards/ensembles.json and runs/guards/rule.json.
+
+``--more-kinds`` (stop 36): the pool of ``steerlab probe --more-kinds``. The six more safe-but-scary kinds
+(:data:`~steerlab.data.guard_sets.MORE_SCARY_KINDS`) are read into the cache if missing (~1 min) and are training
+sources in every split (each kind a family for the rule's kind-held-out CV); the ``kinds`` axis still holds out each of
+XSTest's eight kinds in turn, so its numbers compare with the default pool's. Writes ensembles_more.json / rule_more.json.
 """
 
 import json
@@ -26,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from steerlab.data.guard_sets import PromptSet, guard_sets, kind_families
+from steerlab.data.guard_sets import ALL_SCARY_KINDS, SCARY_KINDS, PromptSet, guard_sets, kind_families
 from steerlab.probes.cross_source import fit_on, leave_kind_out, leave_sources_out, score_pairs, summarize
 from steerlab.probes.layer_choice import _fit_scorer, _mixer, choose_layers, layer_candidates
 
@@ -50,24 +55,35 @@ def candidate_fit(cands: dict[str, tuple[int, ...]], n_layers: int):
     return lambda x, y, sample_weight=None: _fit_scorer(x, y, sample_weight, C=0.01, mix=mix)
 
 
+MORE = "--more-kinds" in sys.argv
+SUFFIX = "_more" if MORE else ""
+
+
 def main():
     t0 = time.time()
+    if MORE:
+        from guards_cross_source import at_positions, read_cached
+
+        read_cached(OUT / "acts.pt", at_positions, kinds=ALL_SCARY_KINDS)
     cache = torch.load(OUT / "acts.pt", weights_only=True)["acts"]
+    used = ALL_SCARY_KINDS if MORE else SCARY_KINDS
     sets = [s for s in guard_sets() if not s.name.startswith("scary_")]
     feats = {s.name: cache[s.name][:, :, LAST] for s in sets}
-    scary_names = [n for n in cache if n.startswith("scary_")]
+    scary_names = [n for n in cache if n.startswith("scary_") and n.split(":")[1] in used]
     feats |= {n: cache[n][:, :, LAST] for n in scary_names}
     n_layers = next(iter(feats.values())).shape[1]
     cands = candidates(n_layers)
     fit = candidate_fit(cands, n_layers)
 
-    scary = {(n.split(":")[1], n.startswith("scary_unsafe")): feats[n] for n in scary_names}
     all_sets = sets + [PromptSet(n, n.startswith("scary_unsafe"), "steerlab", ("-",)) for n in scary_names]
+    held_kind = [n for n in scary_names if n.split(":")[1] in SCARY_KINDS]  # the kinds axis holds out XSTest's kinds only
+    scary = {(n.split(":")[1], n.startswith("scary_unsafe")): feats[n] for n in held_kind}
+    always = sets + [s for s in all_sets if s.name in scary_names and s.name not in held_kind]
     harmless = [s.name for s in sets if not s.harmful]
     harmful = [s.name for s in sets if s.harmful]
     pairs = [(h, harmless[(2 * i + k) % len(harmless)]) for i, h in enumerate(harmful) for k in range(2)]
     lso = leave_sources_out(feats, all_sets, fit, pairs=pairs, weigh_sources=True)
-    lko = leave_kind_out(feats, sets, scary, fit, weigh_sources=True)
+    lko = leave_kind_out(feats, always, scary, fit, weigh_sources=True)
     own = [s for s in all_sets if s.origin == "steerlab"]
     ext = [s for s in all_sets if s.origin != "steerlab"]
     scorer, thresholds = fit_on(feats, own, fit, weigh_sources=True)
@@ -76,7 +92,7 @@ def main():
             "lso_worst": torch.tensor([r["auc"] for r in lso]).min(0).values}  # fmt: skip
     names = list(cands)
     rows = {n: {k: float(v[j]) for k, v in axes.items()} for j, n in enumerate(names)}
-    (OUT / "ensembles.json").write_text(json.dumps(rows, indent=1))
+    (OUT / f"ensembles{SUFFIX}.json").write_text(json.dumps(rows, indent=1))
     meets = [n for n in names if rows[n]["public"] >= 0.95 and rows[n]["kinds"] >= 0.85]
     print(f"{len(meets)} of {len(names)} candidates meet public >= 0.95 and kinds >= 0.85 [{time.time() - t0:.0f} s]")
     for key in ("public", "kinds", "lso"):
@@ -120,7 +136,7 @@ def nested(feats, sets, all_sets, scary_names, pairs, n_layers):
     print("nested, public (choose and fit on the steerlab-written sets):")
     out["public"] = [split(own, [(h.name, s.name) for h in ext if h.harmful for s in ext if not s.harmful])]
     print("nested, leave one kind out:")
-    kinds = sorted({n.split(":")[1] for n in scary_names})
+    kinds = sorted({n.split(":")[1] for n in scary_names if n.split(":")[1] in SCARY_KINDS})
     out["kinds"] = [split([s for s in all_sets if not s.name.endswith(f":{k}")], [(f"scary_unsafe:{k}", f"scary_safe:{k}")]) for k in kinds]
     print("nested, leave a harmful and a harmless source out (each harmful source once):")
     out["lso"] = [split([s for s in all_sets if s.name not in pair], [pair]) for pair in pairs[::2]]
@@ -145,7 +161,7 @@ def nested(feats, sets, all_sets, scary_names, pairs, n_layers):
         summary[rule] = row
         print(f"{rule}: " + "  ".join(f"{k} {v:.3f}" for k, v in row.items() if not k.endswith("picks"))
               + f"  (picks: public {row['public_picks']}, kinds {row['kinds_picks']}, lso {row['lso_picks']})")  # fmt: skip
-    (OUT / "rule.json").write_text(json.dumps({"candidates": names, "summary": summary, "splits": out}, indent=1))
+    (OUT / f"rule{SUFFIX}.json").write_text(json.dumps({"candidates": names, "summary": summary, "splits": out}, indent=1))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 import steerlab
-from steerlab.data.guard_sets import guard_sets, scary_sets
+from steerlab.data.guard_sets import SCARY_KINDS, guard_sets, scary_sets
 from steerlab.probes import fit_probes
 from steerlab.probes.cross_source import fit_on, leave_kind_out, leave_sources_out, score_pairs, summarize
 
@@ -41,16 +41,17 @@ def _sample(prompts, name):
 LAYERS = tuple(range(2, 24, 2))  # every other layer: the probe fits dominate the run time
 
 
-def guard_prompts() -> dict[str, list[str]]:
-    """Every guard set's prompts as read into the caches (at most CAP per set; each safe-but-scary kind its own set)."""
+def guard_prompts(kinds=SCARY_KINDS) -> dict[str, list[str]]:
+    """Every guard set's prompts as read into the caches (at most CAP per set; each safe-but-scary kind of ``kinds``
+    its own set)."""
     want = {s.name: _sample(s.prompts, s.name) for s in guard_sets() if not s.name.startswith("scary_")}
-    return want | {f"{s.name}:{s.kind}": list(s.prompts) for s in scary_sets()}
+    return want | {f"{s.name}:{s.kind}": list(s.prompts) for s in scary_sets(kinds)}
 
 
-def read_cached(cache: Path, read, *, tag: str = "") -> dict:
+def read_cached(cache: Path, read, *, tag: str = "", kinds=SCARY_KINDS) -> dict:
     """{"prompts", "acts", "tag"}: every set of :func:`guard_prompts` read once with ``read(model, prompts)`` ->
     ``[n, L, 2, d]`` and cached in ``cache``; a cache made with another ``tag`` (another reading) is read again."""
-    want = guard_prompts()
+    want = guard_prompts(kinds)
     have = torch.load(cache, weights_only=True) if cache.exists() else {}
     if have.get("tag", "") != tag or "acts" not in have:
         have = {"prompts": {}, "acts": {}, "tag": tag}
