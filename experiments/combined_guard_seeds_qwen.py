@@ -24,10 +24,11 @@ library builds this pool: ``probe_data(scary_kinds=ALL_SCARY_KINDS)``, ``steerla
 prompts, sources and order as the experiment's own first version, so the cached guards stay valid.)
 
 Run after the branch rows exist (``experiments/token_gate_seeds.py --strengths 0.3 0.5 1 --branches-only``):
-``python -u experiments/combined_guard_seeds_qwen.py [--seeds 0 ...]`` (~5 min per guard not yet cached in
-runs/gate_seeds, then ~6 min per seed); writes runs/gate_seeds/combined[_SEEDS].json.
+``python -u experiments/combined_guard_seeds_qwen.py [--seeds 0 ...] [--guards pooled+kinds ...]`` (~5 min per guard
+not yet cached in runs/gate_seeds, then ~2 min per guard and seed); writes runs/gate_seeds/combined[_SEEDS][_GUARDS].json.
 """
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -67,27 +68,37 @@ def held_aucs(split: str, scores: dict) -> dict:
             "unsafe vs refused safe": roc_auc(torch.cat([u, s[refused_safe]]), [1] * len(u) + [0] * int(refused_safe.sum()))}  # fmt: skip
 
 
+def options(argv: list[str]) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """``--seeds 0 ...`` (default 0 1 2) and ``--guards NAME ...`` (default all; a combined guard needs its two parts)."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seeds", nargs="+", type=int, default=list(seeds.SEEDS))
+    parser.add_argument("--guards", nargs="+", choices=GUARDS, default=list(GUARDS))
+    args = parser.parse_args(argv)
+    return tuple(args.seeds), tuple(g for g in GUARDS if g in args.guards)
+
+
 def main():
-    if len(sys.argv) > 1:  # e.g. ``--seeds 0``: a first look while the other seeds' guards are being fitted
-        seeds.SEEDS = tuple(int(a) for a in sys.argv[sys.argv.index("--seeds") + 1:])
+    seeds.SEEDS, guards = options(sys.argv[1:])
+    parts = {"combined": ("tokens", "pooled"), "combined+kinds": ("tokens+kinds", "pooled+kinds")}
+    fitted = [g for g in ("tokens", "pooled", "tokens+kinds", "pooled+kinds") if g in guards or any(g in parts[c] for c in parts if c in guards)]
     torch.set_num_threads(2)
     model = steerlab.load(dtype=torch.float32)
     tune, held = prompt_splits()
     splits = {"tune": tune, "held": held}
-    report, met = {}, {g: 0 for g in GUARDS}
+    report, met = {}, {g: 0 for g in guards}
     for seed in seeds.SEEDS:
         scores, readers = {}, {}
-        for name in ("tokens", "pooled", "tokens+kinds", "pooled+kinds"):
+        for name in fitted:
             g = seeds.guard(model, name, seed) if "+" not in name else guard_more(model, name.split("+")[0], seed)
             if g.trained_on is None or any(g.trained_on.seen(ps).any() for split in splits.values() for ps in split.values()):
                 raise SystemExit(f"guard {name} seed {seed} has seen a tuning or held-out prompt")
             readers[name] = f"{g.probe.position} {list(g.probe.layers)}"
             scores[name] = {k: {n: g.score(ps).double() for n, ps in split.items()} for k, split in splits.items()}
-        for more in ("", "+kinds"):
+        for more in [m for m in ("", "+kinds") if f"combined{m}" in guards]:
             scores[f"combined{more}"] = {k: {n: torch.sigmoid((torch.logit(scores[f"tokens{more}"][k][n], eps=1e-12) + torch.logit(scores[f"pooled{more}"][k][n], eps=1e-12)) / 2)
                                              for n in splits[k]} for k in splits}  # fmt: skip
             readers[f"combined{more}"] = f"{readers[f'tokens{more}']} + {readers[f'pooled{more}']}"
-        for name in GUARDS:
+        for name in guards:
             key = f"{name} seed {seed}"
             report[key] = {"reads": readers[name]} | {way: seeds.judged(*(("tune", "held") if way.startswith("split") else ("held", "tune")),
                                                                          scores[name], unsafe="unsafe" in way) for way in seeds.WAYS}  # fmt: skip
@@ -104,9 +115,10 @@ def main():
                       f"KL {h['kl']:.4f}; AUC unsafe vs refused safe {r['held_auc_unsafe_vs_refused_safe']:.3f}: "
                       f"{'MEETS' if h['meets_bar'] else 'misses'}", flush=True)  # fmt: skip
         report["met"] = met
-        (seeds.OUT / f"combined{'_' + '_'.join(map(str, seeds.SEEDS)) if seeds.SEEDS != (0, 1, 2) else ''}.json").write_text(json.dumps(report, indent=1))
+        tag = ("" if seeds.SEEDS == (0, 1, 2) else "_" + "_".join(map(str, seeds.SEEDS))) + ("" if guards == GUARDS else "_" + "_".join(guards))
+        (seeds.OUT / f"combined{tag}.json").write_text(json.dumps(report, indent=1))
     print(f"runs meeting the bar held out (of {4 * len(seeds.SEEDS)} per guard):", met)
-    for name in GUARDS:
+    for name in guards:
         aucs = [report[f"{name} seed {seed}"]["auc"][held][k] for seed in seeds.SEEDS for held in ("held", "tune")
                 for k in ("unsafe vs safe", "unsafe vs refused safe")]  # fmt: skip
         print(f"{name}: held-out AUC over seeds and both directions, unsafe vs safe {sum(aucs[0::2]) / len(aucs[0::2]):.3f}, "
