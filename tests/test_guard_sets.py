@@ -43,7 +43,7 @@ def test_more_scary_kinds_are_opt_in_new_and_whole_families():
 def test_unknown_scary_kind_names_the_known_ones():
     with pytest.raises(InvalidValueError, match="unknown safe-but-scary kinds.*household_hazards"):
         scary_sets(["medical", "cooking"])
-    with pytest.raises(InvalidValueError, match="unknown safe-but-scary kinds"):
+    with pytest.raises(InvalidValueError, match="no safe-but-scary kinds named; known: homonyms"):
         guard_training_data(packages=False, scary_kinds=[])
 
 

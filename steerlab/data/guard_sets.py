@@ -111,7 +111,8 @@ def scary_sets(kinds: Sequence[str] = SCARY_KINDS) -> list[PromptSet]:
     kinds = [kinds] if isinstance(kinds, str) else list(kinds)
     unknown = [k for k in kinds if k not in ALL_SCARY_KINDS]
     if unknown or not kinds:
-        raise InvalidValueError(f"unknown safe-but-scary kinds {unknown or kinds}; known: {', '.join(ALL_SCARY_KINDS)}")
+        problem = f"unknown safe-but-scary kinds {unknown}" if unknown else "no safe-but-scary kinds named"
+        raise InvalidValueError(f"{problem}; known: {', '.join(ALL_SCARY_KINDS)}")
     out = []
     for kind in dict.fromkeys(kinds):
         for safety in ("safe", "unsafe"):
