@@ -821,6 +821,9 @@ def test_fit_guard_describe_guard_and_saved_guard_kind(tiny_dir, tmp_path):
     two = fit_guard(model, mode="probe", position="t_inst", layers=[0, 1], n_train=6, seed=0, batch_size=8, calibrate=False)
     assert set(two.probe.layers) <= {0, 1} and two.threshold == 0.5  # chosen among the layers given; uncalibrated
     assert two.probe.position == "t_inst"  # the position given, not a choice
+    for mode in ("latent", "probe"):  # an empty kind list is an error, not the default eight
+        with pytest.raises(InvalidValueError, match="no safe-but-scary kinds named"):
+            fit_guard(model, mode=mode, position="t_inst", layers=[0], n_train=6, seed=0, batch_size=8, calibrate=False, scary_kinds=())
 
 
 def test_direction_edit_and_bake_and_export(tiny_dir, probe_run, tmp_path):

@@ -47,6 +47,12 @@ def test_unknown_scary_kind_names_the_known_ones():
         guard_training_data(packages=False, scary_kinds=[])
 
 
+def test_one_scary_kind_may_be_named_bare():
+    bare, listed = scary_sets("medical"), scary_sets(["medical"])
+    assert [(s.kind, s.harmful, s.prompts) for s in bare] == [(s.kind, s.harmful, s.prompts) for s in listed]
+    assert {s.kind for s in bare} == {"medical"}  # not read letter by letter
+
+
 def test_package_sets_do_not_overlap_steerlab_sets():
     try:
         sets = guard_sets()

@@ -96,7 +96,7 @@ def fit_guard(
             how = run.layer_choice.describe() if run.layer_choice else f"layer {run.layer} (source-held-out AUC {run.value:.3f})"
             say(f"the guard reads {how}; threshold from out-of-fold scores")
         return guard
-    data = guard_training_data(per_set=n_train, seed=seed, leave_out=leave_out, scary_kinds=scary_kinds or SCARY_KINDS)
+    data = guard_training_data(per_set=n_train, seed=seed, leave_out=leave_out, scary_kinds=SCARY_KINDS if scary_kinds is None else scary_kinds)
     (fit_h, val_h), (fit_s, val_s) = _slices(data.harmful, data.harmful_sources), _slices(data.harmless, data.harmless_sources)
     say(f"fitting a latent guard on {len(fit_h)} + {len(fit_s)} prompts from {len(data.source_names)} sets")
     kw = {"position": position or "t_inst", "batch_size": batch_size, "progress": progress}
