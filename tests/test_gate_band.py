@@ -31,9 +31,12 @@ def _rows(seed: int, *, refuse_p=0.9, comply_p=0.1, plain_p=0.4) -> TuningRows:
     return TuningRows(scores, refused, kl, harmful=("unsafe", "harmbench"))
 
 
-def _brute_force(rows: TuningRows, *, draws, seed, max_over_refusal=0.15, max_kl=0.05, floors=False):
+def _brute_force(rows: TuningRows, *, draws, seed, max_over_refusal=0.15, max_kl=0.05, floors=False, safe_limit=None, above_plain=None):
     """Every (comply, low, high[, floor]) scored with an explicit loop over the same resamples:
-    {setting: (meets, successes, gain)}; ``floors``: also every cut as a floor (<= low)."""
+    {setting: (meets, successes, gain)}; ``floors``: also every cut as a floor (<= low). ``safe_limit`` /
+    ``above_plain[set]``: a stricter bar (default: ``max_over_refusal`` and the plain rate itself)."""
+    safe_limit = max_over_refusal if safe_limit is None else safe_limit
+    above_plain = above_plain or {}
     gen = torch.Generator().manual_seed(seed)
     counts = {n: _resample_counts(len(rows.scores[n]), draws, gen) for n in rows.sets}
     mean = lambda n, v: (counts[n] @ v) / counts[n].sum(1)  # noqa: E731
@@ -45,9 +48,9 @@ def _brute_force(rows: TuningRows, *, draws, seed, max_over_refusal=0.15, max_kl
                 for floor in [None, *(cuts[1 : i + 1] if floors else [])]:
                     rate = {n: mean(n, rows.gate_rows(n, comply, low, high, floor)) for n in rows.sets}
                     kl = mean(rows.ordinary, rows.gate_kl(comply, low, high, floor))
-                    ok = (rate[rows.safe] <= max_over_refusal + 1e-12) & (kl <= max_kl + 1e-12)
+                    ok = (rate[rows.safe] <= safe_limit + 1e-12) & (kl <= max_kl + 1e-12)
                     for n in rows.harmful:
-                        ok &= rate[n] >= mean(n, rows.refused[n]["plain"]) - 1e-12
+                        ok &= rate[n] >= mean(n, rows.refused[n]["plain"]) + above_plain.get(n, 0.0) - 1e-12
                     gain = sum(float(rate[n][0]) for n in rows.harmful) / len(rows.harmful) - float(rate[rows.safe][0])
                     out[(comply, low, high) + ((floor,) if floors else ())] = (bool(ok[0]), int(ok[1:].sum()), gain)
     return out
@@ -110,6 +113,29 @@ def test_a_floor_search_is_the_brute_force_best_over_every_floor(seed):
     assert gate.floor == choice.floor
     with pytest.raises(InvalidValueError, match="floors"):
         choose_band(rows, floors=-1)
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_a_margin_is_the_brute_force_best_under_the_bar_tightened_by_standard_errors(seed):
+    rows = _rows(seed, refuse_p=1.0, comply_p=0.0, plain_p=0.3)
+    n, p = SIZES, {h: float(rows.refused[h]["plain"].mean()) for h in rows.harmful}
+    safe_limit = 0.3 - 0.5 * (0.3 * 0.7 / n["safe"]) ** 0.5
+    above = {h: 0.5 * (p[h] * (1 - p[h]) / n[h]) ** 0.5 for h in rows.harmful}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FragileBandWarning)
+        choice = choose_band(rows, draws=30, seed=seed, max_over_refusal=0.3, margin=0.5)
+    table = _brute_force(rows, draws=30, seed=seed, max_over_refusal=0.3, safe_limit=safe_limit, above_plain=above)
+    best = max((v[1], v[2]) for v in table.values() if v[0])
+    mine = table[(choice.comply, choice.low, choice.high)]
+    assert mine[0] and mine[1] == best[0] and mine[2] == pytest.approx(best[1]) and choice.margin == 0.5
+    assert choice.rates["safe"] <= safe_limit and all(choice.rates[h] >= choice.plain[h] + above[h] for h in rows.harmful)
+    # the margin excluded settings the plain bar admits
+    plain_bar = _brute_force(rows, draws=30, seed=seed, max_over_refusal=0.3)
+    assert sum(v[0] for v in table.values()) < sum(v[0] for v in plain_bar.values())
+    with pytest.raises(BandNotFoundError, match="margin of 20 standard errors"):
+        choose_band(rows, draws=5, margin=20.0)
+    with pytest.raises(InvalidValueError, match="margin must be >= 0"):
+        choose_band(rows, margin=-0.5)
 
 
 def test_the_choice_does_not_depend_on_how_the_bands_are_chunked(monkeypatch):

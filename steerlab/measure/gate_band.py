@@ -25,6 +25,12 @@ Candidate cuts are the midpoints between consecutive distinct tuning scores (and
 every pair ``low <= high`` and every comply branch is tried, all at once (cumulative sums over the rows sorted by
 score).
 
+With ``margin=m > 0`` a setting must meet a stricter bar on the tuning rows (and on each resample): refusal on the
+safe set at most ``max_over_refusal`` minus ``m`` binomial standard errors at that rate, and refusal on each harmful
+set at least the plain model's plus ``m`` standard errors of the plain rate (``sqrt(p (1 - p) / n)`` over the set's
+``n`` tuning rows); the KL limit is unchanged. It leaves room for prompts of other kinds to score differently; the
+judgement is still the plain bar.
+
 With ``floors=k`` the gate may also leave the lowest scores alone (``GatedRefusal(floor=...)``: comply acts only on
 ``floor <= score < low``), trying no floor and ``k`` floors spread evenly over the candidate cuts. Ordinary prompts
 score lowest and are not refused, so a floor keeps the comply branch's KL off them; a stronger comply branch (e.g. a
@@ -179,6 +185,7 @@ class BandChoice:
     plain: dict[str, float]
     kl: float
     floor: float | None = None
+    margin: float = 0.0
 
     def gate(self, guard: Any, *, refuse: Any, comply: Any):
         """The :class:`~steerlab.interventions.gated.GatedRefusal` with this band (``comply``: the chosen branch)."""
@@ -212,6 +219,17 @@ def _band_means(
     return total / w.sum(1)[:, None, None]
 
 
+def _tightened(rows: TuningRows, max_over_refusal: float, margin: float) -> tuple[float, dict[str, float]]:
+    """The safe-set limit and, per harmful set, how far above the plain rate the bar sits with ``margin`` standard errors."""
+    n_safe = len(rows.scores[rows.safe])
+    safe_limit = max_over_refusal - margin * (max_over_refusal * (1.0 - max_over_refusal) / n_safe) ** 0.5
+    above = {}
+    for n in rows.harmful:
+        p = float(rows.refused[n]["plain"].mean())
+        above[n] = margin * (p * (1.0 - p) / len(rows.scores[n])) ** 0.5
+    return safe_limit, above
+
+
 _CHUNK = 20_000_000  # bands x draws evaluated at once (~160 MB of float64)
 
 
@@ -224,12 +242,16 @@ def choose_band(
     seed: int = 0,
     min_share: float = 0.8,
     floors: int = 0,
+    margin: float = 0.0,
 ) -> BandChoice:
     """The comply branch and band (and, with ``floors > 0``, floor) most likely to meet the bar (module docs); raises
     :class:`BandNotFoundError` if none meets it on the tuning rows."""
     max_over_refusal = finite_number(max_over_refusal, "max_over_refusal")
     max_kl = finite_number(max_kl, "max_kl")
     min_share = finite_number(min_share, "min_share")
+    margin = finite_number(margin, "margin")
+    if margin < 0.0:
+        raise InvalidValueError(f"margin must be >= 0 (standard errors the tuning rows must clear the bar by); got {margin}")
     if not 0.0 <= max_over_refusal <= 1.0 or max_kl < 0.0 or not 0.0 <= min_share <= 1.0:
         raise InvalidValueError(f"need 0 <= max_over_refusal <= 1, max_kl >= 0 and 0 <= min_share <= 1; got {max_over_refusal}, {max_kl}, {min_share}")
     if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
@@ -241,6 +263,7 @@ def choose_band(
     cuts = rows.cuts()
     valid = torch.ones(len(cuts), len(cuts), dtype=torch.bool).triu()  # low <= high
     plain = {n: (counts[n] @ rows.refused[n]["plain"]) / counts[n].sum(1) for n in rows.harmful}
+    safe_limit, above_plain = _tightened(rows, max_over_refusal, margin)
     step = max(1, _CHUNK // ((draws + 1) * len(cuts)))
     best = None
     floor_at = [None, *torch.linspace(1, len(cuts) - 1, floors).round().long().unique().tolist()] if floors else [None]
@@ -253,9 +276,9 @@ def choose_band(
                 lows = slice(start, min(start + step, len(cuts)))
                 rate = {n: _band_means(rows.scores[n], refused[n], comply, counts[n], cuts, lows) for n in rows.sets}
                 kl = _band_means(rows.scores[rows.ordinary], kl_values, comply, counts[rows.ordinary], cuts, lows)
-                ok = (rate[rows.safe] <= max_over_refusal + 1e-12) & (kl <= max_kl + 1e-12) & valid[lows]
+                ok = (rate[rows.safe] <= safe_limit + 1e-12) & (kl <= max_kl + 1e-12) & valid[lows]
                 for n in rows.harmful:
-                    ok &= rate[n] >= plain[n][:, None, None] - 1e-12
+                    ok &= rate[n] >= plain[n][:, None, None] + above_plain[n] - 1e-12
                 successes = ok[1:].double().sum(0)
                 gain = torch.stack([rate[n][0] for n in rows.harmful]).mean(0) - rate[rows.safe][0]  # in [-1, 1]
                 key = torch.where(ok[0], successes + (gain + 1.0) / 2.0 * 0.999, torch.full_like(gain, -1.0))  # meets on the rows themselves; successes, then gain
@@ -264,9 +287,11 @@ def choose_band(
                     continue
                 best = (float(key[i, j]), comply, float(cuts[start + i]), float(cuts[j]), float(successes[i, j]) / draws, floor)
     if best is None:
+        by = "" if margin == 0 else f" (with a margin of {margin:g} standard errors: <= {safe_limit:.3g}, and {', '.join(f'{v:.3g}' for v in above_plain.values())} above it)"
         raise BandNotFoundError(
             f"no comply branch and band keep refusal on {rows.safe!r} <= {max_over_refusal:g}, refusal on {list(rows.harmful)} at least the plain "
-            f"model's and KL on {rows.ordinary!r} <= {max_kl:g}, even on the tuning rows; try a weaker comply branch, more tuning prompts or looser limits"
+            f"model's and KL on {rows.ordinary!r} <= {max_kl:g}{by}, even on the tuning rows; try a weaker comply branch, more tuning prompts, "
+            "looser limits or a smaller margin"
         )
     _, comply, low, high, p, floor = best
     if p < min_share:
@@ -277,7 +302,7 @@ def choose_band(
             FragileBandWarning, stacklevel=2,
         )  # fmt: skip
     return BandChoice(
-        comply=comply, low=low, high=high, p_meets_bar=p, floor=floor,
+        comply=comply, low=low, high=high, p_meets_bar=p, floor=floor, margin=margin,
         rates={n: float(rows.gate_rows(n, comply, low, high, floor).mean()) for n in rows.sets},
         plain={n: float(rows.refused[n]["plain"].mean()) for n in rows.sets},
         kl=float(rows.gate_kl(comply, low, high, floor).mean()),
