@@ -65,11 +65,11 @@ def calibrate_rows(split: str, scores: dict, *, unsafe: bool) -> TuningRows:
                       harmful=("harmful", "unsafe") if unsafe else ("harmful",))  # fmt: skip
 
 
-def judged(tune: str, held: str, scores: dict, *, unsafe: bool = False) -> dict:
+def judged(tune: str, held: str, scores: dict, *, unsafe: bool = False, margin: float = 0.0) -> dict:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", FragileBandWarning)
         try:
-            c = choose_band(calibrate_rows(tune, scores[tune], unsafe=unsafe), floors=24)
+            c = choose_band(calibrate_rows(tune, scores[tune], unsafe=unsafe), floors=24, margin=margin)
         except BandNotFoundError:
             return {"choice": None}
     held_rows = rows_of(held, scores[held])
