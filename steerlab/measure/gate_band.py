@@ -29,7 +29,8 @@ With ``margin=m > 0`` a setting must meet a stricter bar on the tuning rows (and
 safe set at most ``max_over_refusal`` minus ``m`` binomial standard errors at that rate, and refusal on each harmful
 set at least the plain model's plus ``m`` standard errors of the plain rate (``sqrt(p (1 - p) / n)`` over the set's
 ``n`` tuning rows); the KL limit is unchanged. It leaves room for prompts of other kinds to score differently; the
-judgement is still the plain bar.
+judgement is still the plain bar. It needs tuning sets far larger than 40 prompts: on the Qwen default a margin of one
+standard error left no setting on the tuning rows in 35 of 40 runs (README, "A margin on the tuning rows").
 
 With ``floors=k`` the gate may also leave the lowest scores alone (``GatedRefusal(floor=...)``: comply acts only on
 ``floor <= score < low``), trying no floor and ``k`` floors spread evenly over the candidate cuts. Ordinary prompts
