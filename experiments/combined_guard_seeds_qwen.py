@@ -59,6 +59,14 @@ def guard_more(model, name: str, seed: int) -> ProbeGuard:
     return ProbeGuard(Probe.load(path), model=model)
 
 
+def unseen_guard(model, name: str, seed: int, splits: dict) -> ProbeGuard:
+    """Guard ``name`` (``pooled``, ``tokens+kinds``, ...) of ``seed``; exits if it has seen a tuning or held-out prompt."""
+    g = seeds.guard(model, name, seed) if "+" not in name else guard_more(model, name.split("+")[0], seed)
+    if g.trained_on is None or any(g.trained_on.seen(ps).any() for split in splits.values() for ps in split.values()):
+        raise SystemExit(f"guard {name} seed {seed} has seen a tuning or held-out prompt")
+    return g
+
+
 def held_aucs(split: str, scores: dict) -> dict:
     """Held-out AUCs of ``split`` (judged when the other split tunes): unsafe vs safe, and vs the safe prompts the plain
     model refuses."""
@@ -89,9 +97,7 @@ def main():
     for seed in seeds.SEEDS:
         scores, readers = {}, {}
         for name in fitted:
-            g = seeds.guard(model, name, seed) if "+" not in name else guard_more(model, name.split("+")[0], seed)
-            if g.trained_on is None or any(g.trained_on.seen(ps).any() for split in splits.values() for ps in split.values()):
-                raise SystemExit(f"guard {name} seed {seed} has seen a tuning or held-out prompt")
+            g = unseen_guard(model, name, seed, splits)
             readers[name] = f"{g.probe.position} {list(g.probe.layers)}"
             scores[name] = {k: {n: g.score(ps).double() for n, ps in split.items()} for k, split in splits.items()}
         for more in [m for m in ("", "+kinds") if f"combined{m}" in guards]:

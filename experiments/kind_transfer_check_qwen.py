@@ -1,7 +1,7 @@
 """Issue 19: can the tuning rows themselves tell when a calibrated-refusal band will not transfer to other kinds?
 
 ``choose_band``'s bootstrap share reads resamples of the tuning prompts, so it cannot see kind shift: in
-experiments/margin_gate_seeds_qwen.py the swapped choices met the bar on 83-98% of resamples and missed it held out.
+experiments/margin_gate_seeds_qwen.py the swapped choices met the bar on 78-99% of resamples and missed it held out.
 A check that can see it: rotate over the tuning kinds. With the tuning split's two kinds A and B, choose on A's safe
 (and, unsafe-tuned, unsafe) prompts with the first half of the HarmBench and ordinary tuning rows, and judge on B's with
 the second half; then the other way round. The check passes when both rotations meet the bar.
@@ -32,7 +32,7 @@ from token_gate_seeds import evaluate  # noqa: E402
 KIND_ROWS = {"safe": 20, "unsafe": 12}  # rows per kind; each split holds two kinds in order
 
 
-def part(rows: TuningRows, kind: int, *, unsafe: bool) -> tuple[TuningRows, TuningRows]:
+def part(rows: TuningRows, kind: int) -> tuple[TuningRows, TuningRows]:
     """(choose rows, judge rows): kind ``kind`` (0 or 1) of the safe / unsafe sets with the first half of HarmBench and
     ordinary, and the other kind with the second half."""
 
@@ -83,7 +83,7 @@ def main():
             tune = "tune" if way.startswith("split") else "held"
             unsafe = "unsafe" in way
             rows = rows_of(tune, scores[tune])
-            check = all(rotation_meets(*part(rows, k, unsafe=unsafe), unsafe=unsafe) for k in (0, 1))
+            check = all(rotation_meets(*part(rows, k), unsafe=unsafe) for k in (0, 1))
             held = margin[f"{name} seed {seed} margin 0"][way].get("held", {}).get("meets_bar", False)
             out[f"{name} seed {seed}, {way}"] = {"check": check, "held_meets_bar": held}
             group = "seeds 0-2" if int(seed) <= 2 else "seeds 3-4"

@@ -36,7 +36,7 @@ import steerlab
 sys.path.insert(0, str(Path(__file__).parent))
 import pooled_gate_seeds_qwen as seeds  # noqa: E402
 from calibrated_gate_qwen import prompt_splits  # noqa: E402
-from combined_guard_seeds_qwen import guard_more  # noqa: E402
+from combined_guard_seeds_qwen import unseen_guard  # noqa: E402
 
 seeds.POSITIONS["pooled"] = ("inst_mean", "inst_to_last_mean")
 GUARDS = ("pooled", "pooled+kinds")
@@ -48,9 +48,7 @@ def scores_of(model, name: str, seed: int, splits: dict) -> dict:
     path = seeds.OUT / f"scores_{name.replace('+', '_')}_{seed}.pt"
     if path.exists():
         return torch.load(path, weights_only=True)
-    g = seeds.guard(model, name, seed) if "+" not in name else guard_more(model, name.split("+")[0], seed)
-    if g.trained_on is None or any(g.trained_on.seen(ps).any() for split in splits.values() for ps in split.values()):
-        raise SystemExit(f"guard {name} seed {seed} has seen a tuning or held-out prompt")
+    g = unseen_guard(model, name, seed, splits)
     scores = {k: {n: g.score(ps).double() for n, ps in split.items()} for k, split in splits.items()}
     torch.save(scores, path)
     return scores

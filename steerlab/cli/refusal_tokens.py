@@ -21,7 +21,7 @@ def _refusal_tokens(args: argparse.Namespace) -> int:
     if args.layer is not None:
         direction = direction.select(args.layer)
     out = inputs.output_dir(args.out)
-    data = guard_training_data(per_set=args.per_set, seed=args.seed, leave_out=args.leave_out, scary_kinds=scary_kinds(args) or SCARY_KINDS)  # bad names fail before loading
+    data = guard_training_data(per_set=args.per_set, seed=args.seed, leave_out=args.leave_out, scary_kinds=scary_kinds(args) if args.more_kinds else SCARY_KINDS)  # bad names fail before loading
     model = inputs.load(args)
     config = replace(DEFAULT_CONFIG, epochs=args.epochs, max_steps=args.max_steps)
     fit = fit_refusal_token_guard(model, direction, data=data, holdout=args.holdout, answer_tokens=args.answer_tokens,
